@@ -59,7 +59,14 @@ go_build() {
     mkdir -p "$out" && mv "$tmp_out"/* "$out"/ && rmdir "$tmp_out"
 }
 
-# ---- Kubernetes: kube-apiserver, kube-controller-manager, kubectl --------------------------
+# ---- Kubernetes: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl ----------
+
+KUBE_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+
+kube_built() {
+    local b
+    for b in "${KUBE_BINARIES[@]}"; do [[ -x "$1/$b" ]] || return 1; done
+}
 
 # One "replace k8s.io/<staging> => k8s.io/<staging> v0.<minor>.<patch>" per staging module that
 # the Kubernetes go.mod requires as v0.0.0 (it resolves them to ./staging in its own tree).
@@ -91,10 +98,10 @@ kube_ldflags() {
 
 build_kubernetes() {
     local out; out="$(bin_dir kubernetes "$KUBE_VERSION")"
-    if [[ -x "$out/kube-apiserver" && -x "$out/kube-controller-manager" && -x "$out/kubectl" ]]; then
+    if kube_built "$out"; then
         log "kubernetes $KUBE_VERSION: cached in $out"; return
     fi
-    log "kubernetes $KUBE_VERSION: building kube-apiserver, kube-controller-manager, kubectl (slow: ~20-40 min on 2 cores)"
+    log "kubernetes $KUBE_VERSION: building ${KUBE_BINARIES[*]} (slow: ~20-40 min on 2 cores)"
     local gomod src work godebug
     gomod="$(module_gomod k8s.io/kubernetes "$KUBE_VERSION")"
     src="$(module_dir k8s.io/kubernetes "$KUBE_VERSION")"
@@ -102,10 +109,7 @@ build_kubernetes() {
     godebug="$(grep '^godebug ' "$gomod" || true)"
     work="$(wrapper_module kubernetes "$KUBE_VERSION" "$godebug
 $(staging_replaces "$gomod")")"
-    go_build "$work" "$out" "$(kube_ldflags)" \
-        k8s.io/kubernetes/cmd/kube-apiserver \
-        k8s.io/kubernetes/cmd/kube-controller-manager \
-        k8s.io/kubernetes/cmd/kubectl
+    go_build "$work" "$out" "$(kube_ldflags)" "${KUBE_BINARIES[@]/#/k8s.io/kubernetes/cmd/}"
     rm -rf "$work"
 }
 
@@ -157,6 +161,7 @@ print_versions() {
     w="$(bin_dir kwok "$KWOK_VERSION")"; h="$(bin_dir helm "$HELM_VERSION")"
     echo "kube-apiserver:          $("$k/kube-apiserver" --version)"
     echo "kube-controller-manager: $("$k/kube-controller-manager" --version)"
+    echo "kube-scheduler:          $("$k/kube-scheduler" --version)"
     echo "kubectl:                 $("$k/kubectl" version --client 2>/dev/null | head -1)"
     echo "etcd:                    $("$e/etcd" --version | head -1)"
     echo "kwok:                    $("$w/kwok" --version 2>&1 | head -1)"
@@ -170,7 +175,7 @@ main() {
     local need_go=0
     for c in $components; do
         case "$c" in
-            kubernetes) [[ -x "$(bin_dir kubernetes "$KUBE_VERSION")/kube-apiserver" && -x "$(bin_dir kubernetes "$KUBE_VERSION")/kube-controller-manager" && -x "$(bin_dir kubernetes "$KUBE_VERSION")/kubectl" ]] || need_go=1 ;;
+            kubernetes) kube_built "$(bin_dir kubernetes "$KUBE_VERSION")" || need_go=1 ;;
             etcd) [[ -x "$(bin_dir etcd "$ETCD_VERSION")/etcd" ]] || need_go=1 ;;
             kwok) [[ -x "$(bin_dir kwok "$KWOK_VERSION")/kwok" ]] || need_go=1 ;;
             helm) [[ -x "$(bin_dir helm "$HELM_VERSION")/helm" ]] || need_go=1 ;;

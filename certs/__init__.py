@@ -1,0 +1,1 @@
+"""Certificates for the webhooks: a CA and a serving certificate signed by it."""

@@ -1,0 +1,170 @@
+"""Decoding plain JSON data into the typed API dataclasses.
+
+One walker does the structural part of validation for every API type: it checks
+JSON types, required fields and unknown fields, applies defaults, and reports
+every problem with its field path, all at once. Dataclass field names are the
+snake_case form of the camelCase JSON names (``path_prefix`` <-> ``pathPrefix``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+MISSING = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one field, Kubernetes-style: ``path: message``."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class DecodeError(ValueError):
+    """Raised by :func:`decode_or_raise`; carries every error found."""
+
+    def __init__(self, errors: list[FieldError]):
+        self.errors = errors
+        super().__init__("; ".join(str(e) for e in errors))
+
+
+def json_name(python_name: str) -> str:
+    """``headers_to_add`` -> ``headersToAdd``; ``object_`` -> ``object``."""
+    head, *rest = python_name.rstrip("_").split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+@cache
+def _fields(cls: type) -> tuple[tuple[str, str, Any, dataclasses.Field[Any]], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (f.name, json_name(f.name), hints[f.name], f) for f in dataclasses.fields(cls)
+    )
+
+
+def json_fields(cls: type) -> dict[str, Any]:
+    """JSON field name -> Python type of a dataclass (used by the schema test)."""
+    return {jname: hint for _, jname, hint, _ in _fields(cls)}
+
+
+def is_required(field: dataclasses.Field[Any]) -> bool:
+    return field.default is MISSING and field.default_factory is MISSING
+
+
+def default_of(field: dataclasses.Field[Any]) -> Any:
+    if field.default is not MISSING:
+        return field.default
+    if field.default_factory is not MISSING:
+        return field.default_factory()
+    return MISSING
+
+
+def decode(cls: type[T], data: Any, path: str) -> tuple[T | None, list[FieldError]]:
+    """Decode ``data`` into ``cls``; returns the object (None if unusable) and errors."""
+    errors: list[FieldError] = []
+    value = _decode_value(cls, data, path, errors)
+    return (value if not errors else None), errors
+
+
+def decode_or_raise(cls: type[T], data: Any, path: str) -> T:
+    value, errors = decode(cls, data, path)
+    if errors:
+        raise DecodeError(errors)
+    assert value is not None
+    return value
+
+
+_JSON_TYPE_NAMES = {str: "string", bool: "boolean", int: "integer", float: "number"}
+
+
+def _type_name(data: Any) -> str:
+    if data is None:
+        return "null"
+    if isinstance(data, bool):
+        return "boolean"
+    if isinstance(data, int):
+        return "integer"
+    if isinstance(data, float):
+        return "number"
+    if isinstance(data, str):
+        return "string"
+    if isinstance(data, list):
+        return "array"
+    if isinstance(data, dict):
+        return "object"
+    return type(data).__name__
+
+
+def _decode_value(hint: Any, data: Any, path: str, errors: list[FieldError]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        if data is None:
+            return None
+        if members == [int, str]:  # IntOrString, used by quantities
+            if isinstance(data, bool) or not isinstance(data, (int, str)):
+                errors.append(FieldError(path, f"must be an integer or a string, got {_type_name(data)}"))
+                return None
+            return str(data)
+        (member,) = members
+        return _decode_value(member, data, path, errors)
+    if origin is tuple:  # tuple[X, ...]: a JSON array
+        item = typing.get_args(hint)[0]
+        if not isinstance(data, list):
+            errors.append(FieldError(path, f"must be an array, got {_type_name(data)}"))
+            return []
+        return tuple(_decode_value(item, v, f"{path}[{i}]", errors) for i, v in enumerate(data))
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(data, dict):
+            errors.append(FieldError(path, f"must be an object, got {_type_name(data)}"))
+            return {}
+        if item is Any:
+            return dict(data)
+        return {k: _decode_value(item, v, f"{path}[{k}]", errors) for k, v in data.items()}
+    if dataclasses.is_dataclass(hint):
+        return _decode_dataclass(hint, data, path, errors)
+    if hint is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            errors.append(FieldError(path, f"must be a number, got {_type_name(data)}"))
+            return None
+        return float(data)
+    if hint in _JSON_TYPE_NAMES:
+        if type(data) is not hint:
+            errors.append(FieldError(path, f"must be a {_JSON_TYPE_NAMES[hint]}, got {_type_name(data)}"))
+            return None
+        return data
+    if hint is Any:
+        return data
+    raise TypeError(f"unsupported type in API definition: {hint!r}")  # a bug, not bad input
+
+
+def _decode_dataclass(cls: type, data: Any, path: str, errors: list[FieldError]) -> Any:
+    if not isinstance(data, dict):
+        errors.append(FieldError(path, f"must be an object, got {_type_name(data)}"))
+        return None
+    known = set()
+    kwargs: dict[str, Any] = {}
+    for pname, jname, hint, field in _fields(cls):
+        known.add(jname)
+        child = f"{path}.{jname}"
+        if jname not in data or data[jname] is None:
+            if is_required(field):
+                errors.append(FieldError(child, "required field is missing"))
+                kwargs[pname] = None
+            continue
+        kwargs[pname] = _decode_value(hint, data[jname], child, errors)
+    for unknown in sorted(set(data) - known):
+        errors.append(FieldError(f"{path}.{unknown}", "unknown field"))
+    return cls(**kwargs)

@@ -1,0 +1,253 @@
+"""The ModelDeployment spec as typed data, with the CRD's defaults.
+
+Field names are the snake_case form of the CRD's camelCase fields; the test
+``tests/unit/test_crd_schema.py`` fails when this module and
+``crds/modeldeployment.yaml`` disagree on any field, type or default.
+The autoscaling/v2 MetricSpec types mirror Kubernetes' own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from crds.decode import FieldError, decode
+
+GROUP = "deployment.beamlit.com"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+
+# Defaults, stated once (the CRD repeats them; the schema test compares).
+DEFAULT_ENVIRONMENT = "production"
+DEFAULT_SCHEME = "http"
+DEFAULT_PERCENTAGE = 100
+# Two samples at metrics-server's finest resolution (15 s) before offloading
+# starts: one hot sample is noise, two in a row is load.
+DEFAULT_SUSTAIN_SECONDS = 30
+# Offloading costs little to keep and a flapping split is worse than a late
+# stop, so it stops only after two minutes below target (the HPA waits 5 min
+# before scaling down, which would be too slow to give capacity back).
+DEFAULT_COOLDOWN_SECONDS = 120
+# The HPA's default tolerance (--horizontal-pod-autoscaler-tolerance).
+DEFAULT_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class ObjectReference:
+    """The workload whose pods serve the model (Deployment or StatefulSet)."""
+
+    name: str
+    api_version: str = "apps/v1"
+    kind: str = "Deployment"
+    namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class ServiceReference:
+    """The Service in front of the model, and the port of it that is captured."""
+
+    name: str
+    namespace: str | None = None
+    target_port: int | None = None
+
+
+@dataclass(frozen=True)
+class SecretKeySelector:
+    name: str
+    key: str = "clientSecret"
+
+
+@dataclass(frozen=True)
+class OAuthConfig:
+    """OAuth2 client credentials for the remote backend."""
+
+    client_id: str | None = None
+    token_url: str | None = None
+    client_secret_ref: SecretKeySelector | None = None
+    # The Beamlit controller's inline form; accepted, warned about.
+    client_secret: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    type: str
+    oauth_config: OAuthConfig | None = None
+
+
+@dataclass(frozen=True)
+class RemoteBackend:
+    """Where offloaded requests go: ``scheme://host/pathPrefix`` + the original path."""
+
+    host: str
+    scheme: str = DEFAULT_SCHEME
+    path_prefix: str | None = None
+    headers_to_add: dict[str, str] = field(default_factory=dict)
+    auth_config: AuthConfig | None = None
+
+
+@dataclass(frozen=True)
+class OffloadingBehavior:
+    percentage: int = DEFAULT_PERCENTAGE
+    sustain_seconds: int = DEFAULT_SUSTAIN_SECONDS
+    cooldown_seconds: int = DEFAULT_COOLDOWN_SECONDS
+    tolerance: float = DEFAULT_TOLERANCE
+
+
+# --- autoscaling/v2 MetricSpec -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelSelectorRequirement:
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    match_labels: dict[str, str] = field(default_factory=dict)
+    match_expressions: tuple[LabelSelectorRequirement, ...] = ()
+
+
+@dataclass(frozen=True)
+class MetricTarget:
+    type: str
+    value: int | str | None = None
+    average_value: int | str | None = None
+    average_utilization: int | None = None
+
+
+@dataclass(frozen=True)
+class MetricIdentifier:
+    name: str
+    selector: LabelSelector | None = None
+
+
+@dataclass(frozen=True)
+class CrossVersionObjectReference:
+    kind: str
+    name: str
+    api_version: str | None = None
+
+
+@dataclass(frozen=True)
+class ResourceMetricSource:
+    name: str
+    target: MetricTarget
+
+
+@dataclass(frozen=True)
+class ContainerResourceMetricSource:
+    name: str
+    container: str
+    target: MetricTarget
+
+
+@dataclass(frozen=True)
+class PodsMetricSource:
+    metric: MetricIdentifier
+    target: MetricTarget
+
+
+@dataclass(frozen=True)
+class ObjectMetricSource:
+    described_object: CrossVersionObjectReference
+    metric: MetricIdentifier
+    target: MetricTarget
+
+
+@dataclass(frozen=True)
+class ExternalMetricSource:
+    metric: MetricIdentifier
+    target: MetricTarget
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    type: str
+    resource: ResourceMetricSource | None = None
+    container_resource: ContainerResourceMetricSource | None = None
+    pods: PodsMetricSource | None = None
+    object_: ObjectMetricSource | None = None
+    external: ExternalMetricSource | None = None
+
+
+# --- the spec -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OffloadingConfig:
+    remote_backend: RemoteBackend | None = None
+    behavior: OffloadingBehavior = field(default_factory=OffloadingBehavior)
+    metrics: tuple[MetricSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelDeploymentSpec:
+    model: str
+    model_source_ref: ObjectReference
+    enabled: bool = True
+    environment: str = DEFAULT_ENVIRONMENT
+    service_ref: ServiceReference | None = None
+    offloading_config: OffloadingConfig | None = None
+    # Accepted for compatibility with the Beamlit controller; unused here.
+    metric_service_ref: ServiceReference | None = None
+    policies: tuple[dict[str, Any], ...] = ()
+    serverless_config: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelDeployment:
+    """What the webhook and the sidecar need of one ModelDeployment object."""
+
+    name: str
+    namespace: str
+    spec: ModelDeploymentSpec
+    generation: int = 0
+    resource_version: str = ""
+
+    @property
+    def workload_namespace(self) -> str:
+        return self.spec.model_source_ref.namespace or self.namespace
+
+    @property
+    def service_namespace(self) -> str:
+        ref = self.spec.service_ref
+        return (ref.namespace if ref else None) or self.namespace
+
+
+def parse_spec(data: Any) -> tuple[ModelDeploymentSpec | None, list[FieldError]]:
+    """Structural decoding of ``spec`` (types, required and unknown fields, defaults)."""
+    return decode(ModelDeploymentSpec, data, "spec")
+
+
+def parse_object(obj: Any) -> tuple[ModelDeployment | None, list[FieldError]]:
+    """Decode a whole ModelDeployment object (as the API server or a file gives it)."""
+    if not isinstance(obj, dict):
+        return None, [FieldError("<root>", "must be an object")]
+    errors: list[FieldError] = []
+    if obj.get("apiVersion") not in (None, API_VERSION):
+        errors.append(FieldError("apiVersion", f"must be {API_VERSION}, got {obj.get('apiVersion')!r}"))
+    if obj.get("kind") not in (None, KIND):
+        errors.append(FieldError("kind", f"must be {KIND}, got {obj.get('kind')!r}"))
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    name = meta.get("name") or meta.get("generateName") or ""
+    if not isinstance(name, str) or not name:
+        errors.append(FieldError("metadata.name", "required field is missing"))
+    namespace = meta.get("namespace") or "default"
+    spec, spec_errors = parse_spec(obj.get("spec"))
+    errors.extend(spec_errors)
+    if errors or spec is None:
+        return None, errors
+    return (
+        ModelDeployment(
+            name=name,
+            namespace=str(namespace),
+            spec=spec,
+            generation=int(meta.get("generation") or 0),
+            resource_version=str(meta.get("resourceVersion") or ""),
+        ),
+        [],
+    )

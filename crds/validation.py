@@ -1,0 +1,406 @@
+"""Validation of ModelDeployments beyond what the CRD schema can express.
+
+``validate_object`` takes the object as JSON data (from an AdmissionReview or a
+file) and returns every error, each with its field path, plus warnings for
+input that is legal but probably not what the user meant. The same function
+serves the validating webhook, the sidecar (which treats an invalid object as
+absent) and standalone mode.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from crds.decode import FieldError
+from crds.model import (
+    AuthConfig,
+    LabelSelector,
+    MetricSpec,
+    MetricTarget,
+    ModelDeployment,
+    ModelDeploymentSpec,
+    OffloadingBehavior,
+    RemoteBackend,
+    parse_object,
+)
+from crds.quantity import parse_quantity
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What the installation adds to the rules."""
+
+    # The installation routes ModelDeployments without a remoteBackend to a
+    # default one (as the Beamlit controller does), so they are not refused.
+    default_remote_backend: bool = False
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    model: ModelDeployment | None
+    errors: tuple[FieldError, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def message(self) -> str:
+        """All errors in one line, as the API server shows a denial."""
+        return "; ".join(str(e) for e in self.errors)
+
+
+def validate_object(obj: Any, settings: ValidationSettings = ValidationSettings()) -> ValidationResult:
+    model, errors = parse_object(obj)
+    if model is None:
+        return ValidationResult(None, tuple(errors), ())
+    found = list(_check_spec(model.spec, model.namespace, settings))
+    errors = [f for f in found if isinstance(f, FieldError)]
+    warnings = [f for f in found if isinstance(f, str)]
+    return ValidationResult(model if not errors else None, tuple(errors), tuple(warnings))
+
+
+Finding = FieldError | str  # a str is a warning
+
+
+# --- the spec ---------------------------------------------------------------------
+
+SUPPORTED_WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+def _check_spec(spec: ModelDeploymentSpec, namespace: str, settings: ValidationSettings) -> Iterator[Finding]:
+    if not spec.model.strip():
+        yield FieldError("spec.model", "must not be empty")
+
+    ref = spec.model_source_ref
+    if ref.api_version != "apps/v1":
+        yield FieldError("spec.modelSourceRef.apiVersion", f"must be apps/v1, got {ref.api_version!r}")
+    if ref.kind not in SUPPORTED_WORKLOAD_KINDS:
+        yield FieldError(
+            "spec.modelSourceRef.kind",
+            f"must be one of {', '.join(SUPPORTED_WORKLOAD_KINDS)}, got {ref.kind!r}",
+        )
+    yield from _check_name("spec.modelSourceRef.name", ref.name)
+    yield from _check_same_namespace("spec.modelSourceRef.namespace", ref.namespace, namespace)
+
+    service = spec.service_ref
+    if service is not None:
+        yield from _check_name("spec.serviceRef.name", service.name)
+        yield from _check_same_namespace("spec.serviceRef.namespace", service.namespace, namespace)
+        if service.target_port is not None and not 1 <= service.target_port <= 65535:
+            yield FieldError("spec.serviceRef.targetPort", f"must be between 1 and 65535, got {service.target_port}")
+
+    config = spec.offloading_config
+    if config is None:
+        return
+    base = "spec.offloadingConfig"
+    yield from _check_behavior(f"{base}.behavior", config.behavior)
+    for i, metric in enumerate(config.metrics):
+        yield from _check_metric(f"{base}.metrics[{i}]", metric)
+    if config.remote_backend is not None:
+        yield from _check_remote_backend(f"{base}.remoteBackend", config.remote_backend, spec, namespace)
+    elif config.metrics and not settings.default_remote_backend:
+        yield FieldError(
+            f"{base}.remoteBackend",
+            "required when metrics are set: this installation has no default remote backend to offload to",
+        )
+    if not config.metrics:
+        yield (
+            f"{base}.metrics is empty: {config.behavior.percentage}% of requests "
+            "are offloaded at all times, whatever the load"
+        )
+
+
+def _check_same_namespace(path: str, given: str | None, namespace: str) -> Iterator[Finding]:
+    if given and given != namespace:
+        yield FieldError(path, f"must be the ModelDeployment's own namespace {namespace!r}, got {given!r}")
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _check_name(path: str, name: str) -> Iterator[Finding]:
+    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+        yield FieldError(path, f"must be a lowercase RFC 1123 name, got {name!r}")
+
+
+def _check_behavior(path: str, behavior: OffloadingBehavior) -> Iterator[Finding]:
+    if not 0 <= behavior.percentage <= 100:
+        yield FieldError(f"{path}.percentage", f"must be between 0 and 100, got {behavior.percentage}")
+    elif behavior.percentage == 0:
+        yield f"{path}.percentage is 0: no request will ever be offloaded"
+    for name, value in (("sustainSeconds", behavior.sustain_seconds), ("cooldownSeconds", behavior.cooldown_seconds)):
+        if not 0 <= value <= 3600:
+            yield FieldError(f"{path}.{name}", f"must be between 0 and 3600, got {value}")
+    if not 0 <= behavior.tolerance <= 1:
+        yield FieldError(f"{path}.tolerance", f"must be between 0 and 1, got {behavior.tolerance}")
+
+
+# --- remote backend ---------------------------------------------------------------
+
+# RFC 9110 token characters: what a header field name may contain.
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Fields that describe one connection (RFC 9110 7.6.1) or framing: the proxy
+# owns them, so a user-supplied value would break or smuggle requests.
+FORBIDDEN_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+
+def _check_remote_backend(
+    path: str, backend: RemoteBackend, spec: ModelDeploymentSpec, namespace: str
+) -> Iterator[Finding]:
+    host_errors = list(check_host(backend.host))
+    for message in host_errors:
+        yield FieldError(f"{path}.host", message)
+    if not host_errors and spec.service_ref is not None and _is_same_service(
+        backend.host, spec.service_ref.name, spec.service_ref.namespace or namespace
+    ):
+        yield FieldError(
+            f"{path}.host",
+            f"{backend.host!r} is the captured Service {spec.service_ref.name!r} itself: "
+            "offloaded requests would loop back to this model",
+        )
+    if backend.scheme not in ("http", "https"):
+        yield FieldError(f"{path}.scheme", f"must be http or https, got {backend.scheme!r}")
+    if backend.path_prefix is not None:
+        yield from _check_path_prefix(f"{path}.pathPrefix", backend.path_prefix)
+    for name, value in backend.headers_to_add.items():
+        yield from _check_header(f"{path}.headersToAdd[{name}]", name, value)
+    if backend.auth_config is not None:
+        yield from _check_auth(f"{path}.authConfig", backend.auth_config, backend.scheme)
+
+
+def check_host(host: str) -> Iterator[str]:
+    """Problems with a ``host[:port]`` authority (no scheme, path or userinfo)."""
+    if not host:
+        yield "must not be empty"
+        return
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in host):
+        yield f"must not contain whitespace or control characters, got {host!r}"
+        return
+    if "://" in host:
+        yield f"must be host[:port] without a scheme (set scheme instead), got {host!r}"
+        return
+    for char, what in (("@", "userinfo"), ("/", "a path (set pathPrefix instead)"), ("?", "a query"), ("#", "a fragment")):
+        if char in host:
+            yield f"must be host[:port] without {what}, got {host!r}"
+            return
+    name, port = _split_host_port(host)
+    if name is None:
+        yield f"IPv6 addresses must be in brackets, as [addr]:port, got {host!r}"
+        return
+    if port is not None:
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            yield f"port must be a number between 1 and 65535, got {port!r}"
+    if name.startswith("["):
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+        except ValueError:
+            yield f"{name!r} is not a valid IPv6 address"
+        return
+    if not name:
+        yield f"must name a host, got {host!r}"
+        return
+    lowered = name.lower().rstrip(".")
+    labels = lowered.split(".")
+    if len(lowered) > 253 or not all(len(label) <= 63 and _DNS_LABEL.fullmatch(label) for label in labels):
+        yield f"{name!r} is not a valid DNS name or IP address"
+
+
+def _split_host_port(host: str) -> tuple[str | None, str | None]:
+    """``name:port`` -> (name, port); (None, None) for an unbracketed IPv6 address."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end == -1:
+            return host, None
+        rest = host[end + 1 :]
+        if rest.startswith(":"):
+            return host[: end + 1], rest[1:]
+        return host[: end + 1], (rest or None)
+    if host.count(":") > 1:
+        return None, None
+    name, sep, port = host.partition(":")
+    return name, (port if sep else None)
+
+
+def _is_same_service(host: str, service: str, namespace: str) -> bool:
+    name, _ = _split_host_port(host)
+    parts = (name or "").lower().rstrip(".").split(".")
+    if parts[0] != service:
+        return False
+    if len(parts) == 1:
+        return True  # resolved in the pod's own namespace
+    return parts[1] == namespace and (len(parts) == 2 or parts[2] == "svc")
+
+
+def _check_path_prefix(path: str, prefix: str) -> Iterator[Finding]:
+    if not prefix.startswith("/"):
+        yield FieldError(path, f"must start with '/', got {prefix!r}")
+    if "?" in prefix or "#" in prefix:
+        yield FieldError(path, f"must not contain a query or fragment, got {prefix!r}")
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
+        yield FieldError(path, f"must not contain whitespace or control characters, got {prefix!r}")
+
+
+def _check_header(path: str, name: str, value: str) -> Iterator[Finding]:
+    if not _FIELD_NAME.fullmatch(name):
+        yield FieldError(path, f"{name!r} is not a valid HTTP header name")
+    elif name.lower() in FORBIDDEN_HEADERS:
+        yield FieldError(path, f"{name} is managed by the proxy and cannot be set")
+    if any(c in value for c in "\r\n\0"):
+        yield FieldError(path, "value must not contain CR, LF or NUL")
+
+
+def _check_auth(path: str, auth: AuthConfig, scheme: str) -> Iterator[Finding]:
+    if auth.type != "oauth":
+        yield FieldError(f"{path}.type", f"must be oauth, got {auth.type!r}")
+        return
+    oauth = auth.oauth_config
+    if oauth is None:
+        yield FieldError(f"{path}.oauthConfig", "required when type is oauth")
+        return
+    base = f"{path}.oauthConfig"
+    if not oauth.client_id:
+        yield FieldError(f"{base}.clientId", "required field is missing")
+    if not oauth.token_url:
+        yield FieldError(f"{base}.tokenUrl", "required field is missing")
+    else:
+        url = urlsplit(oauth.token_url)
+        if url.scheme != "https" or not url.hostname:
+            yield FieldError(f"{base}.tokenUrl", f"must be an https URL, got {oauth.token_url!r}")
+    if oauth.client_secret_ref is None and not oauth.client_secret:
+        yield FieldError(f"{base}.clientSecretRef", "required field is missing")
+    elif oauth.client_secret_ref is not None and oauth.client_secret:
+        yield FieldError(f"{base}.clientSecret", "must not be set together with clientSecretRef")
+    elif oauth.client_secret:
+        yield f"{base}.clientSecret stores a secret in clear in the ModelDeployment; use clientSecretRef"
+    if oauth.client_secret_ref is not None:
+        yield from _check_name(f"{base}.clientSecretRef.name", oauth.client_secret_ref.name)
+    if scheme == "http":
+        yield f"{path}: the access token is sent to the remote backend over plain http"
+
+
+# --- metrics ----------------------------------------------------------------------
+
+# Which member each metric type sets, and which target types it admits (as the
+# HorizontalPodAutoscaler admits them).
+METRIC_MEMBERS = {
+    "Resource": ("resource", ("Utilization", "AverageValue")),
+    "ContainerResource": ("containerResource", ("Utilization", "AverageValue")),
+    "Pods": ("pods", ("AverageValue",)),
+    "Object": ("object", ("Value", "AverageValue")),
+    "External": ("external", ("Value", "AverageValue")),
+}
+SUPPORTED_RESOURCES = ("cpu", "memory")
+
+
+def _check_metric(path: str, metric: MetricSpec) -> Iterator[Finding]:
+    members = {
+        "resource": metric.resource,
+        "containerResource": metric.container_resource,
+        "pods": metric.pods,
+        "object": metric.object_,
+        "external": metric.external,
+    }
+    given = [name for name, value in members.items() if value is not None]
+    if metric.type not in METRIC_MEMBERS:
+        yield FieldError(
+            f"{path}.type",
+            f"metric type {metric.type!r} cannot be evaluated by the sidecar; "
+            f"supported: {', '.join(METRIC_MEMBERS)}",
+        )
+        return
+    member, target_types = METRIC_MEMBERS[metric.type]
+    if member not in given:
+        yield FieldError(f"{path}.{member}", f"required when type is {metric.type}")
+    for other in given:
+        if other != member:
+            yield FieldError(f"{path}.{other}", f"must not be set when type is {metric.type}")
+    source = members[member]
+    if source is None:
+        return
+    sub = f"{path}.{member}"
+    if metric.resource is not None and member == "resource":
+        yield from _check_resource_name(f"{sub}.name", metric.resource.name)
+    if metric.container_resource is not None and member == "containerResource":
+        yield from _check_resource_name(f"{sub}.name", metric.container_resource.name)
+        if not metric.container_resource.container:
+            yield FieldError(f"{sub}.container", "must not be empty")
+    identifier = getattr(source, "metric", None)
+    if identifier is not None:
+        if not identifier.name:
+            yield FieldError(f"{sub}.metric.name", "must not be empty")
+        if identifier.selector is not None:
+            yield from _check_selector(f"{sub}.metric.selector", identifier.selector)
+    yield from _check_target(f"{sub}.target", source.target, target_types)
+
+
+def _check_resource_name(path: str, name: str) -> Iterator[Finding]:
+    if name not in SUPPORTED_RESOURCES:
+        yield FieldError(path, f"must be one of {', '.join(SUPPORTED_RESOURCES)}, got {name!r}")
+
+
+def _check_target(path: str, target: MetricTarget, allowed: tuple[str, ...]) -> Iterator[Finding]:
+    if target.type not in allowed:
+        yield FieldError(f"{path}.type", f"must be one of {', '.join(allowed)} for this metric, got {target.type!r}")
+        return
+    values = {
+        "averageUtilization": target.average_utilization,
+        "averageValue": target.average_value,
+        "value": target.value,
+    }
+    wanted = {"Utilization": "averageUtilization", "AverageValue": "averageValue", "Value": "value"}[target.type]
+    for name, value in values.items():
+        if name != wanted and value is not None:
+            yield FieldError(f"{path}.{name}", f"must not be set when type is {target.type}")
+    value = values[wanted]
+    if value is None:
+        yield FieldError(f"{path}.{wanted}", f"required when type is {target.type}")
+    elif wanted == "averageUtilization":
+        assert isinstance(value, int)
+        if value <= 0:
+            yield FieldError(f"{path}.{wanted}", f"must be a positive percentage, got {value}")
+    else:
+        try:
+            quantity = parse_quantity(value)
+        except ValueError:
+            yield FieldError(f"{path}.{wanted}", f"must be a quantity such as 500m or 2, got {value!r}")
+        else:
+            if quantity <= 0:
+                yield FieldError(f"{path}.{wanted}", f"must be positive, got {value!r}")
+
+
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+
+def _check_selector(path: str, selector: LabelSelector) -> Iterator[Finding]:
+    for i, req in enumerate(selector.match_expressions):
+        sub = f"{path}.matchExpressions[{i}]"
+        if req.operator in ("In", "NotIn") and not req.values:
+            yield FieldError(f"{sub}.values", f"must be non-empty when operator is {req.operator}")
+        elif req.operator in ("Exists", "DoesNotExist") and req.values:
+            yield FieldError(f"{sub}.values", f"must be empty when operator is {req.operator}")
+        elif req.operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            yield FieldError(f"{sub}.operator", f"must be one of In, NotIn, Exists, DoesNotExist, got {req.operator!r}")
+    for key, value in selector.match_labels.items():
+        if len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
+            yield FieldError(f"{path}.matchLabels[{key}]", f"{value!r} is not a valid label value")

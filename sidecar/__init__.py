@@ -1,0 +1,1 @@
+"""The offloading sidecar: a reverse proxy in front of the model container."""

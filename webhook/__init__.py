@@ -1,0 +1,1 @@
+"""The admission webhooks: ModelDeployment validation and sidecar injection."""

@@ -1,0 +1,34 @@
+"""The validating webhook for ModelDeployments: review in, verdict out (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crds.model import GROUP, KIND, PLURAL
+from crds.validation import ValidationSettings, validate_object
+from webhook.admission import AdmissionRequest, allow, deny
+
+
+def review_modeldeployment(request: AdmissionRequest, settings: ValidationSettings) -> dict[str, Any]:
+    """Allow a good ModelDeployment, deny a bad one listing every error with its path."""
+    if request.resource.get("group") != GROUP or request.resource.get("resource") != PLURAL:
+        return deny(request.uid, f"this webhook validates {PLURAL}.{GROUP}, got {request.resource}", code=400,
+                    reason="BadRequest")
+    if request.operation not in ("CREATE", "UPDATE") or request.sub_resource == "status":
+        return allow(request.uid)
+    # A status-only update never changes the spec: never block the controller.
+    if request.operation == "UPDATE" and isinstance(request.old_object, dict) and isinstance(request.object, dict):
+        if request.old_object.get("spec") == request.object.get("spec"):
+            return allow(request.uid)
+    obj = request.object
+    if isinstance(obj, dict) and not (obj.get("metadata") or {}).get("namespace") and request.namespace:
+        obj = {**obj, "metadata": {**(obj.get("metadata") or {}), "namespace": request.namespace}}
+    result = validate_object(obj, settings)
+    if not result.ok:
+        name = request.name or "<new>"
+        return deny(
+            request.uid,
+            f'{KIND}.{GROUP} "{name}" is invalid: {result.message()}',
+            warnings=result.warnings,
+        )
+    return allow(request.uid, warnings=result.warnings)
