@@ -1,0 +1,108 @@
+"""Which backend serves the next request: the pure routing policy.
+
+While offloading is active exactly ``percentage`` of every 100 consecutive
+requests go to the remote backend, spread evenly (an error-diffusion counter,
+the two-backend case of smooth weighted round-robin); otherwise none do.
+O(1) per request, no randomness, so tests and users can count on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from crds.model import RemoteBackend
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    """A remote backend resolved for the data path."""
+
+    scheme: str  # "http" or "https"
+    host: str  # what to connect to (an IPv6 address without brackets)
+    port: int
+    authority: str  # the Host header value sent to the remote
+    path_prefix: str = ""  # "" or "/prefix" without trailing slash
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+    @classmethod
+    def from_backend(cls, backend: RemoteBackend) -> RemoteTarget:
+        """From a *validated* RemoteBackend (``host`` is ``name[:port]``)."""
+        default_port = 443 if backend.scheme == "https" else 80
+        host = backend.host
+        if host.startswith("["):
+            end = host.index("]")
+            name, rest = host[1:end], host[end + 1 :]
+            port = int(rest[1:]) if rest.startswith(":") else default_port
+        else:
+            name, _, port_text = host.partition(":")
+            port = int(port_text) if port_text else default_port
+        return cls(
+            scheme=backend.scheme,
+            host=name,
+            port=port,
+            authority=host,
+            path_prefix=(backend.path_prefix or "").rstrip("/"),
+            headers=tuple(backend.headers_to_add.items()),
+        )
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """What the control side wants: where to offload, how much, and whether now."""
+
+    remote: RemoteTarget | None = None
+    percentage: int = 0
+    offloading: bool = False
+
+    @property
+    def active_percentage(self) -> int:
+        return self.percentage if (self.offloading and self.remote is not None) else 0
+
+
+class PercentageSpread:
+    """Says, request by request, whether this one is offloaded.
+
+    >>> spread = PercentageSpread(50)
+    >>> [spread.next_is_remote() for _ in range(4)]
+    [False, True, False, True]
+    """
+
+    __slots__ = ("_percentage", "_credit")
+
+    def __init__(self, percentage: int):
+        if not 0 <= percentage <= 100:
+            raise ValueError(f"percentage must be between 0 and 100, got {percentage}")
+        self._percentage = percentage
+        self._credit = 0
+
+    def next_is_remote(self) -> bool:
+        self._credit += self._percentage
+        if self._credit >= 100:
+            self._credit -= 100
+            return True
+        return False
+
+
+class RoutingTable:
+    """The plan in force plus its spread; the proxy asks it once per request."""
+
+    __slots__ = ("_plan", "_spread")
+
+    def __init__(self, plan: RoutePlan = RoutePlan()):
+        self._plan = plan
+        self._spread = PercentageSpread(plan.active_percentage)
+
+    @property
+    def plan(self) -> RoutePlan:
+        return self._plan
+
+    def update(self, plan: RoutePlan) -> None:
+        if plan.active_percentage != self._plan.active_percentage:
+            self._spread = PercentageSpread(plan.active_percentage)
+        self._plan = plan
+
+    def choose(self) -> RemoteTarget | None:
+        """The remote target for the next request, or None for the local model."""
+        if self._spread.next_is_remote():
+            return self._plan.remote
+        return None
