@@ -232,11 +232,19 @@ def parse_object(obj: Any) -> tuple[ModelDeployment | None, list[FieldError]]:
         errors.append(FieldError("apiVersion", f"must be {API_VERSION}, got {obj.get('apiVersion')!r}"))
     if obj.get("kind") not in (None, KIND):
         errors.append(FieldError("kind", f"must be {KIND}, got {obj.get('kind')!r}"))
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    meta = obj.get("metadata", {})
+    if not isinstance(meta, dict):
+        errors.append(FieldError("metadata", "must be an object"))
+        meta = {}
     name = meta.get("name") or meta.get("generateName") or ""
     if not isinstance(name, str) or not name:
         errors.append(FieldError("metadata.name", "required field is missing"))
     namespace = meta.get("namespace") or "default"
+    if not isinstance(namespace, str):
+        errors.append(FieldError("metadata.namespace", "must be a string"))
+    generation = meta.get("generation") or 0
+    if not isinstance(generation, int) or isinstance(generation, bool):
+        errors.append(FieldError("metadata.generation", "must be an integer"))
     spec, spec_errors = parse_spec(obj.get("spec"))
     errors.extend(spec_errors)
     if errors or spec is None:
@@ -246,7 +254,7 @@ def parse_object(obj: Any) -> tuple[ModelDeployment | None, list[FieldError]]:
             name=name,
             namespace=str(namespace),
             spec=spec,
-            generation=int(meta.get("generation") or 0),
+            generation=generation,
             resource_version=str(meta.get("resourceVersion") or ""),
         ),
         [],

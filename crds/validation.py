@@ -213,6 +213,8 @@ def check_host(host: str) -> Iterator[str]:
             yield f"port must be a number between 1 and 65535, got {port!r}"
     if name.startswith("["):
         try:
+            if not name.endswith("]"):
+                raise ValueError(name)
             ipaddress.IPv6Address(name[1:-1])
         except ValueError:
             yield f"{name!r} is not a valid IPv6 address"

@@ -21,8 +21,10 @@ def review_modeldeployment(request: AdmissionRequest, settings: ValidationSettin
         if request.old_object.get("spec") == request.object.get("spec"):
             return allow(request.uid)
     obj = request.object
-    if isinstance(obj, dict) and not (obj.get("metadata") or {}).get("namespace") and request.namespace:
-        obj = {**obj, "metadata": {**(obj.get("metadata") or {}), "namespace": request.namespace}}
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    if isinstance(meta, dict) and not meta.get("namespace") and request.namespace:
+        # On CREATE the object may not carry its namespace yet; the request does.
+        obj = {**obj, "metadata": {**meta, "namespace": request.namespace}}
     result = validate_object(obj, settings)
     if not result.ok:
         name = request.name or "<new>"

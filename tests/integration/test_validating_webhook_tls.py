@@ -1,0 +1,158 @@
+"""The validating webhook over real TLS, as the API server talks to it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import ssl
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.integration.webhook_process import running_webhook
+
+TUTORIAL = yaml.safe_load((Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text())
+PATH = "/validate-modeldeployments"
+
+
+def review_body(obj, uid="uid-1"):
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "deployment.beamlit.com", "version": "v1alpha1", "kind": "ModelDeployment"},
+            "resource": {"group": "deployment.beamlit.com", "version": "v1alpha1", "resource": "modeldeployments"},
+            "operation": "CREATE",
+            "namespace": "default",
+            "name": "my-model",
+            "object": obj,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def webhook(tmp_path_factory):
+    with running_webhook(tmp_path_factory.mktemp("validating"), "--validation-only") as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(webhook):
+    with httpx.Client(base_url=webhook.url, verify=webhook.ssl_context(), timeout=10) as c:
+        yield c
+
+
+def test_the_server_certificate_verifies_against_the_generated_ca_and_nothing_else(webhook):
+    host, port = webhook.url.removeprefix("https://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    with socket.create_connection((host, int(port))) as raw:
+        with webhook.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def test_the_tutorial_is_allowed(client):
+    answer = client.post(PATH, json=review_body(TUTORIAL, uid="abc")).json()
+    assert answer["response"] == {"uid": "abc", "allowed": True}
+
+
+def test_a_bad_object_is_denied_with_the_field_path(client):
+    bad = copy.deepcopy(TUTORIAL)
+    bad["spec"]["offloadingConfig"]["remoteBackend"]["host"] = "http://remote/v1"
+    answer = client.post(PATH, json=review_body(bad)).json()["response"]
+    assert answer["allowed"] is False
+    assert "spec.offloadingConfig.remoteBackend.host: must be host[:port] without a scheme" in answer["status"]["message"]
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "fragment"),
+    [
+        (b"not json", {"content-type": "application/json"}, 400, "not valid JSON"),
+        (b"[]", {"content-type": "application/json"}, 400, "AdmissionReview"),
+        (b'{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}', {"content-type": "application/json"}, 400, "apiVersion"),
+        (b'{"apiVersion":"admission.k8s.io/v1","kind":"Pod"}', {"content-type": "application/json"}, 400, "kind"),
+        (b'{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}', {"content-type": "application/json"}, 400, "request"),
+        (b"{}", {"content-type": "text/plain"}, 415, "Content-Type"),
+        (b"{}", {}, 415, "Content-Type"),
+        (b"[" * 100_000 + b"]" * 100_000, {"content-type": "application/json"}, 400, "JSON"),
+    ],
+)
+def test_malformed_requests_get_a_4xx_with_a_reason(client, content, headers, status, fragment):
+    response = client.post(PATH, content=content, headers=headers)
+    assert response.status_code == status
+    assert fragment in response.json()["error"]
+
+
+def test_an_oversized_body_is_refused_without_reading_it_all(client):
+    response = client.post(PATH, content=b" " * (9 * 1024 * 1024), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_wrong_method_and_unknown_path(client):
+    assert client.get(PATH).status_code == 405
+    assert client.post("/nope", json={}).status_code == 404
+
+
+def test_the_server_survives_a_client_that_hangs_up_mid_body(webhook, client):
+    host, port = webhook.url.removeprefix("https://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        with webhook.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 1000\r\n\r\n{\"apiVersion\"")
+    assert client.post(PATH, json=review_body(TUTORIAL)).json()["response"]["allowed"] is True
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=20,
+)
+
+
+def _mutations():
+    paths = [
+        ("request",), ("request", "uid"), ("request", "object"), ("request", "object", "spec"),
+        ("request", "object", "spec", "offloadingConfig"), ("request", "object", "spec", "offloadingConfig", "metrics"),
+        ("request", "object", "spec", "offloadingConfig", "remoteBackend"), ("request", "object", "metadata"),
+        ("request", "operation"), ("request", "kind"), ("request", "oldObject"),
+        ("request", "object", "spec", "offloadingConfig", "behavior", "percentage"),
+        ("request", "object", "spec", "serviceRef", "targetPort"),
+    ]
+    return st.tuples(st.sampled_from(paths), json_values)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutation=_mutations(), operation=st.sampled_from(["CREATE", "UPDATE"]))
+def test_mutated_admission_reviews_never_get_a_5xx(client, mutation, operation):
+    path, value = mutation
+    body = review_body(copy.deepcopy(TUTORIAL))
+    body["request"]["operation"] = operation
+    node = body
+    for key in path[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[path[-1]] = value
+    response = client.post(PATH, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert response.status_code < 500
+    if response.status_code == 200:
+        assert response.json()["response"]["uid"] == body["request"]["uid"]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_random_bodies_never_get_a_5xx(client, body):
+    response = client.post(PATH, content=body, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500

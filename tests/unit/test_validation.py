@@ -1,0 +1,256 @@
+"""Validation of ModelDeployments: every error, with its field path, at once."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from crds.validation import ValidationSettings, check_host, validate_object
+
+DATA = Path(__file__).parents[1] / "testdata" / "modeldeployments"
+TUTORIAL = yaml.safe_load((DATA / "tutorial.yaml").read_text())
+BEAMLIT_SAMPLE = yaml.safe_load((DATA / "beamlit-sample.yaml").read_text())
+
+RB = "spec.offloadingConfig.remoteBackend"
+MET = "spec.offloadingConfig.metrics[0]"
+OAUTH_OK = {
+    "type": "oauth",
+    "oauthConfig": {
+        "clientId": "offloader",
+        "tokenUrl": "https://auth.example.com/oauth/token",
+        "clientSecretRef": {"name": "remote-credentials"},
+    },
+}
+
+
+def edited(**changes: Any) -> dict[str, Any]:
+    """The tutorial's ModelDeployment with dotted-path edits (None deletes)."""
+    obj = copy.deepcopy(TUTORIAL)
+    obj["metadata"]["namespace"] = "default"
+    for dotted, value in changes.items():
+        keys = dotted.split("__")
+        node = obj
+        for key in keys[:-1]:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        last = keys[-1]
+        if value is None:
+            del node[last]
+        elif isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return obj
+
+
+def metric(member: str, body: dict[str, Any], type_: str | None = None) -> list[dict[str, Any]]:
+    return [{"type": type_ or member[0].upper() + member[1:], member: body}]
+
+
+CPU_50 = {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 50}}
+EXTERNAL = {"metric": {"name": "queue_depth"}, "target": {"type": "Value", "value": "30"}}
+
+SPEC = "spec"
+OC = "spec__offloadingConfig"
+RBK = f"{OC}__remoteBackend"
+
+INVALID: list[tuple[str, dict[str, Any], str]] = [
+    # id, edits, expected path at fault
+    ("model missing", {f"{SPEC}__model": None}, "spec.model"),
+    ("model empty", {f"{SPEC}__model": " "}, "spec.model"),
+    ("model not a string", {f"{SPEC}__model": 12}, "spec.model"),
+    ("enabled not a boolean", {f"{SPEC}__enabled": "yes"}, "spec.enabled"),
+    ("unknown spec field", {f"{SPEC}__replicas": 3}, "spec.replicas"),
+    ("modelSourceRef missing", {f"{SPEC}__modelSourceRef": None}, "spec.modelSourceRef"),
+    ("workload kind", {f"{SPEC}__modelSourceRef__kind": "DaemonSet"}, "spec.modelSourceRef.kind"),
+    ("workload apiVersion", {f"{SPEC}__modelSourceRef__apiVersion": "apps/v1beta1"}, "spec.modelSourceRef.apiVersion"),
+    ("workload name", {f"{SPEC}__modelSourceRef__name": "Php_Apache"}, "spec.modelSourceRef.name"),
+    ("workload elsewhere", {f"{SPEC}__modelSourceRef__namespace": "other"}, "spec.modelSourceRef.namespace"),
+    ("service elsewhere", {f"{SPEC}__serviceRef__namespace": "other"}, "spec.serviceRef.namespace"),
+    ("targetPort 0", {f"{SPEC}__serviceRef__targetPort": 0}, "spec.serviceRef.targetPort"),
+    ("targetPort 70000", {f"{SPEC}__serviceRef__targetPort": 70000}, "spec.serviceRef.targetPort"),
+    ("targetPort a string", {f"{SPEC}__serviceRef__targetPort": "http"}, "spec.serviceRef.targetPort"),
+    ("percentage 150", {f"{OC}__behavior__percentage": 150}, "spec.offloadingConfig.behavior.percentage"),
+    ("percentage -1", {f"{OC}__behavior__percentage": -1}, "spec.offloadingConfig.behavior.percentage"),
+    ("percentage 50.5", {f"{OC}__behavior__percentage": 50.5}, "spec.offloadingConfig.behavior.percentage"),
+    ("sustain too long", {f"{OC}__behavior__sustainSeconds": 86400}, "spec.offloadingConfig.behavior.sustainSeconds"),
+    ("cooldown negative", {f"{OC}__behavior__cooldownSeconds": -5}, "spec.offloadingConfig.behavior.cooldownSeconds"),
+    ("tolerance 2", {f"{OC}__behavior__tolerance": 2}, "spec.offloadingConfig.behavior.tolerance"),
+    ("host with scheme", {f"{RBK}__host": "http://remote:80"}, f"{RB}.host"),
+    ("host with path", {f"{RBK}__host": "remote:80/v1"}, f"{RB}.host"),
+    ("host with userinfo", {f"{RBK}__host": "user:pw@remote"}, f"{RB}.host"),
+    ("host with whitespace", {f"{RBK}__host": "remote host"}, f"{RB}.host"),
+    ("host with newline", {f"{RBK}__host": "remote\r\nX: y"}, f"{RB}.host"),
+    ("host port 0", {f"{RBK}__host": "remote:0"}, f"{RB}.host"),
+    ("host port 65536", {f"{RBK}__host": "remote:65536"}, f"{RB}.host"),
+    ("host port not a number", {f"{RBK}__host": "remote:http"}, f"{RB}.host"),
+    ("host bare IPv6", {f"{RBK}__host": "fd00::1:8080"}, f"{RB}.host"),
+    ("host bad IPv6", {f"{RBK}__host": "[fd00::zz]:80"}, f"{RB}.host"),
+    ("host bad name", {f"{RBK}__host": "-remote-.example"}, f"{RB}.host"),
+    ("host empty", {f"{RBK}__host": ""}, f"{RB}.host"),
+    ("host with query", {f"{RBK}__host": "remote?x=1"}, f"{RB}.host"),
+    ("loop to own service", {f"{RBK}__host": "php-apache:80"}, f"{RB}.host"),
+    ("loop to own service FQDN", {f"{RBK}__host": "php-apache.default.svc.cluster.local"}, f"{RB}.host"),
+    ("scheme ftp", {f"{RBK}__scheme": "ftp"}, f"{RB}.scheme"),
+    ("pathPrefix relative", {f"{RBK}__pathPrefix": "v1"}, f"{RB}.pathPrefix"),
+    ("pathPrefix with query", {f"{RBK}__pathPrefix": "/v1?a=b"}, f"{RB}.pathPrefix"),
+    ("pathPrefix with fragment", {f"{RBK}__pathPrefix": "/v1#x"}, f"{RB}.pathPrefix"),
+    ("header bad name", {f"{RBK}__headersToAdd": {"X Bad": "1"}}, f"{RB}.headersToAdd[X Bad]"),
+    ("header CRLF value", {f"{RBK}__headersToAdd": {"X-Team": "a\r\nHost: evil"}}, f"{RB}.headersToAdd[X-Team]"),
+    ("header Host", {f"{RBK}__headersToAdd": {"Host": "evil"}}, f"{RB}.headersToAdd[Host]"),
+    ("header Content-Length", {f"{RBK}__headersToAdd": {"content-length": "0"}}, f"{RB}.headersToAdd[content-length]"),
+    ("header Transfer-Encoding", {f"{RBK}__headersToAdd": {"Transfer-Encoding": "chunked"}}, f"{RB}.headersToAdd[Transfer-Encoding]"),
+    ("header Connection", {f"{RBK}__headersToAdd": {"Connection": "close"}}, f"{RB}.headersToAdd[Connection]"),
+    ("header value not a string", {f"{RBK}__headersToAdd": {"X-N": 1}}, f"{RB}.headersToAdd[X-N]"),
+    ("auth type basic", {f"{RBK}__authConfig": {"type": "basic"}}, f"{RB}.authConfig.type"),
+    ("oauth without config", {f"{RBK}__authConfig": {"type": "oauth"}}, f"{RB}.authConfig.oauthConfig"),
+    ("oauth http tokenUrl", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {**OAUTH_OK["oauthConfig"], "tokenUrl": "http://auth/token"}}}, f"{RB}.authConfig.oauthConfig.tokenUrl"),
+    ("oauth no clientId", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientId"}}}, f"{RB}.authConfig.oauthConfig.clientId"),
+    ("oauth no secret", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientSecretRef"}}}, f"{RB}.authConfig.oauthConfig.clientSecretRef"),
+    ("oauth both secret forms", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {**OAUTH_OK["oauthConfig"], "clientSecret": "s3cr3t"}}}, f"{RB}.authConfig.oauthConfig.clientSecret"),
+    ("metrics without remote", {f"{RBK}": None}, "spec.offloadingConfig.remoteBackend"),
+    ("metric type unknown", {f"{OC}__metrics": [{"type": "Queue", "resource": CPU_50}]}, f"{MET}.type"),
+    ("metric type mismatch", {f"{OC}__metrics": metric("resource", CPU_50, "External")}, f"{MET}.external"),
+    ("metric two members", {f"{OC}__metrics": [{"type": "Resource", "resource": CPU_50, "external": EXTERNAL}]}, f"{MET}.external"),
+    ("resource gpu", {f"{OC}__metrics": metric("resource", {**CPU_50, "name": "nvidia.com/gpu"})}, f"{MET}.resource.name"),
+    ("utilization zero", {f"{OC}__metrics": metric("resource", {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 0}})}, f"{MET}.resource.target.averageUtilization"),
+    ("utilization missing", {f"{OC}__metrics": metric("resource", {"name": "cpu", "target": {"type": "Utilization", "averageValue": "1"}})}, f"{MET}.resource.target.averageUtilization"),
+    ("averageValue bad quantity", {f"{OC}__metrics": metric("resource", {"name": "memory", "target": {"type": "AverageValue", "averageValue": "lots"}})}, f"{MET}.resource.target.averageValue"),
+    ("averageValue negative", {f"{OC}__metrics": metric("resource", {"name": "memory", "target": {"type": "AverageValue", "averageValue": "-1Gi"}})}, f"{MET}.resource.target.averageValue"),
+    ("value zero", {f"{OC}__metrics": metric("external", {**EXTERNAL, "target": {"type": "Value", "value": "0"}})}, f"{MET}.external.target.value"),
+    ("utilization for external", {f"{OC}__metrics": metric("external", {**EXTERNAL, "target": {"type": "Utilization", "averageUtilization": 50}})}, f"{MET}.external.target.type"),
+    ("pods metric with Value", {f"{OC}__metrics": metric("pods", {"metric": {"name": "rps"}, "target": {"type": "Value", "value": "10"}})}, f"{MET}.pods.target.type"),
+    ("container missing", {f"{OC}__metrics": metric("containerResource", {"name": "cpu", "target": CPU_50["target"]})}, f"{MET}.containerResource.container"),
+    ("selector In without values", {f"{OC}__metrics": metric("external", {**EXTERNAL, "metric": {"name": "q", "selector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}})}, f"{MET}.external.metric.selector.matchExpressions[0].values"),
+    ("target type unknown", {f"{OC}__metrics": metric("resource", {"name": "cpu", "target": {"type": "Percent", "averageUtilization": 50}})}, f"{MET}.resource.target.type"),
+    ("metrics not a list", {f"{OC}__metrics": {"type": "Resource"}}, "spec.offloadingConfig.metrics"),
+]
+
+
+@pytest.mark.parametrize(("edits", "path"), [(e, p) for _, e, p in INVALID], ids=[i for i, _, _ in INVALID])
+def test_an_invalid_modeldeployment_is_refused_naming_the_field_at_fault(edits, path):
+    result = validate_object(edited(**edits))
+    assert not result.ok
+    paths = [e.path for e in result.errors]
+    assert path in paths, result.message()
+    assert result.model is None
+
+
+def test_the_table_has_at_least_forty_cases():
+    assert len(INVALID) >= 40
+
+
+VALID: list[tuple[str, dict[str, Any]]] = [
+    ("the tutorial as written", {}),
+    ("https remote with prefix and headers", {f"{RBK}__scheme": "https", f"{RBK}__pathPrefix": "/v1/models", f"{RBK}__headersToAdd": {"X-Team": "ml", "Authorization": "Bearer abc"}}),
+    ("IPv6 remote", {f"{RBK}__host": "[fd00::10]:8443"}),
+    ("IPv4 remote without port", {f"{RBK}__host": "10.0.0.7"}),
+    ("oauth with a secret reference", {f"{RBK}__scheme": "https", f"{RBK}__authConfig": OAUTH_OK}),
+    ("StatefulSet workload", {f"{SPEC}__modelSourceRef__kind": "StatefulSet"}),
+    ("no serviceRef", {f"{SPEC}__serviceRef": None}),
+    ("disabled", {f"{SPEC}__enabled": False}),
+    ("memory average value", {f"{OC}__metrics": metric("resource", {"name": "memory", "target": {"type": "AverageValue", "averageValue": "1.5Gi"}})}),
+    ("container resource", {f"{OC}__metrics": metric("containerResource", {"name": "cpu", "container": "php-apache", "target": CPU_50["target"]})}),
+    ("pods metric", {f"{OC}__metrics": metric("pods", {"metric": {"name": "rps"}, "target": {"type": "AverageValue", "averageValue": 100}})}),
+    ("object metric", {f"{OC}__metrics": metric("object", {"describedObject": {"kind": "Ingress", "name": "main", "apiVersion": "networking.k8s.io/v1"}, "metric": {"name": "rps"}, "target": {"type": "Value", "value": "2k"}})}),
+    ("several metrics", {f"{OC}__metrics": [{"type": "Resource", "resource": CPU_50}, {"type": "External", "external": EXTERNAL}]}),
+    ("no offloadingConfig", {f"{SPEC}__offloadingConfig": None}),
+    ("remote named like another service", {f"{RBK}__host": "php-apache.other-ns.svc:80"}),
+    ("Beamlit compatibility fields", {f"{SPEC}__policies": [{"refType": "remotePolicy", "name": "p"}], f"{SPEC}__serverlessConfig": {"minNumReplicas": 0}}),
+]
+
+
+@pytest.mark.parametrize("edits", [e for _, e in VALID], ids=[i for i, _ in VALID])
+def test_a_valid_modeldeployment_is_allowed(edits):
+    result = validate_object(edited(**edits))
+    assert result.ok, result.message()
+    assert result.model is not None
+
+
+def test_the_tutorial_is_allowed_unchanged_with_the_crd_defaults_applied():
+    result = validate_object(TUTORIAL)
+    assert result.ok and result.warnings == ()
+    spec = result.model.spec
+    assert spec.enabled is True and spec.environment == "production"
+    assert spec.offloading_config.remote_backend.scheme == "http"
+    assert spec.offloading_config.behavior.percentage == 50
+    assert spec.offloading_config.metrics[0].resource.target.average_utilization == 50
+
+
+def test_the_beamlit_sample_needs_a_default_remote_backend():
+    refused = validate_object(BEAMLIT_SAMPLE)
+    assert [str(e) for e in refused.errors] == [
+        "spec.offloadingConfig.remoteBackend: required when metrics are set: "
+        "this installation has no default remote backend to offload to"
+    ]
+    assert validate_object(BEAMLIT_SAMPLE, ValidationSettings(default_remote_backend=True)).ok
+
+
+def test_every_error_of_an_object_is_reported_at_once():
+    result = validate_object(
+        edited(
+            **{
+                f"{OC}__behavior__percentage": 150,
+                f"{RBK}__host": "http://x",
+                f"{RBK}__pathPrefix": "v1",
+                f"{SPEC}__modelSourceRef__kind": "Job",
+            }
+        )
+    )
+    assert sorted(e.path for e in result.errors) == sorted(
+        [
+            "spec.offloadingConfig.behavior.percentage",
+            f"{RB}.host",
+            f"{RB}.pathPrefix",
+            "spec.modelSourceRef.kind",
+        ]
+    )
+    assert "spec.offloadingConfig.behavior.percentage: must be between 0 and 100, got 150" in result.message()
+
+
+@pytest.mark.parametrize(
+    ("edits", "fragment"),
+    [
+        ({f"{OC}__behavior__percentage": 0}, "percentage is 0"),
+        ({f"{OC}__metrics": []}, "offloaded at all times"),
+        ({f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {**{k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientSecretRef"}, "clientSecret": "s3cr3t"}}}, "clientSecretRef"),
+    ],
+)
+def test_legal_but_suspicious_input_is_allowed_with_a_warning(edits, fragment):
+    result = validate_object(edited(**edits))
+    assert result.ok, result.message()
+    assert any(fragment in w for w in result.warnings), result.warnings
+
+
+def test_an_inline_client_secret_never_appears_in_messages():
+    auth = {**OAUTH_OK, "oauthConfig": {**OAUTH_OK["oauthConfig"], "clientSecret": "hunter2-secret"}}
+    result = validate_object(edited(**{f"{RBK}__authConfig": auth, f"{RBK}__host": "bad host"}))
+    assert "hunter2" not in result.message() and not any("hunter2" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("obj", [None, [], "spec", 3, {"spec": None}, {"spec": []}, {"metadata": "x", "spec": {}}])
+def test_objects_of_the_wrong_shape_are_refused_not_crashed_on(obj):
+    assert not validate_object(obj).ok
+
+
+@pytest.mark.parametrize(
+    ("host", "ok"),
+    [
+        ("remote", True),
+        ("remote.example.com:8443", True),
+        ("[::1]:80", True),
+        ("[::1]", True),
+        ("192.168.1.10:1", True),
+        ("REMOTE.Example.com", True),
+        ("remote:", False),
+        ("[::1", False),
+        ("[::1]x", False),
+        ("a" * 64 + ".com", False),
+        ("remote:99999", False),
+    ],
+)
+def test_host_forms(host, ok):
+    assert (list(check_host(host)) == []) is ok
