@@ -40,6 +40,10 @@ module_dir() {
     "$GO" mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'
 }
 
+WORK_DIRS=()
+cleanup() { [[ ${#WORK_DIRS[@]} -eq 0 ]] || rm -rf "${WORK_DIRS[@]}"; }
+trap cleanup EXIT
+
 # Writes a wrapper module in a fresh work dir from the template $HERE/<template>/go.mod.in,
 # substituting @VERSION@ and @EXTRA@, and prints the work dir.
 wrapper_module() {
@@ -109,8 +113,8 @@ build_kubernetes() {
     godebug="$(grep '^godebug ' "$gomod" || true)"
     work="$(wrapper_module kubernetes "$KUBE_VERSION" "$godebug
 $(staging_replaces "$gomod")")"
+    WORK_DIRS+=("$work")
     go_build "$work" "$out" "$(kube_ldflags)" "${KUBE_BINARIES[@]/#/k8s.io/kubernetes/cmd/}"
-    rm -rf "$work"
 }
 
 # ---- etcd --------------------------------------------------------------------------------
@@ -120,9 +124,10 @@ build_etcd() {
     if [[ -x "$out/etcd" ]]; then log "etcd $ETCD_VERSION: cached in $out"; return; fi
     log "etcd $ETCD_VERSION: building"
     local work; work="$(wrapper_module etcd "$ETCD_VERSION" "")"
+    WORK_DIRS+=("$work")
+    # The main package is the module root, so go names the binary "server".
     go_build "$work" "$out" "" go.etcd.io/etcd/server/v3
-    mv "$out/v3" "$out/etcd"
-    rm -rf "$work"
+    mv "$out/server" "$out/etcd"
 }
 
 # ---- kwok ----------------------------------------------------------------------------------
@@ -132,8 +137,8 @@ build_kwok() {
     if [[ -x "$out/kwok" ]]; then log "kwok $KWOK_VERSION: cached in $out"; return; fi
     log "kwok $KWOK_VERSION: building"
     local work; work="$(wrapper_module kwok "$KWOK_VERSION" "")"
+    WORK_DIRS+=("$work")
     go_build "$work" "$out" "" sigs.k8s.io/kwok/cmd/kwok
-    rm -rf "$work"
 }
 
 # ---- helm ----------------------------------------------------------------------------------
@@ -143,9 +148,9 @@ build_helm() {
     if [[ -x "$out/helm" ]]; then log "helm $HELM_VERSION: cached in $out"; return; fi
     log "helm $HELM_VERSION: building"
     local work; work="$(wrapper_module helm "$HELM_VERSION" "")"
+    WORK_DIRS+=("$work")
     go_build "$work" "$out" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
         helm.sh/helm/v3/cmd/helm
-    rm -rf "$work"
 }
 
 print_bin_dirs() {
@@ -171,6 +176,9 @@ print_versions() {
 main() {
     if [[ "${1:-}" == "--print-bin-dirs" ]]; then print_bin_dirs; return; fi
     mkdir -p "$CACHE"
+    # One build at a time per cache (a developer's and a CI run may overlap).
+    exec 9>"$CACHE/.lock"
+    flock 9
     local start=$SECONDS components="${OFFLOAD_E2E_COMPONENTS:-kubernetes etcd kwok helm}" c
     local need_go=0
     for c in $components; do

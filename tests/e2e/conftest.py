@@ -1,0 +1,118 @@
+"""Fixtures of the e2e tier: a real control plane (built by controlplane/build.sh, never
+skipped: a missing Go toolchain or a failed build is an error), a namespace per test,
+and the project's webhook run as a local process."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import kubernetes
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from controlplane import binaries  # noqa: E402
+from controlplane.cluster import ControlPlane  # noqa: E402
+from controlplane.webhook_process import WebhookServer, start_webhook  # noqa: E402
+
+log = logging.getLogger("e2e")
+
+_RUNNING_KEY = pytest.StashKey[list]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: needs the real control plane built by tests/e2e/controlplane/build.sh")
+    config.stash[_RUNNING_KEY] = []
+
+
+def _running(config: pytest.Config) -> list:
+    """Control planes and webhook servers running now, for the failure report."""
+    return config.stash[_RUNNING_KEY]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.failed:
+        for thing in _running(item.config):
+            for name, tail in _log_tails(thing).items():
+                report.sections.append((f"{name} log (last lines)", tail))
+    return report
+
+
+def _log_tails(thing) -> dict[str, str]:
+    if isinstance(thing, ControlPlane):
+        return thing.log_tails()
+    if isinstance(thing, WebhookServer):
+        return {thing.process.name: thing.process.log_tail()}
+    return {}
+
+
+@pytest.fixture(scope="session")
+def control_plane_binaries() -> binaries.Binaries:
+    """Builds (or finds in the cache) every control-plane binary."""
+    return binaries.build()
+
+
+@pytest.fixture(scope="session")
+def kube(control_plane_binaries, tmp_path_factory, pytestconfig) -> Iterator[ControlPlane]:
+    """The running control plane: .kubeconfig, .server, .api_client, .binaries."""
+    workdir = tmp_path_factory.mktemp("controlplane")
+    plane = ControlPlane(control_plane_binaries, workdir)
+    _running(pytestconfig).append(plane)
+    try:
+        with plane:
+            _announce(pytestconfig, plane)
+            yield plane
+    finally:
+        _running(pytestconfig).remove(plane)
+
+
+def _announce(config: pytest.Config, plane: ControlPlane) -> None:
+    """Shows, outside output capture, which binaries really run and where their logs are."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"control plane up at {plane.server} (kubeconfig {plane.kubeconfig}, logs {plane.logs_dir})"]
+    lines += [f"  {name}: {version}" for name, version in plane.versions.items()]
+    for line in lines:
+        log.info(line)
+        if reporter is not None:
+            reporter.write_line(f"[e2e] {line}")
+
+
+@pytest.fixture
+def core(kube) -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(kube.api_client)
+
+
+@pytest.fixture
+def namespace(kube, request) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{slug}-{uuid.uuid4().hex[:6]}"
+    api = kubernetes.client.CoreV1Api(kube.api_client)
+    api.create_namespace({"metadata": {"name": name, "labels": {"offload-e2e": "true"}}})
+    yield name
+    api.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture
+def run_webhook(tmp_path_factory, pytestconfig) -> Iterator[Callable[..., WebhookServer]]:
+    """Factory: run_webhook(*cli_args) starts offload-webhook with fresh certificates from
+    offload-certs on a free loopback port; every server started is stopped after the test."""
+    started: list[WebhookServer] = []
+
+    def start(*extra_args: str) -> WebhookServer:
+        server = start_webhook(tmp_path_factory.mktemp("webhook"), *extra_args)
+        started.append(server)
+        _running(pytestconfig).append(server)
+        return server
+
+    yield start
+    for server in started:
+        _running(pytestconfig).remove(server)
+        server.stop()

@@ -1,0 +1,65 @@
+"""Locates the control-plane binaries, building them with build.sh first."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILD_SCRIPT = Path(__file__).with_name("build.sh")
+
+
+class BuildFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Binaries:
+    etcd: Path
+    kube_apiserver: Path
+    kube_controller_manager: Path
+    kube_scheduler: Path
+    kubectl: Path
+    kwok: Path
+    helm: Path
+
+    def all(self) -> dict[str, Path]:
+        return {name.replace("_", "-"): path for name, path in self.__dict__.items()}
+
+
+def _run_build(args: list[str]) -> str:
+    result = subprocess.run(["bash", str(BUILD_SCRIPT), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BuildFailed(
+            f"{BUILD_SCRIPT} {' '.join(args)} failed with code {result.returncode}:\n"
+            f"{result.stderr[-6000:]}\n{result.stdout[-2000:]}"
+        )
+    return result.stdout
+
+
+def build() -> Binaries:
+    """Runs build.sh (seconds when everything is cached) and returns the binaries' paths."""
+    _run_build([])
+    dirs = dict(line.split(" ", 1) for line in _run_build(["--print-bin-dirs"]).splitlines() if line)
+    kube, etcd, kwok, helm = (Path(dirs[k]) for k in ("kubernetes", "etcd", "kwok", "helm"))
+    binaries = Binaries(
+        etcd=etcd / "etcd",
+        kube_apiserver=kube / "kube-apiserver",
+        kube_controller_manager=kube / "kube-controller-manager",
+        kube_scheduler=kube / "kube-scheduler",
+        kubectl=kube / "kubectl",
+        kwok=kwok / "kwok",
+        helm=helm / "helm",
+    )
+    missing = [str(p) for p in binaries.all().values() if not p.is_file()]
+    if missing:
+        raise BuildFailed(f"build.sh succeeded but these binaries are missing: {missing}")
+    return binaries
+
+
+def version_of(binary: Path) -> str:
+    """The first line a binary prints about its version."""
+    args = {"kubectl": ["version", "--client"], "helm": ["version", "--short"]}.get(binary.name, ["--version"])
+    result = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=30)
+    out = (result.stdout or result.stderr).strip().splitlines()
+    return out[0] if out else f"(no version output, exit {result.returncode})"
