@@ -76,11 +76,16 @@ def kube(control_plane_binaries, tmp_path_factory, pytestconfig) -> Iterator[Con
 def _announce(config: pytest.Config, plane: ControlPlane) -> None:
     """Shows, outside output capture, which binaries really run and where their logs are."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
     lines = [f"control plane up at {plane.server} (kubeconfig {plane.kubeconfig}, logs {plane.logs_dir})"]
     lines += [f"  {name}: {version}" for name, version in plane.versions.items()]
     for line in lines:
         log.info(line)
-        if reporter is not None:
+    if reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        for line in lines:
             reporter.write_line(f"[e2e] {line}")
 
 
