@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from controlplane import binaries  # noqa: E402
 from controlplane.cluster import ControlPlane  # noqa: E402
+from controlplane.process import wait_until  # noqa: E402
 from controlplane.webhook_process import WebhookServer, start_webhook  # noqa: E402
+from paths import CRD  # noqa: E402
 
 log = logging.getLogger("e2e")
 
@@ -121,3 +123,32 @@ def run_webhook(tmp_path_factory, pytestconfig) -> Iterator[Callable[..., Webhoo
     for server in started:
         _running(pytestconfig).remove(server)
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def modeldeployment_crd(kube) -> str:
+    """crds/modeldeployment.yaml applied with kubectl and Established; returns the CRD name."""
+    if not CRD.is_file():
+        pytest.fail(f"{CRD} is missing: the e2e tier needs the ModelDeployment CRD")
+    applied = kube.kubectl("apply", "-f", str(CRD))
+    assert applied.returncode == 0, f"kubectl apply -f {CRD} failed:\n{applied.stderr}"
+    name = "modeldeployments.deployment.beamlit.com"
+    api = kubernetes.client.ApiextensionsV1Api(kube.api_client)
+
+    def established() -> bool:
+        conditions = api.read_custom_resource_definition(name).status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+    wait_until(f"CRD {name} to be Established", established, 60, alive=kube.processes)
+    return name
+
+
+@pytest.fixture
+def tutorial_in_default_namespace(kube) -> Iterator[None]:
+    """The tutorial's objects live in namespace default (its ModelDeployment says so):
+    deletes them after the test, whatever the test created."""
+    yield
+    for kind, name in [("modeldeployments.deployment.beamlit.com", "my-model"),
+                       ("deployment", "php-apache"), ("service", "php-apache")]:
+        deleted = kube.kubectl("delete", "-n", "default", kind, name, "--ignore-not-found", "--wait=false")
+        assert deleted.returncode == 0, deleted.stderr
