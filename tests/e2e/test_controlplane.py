@@ -4,6 +4,8 @@ behave as in a cluster (kwok runs the pods)."""
 from __future__ import annotations
 
 import ipaddress
+import json
+import subprocess
 
 import kubernetes
 import pytest
@@ -26,7 +28,7 @@ def test_api_server_serves_the_pinned_version(kube):
 
 
 def test_native_sidecars_are_accepted(kube, namespace):
-    """Restartable init containers (native sidecars) are admitted and run before the main container."""
+    """Restartable init containers (native sidecars, GA since 1.33) are admitted and kept as such."""
     pod = {
         "metadata": {"name": "with-native-sidecar"},
         "spec": {
@@ -117,3 +119,13 @@ def _endpoint_ips(kube, namespace: str, service: str, expected: set[str]) -> set
 
     wait_until(f"EndpointSlice of {service} to list {sorted(expected)}", listed, 60, alive=kube.processes)
     return seen
+
+
+def test_helm_reaches_the_api_server(kube):
+    """helm (for the chart tests) is built and talks to this control plane."""
+    listed = subprocess.run(
+        [str(kube.binaries.helm), "list", "--all-namespaces", "--kubeconfig", str(kube.kubeconfig), "-o", "json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
