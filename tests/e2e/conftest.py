@@ -56,9 +56,18 @@ def _log_tails(thing) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def control_plane_binaries() -> binaries.Binaries:
-    """Builds (or finds in the cache) every control-plane binary."""
-    return binaries.build()
+def control_plane_binaries(pytestconfig) -> binaries.Binaries:
+    """Builds (or finds in the cache) every control-plane binary, showing build.sh's
+    progress live: a first build takes many minutes."""
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+
+    def echo(line: str) -> None:
+        if reporter is not None and capture is not None and "go: downloading" not in line:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(line)
+
+    return binaries.build(echo)
 
 
 @pytest.fixture(scope="session")

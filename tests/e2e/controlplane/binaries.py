@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,19 +30,28 @@ class Binaries:
         return {name.replace("_", "-"): path for name, path in self.__dict__.items()}
 
 
-def _run_build(args: list[str]) -> str:
-    result = subprocess.run(["bash", str(BUILD_SCRIPT), *args], capture_output=True, text=True)
-    if result.returncode != 0:
+def _run_build(args: list[str], echo: Callable[[str], None] = lambda line: None) -> str:
+    """Runs build.sh, passing each line of its progress (stderr) to `echo`; returns stdout."""
+    tail: collections.deque[str] = collections.deque(maxlen=80)
+    with tempfile.TemporaryFile("w+") as stdout:
+        with subprocess.Popen(["bash", str(BUILD_SCRIPT), *args], stdin=subprocess.DEVNULL, stdout=stdout,
+                              stderr=subprocess.PIPE, text=True) as proc:
+            for line in proc.stderr:
+                tail.append(line.rstrip("\n"))
+                echo(line.rstrip("\n"))
+        stdout.seek(0)
+        output = stdout.read()
+    if proc.returncode != 0:
         raise BuildFailed(
-            f"{BUILD_SCRIPT} {' '.join(args)} failed with code {result.returncode}:\n"
-            f"{result.stderr[-6000:]}\n{result.stdout[-2000:]}"
+            f"{BUILD_SCRIPT} {' '.join(args)} failed with code {proc.returncode}; last lines:\n" + "\n".join(tail)
         )
-    return result.stdout
+    return output
 
 
-def build() -> Binaries:
-    """Runs build.sh (seconds when everything is cached) and returns the binaries' paths."""
-    _run_build([])
+def build(echo: Callable[[str], None] = lambda line: None) -> Binaries:
+    """Runs build.sh (seconds when everything is cached) and returns the binaries' paths.
+    A first build takes long: `echo` receives its progress lines."""
+    _run_build([], echo)
     dirs = dict(line.split(" ", 1) for line in _run_build(["--print-bin-dirs"]).splitlines() if line)
     kube, etcd, kwok, helm = (Path(dirs[k]) for k in ("kubernetes", "etcd", "kwok", "helm"))
     binaries = Binaries(
