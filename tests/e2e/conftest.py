@@ -16,11 +16,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from controlplane import binaries  # noqa: E402
-from controlplane.cluster import ControlPlane  # noqa: E402
-from controlplane.process import wait_until  # noqa: E402
-from controlplane.webhook_process import WebhookServer, start_webhook  # noqa: E402
-from paths import CRD  # noqa: E402
+from controlplane import binaries
+from controlplane.cluster import ControlPlane
+from controlplane.process import wait_until
+from controlplane.webhook_process import WebhookServer, start_webhook
+from paths import CRD
 
 log = logging.getLogger("e2e")
 
@@ -28,7 +28,9 @@ _RUNNING_KEY = pytest.StashKey[list]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "e2e: needs the real control plane built by tests/e2e/controlplane/build.sh")
+    config.addinivalue_line(
+        "markers", "e2e: needs the real control plane built by tests/e2e/controlplane/build.sh"
+    )
     config.stash[_RUNNING_KEY] = []
 
 
@@ -157,7 +159,10 @@ def tutorial_in_default_namespace(kube) -> Iterator[None]:
     """The tutorial's objects live in namespace default (its ModelDeployment says so):
     deletes them after the test, whatever the test created."""
     yield
-    for kind, name in [("modeldeployments.deployment.beamlit.com", "my-model"),
-                       ("deployment", "php-apache"), ("service", "php-apache")]:
+    for kind, name in [
+        ("modeldeployments.deployment.beamlit.com", "my-model"),
+        ("deployment", "php-apache"),
+        ("service", "php-apache"),
+    ]:
         deleted = kube.kubectl("delete", "-n", "default", kind, name, "--ignore-not-found", "--wait=false")
         assert deleted.returncode == 0, deleted.stderr

@@ -6,7 +6,6 @@ import copy
 from typing import Any
 
 import yaml
-
 from paths import TUTORIAL_MODELDEPLOYMENT
 
 GROUP = "deployment.beamlit.com"

@@ -5,5 +5,5 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD = REPO_ROOT / "crds" / "modeldeployment.yaml"
 TESTDATA = REPO_ROOT / "tests" / "testdata"
-TUTORIAL_CLUSTER_A = TESTDATA / "tutorial-cluster-a.yaml"          # the tutorial's Deployment + Service
+TUTORIAL_CLUSTER_A = TESTDATA / "tutorial-cluster-a.yaml"  # the tutorial's Deployment + Service
 TUTORIAL_MODELDEPLOYMENT = TESTDATA / "modeldeployments" / "tutorial.yaml"

@@ -7,16 +7,17 @@ from __future__ import annotations
 import json
 
 import kubernetes
-import pytest
-
 import modeldeployments as md
+import pytest
 from paths import TUTORIAL_MODELDEPLOYMENT
 
 pytestmark = pytest.mark.e2e
 
 
 def test_crd_is_established_with_its_names(kube, modeldeployment_crd):
-    crd = kubernetes.client.ApiextensionsV1Api(kube.api_client).read_custom_resource_definition(modeldeployment_crd)
+    crd = kubernetes.client.ApiextensionsV1Api(kube.api_client).read_custom_resource_definition(
+        modeldeployment_crd
+    )
     conditions = {c.type: c.status for c in crd.status.conditions}
     assert conditions["Established"] == "True"
     assert conditions["NamesAccepted"] == "True"
@@ -31,7 +32,8 @@ def test_tutorial_modeldeployment_applies_unchanged(kube, modeldeployment_crd, t
     assert applied.stdout.strip() == "modeldeployment.deployment.beamlit.com/my-model created"
 
     stored = kubernetes.client.CustomObjectsApi(kube.api_client).get_namespaced_custom_object(
-        md.GROUP, md.VERSION, "default", md.PLURAL, "my-model")
+        md.GROUP, md.VERSION, "default", md.PLURAL, "my-model"
+    )
     written = md.tutorial()["spec"]
     assert stored["spec"]["modelSourceRef"] == written["modelSourceRef"]
     assert stored["spec"]["serviceRef"] == written["serviceRef"]
@@ -51,39 +53,53 @@ def test_tutorial_modeldeployment_applies_unchanged(kube, modeldeployment_crd, t
 SCHEMA_VIOLATIONS = {
     "percentage-150": (
         {"spec.offloadingConfig.behavior.percentage": 150},
-        "spec.offloadingConfig.behavior.percentage", "should be less than or equal to 100"),
+        "spec.offloadingConfig.behavior.percentage",
+        "should be less than or equal to 100",
+    ),
     "percentage-negative": (
         {"spec.offloadingConfig.behavior.percentage": -1},
-        "spec.offloadingConfig.behavior.percentage", "should be greater than or equal to 0"),
+        "spec.offloadingConfig.behavior.percentage",
+        "should be greater than or equal to 0",
+    ),
     "percentage-not-a-number": (
         {"spec.offloadingConfig.behavior.percentage": "fifty"},
-        "spec.offloadingConfig.behavior.percentage", 'Invalid value: "string"'),
+        "spec.offloadingConfig.behavior.percentage",
+        'Invalid value: "string"',
+    ),
     "scheme-ftp": (
         {"spec.offloadingConfig.remoteBackend.scheme": "ftp"},
-        "spec.offloadingConfig.remoteBackend.scheme", 'Unsupported value: "ftp"'),
-    "model-not-a-string": (
-        {"spec.model": 42},
-        "spec.model", "must be of type string"),
+        "spec.offloadingConfig.remoteBackend.scheme",
+        'Unsupported value: "ftp"',
+    ),
+    "model-not-a-string": ({"spec.model": 42}, "spec.model", "must be of type string"),
     "target-port-not-a-number": (
         {"spec.serviceRef.targetPort": "http"},
-        "spec.serviceRef.targetPort", "must be of type integer"),
+        "spec.serviceRef.targetPort",
+        "must be of type integer",
+    ),
     "metrics-not-a-list": (
         {"spec.offloadingConfig.metrics": "cpu"},
-        "spec.offloadingConfig.metrics", "must be of type array"),
+        "spec.offloadingConfig.metrics",
+        "must be of type array",
+    ),
     "resource-metric-without-resource": (
         {"spec.offloadingConfig.metrics": [{"type": "Resource"}]},
-        "spec.offloadingConfig.metrics[0]", "type Resource requires the resource field"),
+        "spec.offloadingConfig.metrics[0]",
+        "type Resource requires the resource field",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(SCHEMA_VIOLATIONS), ids=list(SCHEMA_VIOLATIONS))
-def test_api_server_rejects_schema_violations_as_kubectl_shows_them(kube, modeldeployment_crd, namespace, case):
+def test_api_server_rejects_schema_violations_as_kubectl_shows_them(
+    kube, modeldeployment_crd, namespace, case
+):
     changes, field, words = SCHEMA_VIOLATIONS[case]
     doc = md.variant("bad", changes)
 
     applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.to_yaml(doc))
     assert applied.returncode != 0, f"kubectl apply accepted {case}: {applied.stdout}"
-    assert f'The ModelDeployment "bad" is invalid: ' in applied.stderr
+    assert 'The ModelDeployment "bad" is invalid: ' in applied.stderr
     assert f"{field}: " in applied.stderr and words in applied.stderr, applied.stderr
 
     status = _create_expecting_error(kube, namespace, doc)
@@ -109,9 +125,13 @@ def test_api_server_rejects_unknown_fields_under_strict_validation(kube, modelde
 def test_schema_accepts_the_edges_it_allows(kube, modeldeployment_crd, namespace):
     """The bounds are inclusive: 0 and 100 percent and https are stored as given."""
     api = kubernetes.client.CustomObjectsApi(kube.api_client)
-    for name, changes in {"zero": {"spec.offloadingConfig.behavior.percentage": 0},
-                          "all": {"spec.offloadingConfig.behavior.percentage": 100,
-                                  "spec.offloadingConfig.remoteBackend.scheme": "https"}}.items():
+    for name, changes in {
+        "zero": {"spec.offloadingConfig.behavior.percentage": 0},
+        "all": {
+            "spec.offloadingConfig.behavior.percentage": 100,
+            "spec.offloadingConfig.remoteBackend.scheme": "https",
+        },
+    }.items():
         doc = md.variant(name, changes)
         doc["spec"]["modelSourceRef"]["namespace"] = namespace
         doc["spec"]["serviceRef"]["namespace"] = namespace

@@ -5,12 +5,12 @@ matching caBundle and failurePolicy Fail."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import kubernetes
-import pytest
-
 import modeldeployments as md
+import pytest
 from controlplane.admission import (
     MODELDEPLOYMENT_RULE,
     apply_validating_webhook_configuration,
@@ -33,7 +33,10 @@ def validating_webhook(kube, modeldeployment_crd, run_webhook) -> Iterator[Webho
     """offload-webhook --validation-only, registered with the API server for ModelDeployments."""
     server = run_webhook("--validation-only")
     body = validating_webhook_configuration(
-        CONFIG_NAME, server.url("/validate-modeldeployments"), server.ca_bundle, [MODELDEPLOYMENT_RULE],
+        CONFIG_NAME,
+        server.url("/validate-modeldeployments"),
+        server.ca_bundle,
+        [MODELDEPLOYMENT_RULE],
         failure_policy="Fail",
     )
     apply_validating_webhook_configuration(kube.api_client, body)
@@ -62,22 +65,36 @@ def test_api_server_denies_the_tutorial_in_another_namespace(kube, validating_we
     assert "spec.modelSourceRef.namespace" in applied.stderr
 
 
-def test_api_server_allows_the_tutorials_modeldeployment(kube, validating_webhook, tutorial_in_default_namespace):
+def test_api_server_allows_the_tutorials_modeldeployment(
+    kube, validating_webhook, tutorial_in_default_namespace
+):
     applied = kube.kubectl("apply", "-f", str(TUTORIAL_MODELDEPLOYMENT))
     assert applied.returncode == 0, applied.stderr
     assert "modeldeployment.deployment.beamlit.com/my-model created" in applied.stdout
 
     # An update goes through the webhook too: a valid change is allowed, a bad one denied.
-    patched = kube.kubectl("patch", "modeldeployment", "my-model", "-n", "default", "--type=merge",
-                           "-p", '{"spec":{"offloadingConfig":{"behavior":{"percentage":30}}}}')
+    patched = kube.kubectl(
+        "patch",
+        "modeldeployment",
+        "my-model",
+        "-n",
+        "default",
+        "--type=merge",
+        "-p",
+        '{"spec":{"offloadingConfig":{"behavior":{"percentage":30}}}}',
+    )
     assert patched.returncode == 0, patched.stderr
-    broken = kube.kubectl("patch", "modeldeployment", "my-model", "-n", "default", "--type=merge",
-                          "-p", '{"spec":{"offloadingConfig":{"remoteBackend":{"host":"%s"}}}}' % HOST_WITH_SCHEME)
+    bad_host = {"spec": {"offloadingConfig": {"remoteBackend": {"host": HOST_WITH_SCHEME}}}}
+    broken = kube.kubectl(
+        "patch", "modeldeployment", "my-model", "-n", "default", "--type=merge", "-p", json.dumps(bad_host)
+    )
     assert broken.returncode != 0
     assert "spec.offloadingConfig.remoteBackend.host" in broken.stderr, broken.stderr
 
 
-def test_failure_policy_fail_refuses_modeldeployments_while_the_webhook_is_down(kube, validating_webhook, namespace):
+def test_failure_policy_fail_refuses_modeldeployments_while_the_webhook_is_down(
+    kube, validating_webhook, namespace
+):
     validating_webhook.stop()
     applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.to_yaml(_good(namespace)))
     assert applied.returncode != 0, applied.stdout
@@ -88,7 +105,9 @@ def test_failure_policy_fail_refuses_modeldeployments_while_the_webhook_is_down(
 
 
 def _good(namespace: str) -> dict:
-    doc = md.variant("good", {"spec.modelSourceRef.namespace": namespace, "spec.serviceRef.namespace": namespace})
+    doc = md.variant(
+        "good", {"spec.modelSourceRef.namespace": namespace, "spec.serviceRef.namespace": namespace}
+    )
     return doc
 
 
@@ -108,7 +127,9 @@ def _wait_until_webhook_is_called(kube) -> None:
 
     def denied_by_webhook() -> bool:
         try:
-            api.create_namespaced_custom_object(md.GROUP, md.VERSION, "default", md.PLURAL, probe, dry_run="All")
+            api.create_namespaced_custom_object(
+                md.GROUP, md.VERSION, "default", md.PLURAL, probe, dry_run="All"
+            )
         except kubernetes.client.ApiException as exc:
             return WEBHOOK_NAME in (exc.body or "")
         return False

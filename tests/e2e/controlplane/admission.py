@@ -15,9 +15,15 @@ MODELDEPLOYMENT_RULE = {
 }
 
 
-def validating_webhook_configuration(name: str, url: str, ca_bundle: str, rules: list[dict[str, Any]], *,
-                                     failure_policy: str = "Fail",
-                                     namespace_selector: dict[str, Any] | None = None) -> dict[str, Any]:
+def validating_webhook_configuration(
+    name: str,
+    url: str,
+    ca_bundle: str,
+    rules: list[dict[str, Any]],
+    *,
+    failure_policy: str = "Fail",
+    namespace_selector: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     webhook: dict[str, Any] = {
         "name": f"{name}.deployment.beamlit.com",
         "clientConfig": {"url": url, "caBundle": ca_bundle},
@@ -37,7 +43,9 @@ def validating_webhook_configuration(name: str, url: str, ca_bundle: str, rules:
     }
 
 
-def apply_validating_webhook_configuration(api_client: kubernetes.client.ApiClient, body: dict[str, Any]) -> None:
+def apply_validating_webhook_configuration(
+    api_client: kubernetes.client.ApiClient, body: dict[str, Any]
+) -> None:
     api = kubernetes.client.AdmissionregistrationV1Api(api_client)
     api.create_validating_webhook_configuration(body)
 

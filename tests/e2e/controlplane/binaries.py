@@ -34,8 +34,13 @@ def _run_build(args: list[str], echo: Callable[[str], None] = lambda line: None)
     """Runs build.sh, passing each line of its progress (stderr) to `echo`; returns stdout."""
     tail: collections.deque[str] = collections.deque(maxlen=80)
     with tempfile.TemporaryFile("w+") as stdout:
-        with subprocess.Popen(["bash", str(BUILD_SCRIPT), *args], stdin=subprocess.DEVNULL, stdout=stdout,
-                              stderr=subprocess.PIPE, text=True) as proc:
+        with subprocess.Popen(
+            ["bash", str(BUILD_SCRIPT), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
             for line in proc.stderr:
                 tail.append(line.rstrip("\n"))
                 echo(line.rstrip("\n"))
@@ -43,7 +48,8 @@ def _run_build(args: list[str], echo: Callable[[str], None] = lambda line: None)
         output = stdout.read()
     if proc.returncode != 0:
         raise BuildFailed(
-            f"{BUILD_SCRIPT} {' '.join(args)} failed with code {proc.returncode}; last lines:\n" + "\n".join(tail)
+            f"{BUILD_SCRIPT} {' '.join(args)} failed with code {proc.returncode}; last lines:\n"
+            + "\n".join(tail)
         )
     return output
 
@@ -71,7 +77,9 @@ def build(echo: Callable[[str], None] = lambda line: None) -> Binaries:
 
 def version_of(binary: Path) -> str:
     """The first line a binary prints about its version."""
-    args = {"kubectl": ["version", "--client"], "helm": ["version", "--short"]}.get(binary.name, ["--version"])
-    result = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=30)
+    args = {"kubectl": ["version", "--client"], "helm": ["version", "--short"]}.get(
+        binary.name, ["--version"]
+    )
+    result = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=30, check=False)
     out = (result.stdout or result.stderr).strip().splitlines()
     return out[0] if out else f"(no version output, exit {result.returncode})"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import ssl
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import kubernetes
 
@@ -26,12 +27,11 @@ NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 ADMIN_USER = "offload-e2e-admin"
 STARTUP_TIMEOUT = 120.0
 
-ADMISSION_PLUGINS = ",".join([
-    "NamespaceLifecycle", "LimitRanger", "ServiceAccount", "DefaultTolerationSeconds",
-    "PodSecurity", "Priority", "DefaultStorageClass", "StorageObjectInUseProtection",
-    "RuntimeClass", "DefaultIngressClass", "MutatingAdmissionWebhook",
-    "ValidatingAdmissionPolicy", "ValidatingAdmissionWebhook", "ResourceQuota",
-])
+ADMISSION_PLUGINS = (
+    "NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultTolerationSeconds,PodSecurity,Priority,"
+    "DefaultStorageClass,StorageObjectInUseProtection,RuntimeClass,DefaultIngressClass,"
+    "MutatingAdmissionWebhook,ValidatingAdmissionPolicy,ValidatingAdmissionWebhook,ResourceQuota"
+)
 # The default set: deployment, replicaset, endpointslice, serviceaccount, serviceaccount-token,
 # namespace, garbagecollector, statefulset, job, root-ca-certificate-publisher, ...
 CONTROLLERS = "*"
@@ -45,26 +45,25 @@ class _Credentials:
     service_account: CertPair
 
 
-@dataclass
 class ControlPlane:
-    """A running control plane. Use `start()` / `stop()` or the context manager."""
+    """A control plane whose state and logs live in `workdir`. Use it as a context
+    manager (or start() / stop()). Once started: `server` is the API server's URL,
+    `kubeconfig` an admin kubeconfig, `versions` what each binary says it is."""
 
-    binaries: Binaries
-    workdir: Path
-    processes: list[ManagedProcess] = field(default_factory=list)
-    server: str = ""
-    kubeconfig: Path = field(init=False)
-    versions: dict[str, str] = field(default_factory=dict)
-    _api_client: kubernetes.client.ApiClient | None = None
-
-    def __post_init__(self) -> None:
-        self.logs_dir = self.workdir / "logs"
+    def __init__(self, binaries: Binaries, workdir: Path) -> None:
+        self.binaries = binaries
+        self.workdir = workdir
+        self.logs_dir = workdir / "logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self.kubeconfig = self.workdir / "kubeconfig"
+        self.kubeconfig = workdir / "kubeconfig"
+        self.server = ""
+        self.processes: list[ManagedProcess] = []
+        self.versions: dict[str, str] = {}
+        self._api_client: kubernetes.client.ApiClient | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -80,7 +79,9 @@ class ControlPlane:
         creds = self._issue_credentials()
         etcd_url = self._start_etcd()
         self._start_apiserver(etcd_url, creds)
-        write_kubeconfig(self.kubeconfig, server=self.server, ca=creds.ca.cert, client=creds.admin, user=ADMIN_USER)
+        write_kubeconfig(
+            self.kubeconfig, server=self.server, ca=creds.ca.cert, client=creds.admin, user=ADMIN_USER
+        )
         self._start_controller_manager(creds)
         self._start_scheduler()
         self._start_kwok()
@@ -106,11 +107,17 @@ class ControlPlane:
     def new_api_client(self) -> kubernetes.client.ApiClient:
         return kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
 
-    def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    def kubectl(
+        self, *args: str, stdin: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         """Runs kubectl against this control plane, as a user would; never raises on failure."""
         return subprocess.run(
             [str(self.binaries.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
-            input=stdin, capture_output=True, text=True, timeout=timeout,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
 
     def check_running(self) -> None:
@@ -134,8 +141,13 @@ class ControlPlane:
             admin=pki.client("admin", ADMIN_USER, "system:masters"),
             serving=pki.serving(
                 "apiserver",
-                ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 "kubernetes.default.svc.cluster.local"],
+                [
+                    "localhost",
+                    "kubernetes",
+                    "kubernetes.default",
+                    "kubernetes.default.svc",
+                    "kubernetes.default.svc.cluster.local",
+                ],
                 ["127.0.0.1", "10.96.0.1"],
             ),
             service_account=pki.service_account_keys(),
@@ -150,90 +162,109 @@ class ControlPlane:
     def _start_etcd(self) -> str:
         client_url = f"http://127.0.0.1:{free_port()}"
         peer_url = f"http://127.0.0.1:{free_port()}"
-        proc = self._spawn("etcd", [
-            str(self.binaries.etcd),
-            "--name=e2e",
-            f"--data-dir={self.workdir / 'etcd'}",
-            f"--listen-client-urls={client_url}",
-            f"--advertise-client-urls={client_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=e2e={peer_url}",
-            "--unsafe-no-fsync",  # a throwaway cluster: speed over durability
-            "--log-level=warn",
-        ])
+        proc = self._spawn(
+            "etcd",
+            [
+                str(self.binaries.etcd),
+                "--name=e2e",
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls={client_url}",
+                f"--advertise-client-urls={client_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=e2e={peer_url}",
+                "--unsafe-no-fsync",  # a throwaway cluster: speed over durability
+                "--log-level=warn",
+            ],
+        )
         wait_until("etcd /health", lambda: _http_ok(f"{client_url}/health"), STARTUP_TIMEOUT, alive=[proc])
         return client_url
 
     def _start_apiserver(self, etcd_url: str, creds: _Credentials) -> None:
         port = free_port()
         self.server = f"https://127.0.0.1:{port}"
-        proc = self._spawn("kube-apiserver", [
-            str(self.binaries.kube_apiserver),
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={port}",
-            f"--tls-cert-file={creds.serving.cert}",
-            f"--tls-private-key-file={creds.serving.key}",
-            f"--client-ca-file={creds.ca.cert}",
-            "--authorization-mode=Node,RBAC",
-            "--anonymous-auth=false",
-            f"--service-account-key-file={creds.service_account.cert}",
-            f"--service-account-signing-key-file={creds.service_account.key}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            f"--enable-admission-plugins={ADMISSION_PLUGINS}",
-            "--allow-privileged=true",
-            "--endpoint-reconciler-type=none",  # a loopback address is no valid Endpoints entry
-            "--profiling=false",
-            f"--cert-dir={self.workdir / 'apiserver-certs'}",
-        ])
+        proc = self._spawn(
+            "kube-apiserver",
+            [
+                str(self.binaries.kube_apiserver),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--tls-cert-file={creds.serving.cert}",
+                f"--tls-private-key-file={creds.serving.key}",
+                f"--client-ca-file={creds.ca.cert}",
+                "--authorization-mode=Node,RBAC",
+                "--anonymous-auth=false",
+                f"--service-account-key-file={creds.service_account.cert}",
+                f"--service-account-signing-key-file={creds.service_account.key}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                f"--enable-admission-plugins={ADMISSION_PLUGINS}",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",  # a loopback address is no valid Endpoints entry
+                "--profiling=false",
+                f"--cert-dir={self.workdir / 'apiserver-certs'}",
+            ],
+        )
         ssl_ctx = _client_ssl_context(creds.ca.cert, creds.admin)
-        wait_until("kube-apiserver /readyz",
-                   lambda: _http_ok(f"{self.server}/readyz", ssl_ctx), STARTUP_TIMEOUT, alive=[proc])
+        wait_until(
+            "kube-apiserver /readyz",
+            lambda: _http_ok(f"{self.server}/readyz", ssl_ctx),
+            STARTUP_TIMEOUT,
+            alive=[proc],
+        )
 
     def _start_controller_manager(self, creds: _Credentials) -> None:
-        self._spawn("kube-controller-manager", [
-            str(self.binaries.kube_controller_manager),
-            f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}",
-            f"--authorization-kubeconfig={self.kubeconfig}",
-            "--use-service-account-credentials=true",
-            f"--controllers={CONTROLLERS}",
-            f"--service-account-private-key-file={creds.service_account.key}",
-            f"--root-ca-file={creds.ca.cert}",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            "--leader-elect=false",
-            "--bind-address=127.0.0.1",
-            "--secure-port=0",
-            "--profiling=false",
-        ])
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(self.binaries.kube_controller_manager),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--use-service-account-credentials=true",
+                f"--controllers={CONTROLLERS}",
+                f"--service-account-private-key-file={creds.service_account.key}",
+                f"--root-ca-file={creds.ca.cert}",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+                "--profiling=false",
+            ],
+        )
 
     def _start_scheduler(self) -> None:
-        self._spawn("kube-scheduler", [
-            str(self.binaries.kube_scheduler),
-            f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}",
-            f"--authorization-kubeconfig={self.kubeconfig}",
-            "--leader-elect=false",
-            "--bind-address=127.0.0.1",
-            "--secure-port=0",
-            "--profiling=false",
-        ])
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(self.binaries.kube_scheduler),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+                "--profiling=false",
+            ],
+        )
 
     def _start_kwok(self) -> None:
         key, value = NODE_ANNOTATION
-        self._spawn("kwok", [
-            str(self.binaries.kwok),
-            f"--kubeconfig={self.kubeconfig}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={key}={value}",
-            "--manage-nodes-with-label-selector=",
-            f"--cidr={POD_CIDR}",
-            "--node-ip=10.244.0.254",
-            "--node-lease-duration-seconds=40",
-        ])
+        self._spawn(
+            "kwok",
+            [
+                str(self.binaries.kwok),
+                f"--kubeconfig={self.kubeconfig}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={key}={value}",
+                "--manage-nodes-with-label-selector=",
+                f"--cidr={POD_CIDR}",
+                "--node-ip=10.244.0.254",
+                "--node-lease-duration-seconds=40",
+            ],
+        )
 
     def _register_fake_node(self) -> None:
         key, value = NODE_ANNOTATION
@@ -245,8 +276,10 @@ class ControlPlane:
                 "name": NODE_NAME,
                 "annotations": {key: value, "node.alpha.kubernetes.io/ttl": "0"},
                 "labels": {
-                    "kubernetes.io/hostname": NODE_NAME, "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64", "type": "kwok",
+                    "kubernetes.io/hostname": NODE_NAME,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "type": "kwok",
                 },
             },
             "status": {"allocatable": capacity, "capacity": capacity},
@@ -255,11 +288,18 @@ class ControlPlane:
 
     def _wait_until_usable(self) -> None:
         core = kubernetes.client.CoreV1Api(self.api_client)
-        wait_until(f"node {NODE_NAME} Ready", lambda: _node_ready(core, NODE_NAME), STARTUP_TIMEOUT,
-                   alive=self.processes)
-        wait_until("the default ServiceAccount in namespace default",
-                   lambda: core.read_namespaced_service_account("default", "default"), STARTUP_TIMEOUT,
-                   alive=self.processes)
+        wait_until(
+            f"node {NODE_NAME} Ready",
+            lambda: _node_ready(core, NODE_NAME),
+            STARTUP_TIMEOUT,
+            alive=self.processes,
+        )
+        wait_until(
+            "the default ServiceAccount in namespace default",
+            lambda: core.read_namespaced_service_account("default", "default"),
+            STARTUP_TIMEOUT,
+            alive=self.processes,
+        )
 
 
 def _node_ready(core: kubernetes.client.CoreV1Api, name: str) -> bool:

@@ -13,8 +13,12 @@ def write_kubeconfig(path: Path, *, server: str, ca: Path, client: CertPair, use
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "offload-e2e", "cluster": {"server": server, "certificate-authority": str(ca)}}],
-        "users": [{"name": user, "user": {"client-certificate": str(client.cert), "client-key": str(client.key)}}],
+        "clusters": [
+            {"name": "offload-e2e", "cluster": {"server": server, "certificate-authority": str(ca)}}
+        ],
+        "users": [
+            {"name": user, "user": {"client-certificate": str(client.cert), "client-key": str(client.key)}}
+        ],
         "contexts": [{"name": "offload-e2e", "context": {"cluster": "offload-e2e", "user": user}}],
         "current-context": "offload-e2e",
     }

@@ -45,8 +45,10 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.timezone.utc)
+def _builder(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey
+) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -79,9 +81,15 @@ class ClusterPKI:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                    key_encipherment=False, data_encipherment=False, key_agreement=False,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -90,8 +98,13 @@ class ClusterPKI:
         self._ca = _Issuer(cert, key)
         self.ca = _write(directory, "ca", cert, key)
 
-    def _leaf(self, stem: str, subject: x509.Name, usage: x509.ObjectIdentifier,
-              san: list[x509.GeneralName] | None = None) -> CertPair:
+    def _leaf(
+        self,
+        stem: str,
+        subject: x509.Name,
+        usage: x509.ObjectIdentifier,
+        san: list[x509.GeneralName] | None = None,
+    ) -> CertPair:
         key = _new_key()
         builder = (
             _builder(subject, self._ca.cert.subject, key)
@@ -115,7 +128,9 @@ class ClusterPKI:
         key = _new_key()
         pair = CertPair(self.directory / "sa.pub", self.directory / "sa.key")
         pair.cert.write_bytes(
-            key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
         )
         pair.key.write_bytes(_key_pem(key))
         pair.key.chmod(0o600)

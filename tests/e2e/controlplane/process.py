@@ -10,7 +10,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-
 _PR_SET_PDEATHSIG = 1
 
 
@@ -24,8 +23,15 @@ class ManagedProcess:
     """A child process in its own session (so its whole group can be signalled), whose
     stdout and stderr go to `log_path`. stop() ends the group: SIGTERM, then SIGKILL."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, *,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -33,8 +39,14 @@ class ManagedProcess:
             log.write(f"$ {' '.join(self.argv)}\n".encode())
             log.flush()
             self._popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, which is async-signal-safe
             )
 
     @property
@@ -75,8 +87,9 @@ class ManagedProcess:
         self._signal_group(signal.SIGKILL)
 
 
-def wait_until(what: str, predicate, timeout: float, interval: float = 0.25,
-               alive: Sequence[ManagedProcess] = ()) -> None:
+def wait_until(
+    what: str, predicate, timeout: float, interval: float = 0.25, alive: Sequence[ManagedProcess] = ()
+) -> None:
     """Poll `predicate` until it returns truthy; fail with `what` on timeout or if a
     process in `alive` dies meanwhile. Exceptions from the predicate count as 'not yet'."""
     deadline = time.monotonic() + timeout

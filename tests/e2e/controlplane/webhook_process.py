@@ -28,9 +28,14 @@ def _console_script(name: str, module: str) -> list[str]:
 def issue_certificates(out_dir: Path) -> None:
     """offload-certs: ca.crt, tls.crt and tls.key valid for 127.0.0.1 and localhost."""
     argv = _console_script("offload-certs", "certs.cli") + [
-        "--out-dir", str(out_dir), "--dns-name", "localhost", "--ip-address", LOOPBACK,
+        "--out-dir",
+        str(out_dir),
+        "--dns-name",
+        "localhost",
+        "--ip-address",
+        LOOPBACK,
     ]
-    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"offload-certs failed ({result.returncode}): {result.stderr}{result.stdout}")
 
@@ -64,15 +69,25 @@ def start_webhook(workdir: Path, *extra_args: str, startup_timeout: float = 60.0
     issue_certificates(cert_dir)
     port = free_port()
     argv = _console_script("offload-webhook", "webhook.cli") + [
-        "--tls-cert-file", str(cert_dir / "tls.crt"),
-        "--tls-private-key-file", str(cert_dir / "tls.key"),
-        "--host", LOOPBACK, "--port", str(port), *extra_args,
+        "--tls-cert-file",
+        str(cert_dir / "tls.crt"),
+        "--tls-private-key-file",
+        str(cert_dir / "tls.key"),
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        *extra_args,
     ]
     process = ManagedProcess("offload-webhook", argv, workdir / "offload-webhook.log", cwd=REPO_ROOT)
     server = WebhookServer(process, port, cert_dir)
     try:
-        wait_until("offload-webhook /healthz", lambda: server.get("/healthz") == 200, startup_timeout,
-                   alive=[process])
+        wait_until(
+            "offload-webhook /healthz",
+            lambda: server.get("/healthz") == 200,
+            startup_timeout,
+            alive=[process],
+        )
     except BaseException:
         server.stop()
         raise
