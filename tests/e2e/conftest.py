@@ -120,12 +120,13 @@ def namespace(kube, request) -> Iterator[str]:
 
 @pytest.fixture
 def run_webhook(tmp_path_factory, pytestconfig) -> Iterator[Callable[..., WebhookServer]]:
-    """Factory: run_webhook(*cli_args) starts offload-webhook with fresh certificates from
-    offload-certs on a free loopback port; every server started is stopped after the test."""
+    """Factory: run_webhook(*cli_args, env=None) starts offload-webhook with fresh certificates
+    from offload-certs on a free loopback port (extra environment in `env`, e.g.
+    {"KUBECONFIG": str(kube.kubeconfig)}); every server started is stopped after the test."""
     started: list[WebhookServer] = []
 
-    def start(*extra_args: str) -> WebhookServer:
-        server = start_webhook(tmp_path_factory.mktemp("webhook"), *extra_args)
+    def start(*extra_args: str, env: dict[str, str] | None = None) -> WebhookServer:
+        server = start_webhook(tmp_path_factory.mktemp("webhook"), *extra_args, env=env)
         started.append(server)
         _running(pytestconfig).append(server)
         return server

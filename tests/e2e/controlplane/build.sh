@@ -19,7 +19,8 @@ HELM_VERSION=v3.19.5    # a Helm v3 built against the Kubernetes v1.34 client li
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${OFFLOAD_E2E_CACHE:-$HOME/.cache/offload-e2e}"
 GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
-export GOFLAGS="${GOFLAGS:--mod=mod}"
+# Wrapper modules have no go.sum: let go resolve and record it (-mod=mod), whatever else GOFLAGS holds.
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod"
 export CGO_ENABLED="${CGO_ENABLED:-0}"
 
 log() { printf '[build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

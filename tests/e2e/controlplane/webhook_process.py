@@ -5,6 +5,7 @@ on loopback through a webhook configuration's `clientConfig.url`."""
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import ssl
 import subprocess
@@ -62,9 +63,12 @@ class WebhookServer:
         self.process.stop()
 
 
-def start_webhook(workdir: Path, *extra_args: str, startup_timeout: float = 60.0) -> WebhookServer:
+def start_webhook(
+    workdir: Path, *extra_args: str, env: dict[str, str] | None = None, startup_timeout: float = 60.0
+) -> WebhookServer:
     """Issues fresh certificates into workdir/certs and starts offload-webhook on a free
-    loopback port with them; returns once /healthz answers 200 over verified TLS."""
+    loopback port with them; returns once /healthz answers 200 over verified TLS.
+    `env` is added to this process's environment (e.g. KUBECONFIG for the mutating webhook)."""
     cert_dir = workdir / "certs"
     issue_certificates(cert_dir)
     port = free_port()
@@ -79,7 +83,13 @@ def start_webhook(workdir: Path, *extra_args: str, startup_timeout: float = 60.0
         str(port),
         *extra_args,
     ]
-    process = ManagedProcess("offload-webhook", argv, workdir / "offload-webhook.log", cwd=REPO_ROOT)
+    process = ManagedProcess(
+        "offload-webhook",
+        argv,
+        workdir / "offload-webhook.log",
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+    )
     server = WebhookServer(process, port, cert_dir)
     try:
         wait_until(
