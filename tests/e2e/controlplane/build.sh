@@ -106,7 +106,7 @@ build_kubernetes() {
     if kube_built "$out"; then
         log "kubernetes $KUBE_VERSION: cached in $out"; return
     fi
-    log "kubernetes $KUBE_VERSION: building ${KUBE_BINARIES[*]} (slow: ~20-40 min on 2 cores)"
+    log "kubernetes $KUBE_VERSION: building ${KUBE_BINARIES[*]} (the slow one: minutes on 2 cores)"
     local gomod src work godebug
     gomod="$(module_gomod k8s.io/kubernetes "$KUBE_VERSION")"
     src="$(module_dir k8s.io/kubernetes "$KUBE_VERSION")"
