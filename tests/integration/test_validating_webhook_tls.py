@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.webhook_process import running_webhook
+from tests.e2e.controlplane.webhook_process import start_webhook
 
 TUTORIAL = yaml.safe_load((Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text())
 PATH = "/validate-modeldeployments"
@@ -38,23 +38,31 @@ def review_body(obj, uid="uid-1"):
 
 @pytest.fixture(scope="module")
 def webhook(tmp_path_factory):
-    with running_webhook(tmp_path_factory.mktemp("validating"), "--validation-only") as process:
-        yield process
+    server = start_webhook(tmp_path_factory.mktemp("validating"), "--validation-only")
+    yield server
+    server.stop()
+
+
+def tls_context(webhook) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(webhook.cert_dir / "ca.crt"))
+
+
+def address(webhook) -> tuple[str, int]:
+    return "127.0.0.1", webhook.port
 
 
 @pytest.fixture(scope="module")
 def client(webhook):
-    with httpx.Client(base_url=webhook.url, verify=webhook.ssl_context(), timeout=10) as c:
+    with httpx.Client(base_url=webhook.url(""), verify=tls_context(webhook), timeout=10) as c:
         yield c
 
 
 def test_the_server_certificate_verifies_against_the_generated_ca_and_nothing_else(webhook):
-    host, port = webhook.url.removeprefix("https://").split(":")
-    with socket.create_connection((host, int(port))) as raw:
+    with socket.create_connection(address(webhook)) as raw:
         with pytest.raises(ssl.SSLCertVerificationError):
             ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
-    with socket.create_connection((host, int(port))) as raw:
-        with webhook.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+    with socket.create_connection(address(webhook)) as raw:
+        with tls_context(webhook).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
 
 
@@ -106,9 +114,8 @@ def test_wrong_method_and_unknown_path(client):
 
 
 def test_the_server_survives_a_client_that_hangs_up_mid_body(webhook, client):
-    host, port = webhook.url.removeprefix("https://").split(":")
-    with socket.create_connection((host, int(port))) as raw:
-        with webhook.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+    with socket.create_connection(address(webhook)) as raw:
+        with tls_context(webhook).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             tls.sendall(b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 1000\r\n\r\n{\"apiVersion\"")
     assert client.post(PATH, json=review_body(TUTORIAL)).json()["response"]["allowed"] is True
