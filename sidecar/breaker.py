@@ -1,0 +1,79 @@
+"""A circuit breaker for the remote backend: pure state, the clock passed in.
+
+closed --N consecutive failures--> open --backoff elapsed--> half_open
+half_open --probe succeeds--> closed;  --probe fails--> open (backoff doubles, capped)
+
+While open, the proxy serves the remote's share locally instead of paying a
+connect timeout per request. In half_open exactly one request probes the remote;
+if its outcome never arrives (the client left), another probe is allowed after
+the same backoff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CLOSED = "closed"
+OPEN = "open"
+HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    failure_threshold: int = 5  # consecutive failures that open the breaker
+    backoff_seconds: float = 1.0  # first wait before a probe
+    max_backoff_seconds: float = 30.0  # the wait doubles per failed probe up to this
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise ValueError("failure_threshold must be at least 1")
+        if not 0 < self.backoff_seconds <= self.max_backoff_seconds:
+            raise ValueError("need 0 < backoff_seconds <= max_backoff_seconds")
+
+
+class CircuitBreaker:
+    """
+    >>> b = CircuitBreaker(BreakerSettings(failure_threshold=2, backoff_seconds=1))
+    >>> b.record_failure(0.0); b.record_failure(0.1); b.state
+    'open'
+    >>> b.allow(0.5), b.allow(1.2), b.allow(1.3)
+    (False, True, False)
+    >>> b.record_success(1.4); b.state
+    'closed'
+    """
+
+    __slots__ = ("settings", "state", "failures", "backoff", "retry_at")
+
+    def __init__(self, settings: BreakerSettings = BreakerSettings()):
+        self.settings = settings
+        self.state = CLOSED
+        self.failures = 0  # consecutive
+        self.backoff = settings.backoff_seconds
+        self.retry_at = 0.0  # when open: the next probe may start; half_open: the probe times out
+
+    def allow(self, now: float) -> bool:
+        """May a request go to the remote now? In half_open, True once per backoff."""
+        if self.state == CLOSED:
+            return True
+        if now >= self.retry_at:
+            self.state = HALF_OPEN
+            self.retry_at = now + self.backoff
+            return True
+        return False
+
+    def record_success(self, now: float) -> None:
+        self.state = CLOSED
+        self.failures = 0
+        self.backoff = self.settings.backoff_seconds
+
+    def record_failure(self, now: float) -> None:
+        self.failures += 1
+        if self.state == HALF_OPEN:
+            self.backoff = min(self.backoff * 2, self.settings.max_backoff_seconds)
+            self._open(now)
+        elif self.state == CLOSED and self.failures >= self.settings.failure_threshold:
+            self._open(now)
+
+    def _open(self, now: float) -> None:
+        self.state = OPEN
+        self.retry_at = now + self.backoff

@@ -1,0 +1,352 @@
+"""HTTP/1.1 head rules for the proxy, as pure functions over parsed heads.
+
+The socket code (sidecar/proxy.py) parses with httptools (llhttp, strict mode:
+it already refuses Content-Length together with Transfer-Encoding, duplicate
+Content-Length, obs-fold, bare LF, NUL and invalid tokens). What llhttp lets
+through but a reverse proxy must not forward is decided here:
+
+- request targets other than origin-form (``/path?query``): absolute-form would
+  make an open proxy, authority-form is CONNECT, ``*`` has no path to prefix;
+- dot segments (``/../``, also percent-encoded) that could climb out of the
+  remote's pathPrefix while carrying its headersToAdd;
+- a missing (HTTP/1.1), repeated or malformed Host;
+- Transfer-Encoding other than exactly ``chunked``; Expect other than 100-continue;
+- CONNECT and TRACE (TRACE would echo headersToAdd credentials back to the client).
+
+Then it renders the heads sent on: hop-by-hop fields dropped (Connection and the
+fields it names, Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade except for
+WebSocket, Proxy-Authorization/-Authenticate), framing re-done by the proxy,
+X-Forwarded-For appended, X-Forwarded-Proto/-Host set, every other field kept
+in order, repeated fields included, the target byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+# Fields the proxy sets itself on the way to an upstream.
+_REPLACED = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+_REQUEST_DROP = HOP_BY_HOP | _REPLACED
+# Fields re-done on the way back to the client.
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+
+# reg-name / IPv4 / [IPv6], optional port. No userinfo, whitespace, path or empties.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?")
+_DOT_SEGMENTS = frozenset({b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e."})
+
+BODY_NONE = 0
+BODY_LENGTH = 1
+BODY_CHUNKED = 2
+
+REASONS = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A request the proxy answers itself, never forwarding it."""
+
+    status: int
+    reason: str  # short, names the field at fault; never echoes client bytes
+
+
+class RequestHead:
+    """A request head that passed :func:`inspect_request`, ready to render."""
+
+    __slots__ = (
+        "method",
+        "target",
+        "http11",
+        "lines",
+        "names",
+        "host",
+        "forwarded_for",
+        "body",
+        "content_length",
+        "keep_alive",
+        "websocket",
+        "upgrade",
+        "expect_continue",
+        "is_head",
+    )
+
+    def __init__(self, method: bytes, target: bytes, http11: bool):
+        self.method = method
+        self.target = target
+        self.http11 = http11
+        self.lines: list[bytes] = []  # end-to-end fields, b"Name: value\r\n", in order
+        self.names: list[bytes] = []  # their lower-cased names, same order
+        self.host: bytes | None = None
+        self.forwarded_for: bytes | None = None
+        self.body = BODY_NONE
+        self.content_length = 0
+        self.keep_alive = http11
+        self.websocket = False  # a WebSocket upgrade: Upgrade/Connection forwarded
+        self.upgrade: bytes | None = None  # the Upgrade value as sent
+        self.expect_continue = False
+        self.is_head = method == b"HEAD"
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+def has_dot_segment(path: bytes) -> bool:
+    """True for ``/a/../b``, ``/./x``, ``/%2E%2e/`` and friends."""
+    if b"." not in path and b"%" not in path:
+        return False
+    return any(seg.lower() in _DOT_SEGMENTS for seg in path.split(b"/"))
+
+
+def inspect_request(
+    method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]]
+) -> RequestHead | Rejection:
+    """Decide whether a parsed request head may be forwarded; gather its framing."""
+    if version == "1.1":
+        http11 = True
+    elif version == "1.0":
+        http11 = False
+    else:
+        return Rejection(505, f"HTTP/{version} is not supported; use HTTP/1.1")
+    if method == b"CONNECT":
+        return Rejection(405, "CONNECT is not allowed: this is a reverse proxy")
+    if method == b"TRACE":
+        return Rejection(405, "TRACE is not allowed")
+    if not target.startswith(b"/"):
+        if b"://" in target:
+            return Rejection(400, "absolute-form request target refused: this is not a forward proxy")
+        return Rejection(400, "request target must be origin-form: /path?query")
+    path = target.split(b"?", 1)[0]
+    if has_dot_segment(path):
+        return Rejection(400, "request path must not contain dot segments (. or ..)")
+
+    head = RequestHead(method, target, http11)
+    lines, names = head.lines, head.names
+    connection: list[bytes] = []
+    hosts = 0
+    forwarded: list[bytes] = []
+    transfer_encoding: bytes | None = None
+    expect: bytes | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in _REQUEST_DROP:
+            if lname == b"expect":
+                expect = value
+            lines.append(b"%b: %b\r\n" % (name, value))
+            names.append(lname)
+        elif lname == b"host":
+            hosts += 1
+            head.host = value
+        elif lname == b"content-length":
+            head.body = BODY_LENGTH  # llhttp checked digits and duplicates
+            head.content_length = int(value)
+        elif lname == b"transfer-encoding":
+            transfer_encoding = value
+        elif lname == b"connection":
+            connection.extend(_tokens(value))
+        elif lname == b"upgrade":
+            head.upgrade = value
+        elif lname == b"x-forwarded-for":
+            forwarded.append(value.strip())
+        # Other hop-by-hop and X-Forwarded-Proto/-Host: replaced or dropped.
+
+    if hosts > 1:
+        return Rejection(400, "more than one Host header")
+    if head.host is None:
+        if http11:
+            return Rejection(400, "missing Host header (required in HTTP/1.1)")
+    elif not _HOST.fullmatch(head.host):
+        return Rejection(400, "malformed Host header")
+    if transfer_encoding is not None:
+        if transfer_encoding.strip().lower() != b"chunked":
+            return Rejection(501, "Transfer-Encoding other than chunked is not supported")
+        head.body = BODY_CHUNKED
+    if expect is not None:
+        if expect.strip().lower() != b"100-continue":
+            return Rejection(417, "Expect supports only 100-continue")
+        head.expect_continue = head.http11
+    if forwarded:
+        head.forwarded_for = b", ".join(forwarded)
+
+    if connection:
+        if b"close" in connection:
+            head.keep_alive = False
+        elif b"keep-alive" in connection:
+            head.keep_alive = True
+        named = set(connection) - _REPLACED
+        if named - {b"close", b"keep-alive", b"upgrade"}:
+            keep = [i for i, n in enumerate(names) if n not in named]
+            head.lines = [lines[i] for i in keep]
+            head.names = [names[i] for i in keep]
+        if head.upgrade is not None and b"upgrade" in connection:
+            if head.upgrade.strip().lower() == b"websocket":
+                if method != b"GET" or head.body != BODY_NONE:
+                    return Rejection(400, "a WebSocket upgrade must be a GET without a body")
+                head.websocket = True
+    return head
+
+
+def render_request_head(
+    head: RequestHead,
+    *,
+    authority: bytes | None,
+    client_ip: bytes,
+    path_prefix: bytes = b"",
+    extra: bytes = b"",
+    extra_names: frozenset[bytes] = frozenset(),
+) -> bytes:
+    """The head sent upstream (always HTTP/1.1, keep-alive).
+
+    ``authority`` replaces Host (the remote's); None keeps the client's Host.
+    ``extra`` is pre-rendered ``Name: value\\r\\n`` lines replacing same-name fields.
+    """
+    host = authority if authority is not None else head.host
+    parts = [head.method, b" ", path_prefix, head.target, b" HTTP/1.1\r\n"]
+    if host is not None:
+        parts += (b"Host: ", host, b"\r\n")
+    if extra_names:
+        parts += [line for line, n in zip(head.lines, head.names) if n not in extra_names]
+        parts.append(extra)
+    else:
+        parts += head.lines
+    if head.forwarded_for:
+        parts += (b"X-Forwarded-For: ", head.forwarded_for, b", ", client_ip, b"\r\n")
+    else:
+        parts += (b"X-Forwarded-For: ", client_ip, b"\r\n")
+    parts.append(b"X-Forwarded-Proto: http\r\n")
+    if head.host is not None:
+        parts += (b"X-Forwarded-Host: ", head.host, b"\r\n")
+    if head.body == BODY_LENGTH:
+        parts.append(b"Content-Length: %d\r\n" % head.content_length)
+    elif head.body == BODY_CHUNKED:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if head.websocket:
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", head.upgrade or b"websocket", b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def render_extra(headers: tuple[tuple[str, str], ...]) -> tuple[bytes, frozenset[bytes]]:
+    """headersToAdd as pre-rendered lines and the lower-cased names they replace."""
+    lines = b"".join(b"%b: %b\r\n" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in headers)
+    return lines, frozenset(n.lower().encode("latin-1") for n, _ in headers)
+
+
+# How the response body travels to the client.
+FRAME_NONE = 0  # no body (HEAD, 1xx, 204, 304)
+FRAME_LENGTH = 1  # Content-Length, bytes as they come
+FRAME_CHUNKED = 2  # re-chunked: each upstream piece becomes one chunk, sent at once
+FRAME_CLOSE = 3  # raw until the connection closes (HTTP/1.0 client, unknown length)
+
+
+def response_has_body(status: int, request_is_head: bool) -> bool:
+    return not (request_is_head or status < 200 or status == 204 or status == 304)
+
+
+def render_response_head(
+    status: int,
+    reason: bytes,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    has_body: bool,
+    client_http11: bool,
+    keep_alive: bool,
+    websocket: bool = False,
+) -> tuple[bytes, int, bool]:
+    """The head sent to the client, its body framing and whether the connection stays open.
+
+    Hop-by-hop fields are dropped (the Connection-named ones too); Set-Cookie and
+    every other repeated field is kept, in order. A WebSocket 101 keeps
+    Connection: Upgrade and Upgrade.
+    """
+    lines: list[bytes] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    named: list[bytes] | None = None
+    content_length: bytes | None = None
+    upgrade: bytes | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESPONSE_DROP:
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"connection":
+                named = (named or []) + _tokens(value)
+            elif lname == b"upgrade":
+                upgrade = value
+            continue
+        lines.append(b"%b: %b\r\n" % (name, value))
+    if named:
+        drop = set(named) - {b"close", b"keep-alive", b"upgrade"}
+        if drop:
+            lines = [lines[0]] + [
+                line for line in lines[1:] if line.split(b":", 1)[0].lower() not in drop
+            ]
+    if websocket:
+        lines += (b"Connection: Upgrade\r\nUpgrade: ", upgrade or b"websocket", b"\r\n\r\n")
+        return b"".join(lines), FRAME_NONE, False
+    if not has_body:
+        frame = FRAME_NONE
+        if content_length is not None and status >= 200 and status != 204:
+            lines.append(b"Content-Length: %b\r\n" % content_length)
+    elif content_length is not None:
+        frame = FRAME_LENGTH
+        lines.append(b"Content-Length: %b\r\n" % content_length)
+    elif client_http11:
+        frame = FRAME_CHUNKED
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        frame = FRAME_CLOSE
+        keep_alive = False
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    elif not client_http11:
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines), frame, keep_alive
+
+
+def render_interim(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A 1xx (100 Continue, 103 Early Hints) relayed to an HTTP/1.1 client."""
+    lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    lines += [b"%b: %b\r\n" % (n, v) for n, v in headers if n.lower() not in _RESPONSE_DROP]
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def render_error(status: int, reason: str, *, retry_after: int | None = None) -> bytes:
+    """A short plain-text answer made by the proxy itself; always closes."""
+    body = reason.encode("ascii", "replace") + b"\n"
+    extra = b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b""
+    return b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%bConnection: close\r\n\r\n%b" % (
+        status,
+        REASONS.get(status, b"Error"),
+        len(body),
+        extra,
+        body,
+    )
