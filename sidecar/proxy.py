@@ -70,6 +70,7 @@ from sidecar.upstream import (
 log = logging.getLogger("sidecar.proxy")
 
 MAX_ATTEMPTS = 4  # per request: stale keep-alive retry + fallback to the other side
+LINGER_SECONDS = 2.0  # how long a refused client may still send before the close
 
 
 @dataclass(frozen=True)
@@ -487,6 +488,22 @@ class Exchange:
         self.client.transport.write(render_error(status, reason, retry_after=retry_after))
         self.client.exchange_finished(self)
 
+    def request_broken(self, rejection: Rejection) -> None:
+        """The client's body turned out malformed: cancel upstream, answer or cut."""
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.close()
+        if self.done:
+            self.client.close()
+        elif self.final:
+            self.abort_client()
+        else:
+            self.respond_error(rejection.status, rejection.reason)
+
     def abort_client(self) -> None:
         """Part of the response is out: the client must see it cut, not complete."""
         if not self.done:
@@ -537,6 +554,7 @@ class ClientConnection(asyncio.Protocol):
         "replaying",
         "upgrading",
         "eof",
+        "feed_completed",
     )
 
     def __init__(self, server: ProxyServer):
@@ -563,6 +581,7 @@ class ClientConnection(asyncio.Protocol):
         self.replaying = False
         self.upgrading: Exchange | None = None
         self.eof = False  # the client half-closed: answer what was asked, then close
+        self.feed_completed = False  # a request ended during the current read
 
     # --- transport events ----------------------------------------------------------
 
@@ -586,6 +605,7 @@ class ClientConnection(asyncio.Protocol):
             self.upgrading.request_body(data)
             return
         was_in_head = self.in_head
+        self.feed_completed = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -609,9 +629,13 @@ class ClientConnection(asyncio.Protocol):
             self.rejection = Rejection(400, f"malformed request: {exc}")
             self.reject()
             return
-        if was_in_head and self.in_head:
-            # A head still incomplete after a whole read: cap what llhttp may buffer.
-            self.raw_head_bytes += len(data)
+        if self.in_head:
+            # A head still incomplete after a read: cap what httptools may buffer
+            # unseen (a field value is handed over only once it's complete).
+            if was_in_head:
+                self.raw_head_bytes += len(data)
+            elif not self.feed_completed:  # this read began with this head
+                self.raw_head_bytes = len(data)
             if self.raw_head_bytes > self.server.settings.max_header_bytes:
                 self.rejection = Rejection(431, "request header section too large")
                 self.reject()
@@ -719,6 +743,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.request_body(body)
 
     def on_message_complete(self) -> None:
+        self.feed_completed = True
         exchange = self.parsing
         if exchange is None:
             return
@@ -785,7 +810,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.current = None
         if not exchange.keep_alive or self.closing or self.server.draining:
-            self.close()
+            if exchange.request_complete:
+                self.close()
+            else:
+                self.linger_close()  # unread request bytes: a plain close would RST our answer
             return
         queue = self.queue
         if queue:
@@ -804,6 +832,16 @@ class ClientConnection(asyncio.Protocol):
     def reject(self) -> None:
         """Refuse the request being parsed: answer once earlier ones are answered, close."""
         self.pause(PAUSE_REJECTED)
+        exchange = self.parsing
+        if exchange is not None and not exchange.request_complete:
+            # Broken mid-body (a bad chunk): that request can't be completed.
+            if exchange is self.current:
+                rejection = self.rejection
+                assert rejection is not None
+                exchange.request_broken(rejection)
+                return
+            if self.queue and exchange in self.queue:
+                self.queue.remove(exchange)
         if self.current is None:
             self.send_rejection()
 
@@ -813,12 +851,25 @@ class ClientConnection(asyncio.Protocol):
         self.server.stats.count_rejection(rejection.status)
         if not self.closing:
             self.transport.write(render_error(rejection.status, rejection.reason))
-        self.close()
+        self.linger_close()
 
     def close(self) -> None:
         if not self.closing:
             self.closing = True
             self.transport.close()  # flushes what was written
+
+    def linger_close(self) -> None:
+        """Close after an answer while the client may still be sending: send FIN,
+        read and discard for a moment, then close (so our answer isn't reset)."""
+        if self.closing:
+            return
+        self.closing = True
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.paused = 0
+        transport.resume_reading()
+        self.server.loop.call_later(LINGER_SECONDS, transport.close)
 
     def abort(self) -> None:
         self.closing = True

@@ -6,7 +6,8 @@ records every request head it receives (``requests``) and answers by the last
 segment of the path, so a remote path prefix doesn't change the behaviour:
 
     .../echo (default)  JSON of what arrived: method, target (exact bytes, latin-1),
-                        header list in order, body size and (when < 64 KiB) body;
+                        header list in order, body size, the body (when <= 64 KiB)
+                        and its first 64 KiB (body_head);
                         two Set-Cookie fields; ``?hop=1`` adds hop-by-hop fields
     .../sse?n=&interval_ms=   Server-Sent Events, chunked, one write per event;
                         each event's data is ``{"i": i, "t": <sender's clock>}``
@@ -179,6 +180,10 @@ class Upstream:
     async def stop(self) -> None:
         await self.kill()
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._writers)
+
     def count(self, route: str | None = None) -> int:
         return sum(1 for r in self.requests if route is None or _route(r.target) == route)
 
@@ -300,6 +305,7 @@ class Upstream:
             "headers": seen.headers,
             "body_size": seen.body_size,
             "body": body.decode("latin-1") if seen.body_size <= len(body) else None,
+            "body_head": body.decode("latin-1"),
         }).encode()
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
                    ("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/")]
@@ -343,54 +349,67 @@ class LoopThread:
 # --- clients speaking exact bytes ------------------------------------------------------
 
 
-def read_response(sock: Any, *, head_only: bool = False) -> tuple[int, dict[str, list[str]], bytes]:
-    """Read one response from a blocking socket: status, headers (lower-case names), body.
+class ResponseReader:
+    """Reads responses one after another from a blocking socket, keeping leftovers."""
 
-    Handles Content-Length, chunked and read-until-close bodies; skips 1xx.
-    """
-    buf = b""
-    while True:
-        while b"\r\n\r\n" not in buf:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError(f"closed before a response head; got {buf!r}")
-            buf += data
-        raw, buf = buf.split(b"\r\n\r\n", 1)
-        lines = raw.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        headers: dict[str, list[str]] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers.setdefault(name.lower(), []).append(value.strip())
-        if 100 <= status < 200 and status != 101:
-            continue
-        break
-    if head_only or status in (101, 204, 304):
-        return status, headers, buf
-    if "content-length" in headers:
-        size = int(headers["content-length"][0])
-        while len(buf) < size:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed in body")
-            buf += data
-        return status, headers, buf[:size]
-    if headers.get("transfer-encoding") == ["chunked"]:
-        body = b""
+    def __init__(self, sock: Any):
+        self.sock = sock
+        self.buf = b""
+
+    def _more(self, what: str) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError(f"closed {what}; have {self.buf[:200]!r}")
+        self.buf += data
+
+    def response(self, *, head_only: bool = False) -> tuple[int, dict[str, list[str]], bytes]:
+        """Status, headers (lower-case names), body. Content-Length, chunked or
+        read-until-close bodies; 1xx interim responses skipped."""
         while True:
-            while b"\r\n" not in buf:
-                buf += _recv(sock)
-            line, buf = buf.split(b"\r\n", 1)
-            size = int(line, 16)
-            while len(buf) < size + 2:
-                buf += _recv(sock)
-            body += buf[:size]
-            buf = buf[size + 2 :]
-            if size == 0:
-                return status, headers, body
-    while data := sock.recv(65536):
-        buf += data
-    return status, headers, buf
+            while b"\r\n\r\n" not in self.buf:
+                self._more("before a response head")
+            raw, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            lines = raw.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ")[1])
+            headers: dict[str, list[str]] = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers.setdefault(name.lower(), []).append(value.strip())
+            if not (100 <= status < 200 and status != 101):
+                break
+        if head_only or status in (101, 204, 304):
+            return status, headers, b""
+        if "content-length" in headers:
+            size = int(headers["content-length"][0])
+            while len(self.buf) < size:
+                self._more("in a body")
+            body, self.buf = self.buf[:size], self.buf[size:]
+            return status, headers, body
+        if headers.get("transfer-encoding") == ["chunked"]:
+            body = b""
+            while True:
+                while b"\r\n" not in self.buf:
+                    self._more("in a chunk size")
+                line, self.buf = self.buf.split(b"\r\n", 1)
+                size = int(line, 16)
+                while len(self.buf) < size + 2:
+                    self._more("in a chunk")
+                body += self.buf[:size]
+                self.buf = self.buf[size + 2 :]
+                if size == 0:
+                    return status, headers, body
+        while data := self.sock.recv(65536):
+            self.buf += data
+        body, self.buf = self.buf, b""
+        return status, headers, body
+
+
+def read_response(sock: Any, *, head_only: bool = False) -> tuple[int, dict[str, list[str]], bytes]:
+    """One response from a blocking socket (see :class:`ResponseReader`); for a
+    socket that carries one response, or whose responses were not sent at once."""
+    if not isinstance(sock, ResponseReader):
+        sock = ResponseReader(sock)
+    return sock.response(head_only=head_only)
 
 
 def _recv(sock: Any) -> bytes:
@@ -474,3 +493,60 @@ def proc_status_kib(pid: int, field_name: str) -> int:
 class SseResult:
     events: list[tuple[int, float, float]] = field(default_factory=list)  # (i, sent, arrived)
     complete: bool = False
+
+
+# --- the proxy in-process between two upstreams ----------------------------------------
+
+
+class ProxyHarness:
+    """A local and a remote :class:`Upstream` and a ProxyServer between them, on a LoopThread.
+
+    ``percentage`` of the requests go to the remote (offloading active when > 0).
+    """
+
+    def __init__(
+        self,
+        lt: LoopThread,
+        *,
+        percentage: int = 0,
+        with_remote: bool = True,
+        headers: tuple[tuple[str, str], ...] = (),
+        path_prefix: str = "",
+        settings: Any = None,
+        remote_scheme: str = "http",
+        remote_ssl: ssl.SSLContext | None = None,
+    ):
+        from sidecar.proxy import ProxyServer, ProxySettings
+        from sidecar.routing import RoutePlan, RoutingTable
+
+        self.lt = lt
+        self.local = lt.run(Upstream.started("local"))
+        self.remote = Upstream("remote")
+        lt.run(self.remote.start(0, remote_ssl))
+        self.target = None
+        if with_remote:
+            from sidecar.routing import RemoteTarget
+
+            self.target = RemoteTarget(
+                scheme=remote_scheme, host="127.0.0.1", port=self.remote.port,
+                authority=f"127.0.0.1:{self.remote.port}", path_prefix=path_prefix, headers=headers,
+            )
+        self.routing = RoutingTable(RoutePlan(remote=self.target, percentage=percentage, offloading=percentage > 0))
+        self.ready_changes: list[bool] = []
+        self.proxy = ProxyServer(
+            self.routing, self.local.address, settings or ProxySettings(), on_ready_change=self.ready_changes.append
+        )
+        self.port = lt.run(self.proxy.start("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def set_percentage(self, percentage: int) -> None:
+        from sidecar.routing import RoutePlan
+
+        self.lt.call(lambda: self.routing.update(
+            RoutePlan(remote=self.target, percentage=percentage, offloading=percentage > 0)))
+
+    def close(self) -> None:
+        if self.proxy.ready or not self.proxy.draining:
+            self.lt.run(self.proxy.shutdown(0.5))
+        self.lt.run(self.local.kill())
+        self.lt.run(self.remote.kill())
