@@ -148,6 +148,7 @@ class Upstream:
         self.requests: list[Seen] = []
         self.port = 0
         self.connections_accepted = 0
+        self.delay_s = 0.0  # added before every answer: a slow or overloaded model
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -248,6 +249,8 @@ class Upstream:
                 await writer.drain()
             return False
         body = await self._consume(seen, reader, writer)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if route == "sse":
             n, interval = int(query.get("n", "10")), float(query.get("interval_ms", "50")) / 1000
             writer.write(self._head(200, "OK", [
@@ -312,9 +315,8 @@ class Upstream:
         if query.get("hop") == "1":
             headers += [("Connection", "X-Private"), ("X-Private", "secret"), ("Keep-Alive", "timeout=5"),
                         ("Proxy-Connection", "keep-alive"), ("Trailer", "X-Checksum"), ("X-End-To-End", "kept")]
-        writer.write(self._head(200, "OK", headers))
-        if seen.method != "HEAD":
-            writer.write(payload)
+        # One write: a kill() lands before or after a response, never inside one.
+        writer.write(self._head(200, "OK", headers) + (payload if seen.method != "HEAD" else b""))
         return not close
 
 

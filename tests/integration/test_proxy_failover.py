@@ -1,0 +1,236 @@
+"""Routing shares and failure behaviour, with real servers cut and restored."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+import threading
+import time
+
+import httpx
+import pytest
+
+from certs.issue import issue_ca, issue_serving_cert
+from sidecar.breaker import BreakerSettings
+from sidecar.proxy import ProxySettings
+from tests.integration.servers import LoopThread, ProxyHarness, Upstream
+
+
+@pytest.fixture(scope="module")
+def lt():
+    with LoopThread() as loop_thread:
+        yield loop_thread
+
+
+@pytest.fixture
+def harnesses(lt):
+    made = []
+
+    def make(**kw):
+        h = ProxyHarness(lt, **kw)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def load(url: str, *, threads: int, per_thread: int, during=None, after: int = 0, path: str = "/echo"):
+    """Requests from several keep-alive clients at once; ``during`` runs once ``after`` are done."""
+    statuses: list[int] = []
+    servers: list[str] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def worker():
+        with httpx.Client(base_url=url, timeout=10) as c:
+            for _ in range(per_thread):
+                try:
+                    r = c.get(path)
+                except httpx.HTTPError as exc:
+                    errors.append(exc)
+                    continue
+                with lock:
+                    statuses.append(r.status_code)
+                    servers.append(r.headers.get("x-upstream", "?"))
+                    if len(statuses) == after:
+                        done.set()
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    if during is not None:
+        done.wait(30)
+        during()
+    for t in pool:
+        t.join(60)
+    return statuses, servers, errors
+
+
+def test_exactly_half_of_every_hundred_requests_go_remote_at_50_percent(harnesses):
+    h = harnesses(percentage=50)
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        served = [c.get(f"/echo?n={i}").headers["x-upstream"] for i in range(300)]
+    for start in range(0, 201):
+        assert served[start : start + 100].count("remote") == 50
+    assert h.remote.count() == 150 and h.local.count() == 150
+
+
+@pytest.mark.parametrize("percentage", [0, 1, 25, 100])
+def test_the_share_follows_the_percentage(harnesses, percentage):
+    h = harnesses(percentage=percentage)
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        for _ in range(100):
+            assert c.get("/echo").status_code == 200
+    assert h.remote.count() == percentage
+
+
+def test_with_the_remote_killed_mid_load_every_request_still_succeeds(harnesses, lt):
+    h = harnesses(percentage=50)
+    statuses, servers, errors = load(h.url, threads=8, per_thread=60, after=120,
+                                     during=lambda: lt.run(h.remote.kill()))
+    assert errors == [] and len(statuses) == 480
+    assert set(statuses) == {200}
+    remote_before_kill = h.remote.count()
+    assert 0 < remote_before_kill < 240  # it served its share until it died
+    assert servers.count("local") == 480 - remote_before_kill
+    assert h.proxy.stats.breaker_state == "open"
+
+
+def test_a_remote_that_refuses_connections_is_skipped_by_the_breaker(harnesses, lt):
+    settings = ProxySettings(breaker=BreakerSettings(failure_threshold=3, backoff_seconds=60, max_backoff_seconds=60))
+    h = harnesses(percentage=50, settings=settings)
+    lt.run(h.remote.kill())
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        answers = [c.get("/echo") for _ in range(40)]
+    assert {r.status_code for r in answers} == {200}
+    assert {r.headers["x-upstream"] for r in answers} == {"local"}
+    stats = h.proxy.stats
+    assert stats.upstream_failures_total[("remote", "connect")] == 3  # then the breaker held
+    assert stats.fallbacks_total[("remote", "local", "connect")] == 3
+    assert stats.fallbacks_total[("remote", "local", "breaker_open")] == 17
+    assert stats.breaker_state == "open"
+
+
+def test_the_breaker_probes_again_and_closes_when_the_remote_is_back(harnesses, lt):
+    settings = ProxySettings(breaker=BreakerSettings(failure_threshold=2, backoff_seconds=0.2, max_backoff_seconds=0.2))
+    h = harnesses(percentage=100, settings=settings)
+    port = h.remote.port
+    lt.run(h.remote.kill())
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        assert {c.get("/echo").headers["x-upstream"] for _ in range(5)} == {"local"}
+        assert h.proxy.stats.breaker_state == "open"
+        revived = Upstream("remote")
+        lt.run(revived.start(port))
+        h.remote = revived
+        time.sleep(0.3)
+        assert [c.get("/echo").headers["x-upstream"] for _ in range(5)] == ["remote"] * 5
+    assert h.proxy.stats.breaker_state == "closed"
+
+
+def test_a_remote_that_drops_requests_unanswered_is_replaced_by_the_local_model(harnesses, lt):
+    h = harnesses(percentage=100)
+
+    async def drop_everything(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.transport.abort()
+
+    import asyncio
+
+    server = lt.run(asyncio.start_server(drop_everything, "127.0.0.1", 0))
+    from sidecar.routing import RemoteTarget
+
+    port = server.sockets[0].getsockname()[1]
+    h.target = RemoteTarget(scheme="http", host="127.0.0.1", port=port, authority=f"127.0.0.1:{port}")
+    h.set_percentage(100)
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.post("/echo", content=b"x" * 5000)
+    assert r.status_code == 200 and r.headers["x-upstream"] == "local" and r.json()["body_size"] == 5000
+    lt.call(server.close)
+
+
+def test_a_slow_remote_past_the_read_timeout_is_replaced_by_the_local_model(harnesses):
+    h = harnesses(percentage=100, settings=ProxySettings(read_timeout=0.3, tick=0.05))
+    h.remote.delay_s = 2.0
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.get("/echo")
+    assert r.status_code == 200 and r.headers["x-upstream"] == "local"
+    assert h.proxy.stats.fallbacks_total[("remote", "local", "timeout")] == 1
+
+
+def test_with_the_local_model_down_requests_go_to_the_remote(harnesses, lt):
+    h = harnesses(percentage=0)
+    lt.run(h.local.kill())
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        answers = [c.post("/echo", content=b"abc") for _ in range(10)]
+    assert [(r.status_code, r.headers["x-upstream"], r.json()["body_size"]) for r in answers] == [(200, "remote", 3)] * 10
+
+
+def test_with_the_local_model_killed_mid_load_every_request_still_succeeds(harnesses, lt):
+    h = harnesses(percentage=50)
+    statuses, servers, errors = load(h.url, threads=8, per_thread=40, after=80, during=lambda: lt.run(h.local.kill()))
+    assert errors == [] and set(statuses) == {200} and len(statuses) == 320
+    assert servers.count("remote") > 160
+
+
+def test_with_no_remote_a_dead_local_model_is_a_clear_502(harnesses, lt):
+    h = harnesses(with_remote=False)
+    lt.run(h.local.kill())
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.get("/echo")
+    assert r.status_code == 502 and r.text == "local model unavailable (connect)\n"
+
+
+def test_while_shutting_down_a_dead_local_model_is_a_503_with_retry_after(harnesses, lt):
+    h = harnesses(with_remote=False, settings=ProxySettings(shutdown_grace=1.0))
+    lt.run(h.local.kill())
+    import asyncio
+
+    future = asyncio.run_coroutine_threadsafe(h.proxy.shutdown(3.0), lt.loop)
+    time.sleep(0.1)  # within the grace: still accepting, no longer ready
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.get("/echo")
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    future.result(10)
+
+
+# --- TLS to the remote ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls():
+    now = dt.datetime.now(dt.timezone.utc)
+    ca = issue_ca("test remote CA", now=now, days=1)
+    pair = issue_serving_cert(ca, dns_names=["localhost"], ip_addresses=["127.0.0.1"], now=now, days=1)
+    return ca, pair
+
+
+def server_context(pair, tmp_path):
+    (tmp_path / "tls.crt").write_bytes(pair.cert_pem)
+    (tmp_path / "tls.key").write_bytes(pair.key_pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    return context
+
+
+def test_an_https_remote_is_verified_and_used(harnesses, tls, tmp_path):
+    ca, pair = tls
+    client_context = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    h = harnesses(percentage=100, remote_scheme="https", remote_ssl=server_context(pair, tmp_path),
+                  settings=ProxySettings(remote_ssl_context=client_context))
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.get("/echo")
+    assert r.status_code == 200 and r.headers["x-upstream"] == "remote"
+    assert ["Host", f"127.0.0.1:{h.remote.port}"] in r.json()["headers"]
+
+
+def test_an_https_remote_with_an_untrusted_certificate_is_not_used(harnesses, tls, tmp_path):
+    ca, pair = tls
+    h = harnesses(percentage=100, remote_scheme="https", remote_ssl=server_context(pair, tmp_path))  # system CAs
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.get("/echo")
+    assert r.status_code == 200 and r.headers["x-upstream"] == "local"
+    assert h.proxy.stats.upstream_failures_total[("remote", "tls")] == 1
+    assert h.remote.count() == 0
