@@ -1,0 +1,237 @@
+{{/*
+Names. Kubernetes names are at most 63 characters (DNS labels), so every name is cut
+there and a trailing "-" dropped.
+*/}}
+{{- define "offload.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release-derived prefix: "<release>-<chart>", or the release alone when it already
+holds the chart name (release "offload" gives "offload", hence "offload-webhook"). */}}
+{{- define "offload.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the webhook's Deployment, Service, PodDisruptionBudget, ConfigMap and ClusterRole. */}}
+{{- define "offload.webhook.name" -}}
+{{- printf "%s-webhook" (include "offload.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The webhook's serving-certificate Secret: the one the chart generates, or the user's own. */}}
+{{- define "offload.webhook.tlsSecretName" -}}
+{{- if .Values.webhook.certs.existingSecret }}
+{{- .Values.webhook.certs.existingSecret }}
+{{- else }}
+{{- printf "%s-tls" (include "offload.webhook.name" . | trunc 59 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{- define "offload.webhook.serviceAccountName" -}}
+{{- if .Values.webhook.serviceAccount.create }}
+{{- default (include "offload.webhook.name" .) .Values.webhook.serviceAccount.name }}
+{{- else }}
+{{- .Values.webhook.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The ClusterRole a workload's service account is bound to, so its injected sidecar can
+read what it needs (files/sidecar-role.yaml). */}}
+{{- define "offload.sidecar.clusterRoleName" -}}
+{{- printf "%s-sidecar" (include "offload.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "offload.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every resource. */}}
+{{- define "offload.labels" -}}
+helm.sh/chart: {{ include "offload.chart" . }}
+app.kubernetes.io/name: {{ include "offload.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: offload
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels that select the webhook's pods; they never change across upgrades. */}}
+{{- define "offload.webhook.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "offload.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: webhook
+{{- end }}
+
+{{- define "offload.webhook.labels" -}}
+{{ include "offload.labels" . }}
+app.kubernetes.io/component: webhook
+{{- end }}
+
+{{/* The product image (webhook and sidecar): a digest pins it, else the tag, else appVersion. */}}
+{{- define "offload.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "offload.sidecar.image" -}}
+{{- if and (not .Values.sidecar.imageRepository) (not .Values.sidecar.imageTag) }}
+{{- include "offload.image" . }}
+{{- else }}
+{{- printf "%s:%s" (default .Values.image.repository .Values.sidecar.imageRepository) (default (default .Chart.AppVersion .Values.image.tag) .Values.sidecar.imageTag) }}
+{{- end }}
+{{- end }}
+
+{{/* The DNS names the webhook's Service answers to, which its certificate must carry. */}}
+{{- define "offload.webhook.dnsNames" -}}
+{{- $svc := include "offload.webhook.name" . }}
+{{- $ns := .Release.Namespace }}
+{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.webhook.clusterDomain) | toJson }}
+{{- end }}
+
+{{/* Values that contradict each other fail the render with the field at fault named.
+The schema catches types and ranges; these are the rules across fields (and they still
+hold under --skip-schema-validation). */}}
+{{- define "offload.validateValues" -}}
+{{- $w := .Values.webhook }}
+{{- if lt (int $w.replicaCount) 1 }}
+{{- fail (printf "webhook.replicaCount: must be at least 1, got %v" $w.replicaCount) }}
+{{- end }}
+{{- if and $w.podDisruptionBudget.enabled (gt (int $w.replicaCount) 1) (ge (int $w.podDisruptionBudget.minAvailable) (int $w.replicaCount)) }}
+{{- fail (printf "webhook.podDisruptionBudget.minAvailable: %v would block every node drain with webhook.replicaCount %v; make it lower than replicaCount" $w.podDisruptionBudget.minAvailable $w.replicaCount) }}
+{{- end }}
+{{- if and (ne $w.mutating.failurePolicy "Ignore") (not $w.mutating.failurePolicyAcknowledged) }}
+{{- fail (printf "webhook.mutating.failurePolicy: %s blocks every pod creation in the selected namespaces while no webhook pod answers; set webhook.mutating.failurePolicyAcknowledged=true to confirm, or keep Ignore" $w.mutating.failurePolicy) }}
+{{- end }}
+{{- if and (not $w.serviceAccount.create) (not $w.serviceAccount.name) }}
+{{- fail "webhook.serviceAccount.name: required when webhook.serviceAccount.create is false" }}
+{{- end }}
+{{- $c := $w.certs }}
+{{- if $c.existingSecret }}
+{{- if and (not $c.caBundle) (not $c.certManagerInjectCAFrom) }}
+{{- fail "webhook.certs.existingSecret: also give webhook.certs.caBundle (base64 PEM of the CA that signed it) or webhook.certs.certManagerInjectCAFrom (<namespace>/<Certificate>)" }}
+{{- end }}
+{{- if and $c.caBundle $c.certManagerInjectCAFrom }}
+{{- fail "webhook.certs.caBundle: give either caBundle or certManagerInjectCAFrom, not both (cert-manager's cainjector would overwrite caBundle)" }}
+{{- end }}
+{{- if $c.regenerate }}
+{{- fail "webhook.certs.regenerate: the chart generates no certificate when webhook.certs.existingSecret is set; renew that Secret where it is issued" }}
+{{- end }}
+{{- else }}
+{{- if or $c.caBundle $c.certManagerInjectCAFrom }}
+{{- fail "webhook.certs.caBundle/certManagerInjectCAFrom: only apply with webhook.certs.existingSecret; without it the chart generates the CA and sets caBundle itself" }}
+{{- end }}
+{{- if lt (int $c.caDurationDays) (int $c.durationDays) }}
+{{- fail (printf "webhook.certs.caDurationDays: %v is shorter than webhook.certs.durationDays %v; the CA must outlive the certificate it signs" $c.caDurationDays $c.durationDays) }}
+{{- end }}
+{{- if ge (int $c.renewBeforeDays) (int $c.durationDays) }}
+{{- fail (printf "webhook.certs.renewBeforeDays: %v must be lower than webhook.certs.durationDays %v, or every upgrade replaces the certificate" $c.renewBeforeDays $c.durationDays) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The webhook's serving certificate, computed once per render and shared by the Secret, both
+webhook configurations (caBundle) and the Deployment (checksum annotation): every template
+that needs it includes "offload.webhook.tls" first, then reads .offloadWebhookTLS, a dict of
+  secretName, generated (bool), tlsCrt, tlsKey, caCrt (base64 PEM, when generated),
+  caBundle (base64 PEM for the webhook configurations), notAfter (RFC 3339), dnsNames,
+  checksum (changes when the certificate does, so the pods restart).
+
+Generated certificates are kept across `helm upgrade` by reading the existing Secret with
+`lookup`; they are replaced when that Secret is missing or incomplete, was made for other DNS
+names, expires within certs.renewBeforeDays, or certs.regenerate is true. A renewal carries the
+previous CA in caBundle for that one upgrade, so webhook pods still serving the old
+certificate keep being trusted until the rollout replaces them; `regenerate` does not (it is
+for when the old key must stop being trusted). The CA's private key is never stored.
+
+`lookup` answers nothing under `helm template`, `helm lint` and client-side dry runs, so those
+always show freshly generated certificates; only install/upgrade against a cluster reuses them.
+*/}}
+{{- define "offload.webhook.tls" -}}
+{{- if not (hasKey . "offloadWebhookTLS") }}
+{{- $c := .Values.webhook.certs }}
+{{- $prefix := include "offload.annotationPrefix" . }}
+{{- $name := include "offload.webhook.tlsSecretName" . }}
+{{- $dnsNames := include "offload.webhook.dnsNames" . | fromJsonArray }}
+{{- $tls := dict "secretName" $name "dnsNames" $dnsNames "generated" false }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace $name }}
+{{- if $c.existingSecret }}
+{{- $_ := set $tls "caBundle" $c.caBundle }}
+{{- $data := dig "data" (dict) $existing }}
+{{- $_ := set $tls "checksum" (printf "%s/%s" $name (get $data "tls.crt") | sha256sum) }}
+{{- else }}
+{{- $_ := set $tls "generated" true }}
+{{- $reuse := false }}
+{{- $data := dig "data" (dict) $existing }}
+{{- $annotations := dig "metadata" "annotations" (dict) $existing }}
+{{- $notAfter := get $annotations (printf "%s/not-after" $prefix) }}
+{{- if and $existing (not $c.regenerate) (get $data "tls.crt") (get $data "tls.key") (get $data "ca.crt") $notAfter (eq (get $annotations (printf "%s/dns-names" $prefix)) (join "," $dnsNames)) }}
+{{- $renewAt := now | dateModify (printf "+%dh" (mul (int $c.renewBeforeDays) 24)) }}
+{{- if gt (atoi (toDate "2006-01-02T15:04:05Z07:00" $notAfter | unixEpoch)) (atoi ($renewAt | unixEpoch)) }}
+{{- $reuse = true }}
+{{- end }}
+{{- end }}
+{{- if $reuse }}
+{{- $_ := set $tls "tlsCrt" (get $data "tls.crt") }}
+{{- $_ := set $tls "tlsKey" (get $data "tls.key") }}
+{{- $_ := set $tls "caCrt" (get $data "ca.crt") }}
+{{- $_ := set $tls "caBundle" (get $data "ca.crt") }}
+{{- $_ := set $tls "notAfter" $notAfter }}
+{{- else }}
+{{- $ca := genCA (printf "%s-ca" (include "offload.webhook.name" .)) (int $c.caDurationDays) }}
+{{- $cert := genSignedCert (index $dnsNames 2) nil $dnsNames (int $c.durationDays) $ca }}
+{{- $_ := set $tls "tlsCrt" ($cert.Cert | b64enc) }}
+{{- $_ := set $tls "tlsKey" ($cert.Key | b64enc) }}
+{{- $_ := set $tls "caCrt" ($ca.Cert | b64enc) }}
+{{- $bundle := $ca.Cert }}
+{{- if and (get $data "ca.crt") (not $c.regenerate) }}
+{{- $bundle = printf "%s\n%s" (trimSuffix "\n" $ca.Cert) (get $data "ca.crt" | b64dec) }}
+{{- end }}
+{{- $_ := set $tls "caBundle" ($bundle | b64enc) }}
+{{- $_ := set $tls "notAfter" (dateInZone "2006-01-02T15:04:05Z07:00" (now | dateModify (printf "+%dh" (mul (int $c.durationDays) 24))) "UTC") }}
+{{- end }}
+{{- $_ := set $tls "checksum" (printf "%s%s" (get $tls "tlsCrt") (get $tls "tlsKey") | sha256sum) }}
+{{- end }}
+{{- $_ := set . "offloadWebhookTLS" $tls }}
+{{- end }}
+{{- end }}
+
+{{/* Prefix of the annotations this chart reads back (on its own Secret). */}}
+{{- define "offload.annotationPrefix" -}}
+offload.deployment.beamlit.com
+{{- end }}
+
+{{/* The MutatingWebhookConfiguration's and ValidatingWebhookConfiguration's caBundle /
+cainjector annotation, shared by both. */}}
+{{- define "offload.webhook.caInjectionAnnotations" -}}
+{{- with .Values.webhook.certs.certManagerInjectCAFrom }}
+cert-manager.io/inject-ca-from: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The injector's configuration file (offload-webhook --injector-config), from .Values.sidecar. */}}
+{{- define "offload.injectorConfig" -}}
+{{- $s := .Values.sidecar -}}
+configVersion: {{ default .Chart.Version $s.configVersion | quote }}
+image: {{ include "offload.sidecar.image" . }}
+imagePullPolicy: {{ $s.imagePullPolicy }}
+proxyPort: {{ $s.proxyPort }}
+adminPort: {{ $s.adminPort }}
+nativeSidecar: {{ $s.nativeSidecar }}
+resources:
+  {{- toYaml $s.resources | nindent 2 }}
+{{- end }}
