@@ -106,39 +106,37 @@ app.kubernetes.io/component: webhook
 The schema catches types and ranges; these are the rules across fields (and they still
 hold under --skip-schema-validation). */}}
 {{- define "offload.validateValues" -}}
-{{- $w := .Values.webhook }}
-{{- if lt (int $w.replicaCount) 1 }}
-{{- fail (printf "webhook.replicaCount: must be at least 1, got %v" $w.replicaCount) }}
+{{- if lt (int .Values.webhook.replicaCount) 1 }}
+{{- fail (printf "webhook.replicaCount: must be at least 1, got %v" .Values.webhook.replicaCount) }}
 {{- end }}
-{{- if and $w.podDisruptionBudget.enabled (gt (int $w.replicaCount) 1) (ge (int $w.podDisruptionBudget.minAvailable) (int $w.replicaCount)) }}
-{{- fail (printf "webhook.podDisruptionBudget.minAvailable: %v would block every node drain with webhook.replicaCount %v; make it lower than replicaCount" $w.podDisruptionBudget.minAvailable $w.replicaCount) }}
+{{- if and .Values.webhook.podDisruptionBudget.enabled (gt (int .Values.webhook.replicaCount) 1) (ge (int .Values.webhook.podDisruptionBudget.minAvailable) (int .Values.webhook.replicaCount)) }}
+{{- fail (printf "webhook.podDisruptionBudget.minAvailable: %v would block every node drain with webhook.replicaCount %v; make it lower than replicaCount" .Values.webhook.podDisruptionBudget.minAvailable .Values.webhook.replicaCount) }}
 {{- end }}
-{{- if and (ne $w.mutating.failurePolicy "Ignore") (not $w.mutating.failurePolicyAcknowledged) }}
-{{- fail (printf "webhook.mutating.failurePolicy: %s blocks every pod creation in the selected namespaces while no webhook pod answers; set webhook.mutating.failurePolicyAcknowledged=true to confirm, or keep Ignore" $w.mutating.failurePolicy) }}
+{{- if and (ne .Values.webhook.mutating.failurePolicy "Ignore") (not .Values.webhook.mutating.failurePolicyAcknowledged) }}
+{{- fail (printf "webhook.mutating.failurePolicy: %s blocks every pod creation in the selected namespaces while no webhook pod answers; set webhook.mutating.failurePolicyAcknowledged=true to confirm, or keep Ignore" .Values.webhook.mutating.failurePolicy) }}
 {{- end }}
-{{- if and (not $w.serviceAccount.create) (not $w.serviceAccount.name) }}
+{{- if and (not .Values.webhook.serviceAccount.create) (not .Values.webhook.serviceAccount.name) }}
 {{- fail "webhook.serviceAccount.name: required when webhook.serviceAccount.create is false" }}
 {{- end }}
-{{- $c := $w.certs }}
-{{- if $c.existingSecret }}
-{{- if and (not $c.caBundle) (not $c.certManagerInjectCAFrom) }}
+{{- if .Values.webhook.certs.existingSecret }}
+{{- if and (not .Values.webhook.certs.caBundle) (not .Values.webhook.certs.certManagerInjectCAFrom) }}
 {{- fail "webhook.certs.existingSecret: also give webhook.certs.caBundle (base64 PEM of the CA that signed it) or webhook.certs.certManagerInjectCAFrom (<namespace>/<Certificate>)" }}
 {{- end }}
-{{- if and $c.caBundle $c.certManagerInjectCAFrom }}
+{{- if and .Values.webhook.certs.caBundle .Values.webhook.certs.certManagerInjectCAFrom }}
 {{- fail "webhook.certs.caBundle: give either caBundle or certManagerInjectCAFrom, not both (cert-manager's cainjector would overwrite caBundle)" }}
 {{- end }}
-{{- if $c.regenerate }}
+{{- if .Values.webhook.certs.regenerate }}
 {{- fail "webhook.certs.regenerate: the chart generates no certificate when webhook.certs.existingSecret is set; renew that Secret where it is issued" }}
 {{- end }}
 {{- else }}
-{{- if or $c.caBundle $c.certManagerInjectCAFrom }}
+{{- if or .Values.webhook.certs.caBundle .Values.webhook.certs.certManagerInjectCAFrom }}
 {{- fail "webhook.certs.caBundle/certManagerInjectCAFrom: only apply with webhook.certs.existingSecret; without it the chart generates the CA and sets caBundle itself" }}
 {{- end }}
-{{- if lt (int $c.caDurationDays) (int $c.durationDays) }}
-{{- fail (printf "webhook.certs.caDurationDays: %v is shorter than webhook.certs.durationDays %v; the CA must outlive the certificate it signs" $c.caDurationDays $c.durationDays) }}
+{{- if lt (int .Values.webhook.certs.caDurationDays) (int .Values.webhook.certs.durationDays) }}
+{{- fail (printf "webhook.certs.caDurationDays: %v is shorter than webhook.certs.durationDays %v; the CA must outlive the certificate it signs" .Values.webhook.certs.caDurationDays .Values.webhook.certs.durationDays) }}
 {{- end }}
-{{- if ge (int $c.renewBeforeDays) (int $c.durationDays) }}
-{{- fail (printf "webhook.certs.renewBeforeDays: %v must be lower than webhook.certs.durationDays %v, or every upgrade replaces the certificate" $c.renewBeforeDays $c.durationDays) }}
+{{- if ge (int .Values.webhook.certs.renewBeforeDays) (int .Values.webhook.certs.durationDays) }}
+{{- fail (printf "webhook.certs.renewBeforeDays: %v must be lower than webhook.certs.durationDays %v, or every upgrade replaces the certificate" .Values.webhook.certs.renewBeforeDays .Values.webhook.certs.durationDays) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -163,14 +161,13 @@ always show freshly generated certificates; only install/upgrade against a clust
 */}}
 {{- define "offload.webhook.tls" -}}
 {{- if not (hasKey . "offloadWebhookTLS") }}
-{{- $c := .Values.webhook.certs }}
 {{- $prefix := include "offload.annotationPrefix" . }}
 {{- $name := include "offload.webhook.tlsSecretName" . }}
 {{- $dnsNames := include "offload.webhook.dnsNames" . | fromJsonArray }}
 {{- $tls := dict "secretName" $name "dnsNames" $dnsNames "generated" false }}
 {{- $existing := lookup "v1" "Secret" .Release.Namespace $name }}
-{{- if $c.existingSecret }}
-{{- $_ := set $tls "caBundle" $c.caBundle }}
+{{- if .Values.webhook.certs.existingSecret }}
+{{- $_ := set $tls "caBundle" .Values.webhook.certs.caBundle }}
 {{- $data := dig "data" (dict) $existing }}
 {{- $_ := set $tls "checksum" (printf "%s/%s" $name (get $data "tls.crt") | sha256sum) }}
 {{- else }}
@@ -179,8 +176,8 @@ always show freshly generated certificates; only install/upgrade against a clust
 {{- $data := dig "data" (dict) $existing }}
 {{- $annotations := dig "metadata" "annotations" (dict) $existing }}
 {{- $notAfter := get $annotations (printf "%s/not-after" $prefix) }}
-{{- if and $existing (not $c.regenerate) (get $data "tls.crt") (get $data "tls.key") (get $data "ca.crt") $notAfter (eq (get $annotations (printf "%s/dns-names" $prefix)) (join "," $dnsNames)) }}
-{{- $renewAt := now | dateModify (printf "+%dh" (mul (int $c.renewBeforeDays) 24)) }}
+{{- if and $existing (not .Values.webhook.certs.regenerate) (get $data "tls.crt") (get $data "tls.key") (get $data "ca.crt") $notAfter (eq (get $annotations (printf "%s/dns-names" $prefix)) (join "," $dnsNames)) }}
+{{- $renewAt := now | dateModify (printf "+%dh" (mul (int .Values.webhook.certs.renewBeforeDays) 24)) }}
 {{- if gt (atoi (toDate "2006-01-02T15:04:05Z07:00" $notAfter | unixEpoch)) (atoi ($renewAt | unixEpoch)) }}
 {{- $reuse = true }}
 {{- end }}
@@ -192,17 +189,17 @@ always show freshly generated certificates; only install/upgrade against a clust
 {{- $_ := set $tls "caBundle" (get $data "ca.crt") }}
 {{- $_ := set $tls "notAfter" $notAfter }}
 {{- else }}
-{{- $ca := genCA (printf "%s-ca" (include "offload.webhook.name" .)) (int $c.caDurationDays) }}
-{{- $cert := genSignedCert (index $dnsNames 2) nil $dnsNames (int $c.durationDays) $ca }}
+{{- $ca := genCA (printf "%s-ca" (include "offload.webhook.name" .)) (int .Values.webhook.certs.caDurationDays) }}
+{{- $cert := genSignedCert (index $dnsNames 2) nil $dnsNames (int .Values.webhook.certs.durationDays) $ca }}
 {{- $_ := set $tls "tlsCrt" ($cert.Cert | b64enc) }}
 {{- $_ := set $tls "tlsKey" ($cert.Key | b64enc) }}
 {{- $_ := set $tls "caCrt" ($ca.Cert | b64enc) }}
 {{- $bundle := $ca.Cert }}
-{{- if and (get $data "ca.crt") (not $c.regenerate) }}
+{{- if and (get $data "ca.crt") (not .Values.webhook.certs.regenerate) }}
 {{- $bundle = printf "%s\n%s" (trimSuffix "\n" $ca.Cert) (get $data "ca.crt" | b64dec) }}
 {{- end }}
 {{- $_ := set $tls "caBundle" ($bundle | b64enc) }}
-{{- $_ := set $tls "notAfter" (dateInZone "2006-01-02T15:04:05Z07:00" (now | dateModify (printf "+%dh" (mul (int $c.durationDays) 24))) "UTC") }}
+{{- $_ := set $tls "notAfter" (dateInZone "2006-01-02T15:04:05Z07:00" (now | dateModify (printf "+%dh" (mul (int .Values.webhook.certs.durationDays) 24))) "UTC") }}
 {{- end }}
 {{- $_ := set $tls "checksum" (printf "%s%s" (get $tls "tlsCrt") (get $tls "tlsKey") | sha256sum) }}
 {{- end }}
@@ -225,13 +222,12 @@ cert-manager.io/inject-ca-from: {{ . | quote }}
 
 {{/* The injector's configuration file (offload-webhook --injector-config), from .Values.sidecar. */}}
 {{- define "offload.injectorConfig" -}}
-{{- $s := .Values.sidecar -}}
-configVersion: {{ default .Chart.Version $s.configVersion | quote }}
+configVersion: {{ default .Chart.Version .Values.sidecar.configVersion | quote }}
 image: {{ include "offload.sidecar.image" . }}
-imagePullPolicy: {{ $s.imagePullPolicy }}
-proxyPort: {{ $s.proxyPort }}
-adminPort: {{ $s.adminPort }}
-nativeSidecar: {{ $s.nativeSidecar }}
+imagePullPolicy: {{ .Values.sidecar.imagePullPolicy }}
+proxyPort: {{ .Values.sidecar.proxyPort }}
+adminPort: {{ .Values.sidecar.adminPort }}
+nativeSidecar: {{ .Values.sidecar.nativeSidecar }}
 resources:
-  {{- toYaml $s.resources | nindent 2 }}
+  {{- toYaml .Values.sidecar.resources | nindent 2 }}
 {{- end }}
