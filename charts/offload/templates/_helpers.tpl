@@ -151,10 +151,12 @@ that needs it includes "offload.webhook.tls" first, then reads .offloadWebhookTL
 
 Generated certificates are kept across `helm upgrade` by reading the existing Secret with
 `lookup`; they are replaced when that Secret is missing or incomplete, was made for other DNS
-names, expires within certs.renewBeforeDays, or certs.regenerate is true. A renewal carries the
-previous CA in caBundle for that one upgrade, so webhook pods still serving the old
-certificate keep being trusted until the rollout replaces them; `regenerate` does not (it is
-for when the old key must stop being trusted). The CA's private key is never stored.
+names, expires within certs.renewBeforeDays, or certs.regenerate turned true (the Secret records
+it, so a true kept in the release's values does not regenerate on every later upgrade).
+A renewal carries the previous CA in caBundle for that one upgrade, so webhook pods still
+serving the old certificate keep being trusted until the rollout replaces them; `regenerate`
+does not (it is for when the old key must stop being trusted). The CA's private key is never
+stored: every renewal makes a new CA.
 
 `lookup` answers nothing under `helm template`, `helm lint` and client-side dry runs, so those
 always show freshly generated certificates; only install/upgrade against a cluster reuses them.
@@ -176,7 +178,11 @@ always show freshly generated certificates; only install/upgrade against a clust
 {{- $data := dig "data" (dict) $existing }}
 {{- $annotations := dig "metadata" "annotations" (dict) $existing }}
 {{- $notAfter := get $annotations (printf "%s/not-after" $prefix) }}
-{{- if and $existing (not .Values.webhook.certs.regenerate) (get $data "tls.crt") (get $data "tls.key") (get $data "ca.crt") $notAfter (eq (get $annotations (printf "%s/dns-names" $prefix)) (join "," $dnsNames)) }}
+{{- /* Regenerate on the render where regenerate turns true, not on every later upgrade
+that reuses the last values (helm upgrade without values does): the Secret remembers. */}}
+{{- $regenerate := and .Values.webhook.certs.regenerate (ne (get $annotations (printf "%s/regenerate" $prefix)) "true") }}
+{{- $_ := set $tls "regenerateLatch" (ternary "true" "false" .Values.webhook.certs.regenerate) }}
+{{- if and $existing (not $regenerate) (get $data "tls.crt") (get $data "tls.key") (get $data "ca.crt") $notAfter (eq (get $annotations (printf "%s/dns-names" $prefix)) (join "," $dnsNames)) }}
 {{- $renewAt := now | dateModify (printf "+%dh" (mul (int .Values.webhook.certs.renewBeforeDays) 24)) }}
 {{- if gt (atoi (toDate "2006-01-02T15:04:05Z07:00" $notAfter | unixEpoch)) (atoi ($renewAt | unixEpoch)) }}
 {{- $reuse = true }}
@@ -195,7 +201,7 @@ always show freshly generated certificates; only install/upgrade against a clust
 {{- $_ := set $tls "tlsKey" ($cert.Key | b64enc) }}
 {{- $_ := set $tls "caCrt" ($ca.Cert | b64enc) }}
 {{- $bundle := $ca.Cert }}
-{{- if and (get $data "ca.crt") (not .Values.webhook.certs.regenerate) }}
+{{- if and (get $data "ca.crt") (not $regenerate) }}
 {{- $bundle = printf "%s\n%s" (trimSuffix "\n" $ca.Cert) (get $data "ca.crt" | b64dec) }}
 {{- end }}
 {{- $_ := set $tls "caBundle" ($bundle | b64enc) }}
