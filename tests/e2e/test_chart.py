@@ -43,7 +43,14 @@ class Release:
 
     def helm(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(self.kube.binaries.helm), *args, "--namespace", self.namespace, "--kubeconfig", str(self.kube.kubeconfig)],
+            [
+                str(self.kube.binaries.helm),
+                *args,
+                "--namespace",
+                self.namespace,
+                "--kubeconfig",
+                str(self.kube.kubeconfig),
+            ],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -55,17 +62,24 @@ class Release:
         assert upgraded.returncode == 0, upgraded.stderr
 
     def secret_data(self) -> dict[str, bytes]:
-        secret = kubernetes.client.CoreV1Api(self.kube.api_client).read_namespaced_secret(SECRET, self.namespace)
+        secret = kubernetes.client.CoreV1Api(self.kube.api_client).read_namespaced_secret(
+            SECRET, self.namespace
+        )
         return {key: base64.b64decode(value) for key, value in secret.data.items()}
 
     def ca_bundles(self) -> dict[str, bytes]:
         api = kubernetes.client.AdmissionregistrationV1Api(self.kube.api_client)
         validating = api.read_validating_webhook_configuration(WEBHOOK).webhooks[0]
         mutating = api.read_mutating_webhook_configuration(WEBHOOK).webhooks[0]
-        return {"validating": validating.client_config.ca_bundle, "mutating": mutating.client_config.ca_bundle}
+        return {
+            "validating": validating.client_config.ca_bundle,
+            "mutating": mutating.client_config.ca_bundle,
+        }
 
     def pod_template_annotations(self) -> dict[str, str]:
-        deployment = kubernetes.client.AppsV1Api(self.kube.api_client).read_namespaced_deployment(WEBHOOK, self.namespace)
+        deployment = kubernetes.client.AppsV1Api(self.kube.api_client).read_namespaced_deployment(
+            WEBHOOK, self.namespace
+        )
         return deployment.spec.template.metadata.annotations
 
 
@@ -109,7 +123,9 @@ def test_release_installs_and_says_what_to_do_next(release):
 
 
 def test_crd_is_established(release):
-    crd = kubernetes.client.ApiextensionsV1Api(release.kube.api_client).read_custom_resource_definition(CRD_NAME)
+    crd = kubernetes.client.ApiextensionsV1Api(release.kube.api_client).read_custom_resource_definition(
+        CRD_NAME
+    )
     conditions = {c.type: c.status for c in crd.status.conditions}
     assert conditions["Established"] == "True"
     assert crd.spec.names.short_names == ["mdd"]
@@ -129,7 +145,9 @@ def test_webhook_pods_become_ready_under_the_restricted_pod_security_standard(re
         assert pod.spec.containers[0].security_context.read_only_root_filesystem is True
         ready = {c.type: c.status for c in pod.status.conditions}
         assert ready["Ready"] == "True"
-    pdb = kubernetes.client.PolicyV1Api(release.kube.api_client).read_namespaced_pod_disruption_budget(WEBHOOK, release.namespace)
+    pdb = kubernetes.client.PolicyV1Api(release.kube.api_client).read_namespaced_pod_disruption_budget(
+        WEBHOOK, release.namespace
+    )
     assert pdb.spec.min_available == 1
 
 
@@ -140,12 +158,19 @@ def test_webhook_configurations_point_at_the_service_with_the_secret_ca(release)
     secret = release.secret_data()
     for hook, path in ((validating, "/validate-modeldeployments"), (mutating, "/mutate-pods")):
         service = hook.client_config.service
-        assert (service.name, service.namespace, service.path, service.port) == (WEBHOOK, release.namespace, path, 443)
+        assert (service.name, service.namespace, service.path, service.port) == (
+            WEBHOOK,
+            release.namespace,
+            path,
+            443,
+        )
         assert base64.b64decode(hook.client_config.ca_bundle) == secret["ca.crt"]
     assert validating.failure_policy == "Fail" and mutating.failure_policy == "Ignore"
     (ca,) = _ca_subjects(validating.client_config.ca_bundle)
     x509.load_pem_x509_certificate(secret["tls.crt"]).verify_directly_issued_by(ca)
-    svc = kubernetes.client.CoreV1Api(release.kube.api_client).read_namespaced_service(WEBHOOK, release.namespace)
+    svc = kubernetes.client.CoreV1Api(release.kube.api_client).read_namespaced_service(
+        WEBHOOK, release.namespace
+    )
     assert [(p.port, p.target_port) for p in svc.spec.ports] == [(443, "https")]
 
 
@@ -154,7 +179,9 @@ def test_rbac_objects_exist_and_bind_the_webhook_service_account(release):
     role = rbac.read_cluster_role(WEBHOOK)
     assert {verb for rule in role.rules for verb in rule.verbs} == {"get", "list", "watch"}
     binding = rbac.read_cluster_role_binding(WEBHOOK)
-    assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [("ServiceAccount", WEBHOOK, release.namespace)]
+    assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [
+        ("ServiceAccount", WEBHOOK, release.namespace)
+    ]
     # The API server itself confirms what the webhook may and may not do.
     sa = f"system:serviceaccount:{release.namespace}:{WEBHOOK}"
     for verb, resource, allowed in [
@@ -174,10 +201,17 @@ def test_registered_webhooks_are_consulted_with_their_failure_policies(release, 
     fails closed, the pod webhook fails open."""
     kube = release.kube
     md = (REPO_ROOT / "tests" / "testdata" / "modeldeployments" / "tutorial.yaml").read_text()
-    created = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.replace("namespace: default", f"namespace: {namespace}"))
+    created = kube.kubectl(
+        "apply", "-n", namespace, "-f", "-", stdin=md.replace("namespace: default", f"namespace: {namespace}")
+    )
     assert created.returncode != 0, "a ModelDeployment was admitted without its validating webhook answering"
-    assert f'failed calling webhook "validate.modeldeployments.deployment.beamlit.com"' in created.stderr, created.stderr
-    pod = {"metadata": {"name": "plain"}, "spec": {"containers": [{"name": "c", "image": "example.invalid/c"}]}}
+    assert 'failed calling webhook "validate.modeldeployments.deployment.beamlit.com"' in created.stderr, (
+        created.stderr
+    )
+    pod = {
+        "metadata": {"name": "plain"},
+        "spec": {"containers": [{"name": "c", "image": "example.invalid/c"}]},
+    }
     kubernetes.client.CoreV1Api(kube.api_client).create_namespaced_pod(namespace, pod)
 
 
@@ -207,7 +241,9 @@ def test_regenerate_replaces_the_ca_and_certificate_and_restarts_the_pods(releas
 def test_an_upgrade_close_to_expiry_renews_and_trusts_both_cas_for_the_rollout(release):
     old = release.secret_data()
     soon = (dt.datetime.now(dt.UTC) + dt.timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    annotated = release.kube.kubectl("annotate", "--overwrite", "-n", release.namespace, f"secret/{SECRET}", f"{NOT_AFTER}={soon}")
+    annotated = release.kube.kubectl(
+        "annotate", "--overwrite", "-n", release.namespace, f"secret/{SECRET}", f"{NOT_AFTER}={soon}"
+    )
     assert annotated.returncode == 0, annotated.stderr
     release.upgrade()  # renewBeforeDays is 30 by default
     new = release.secret_data()
@@ -234,7 +270,11 @@ def test_uninstall_removes_everything_but_the_crd(release):
     def gone() -> bool:
         left = kube.kubectl("get", namespaced, "-n", release.namespace, "-l", selector, "-o", "name")
         left_cluster = kube.kubectl("get", cluster, "-l", selector, "-o", "name")
-        return left.returncode == 0 and left_cluster.returncode == 0 and not (left.stdout + left_cluster.stdout).strip()
+        return (
+            left.returncode == 0
+            and left_cluster.returncode == 0
+            and not (left.stdout + left_cluster.stdout).strip()
+        )
 
     wait_until("the release's objects to be deleted", gone, 60, alive=kube.processes)
     crd = kubernetes.client.ApiextensionsV1Api(kube.api_client).read_custom_resource_definition(CRD_NAME)
