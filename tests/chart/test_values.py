@@ -150,3 +150,18 @@ def test_the_agreement_checks_notice_a_stray_value():
     del values["sidecar"]["proxyPort"]
     assert values_paths(values, schema) - schema_leaves(schema) == {"webhook.replicas"}
     assert schema_leaves(schema) - values_paths(values, schema) == {"sidecar.proxyPort"}
+
+
+def test_the_chart_readme_values_table_is_current():
+    import os
+
+    from tests.chart.values_doc import README, readme_with_table, values_table
+
+    values, schema = load()
+    current = README.read_text()
+    expected = readme_with_table(current, values_table(values_paths(values, schema)))
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        README.write_text(expected)
+    assert current == expected, (
+        f"the values table in {README} is stale: run UPDATE_GOLDEN=1 python -m pytest tests/chart -k readme"
+    )
