@@ -670,3 +670,34 @@ def test_names_stay_valid_for_a_long_release_name(helm):
             assert len(value) <= 63, value
     names = [doc["metadata"]["name"] for doc in docs if doc["kind"] in {"Deployment", "Service"}]
     assert all(name.endswith("-webhook") for name in names), names
+
+
+def test_clusters_older_than_1_29_are_refused(helm):
+    result = helm.run("template", RELEASE, str(CHART), "--kube-version", "v1.28.9")
+    assert result.returncode != 0
+    assert (
+        "chart requires kubeVersion: >=1.29.0-0 which is incompatible with Kubernetes v1.28.9"
+        in result.stderr
+    )
+
+
+def test_sidecar_settings_reach_the_injector_configuration(helm):
+    rendered = helm.render(
+        "--set",
+        "sidecar.imageRepository=reg.example/sidecar",
+        "--set",
+        "sidecar.imageTag=1.2.3",
+        "--set",
+        "sidecar.nativeSidecar=false",
+        "--set",
+        "sidecar.proxyPort=18080",
+        "--set",
+        "sidecar.configVersion=v7",
+    )
+    import yaml
+
+    config = yaml.safe_load(by_kind(documents(rendered))["ConfigMap", WEBHOOK]["data"]["injector.yaml"])
+    assert config["image"] == "reg.example/sidecar:1.2.3"
+    assert (
+        config["nativeSidecar"] is False and config["proxyPort"] == 18080 and config["configVersion"] == "v7"
+    )
