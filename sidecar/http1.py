@@ -114,8 +114,14 @@ class RequestHead:
         self.is_head = method == b"HEAD"
 
 
+_CONNECTION_PLAIN = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
 def _tokens(value: bytes) -> list[bytes]:
-    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+    lowered = value.lower()
+    if lowered in _CONNECTION_PLAIN:  # the usual single token
+        return [lowered]
+    return [t.strip() for t in lowered.split(b",") if t.strip()]
 
 
 def has_dot_segment(path: bytes) -> bool:
@@ -286,7 +292,8 @@ def render_response_head(
     every other repeated field is kept, in order. A WebSocket 101 keeps
     Connection: Upgrade and Upgrade.
     """
-    lines: list[bytes] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    parts: list[bytes] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    extend = parts.extend
     named: list[bytes] | None = None
     content_length: bytes | None = None
     upgrade: bytes | None = None
@@ -296,39 +303,43 @@ def render_response_head(
             if lname == b"content-length":
                 content_length = value
             elif lname == b"connection":
-                named = (named or []) + _tokens(value)
+                tokens = _tokens(value)
+                if any(t not in _CONNECTION_PLAIN for t in tokens):
+                    named = (named or []) + tokens
             elif lname == b"upgrade":
                 upgrade = value
             continue
-        lines.append(b"%b: %b\r\n" % (name, value))
+        extend((name, b": ", value, b"\r\n"))
     if named:
-        drop = set(named) - {b"close", b"keep-alive", b"upgrade"}
-        if drop:
-            lines = [lines[0]] + [
-                line for line in lines[1:] if line.split(b":", 1)[0].lower() not in drop
-            ]
+        drop = set(named) - _CONNECTION_PLAIN
+        parts = parts[:1]
+        for name, value in headers:
+            lname = name.lower()
+            if lname not in _RESPONSE_DROP and lname not in drop:
+                parts += (name, b": ", value, b"\r\n")
     if websocket:
-        lines += (b"Connection: Upgrade\r\nUpgrade: ", upgrade or b"websocket", b"\r\n\r\n")
-        return b"".join(lines), FRAME_NONE, False
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade or b"websocket", b"\r\n\r\n")
+        return b"".join(parts), FRAME_NONE, False
     if not has_body:
         frame = FRAME_NONE
         if content_length is not None and status >= 200 and status != 204:
-            lines.append(b"Content-Length: %b\r\n" % content_length)
+            parts += (b"Content-Length: ", content_length, b"\r\n")
     elif content_length is not None:
         frame = FRAME_LENGTH
-        lines.append(b"Content-Length: %b\r\n" % content_length)
+        parts += (b"Content-Length: ", content_length, b"\r\n")
     elif client_http11:
         frame = FRAME_CHUNKED
-        lines.append(b"Transfer-Encoding: chunked\r\n")
+        parts.append(b"Transfer-Encoding: chunked\r\n")
     else:
         frame = FRAME_CLOSE
         keep_alive = False
     if not keep_alive:
-        lines.append(b"Connection: close\r\n")
+        parts.append(b"Connection: close\r\n\r\n")
     elif not client_http11:
-        lines.append(b"Connection: keep-alive\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines), frame, keep_alive
+        parts.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts), frame, keep_alive
 
 
 def render_interim(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -144,6 +145,8 @@ class Exchange:
         "attempts",
         "tried_local",
         "tried_remote",
+        "up_out",
+        "out",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead):
@@ -174,6 +177,10 @@ class Exchange:
         self.attempts = 0
         self.tried_local = False
         self.tried_remote = False
+        # Bytes for each side, gathered while one read is parsed and written
+        # once after it: one send per read, like a C proxy, not one per piece.
+        self.up_out: list[bytes] = []
+        self.out: list[bytes] = []
 
     # --- routing and attempts ---------------------------------------------------
 
@@ -256,8 +263,9 @@ class Exchange:
             )
         if client.write_paused:
             conn.pause_reading()
-        transport = conn.transport
-        transport.write(data)
+        up_out = self.up_out
+        up_out.clear()
+        up_out.append(data)
         pending = self.pending
         if self.sent:  # a retry: what the last attempt sent goes first
             pending = self.sent + pending
@@ -266,16 +274,37 @@ class Exchange:
         if pending:
             self.pending = []
             for chunk in pending:
-                self.send_body(transport, chunk)
+                self.send_body(chunk)
         if self.request_complete and head.body == BODY_CHUNKED:
-            transport.write(b"0\r\n\r\n")
+            up_out.append(b"0\r\n\r\n")
+        if not client.feeding:  # else the client's read ends with a flush
+            self.flush_up()
         client.unpause(PAUSE_CONNECTING)
 
-    def send_body(self, transport: Any, chunk: bytes) -> None:
-        if self.head.body == BODY_CHUNKED:
-            transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+    def flush_up(self) -> None:
+        up_out = self.up_out
+        conn = self.upstream
+        if conn is not None and not conn.closed:
+            if len(up_out) == 1:
+                conn.transport.write(up_out[0])
+            else:
+                conn.transport.writelines(up_out)
+        up_out.clear()
+
+    def flush(self) -> None:
+        """Write what this upstream read produced for the client, in one send."""
+        out = self.out
+        if len(out) == 1:
+            self.client.transport.write(out[0])
         else:
-            transport.write(chunk)
+            self.client.transport.writelines(out)
+        out.clear()
+
+    def send_body(self, chunk: bytes) -> None:
+        if self.head.body == BODY_CHUNKED:
+            self.up_out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+        else:
+            self.up_out.append(chunk)
         sent = self.sent
         if sent is not None:
             self.sent_size += len(chunk)
@@ -291,6 +320,7 @@ class Exchange:
         if conn is not None:
             self.upstream = None
             conn.close()
+        self.up_out.clear()  # kept in self.sent for a retry
         server.stats.count_failure(self.backend, kind)
         if self.final:
             self.abort_client()
@@ -323,17 +353,17 @@ class Exchange:
     # --- request body from the client ------------------------------------------
 
     def request_body(self, chunk: bytes) -> None:
-        conn = self.upstream
-        if conn is not None:
-            self.send_body(conn.transport, chunk)
+        if self.upstream is not None:
+            self.send_body(chunk)
+            if not self.client.feeding:
+                self.flush_up()
         elif not self.done:
             self.pending.append(chunk)
 
     def request_done(self) -> None:
         self.request_complete = True
-        conn = self.upstream
-        if conn is not None and self.head.body == BODY_CHUNKED:
-            conn.transport.write(b"0\r\n\r\n")
+        if self.upstream is not None and self.head.body == BODY_CHUNKED:
+            self.up_out.append(b"0\r\n\r\n")
 
     # --- response parser callbacks ---------------------------------------------
 
@@ -361,10 +391,10 @@ class Exchange:
                     101, self.reason, self.resp_headers, has_body=False, client_http11=True,
                     keep_alive=False, websocket=True,
                 )
-                client.transport.write(data)
+                self.out.append(data)
                 return
             if head.http11 and (status != 100 or (head.expect_continue and not self.continue_sent)):
-                client.transport.write(render_interim(status, self.reason, self.resp_headers))
+                self.out.append(render_interim(status, self.reason, self.resp_headers))
                 self.continue_sent = self.continue_sent or status == 100
             return
         server = self.server
@@ -383,7 +413,7 @@ class Exchange:
             self.eof_body = not any(
                 n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.resp_headers
             )
-        client.transport.write(data)
+        self.out.append(data)
         server.stats.response_head_seconds[self.backend].observe(server.loop.time() - self.t_start)
         if head.is_head:
             # llhttp would wait for the body a Content-Length announces; HEAD has none.
@@ -391,21 +421,24 @@ class Exchange:
 
     def on_body(self, body: bytes) -> None:
         if self.frame == FRAME_CHUNKED:
-            self.client.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            self.out += (b"%x\r\n" % len(body), body, b"\r\n")
         elif not self.done:
-            self.client.transport.write(body)
+            self.out.append(body)
 
     def on_message_complete(self) -> None:
         if not self.final or self.done or self.status == 101:
             return  # an interim 1xx, a HEAD answered already, or a WebSocket switching
         if self.frame == FRAME_CHUNKED:
-            self.client.transport.write(b"0\r\n\r\n")
+            self.out.append(b"0\r\n\r\n")
         self.finish(self.parser.should_keep_alive())
 
     # --- endings -------------------------------------------------------------------
 
     def finish(self, reusable: bool) -> None:
         self.done = True
+        self.parser = None  # no reference cycle: freed by refcount, not by the GC
+        if self.out:
+            self.flush()
         server = self.server
         conn = self.upstream
         if conn is not None:
@@ -428,7 +461,7 @@ class Exchange:
             return
         if self.final and self.eof_body:
             if self.frame == FRAME_CHUNKED:
-                self.client.transport.write(b"0\r\n\r\n")
+                self.out.append(b"0\r\n\r\n")
             self.finish(False)
         elif self.final:
             self.server.stats.count_failure(self.backend, "reset")
@@ -465,7 +498,9 @@ class Exchange:
         stats.tunnels += 1
         client = self.client
         if rest:
-            client.transport.write(rest)
+            self.out.append(rest)
+        if self.out:
+            self.flush()
         client.open_tunnel(conn)
 
     def timed_out(self) -> None:
@@ -481,6 +516,7 @@ class Exchange:
 
     def respond_error(self, status: int, reason: str, retry_after: int | None = None) -> None:
         self.done = True
+        self.parser = None
         self.keep_alive = False
         stats = self.server.stats
         stats.in_flight -= 1
@@ -515,6 +551,7 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        self.parser = None
         stats = self.server.stats
         stats.in_flight -= 1
         stats.client_aborts_total += 1
@@ -555,6 +592,7 @@ class ClientConnection(asyncio.Protocol):
         "upgrading",
         "eof",
         "feed_completed",
+        "feeding",
     )
 
     def __init__(self, server: ProxyServer):
@@ -582,6 +620,7 @@ class ClientConnection(asyncio.Protocol):
         self.upgrading: Exchange | None = None
         self.eof = False  # the client half-closed: answer what was asked, then close
         self.feed_completed = False  # a request ended during the current read
+        self.feeding = False  # a read is being parsed: upstream writes wait for its end
 
     # --- transport events ----------------------------------------------------------
 
@@ -604,6 +643,14 @@ class ClientConnection(asyncio.Protocol):
         if self.upgrading is not None:  # bytes after a WebSocket request, before the 101
             self.upgrading.request_body(data)
             return
+        self.feeding = True
+        self.feed(data)
+        self.feeding = False
+        exchange = self.current
+        if exchange is not None and exchange.up_out:
+            exchange.flush_up()
+
+    def feed(self, data: bytes) -> None:
         was_in_head = self.in_head
         self.feed_completed = False
         try:
@@ -647,6 +694,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.parsing = None
         self.server.connection_closed(self)
         if self.tunnel_conn is not None:
             self.server.stats.tunnels -= 1
@@ -778,7 +826,7 @@ class ClientConnection(asyncio.Protocol):
         self.replaying = True
         self.parser.feed_data(b"POST / HTTP/1.1\r\nHost: replay\r\n" + framing + b"\r\n")
         if rest:
-            self.data_received(rest)
+            self.feed(rest)
 
     def open_tunnel(self, conn: UpstreamConnection) -> None:
         self.current = None
@@ -1134,6 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
         await stop.wait()
         await server.shutdown(args.shutdown_deadline)
 
+    gc.freeze()  # what was imported stays out of the collector's scans
     try:
         import uvloop
     except ImportError:  # pragma: no cover - Windows

@@ -61,8 +61,12 @@ class UpstreamConnection(asyncio.Protocol):
             exchange.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             exchange.upstream_upgraded(data[exc.args[0] :])
+            return
         except httptools.HttpParserError as exc:
             exchange.upstream_broken(f"invalid response from upstream: {exc}")
+            return
+        if exchange.out:
+            exchange.flush()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
