@@ -42,7 +42,7 @@ class CircuitBreaker:
     'closed'
     """
 
-    __slots__ = ("settings", "state", "failures", "backoff", "retry_at")
+    __slots__ = ("backoff", "failures", "retry_at", "settings", "state")
 
     def __init__(self, settings: BreakerSettings = BreakerSettings()):
         self.settings = settings

@@ -81,20 +81,20 @@ class RequestHead:
     """A request head that passed :func:`inspect_request`, ready to render."""
 
     __slots__ = (
-        "method",
-        "target",
-        "http11",
-        "lines",
-        "names",
-        "host",
-        "forwarded_for",
         "body",
         "content_length",
-        "keep_alive",
-        "websocket",
-        "upgrade",
         "expect_continue",
+        "forwarded_for",
+        "host",
+        "http11",
         "is_head",
+        "keep_alive",
+        "lines",
+        "method",
+        "names",
+        "target",
+        "upgrade",
+        "websocket",
     )
 
     def __init__(self, method: bytes, target: bytes, http11: bool):
@@ -211,11 +211,14 @@ def inspect_request(
             keep = [i for i, n in enumerate(names) if n not in named]
             head.lines = [lines[i] for i in keep]
             head.names = [names[i] for i in keep]
-        if head.upgrade is not None and b"upgrade" in connection:
-            if head.upgrade.strip().lower() == b"websocket":
-                if method != b"GET" or head.body != BODY_NONE:
-                    return Rejection(400, "a WebSocket upgrade must be a GET without a body")
-                head.websocket = True
+        if (
+            head.upgrade is not None
+            and b"upgrade" in connection
+            and head.upgrade.strip().lower() == b"websocket"
+        ):
+            if method != b"GET" or head.body != BODY_NONE:
+                return Rejection(400, "a WebSocket upgrade must be a GET without a body")
+            head.websocket = True
     return head
 
 

@@ -33,9 +33,10 @@ import signal
 import ssl
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -87,7 +88,7 @@ class ProxySettings:
     max_header_count: int = 100  # header fields, else 431
     replay_buffer_bytes: int = 64 * 1024  # request body kept for a retry on the other side
     max_idle_per_upstream: int = 256
-    breaker: BreakerSettings = BreakerSettings()
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
     shutdown_grace: float = 1.0  # after readiness goes false, keep accepting this long
     remote_ssl_context: ssl.SSLContext | None = field(default=None, compare=False)  # None: system CAs
     tick: float = 0.5  # resolution of timeouts and idle sweeps
@@ -104,7 +105,7 @@ class _BadUpstream(Exception):
 class _RemoteRoute:
     """Everything per remote target the data path needs, computed once."""
 
-    __slots__ = ("pool", "authority", "prefix", "extra", "extra_names", "breaker")
+    __slots__ = ("authority", "breaker", "extra", "extra_names", "pool", "prefix")
 
     def __init__(self, target: RemoteTarget, pool: UpstreamPool, breaker: CircuitBreaker):
         self.pool = pool
@@ -118,35 +119,35 @@ class Exchange:
     """One request and its response; the protocol of its response parser."""
 
     __slots__ = (
-        "client",
-        "server",
-        "head",
-        "target",
+        "attempts",
         "backend",
-        "pool",
-        "upstream",
+        "client",
         "connect_task",
-        "parser",
-        "pending",
-        "sent",
-        "sent_size",
-        "request_complete",
-        "reused",
-        "status",
-        "reason",
-        "resp_headers",
-        "frame",
-        "final",
-        "eof_body",
         "continue_sent",
         "done",
+        "eof_body",
+        "final",
+        "frame",
+        "head",
         "keep_alive",
+        "out",
+        "parser",
+        "pending",
+        "pool",
+        "reason",
+        "request_complete",
+        "resp_headers",
+        "reused",
+        "sent",
+        "sent_size",
+        "server",
+        "status",
         "t_start",
-        "attempts",
+        "target",
         "tried_local",
         "tried_remote",
         "up_out",
-        "out",
+        "upstream",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead):
@@ -380,7 +381,6 @@ class Exchange:
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         head = self.head
-        client = self.client
         if status < 200:
             if status == 101:
                 if not head.websocket:
@@ -568,31 +568,31 @@ class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests, runs their exchanges in order."""
 
     __slots__ = (
-        "server",
-        "transport",
-        "parser",
-        "ip",
-        "current",
-        "parsing",
-        "queue",
-        "paused",
-        "in_head",
-        "head_bytes",
-        "raw_head_bytes",
-        "header_count",
-        "url",
-        "headers",
-        "last_activity",
-        "tunnel",
-        "tunnel_conn",
-        "write_paused",
-        "rejection",
         "closing",
-        "replaying",
-        "upgrading",
+        "current",
         "eof",
         "feed_completed",
         "feeding",
+        "head_bytes",
+        "header_count",
+        "headers",
+        "in_head",
+        "ip",
+        "last_activity",
+        "parser",
+        "parsing",
+        "paused",
+        "queue",
+        "raw_head_bytes",
+        "rejection",
+        "replaying",
+        "server",
+        "transport",
+        "tunnel",
+        "tunnel_conn",
+        "upgrading",
+        "url",
+        "write_paused",
     )
 
     def __init__(self, server: ProxyServer):

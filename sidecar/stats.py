@@ -30,7 +30,7 @@ class Histogram:
     the last slot holds those above every bound (+Inf).
     """
 
-    __slots__ = ("buckets", "counts", "sum", "count")
+    __slots__ = ("buckets", "count", "counts", "sum")
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS):
         self.buckets = buckets
@@ -70,17 +70,17 @@ class ProxyStats:
     """
 
     __slots__ = (
+        "breaker_state",
+        "client_aborts_total",
+        "fallbacks_total",
+        "in_flight",
+        "open_connections",
+        "rejected_total",
         "requests_total",
         "response_head_seconds",
         "response_seconds",
-        "fallbacks_total",
-        "upstream_failures_total",
-        "rejected_total",
-        "client_aborts_total",
-        "breaker_state",
-        "in_flight",
-        "open_connections",
         "tunnels",
+        "upstream_failures_total",
     )
 
     def __init__(self) -> None:

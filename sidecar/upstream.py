@@ -32,7 +32,7 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("pool", "transport", "exchange", "closed", "idle_since", "last_activity", "tunnel", "reading_paused")
+    __slots__ = ("closed", "exchange", "idle_since", "last_activity", "pool", "reading_paused", "transport", "tunnel")
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
@@ -130,7 +130,7 @@ class CoarseClock:
 class UpstreamPool:
     """Idle keep-alive connections to one upstream address."""
 
-    __slots__ = ("host", "port", "ssl", "server_hostname", "idle", "max_idle", "clock", "label")
+    __slots__ = ("clock", "host", "idle", "label", "max_idle", "port", "server_hostname", "ssl")
 
     def __init__(
         self,

@@ -73,7 +73,7 @@ def test_exactly_half_of_every_hundred_requests_go_remote_at_50_percent(harnesse
     h = harnesses(percentage=50)
     with httpx.Client(base_url=h.url, timeout=10) as c:
         served = [c.get(f"/echo?n={i}").headers["x-upstream"] for i in range(300)]
-    for start in range(0, 201):
+    for start in range(201):
         assert served[start : start + 100].count("remote") == 50
     assert h.remote.count() == 150 and h.local.count() == 150
 
@@ -201,7 +201,7 @@ def test_while_shutting_down_a_dead_local_model_is_a_503_with_retry_after(harnes
 
 @pytest.fixture(scope="module")
 def tls():
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca = issue_ca("test remote CA", now=now, days=1)
     pair = issue_serving_cert(ca, dns_names=["localhost"], ip_addresses=["127.0.0.1"], now=now, days=1)
     return ca, pair

@@ -11,7 +11,14 @@ import time
 import httpx
 import pytest
 
-from tests.integration.servers import LoopThread, ProxyHarness, ProxyProcess, ResponseReader, Upstream, proc_status_kib
+from tests.integration.servers import (
+    LoopThread,
+    ProxyHarness,
+    ProxyProcess,
+    ResponseReader,
+    Upstream,
+    proc_status_kib,
+)
 
 MIB = 1024 * 1024
 
