@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -492,12 +492,6 @@ def proc_status_kib(pid: int, field_name: str) -> int:
         if line.startswith(field_name + ":"):
             return int(line.split()[1])
     raise KeyError(field_name)
-
-
-@dataclass
-class SseResult:
-    events: list[tuple[int, float, float]] = field(default_factory=list)  # (i, sent, arrived)
-    complete: bool = False
 
 
 # --- the proxy in-process between two upstreams ----------------------------------------
