@@ -1,0 +1,98 @@
+"""ConfigSource of cluster mode: the sidecar's own ModelDeployment, watched.
+
+The sidecar knows its ModelDeployment by name (the injector sets
+MODELDEPLOYMENT_NAME and POD_NAMESPACE). This source lists that one object
+(fieldSelector on the name), then watches it, and yields the validated model
+every time its spec changes:
+
+- deleted or absent -> None (pass-through to the local model);
+- invalid (it slipped in while the webhook was down) -> None, and the errors
+  are logged once per resourceVersion, each with its field path;
+- the API server gone -> nothing is yielded: the last known configuration
+  stays in force while :func:`sidecar.kube.list_and_watch` reconnects with
+  jittered backoff; an expired watch (410) is resumed by listing again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from crds.model import GROUP, PLURAL, VERSION, ModelDeployment
+from crds.validation import ValidationSettings, validate_object
+from sidecar.kube import Backoff, KubeClient, Listed, WatchEvent, list_and_watch
+
+log = logging.getLogger("sidecar.clustersource")
+
+
+class ClusterConfigSource:
+    """Yields the sidecar's ModelDeployment (or None) on every change."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        namespace: str,
+        name: str,
+        *,
+        validation: ValidationSettings | None = None,
+        backoff: Backoff | None = None,
+    ):
+        self.client = client
+        self.namespace = namespace
+        self.name = name
+        self.validation = validation or ValidationSettings()
+        self.backoff = backoff
+        self.current: ModelDeployment | None = None  # the last configuration yielded
+        self._reported_invalid: str | None = None
+
+    @property
+    def path(self) -> str:
+        return f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
+
+    async def updates(self) -> AsyncIterator[ModelDeployment | None]:
+        params = {"fieldSelector": f"metadata.name={self.name}"}
+        first = True
+        last_key: Any = None
+        async for change in list_and_watch(self.client, self.path, params, backoff=self.backoff):
+            obj = self._object_of(change)
+            model = self.model_of(obj)
+            # Only spec changes matter: status writes by the controller bump the
+            # resourceVersion of the same configuration.
+            key = None if model is None else dataclasses.replace(model, resource_version="")
+            if first or key != last_key:
+                first = False
+                last_key = key
+                self.current = model
+                yield model
+
+    def _object_of(self, change: Listed | WatchEvent) -> dict[str, Any] | None:
+        if isinstance(change, Listed):
+            return next((i for i in change.items if (i.get("metadata") or {}).get("name") == self.name), None)
+        if change.type == "DELETED":
+            log.info(
+                "ModelDeployment %s/%s deleted: pass-through to the local model", self.namespace, self.name
+            )
+            return None
+        return change.object
+
+    def model_of(self, obj: dict[str, Any] | None) -> ModelDeployment | None:
+        """The validated model of one object, or None (absent or invalid, logged)."""
+        if obj is None:
+            return None
+        result = validate_object(obj, self.validation)
+        if result.ok:
+            self._reported_invalid = None
+            return result.model
+        version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        if version != self._reported_invalid:
+            self._reported_invalid = version
+            log.error(
+                "ModelDeployment %s/%s (resourceVersion %s) is invalid and treated as absent: %s",
+                self.namespace,
+                self.name,
+                version,
+                result.message(),
+            )
+        return None
