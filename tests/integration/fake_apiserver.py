@@ -40,6 +40,9 @@ class LoopbackPKI:
         (directory / "tls.key").write_bytes(serving.key_pem)
         return cls(ca, serving, directory)
 
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cadata=self.ca.cert_pem.decode())
+
     def server_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(str(self.dir / "tls.crt"), str(self.dir / "tls.key"))

@@ -1,0 +1,370 @@
+"""Authentication to the remote backend: OAuth2 client credentials, or a static header.
+
+:class:`OAuthClient` gets an access token from ``tokenUrl`` with the client
+credentials grant (RFC 6749 4.4), keeps it until shortly before it expires and
+refreshes it once for all the requests waiting on it (single flight). When the
+token endpoint fails, :meth:`OAuthClient.authorization` returns None and the
+caller serves the request locally; failed attempts back off so that a dead
+endpoint is not asked once per request. Neither the client secret nor a token
+is ever logged or shown in a repr.
+
+The data path is synchronous per request: the control side calls
+:meth:`OAuthClient.authorization` (or keeps :meth:`OAuthClient.run_refresher`
+running, which renews the token before expiry) and publishes the remote target
+with the header via :func:`with_authorization`; :meth:`OAuthClient.current`
+answers without awaiting.
+
+:class:`SecretKeyReader` reads one key of a Secret (``clientSecretRef``, or a
+static API key) through the sidecar's Kubernetes client and notices changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+from sidecar.routing import RemoteTarget
+
+log = logging.getLogger("sidecar.oauth")
+
+MAX_TOKEN_RESPONSE_BYTES = 256 * 1024
+DEFAULT_EXPIRES_IN = 300.0  # when the endpoint does not say (RFC 6749 makes expires_in optional)
+
+
+class TokenError(Exception):
+    """The token endpoint did not give a usable token. Never carries a secret."""
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    value: str = field(repr=False)
+    expires_at: float  # on the client's clock
+    lifetime: float
+
+    @property
+    def refresh_at(self) -> float:
+        """Shortly before expiry: a tenth of the lifetime, at most a minute, early."""
+        return self.expires_at - min(60.0, self.lifetime / 10)
+
+
+def parse_token_response(status: int, body: bytes, now: float) -> AccessToken:
+    """A token endpoint's answer -> the token, or TokenError naming what is wrong."""
+    try:
+        doc = json.loads(body) if body else {}
+    except ValueError:
+        doc = None
+    if status != 200:
+        code = doc.get("error") if isinstance(doc, dict) else None
+        detail = f" ({code})" if isinstance(code, str) and code.isprintable() and len(code) < 64 else ""
+        raise TokenError(f"the token endpoint answered {status}{detail}")
+    if not isinstance(doc, dict):
+        raise TokenError("the token endpoint's answer is not a JSON object")
+    token = doc.get("access_token")
+    if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
+        raise TokenError("the token endpoint's answer has no usable access_token")
+    token_type = doc.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise TokenError(f"token_type must be Bearer, got {str(token_type)[:20]!r}")
+    expires_in = doc.get("expires_in", DEFAULT_EXPIRES_IN)
+    if isinstance(expires_in, str) and expires_in.isdigit():
+        expires_in = int(expires_in)
+    if not isinstance(expires_in, int | float) or isinstance(expires_in, bool) or expires_in <= 0:
+        raise TokenError("expires_in must be a positive number of seconds")
+    return AccessToken(token, now + float(expires_in), float(expires_in))
+
+
+def basic_credentials(client_id: str, secret: str) -> str:
+    """RFC 6749 2.3.1: both form-urlencoded, then HTTP Basic."""
+    pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """What to ask the token endpoint; the secret stays out of repr."""
+
+    token_url: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    scope: str | None = None
+    auth_method: str = "basic"  # "basic" (client_secret_basic) or "post" (client_secret_post)
+
+    def __post_init__(self) -> None:
+        url = urlsplit(self.token_url)
+        if url.scheme not in ("https", "http") or not url.hostname:
+            raise ValueError(f"tokenUrl must be an https URL, got {self.token_url!r}")
+        if self.auth_method not in ("basic", "post"):
+            raise ValueError(f"auth_method must be basic or post, got {self.auth_method!r}")
+
+    def encode(self) -> tuple[dict[str, str], bytes]:
+        """Extra headers and the form body."""
+        form = {"grant_type": "client_credentials"}
+        if self.scope:
+            form["scope"] = self.scope
+        headers = {}
+        if self.auth_method == "basic":
+            headers["Authorization"] = basic_credentials(self.client_id, self.client_secret)
+        else:
+            form.update(client_id=self.client_id, client_secret=self.client_secret)
+        return headers, urlencode(form).encode()
+
+
+async def post_token_request(
+    request: TokenRequest, ssl_context: ssl.SSLContext | None, timeout: float
+) -> tuple[int, bytes]:
+    """POST the form over a fresh connection; returns status and body."""
+    url = urlsplit(request.token_url)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    context = (ssl_context or ssl.create_default_context()) if url.scheme == "https" else None
+    extra, body = request.encode()
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {url.netloc.rpartition('@')[2]}",
+        "Content-Type: application/x-www-form-urlencoded",
+        "Accept: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in extra.items()),
+    ]
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=context, server_hostname=host if context else None
+        )
+        try:
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+            await writer.drain()
+            raw = await reader.read(MAX_TOKEN_RESPONSE_BYTES + 1)
+            while len(raw) <= MAX_TOKEN_RESPONSE_BYTES and (more := await reader.read(65536)):
+                raw += more
+        finally:
+            writer.transport.abort()  # Connection: close; and a timed-out read must not linger
+    if len(raw) > MAX_TOKEN_RESPONSE_BYTES:
+        raise TokenError("the token endpoint's answer is too large")
+    return _split_response(raw)
+
+
+def _split_response(raw: bytes) -> tuple[int, bytes]:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise TokenError("the token endpoint's answer is not HTTP")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        body = _dechunk(body)
+    elif b"content-length" in headers:
+        body = body[: int(headers[b"content-length"])]
+    return int(parts[1]), body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, pos = [], 0
+    while True:
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            raise TokenError("the token endpoint's chunked answer is cut short")
+        size = int(data[pos:end].split(b";")[0], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(data[end + 2 : end + 2 + size])
+        pos = end + 2 + size + 2
+
+
+PostFn = Callable[[TokenRequest, ssl.SSLContext | None, float], Awaitable[tuple[int, bytes]]]
+
+
+class OAuthClient:
+    """The Authorization header for the remote backend, from client credentials."""
+
+    def __init__(
+        self,
+        token_url: str,
+        client_id: str,
+        client_secret: str | None,
+        *,
+        scope: str | None = None,
+        auth_method: str = "basic",
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 5.0,
+        retry_min: float = 1.0,
+        retry_max: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        post: PostFn = post_token_request,
+    ):
+        TokenRequest(token_url, client_id, "", scope, auth_method)  # validates early
+        self.token_url = token_url
+        self.client_id = client_id
+        self._secret = client_secret
+        self.scope = scope
+        self.auth_method = auth_method
+        self.ssl_context = ssl_context
+        self.timeout = timeout
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self._clock = clock
+        self._post = post
+        self._token: AccessToken | None = None
+        self._inflight: asyncio.Future[str | None] | None = None
+        self._failures = 0
+        self._retry_at = -float("inf")
+        self.fetches = 0  # token requests sent
+
+    def __repr__(self) -> str:
+        return f"OAuthClient(token_url={self.token_url!r}, client_id={self.client_id!r})"
+
+    # -- the hook for the data path -------------------------------------------------------------
+
+    def current(self) -> str | None:
+        """The header if a token is held and not expired; never waits."""
+        token = self._token
+        if token is not None and self._clock() < token.expires_at:
+            return f"Bearer {token.value}"
+        return None
+
+    async def authorization(self) -> str | None:
+        """``Bearer <token>``, fetching or refreshing it if needed; None = serve locally."""
+        now = self._clock()
+        token = self._token
+        if token is not None and now < token.refresh_at:
+            return f"Bearer {token.value}"
+        if self._inflight is None:
+            if now < self._retry_at:  # the endpoint failed a moment ago: don't ask again yet
+                return self.current()
+            self._inflight = asyncio.ensure_future(self._refresh())
+        return await asyncio.shield(self._inflight)
+
+    def invalidate(self) -> None:
+        """Drop the token (the remote refused it with 401): the next call fetches one."""
+        self._token = None
+        self._retry_at = -float("inf")
+
+    def set_secret(self, client_secret: str | None) -> None:
+        """The referenced Secret changed: tokens from the old secret are dropped."""
+        if client_secret != self._secret:
+            self._secret = client_secret
+            self.invalidate()
+            self._failures = 0
+
+    async def run_refresher(self, on_change: Callable[[str | None], None]) -> None:
+        """Keeps a fresh token forever, calling ``on_change`` whenever the header changes."""
+        last: str | None = None
+        while True:
+            header = await self.authorization()
+            if header != last:
+                last = header
+                on_change(header)
+            token, now = self._token, self._clock()
+            if token is not None and now < token.refresh_at:
+                wait = token.refresh_at - now
+            else:  # failing: try again when allowed, and drop the header when it expires
+                wait = self._retry_at - now
+                if token is not None and now < token.expires_at:
+                    wait = min(wait, token.expires_at - now)
+            await asyncio.sleep(max(0.05, wait))
+
+    # -- fetching ---------------------------------------------------------------------------------
+
+    async def _refresh(self) -> str | None:
+        try:
+            if not self._secret:
+                raise TokenError("no client secret (is the referenced Secret readable?)")
+            request = TokenRequest(self.token_url, self.client_id, self._secret, self.scope, self.auth_method)
+            self.fetches += 1
+            status, body = await self._post(request, self.ssl_context, self.timeout)
+            token = parse_token_response(status, body, self._clock())
+        except (TokenError, OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+            delay = min(self.retry_max, self.retry_min * 2**self._failures)
+            self._failures += 1
+            self._retry_at = self._clock() + delay
+            log.warning(
+                "no access token from %s: %s; serving locally, next attempt in %.0f s",
+                self.token_url,
+                _describe(exc),
+                delay,
+            )
+            return self.current()
+        finally:
+            self._inflight = None
+        self._token = token
+        self._failures = 0
+        self._retry_at = -float("inf")
+        return f"Bearer {token.value}"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, TokenError):
+        return str(exc)
+    return type(exc).__name__ + (f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else "")
+
+
+def with_authorization(target: RemoteTarget, header: str | None, name: str = "Authorization") -> RemoteTarget:
+    """The remote target carrying ``name: header`` (replacing any such header)."""
+    kept = tuple((k, v) for k, v in target.headers if k.lower() != name.lower())
+    if header is None:
+        return replace(target, headers=kept)
+    return replace(target, headers=(*kept, (name, header)))
+
+
+# --- Secrets -----------------------------------------------------------------------------------------
+
+
+class SecretKeyReader:
+    """One key of one Secret in the sidecar's namespace, read with GET (the Role grants get only)."""
+
+    def __init__(self, client: Any, namespace: str, name: str, key: str):
+        self.client = client
+        self.namespace = namespace
+        self.name = name
+        self.key = key
+        self.version = ""
+
+    def __repr__(self) -> str:
+        return f"SecretKeyReader({self.namespace}/{self.name}[{self.key}])"
+
+    async def read(self) -> str | None:
+        """The key's value (decoded), or None when the Secret or key is missing or unreadable."""
+        from sidecar.kube import KubeError
+
+        path = f"/api/v1/namespaces/{self.namespace}/secrets/{self.name}"
+        try:
+            secret = await self.client.get(path)
+        except (KubeError, OSError, TimeoutError, ssl.SSLError) as exc:
+            log.warning(
+                "cannot read Secret %s/%s: %s", self.namespace, self.name, type(exc).__name__ + f" {exc}"
+            )
+            return None
+        self.version = str((secret.get("metadata") or {}).get("resourceVersion") or "")
+        data = secret.get("data") or {}
+        if self.key not in data:
+            log.warning("Secret %s/%s has no key %r", self.namespace, self.name, self.key)
+            return None
+        try:
+            return base64.b64decode(data[self.key], validate=True).decode("utf-8").strip()
+        except ValueError:
+            log.warning("Secret %s/%s key %r is not base64 UTF-8 text", self.namespace, self.name, self.key)
+            return None
+
+    async def follow(self, on_value: Callable[[str | None], None], period: float = 60.0) -> None:
+        """Reads every ``period`` seconds; calls ``on_value`` when the value changes."""
+        last: Any = object()
+        while True:
+            value = await self.read()
+            if value != last:
+                last = value
+                on_value(value)
+            await asyncio.sleep(period)
