@@ -15,12 +15,14 @@ import base64
 import datetime as dt
 import json
 import subprocess
+import textwrap
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import kubernetes
 import pytest
+import yaml
 from controlplane.process import wait_until
 from cryptography import x509
 from paths import REPO_ROOT
@@ -194,6 +196,53 @@ def test_rbac_objects_exist_and_bind_the_webhook_service_account(release):
     ]:
         answer = release.kube.kubectl("auth", "can-i", verb, resource, "--as", sa, "-A")
         assert answer.stdout.strip() == allowed, (verb, resource, answer.stdout, answer.stderr)
+
+
+def test_sidecar_cluster_role_bound_as_the_notes_say_grants_the_sidecar_role(release, namespace):
+    """The RoleBinding printed by the NOTES, applied as printed (namespace default swapped for
+    a test namespace), lets the workload's service account read what the sidecar reads there,
+    and nothing more."""
+    kube = release.kube
+    role_file = yaml.safe_load((CHART / "files" / "sidecar-role.yaml").read_text())
+    stored = kube.kubectl("get", "clusterrole", f"{RELEASE}-sidecar", "-o", "json")
+    assert stored.returncode == 0, stored.stderr
+    assert json.loads(stored.stdout)["rules"] == role_file["rules"]
+    notes = release.install_output
+    start = notes.rindex("\n", 0, notes.index("apiVersion: rbac.authorization.k8s.io/v1")) + 1
+    binding = notes[start : notes.index("YAML", start)]
+    binding = textwrap.dedent(binding).replace("namespace: default", f"namespace: {namespace}")
+    applied = kube.kubectl("apply", "-f", "-", stdin=binding)
+    assert applied.returncode == 0, applied.stderr + binding
+    sa = f"system:serviceaccount:{namespace}:default"
+    for verb, group, resource, where, allowed in [
+        ("watch", "deployment.beamlit.com", "modeldeployments", namespace, True),
+        ("list", "", "pods", namespace, True),
+        ("get", "apps", "deployments", namespace, True),
+        ("list", "metrics.k8s.io", "pods", namespace, True),
+        ("list", "", "pods", "kube-system", False),
+        ("get", "", "secrets", namespace, False),
+        ("update", "deployment.beamlit.com", "modeldeployments", namespace, False),
+    ]:
+        assert _allowed(kube, sa, verb, group, resource, where) is allowed, (verb, group, resource, where)
+
+
+def _allowed(kube, user: str, verb: str, group: str, resource: str, namespace: str) -> bool:
+    """The API server's own authorization decision (a SubjectAccessReview)."""
+    review = kubernetes.client.AuthorizationV1Api(kube.api_client).create_subject_access_review(
+        {
+            "spec": {
+                "user": user,
+                "groups": ["system:serviceaccounts", f"system:serviceaccounts:{user.split(':')[2]}"],
+                "resourceAttributes": {
+                    "verb": verb,
+                    "group": group,
+                    "resource": resource,
+                    "namespace": namespace,
+                },
+            }
+        }
+    )
+    return review.status.allowed
 
 
 def test_registered_webhooks_are_consulted_with_their_failure_policies(release, namespace):
