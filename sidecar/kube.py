@@ -203,7 +203,9 @@ class _Connection:
         self.writer = writer
 
     def close(self) -> None:
-        self.writer.close()
+        # No TLS close_notify dance: nothing more is read, and a graceful close
+        # would outlive an event loop that is being shut down.
+        self.writer.transport.abort()
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, dict[str, str]]:

@@ -1,0 +1,242 @@
+"""The sidecar's cluster side on the real control plane, with the credentials a sidecar
+really has: a ServiceAccount token bound to the sidecar's minimal Role
+(charts/offload/files/sidecar-role.yaml), in a kubeconfig standing in for the
+in-cluster files.
+
+- The Role allows exactly what the sidecar reads, and no Secret.
+- The cluster ConfigSource follows edits of its ModelDeployment (percentage, remote
+  host, enabled) through its watch, with no further list.
+- PodMetrics come through the aggregation layer from a FAKE metrics server
+  (tests/e2e/fake_metrics_server.py: there are no kubelets to measure anything) and
+  the HPA evaluation over the Deployment's kwok pods crosses the target both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import modeldeployments as md
+import pytest
+import yaml
+from controlplane.process import wait_until
+from fake_metrics_server import FakeMetricsServer
+from paths import REPO_ROOT, TUTORIAL_CLUSTER_A
+
+from sidecar.clustersource import ClusterConfigSource
+from sidecar.kube import ApiError, Backoff, KubeClient, load_kubeconfig
+from sidecar.podmetrics import PodMetricSource
+
+pytestmark = pytest.mark.e2e
+
+ROLE_FILE = REPO_ROOT / "charts" / "offload" / "files" / "sidecar-role.yaml"
+CLUSTER_ROLE = "offload-sidecar-e2e"
+ACCOUNT = "model-server"
+
+
+def apply(kube, doc: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> None:
+    docs = doc if isinstance(doc, list) else [doc]
+    args = ["apply", "-f", "-"] + (["-n", namespace] if namespace else [])
+    done = kube.kubectl(*args, stdin=yaml.safe_dump_all(docs))
+    assert done.returncode == 0, done.stderr
+
+
+def modeldeployment(namespace: str, **changes: Any) -> dict[str, Any]:
+    doc = md.variant(
+        "my-model",
+        {
+            "spec.modelSourceRef.namespace": namespace,
+            "spec.serviceRef.namespace": namespace,
+            **{k.replace("__", "."): v for k, v in changes.items()},
+        },
+    )
+    doc["metadata"]["namespace"] = namespace
+    return doc
+
+
+@pytest.fixture
+def sidecar_kubeconfig(kube, namespace, tmp_path) -> Path:
+    """A kubeconfig with the token of a ServiceAccount bound to the sidecar's Role only."""
+    rules = yaml.safe_load(ROLE_FILE.read_text())["rules"]
+    apply(kube, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": CLUSTER_ROLE}, "rules": rules})  # fmt: skip
+    for args in (
+        ("create", "serviceaccount", ACCOUNT, "-n", namespace),
+        ("create", "rolebinding", "offload-sidecar", f"--clusterrole={CLUSTER_ROLE}",
+         f"--serviceaccount={namespace}:{ACCOUNT}", "-n", namespace),
+    ):  # fmt: skip
+        done = kube.kubectl(*args)
+        assert done.returncode == 0, done.stderr
+    token = kube.kubectl("create", "token", ACCOUNT, "-n", namespace, "--duration=1h")
+    assert token.returncode == 0, token.stderr
+    admin = yaml.safe_load(Path(kube.kubeconfig).read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    path = tmp_path / "sidecar-kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "e2e", "cluster": cluster}],
+                "users": [{"name": ACCOUNT, "user": {"token": token.stdout.strip()}}],
+                "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": ACCOUNT}}],
+                "current-context": "e2e",
+            }
+        )
+    )
+    return path
+
+
+def test_the_sidecar_role_allows_what_the_sidecar_reads_and_no_secret(
+    kube, namespace, modeldeployment_crd, sidecar_kubeconfig
+) -> None:
+    apply(kube, modeldeployment(namespace))
+    kube.kubectl(
+        "create", "secret", "generic", "remote-credentials", "--from-literal=clientSecret=x", "-n", namespace
+    )
+    apply(kube, list(yaml.safe_load_all(TUTORIAL_CLUSTER_A.read_text())), namespace)
+
+    async def scenario() -> None:
+        client = KubeClient(load_kubeconfig(sidecar_kubeconfig))
+        try:
+            listed = await client.get(
+                f"/apis/deployment.beamlit.com/v1alpha1/namespaces/{namespace}/modeldeployments",
+                {"fieldSelector": "metadata.name=my-model"},
+            )
+            assert [i["metadata"]["name"] for i in listed["items"]] == ["my-model"]
+            deployment = await client.get(f"/apis/apps/v1/namespaces/{namespace}/deployments/php-apache")
+            assert deployment["spec"]["selector"] == {"matchLabels": {"run": "php-apache"}}
+            await client.get(f"/api/v1/namespaces/{namespace}/pods", {"labelSelector": "run=php-apache"})
+            refused = [
+                f"/api/v1/namespaces/{namespace}/secrets/remote-credentials",
+                f"/api/v1/namespaces/{namespace}/secrets",
+                "/apis/deployment.beamlit.com/v1alpha1/namespaces/default/modeldeployments",
+                f"/api/v1/namespaces/{namespace}/services/php-apache",
+            ]
+            for path in refused:
+                with pytest.raises(ApiError) as caught:
+                    await client.get(path)
+                assert caught.value.status == 403, path
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_cluster_source_follows_edits_through_its_watch(
+    kube, namespace, modeldeployment_crd, sidecar_kubeconfig, capsys
+) -> None:
+    apply(kube, modeldeployment(namespace))
+    edits = [
+        ({"spec.offloadingConfig.behavior.percentage": 30}, lambda m: m.spec.offloading_config.behavior.percentage == 30),
+        ({"spec.offloadingConfig.remoteBackend.host": "other-cluster:8080"},
+         lambda m: m.spec.offloading_config.remote_backend.host == "other-cluster:8080"),
+        ({"spec.enabled": False}, lambda m: m.spec.enabled is False),
+    ]  # fmt: skip
+    latencies: list[float] = []
+
+    async def scenario() -> None:
+        client = KubeClient(load_kubeconfig(sidecar_kubeconfig))
+        source = ClusterConfigSource(client, namespace, "my-model", backoff=Backoff(base=0.1, cap=1))
+        updates = source.updates()
+        first = await asyncio.wait_for(anext(updates), 30)
+        assert first is not None and first.spec.offloading_config.behavior.percentage == 50
+        for changes, expected in edits:
+            patch = {}
+            for dotted, value in changes.items():
+                node = patch
+                *head, last = dotted.split(".")
+                for key in head:
+                    node = node.setdefault(key, {})
+                node[last] = value
+            done = await asyncio.to_thread(
+                kube.kubectl, "patch", "modeldeployment", "my-model", "-n", namespace, "--type=merge", "-p", json.dumps(patch)
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            started = time.monotonic()
+            model = await asyncio.wait_for(anext(updates), 10)
+            latencies.append(time.monotonic() - started)
+            assert model is not None and expected(model), model
+        # Every edit came through one watch: one list, one watch request in all.
+        assert client.requests == 2
+        done = await asyncio.to_thread(kube.kubectl, "delete", "modeldeployment", "my-model", "-n", namespace)
+        assert done.returncode == 0, done.stderr
+        assert await asyncio.wait_for(anext(updates), 10) is None
+        await updates.aclose()
+        await client.close()
+
+    asyncio.run(scenario())
+    with capsys.disabled():
+        print(
+            f"\n[e2e] ModelDeployment edit -> sidecar update after kubectl returned: {[f'{x * 1000:.0f} ms' for x in latencies]}"
+        )
+
+
+@pytest.fixture
+def fake_metrics_server(kube, tmp_path) -> Iterator[FakeMetricsServer]:
+    with FakeMetricsServer(tmp_path / "fake-metrics") as server:
+        apply(kube, server.registration())
+        api = kubernetes.client.ApiregistrationV1Api(kube.api_client)
+
+        def available() -> bool:
+            status = api.read_api_service("v1beta1.metrics.k8s.io").status
+            return any(c.type == "Available" and c.status == "True" for c in (status.conditions or []))
+
+        wait_until(
+            "the APIService v1beta1.metrics.k8s.io to be Available", available, 60, alive=kube.processes
+        )
+        yield server
+        kube.kubectl("delete", "apiservice", "v1beta1.metrics.k8s.io", "--ignore-not-found")
+        kube.kubectl("delete", "service", server.service, "-n", server.namespace, "--ignore-not-found")
+
+
+def test_pod_metrics_through_the_aggregation_layer_cross_the_target_both_ways(
+    kube, namespace, modeldeployment_crd, sidecar_kubeconfig, fake_metrics_server
+) -> None:
+    apply(kube, list(yaml.safe_load_all(TUTORIAL_CLUSTER_A.read_text())), namespace)
+    kube.kubectl("scale", "deployment/php-apache", "--replicas=2", "-n", namespace)
+    core = kubernetes.client.CoreV1Api(kube.api_client)
+
+    def ready_pods() -> list[str]:
+        pods = core.list_namespaced_pod(namespace, label_selector="run=php-apache").items
+        ready = [
+            p.metadata.name
+            for p in pods
+            if p.status.phase == "Running"
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]
+        return ready if len(ready) == 2 else []
+
+    wait_until("two Running, Ready php-apache pods", ready_pods, 60, alive=kube.processes)
+    pods = ready_pods()
+    time.sleep(2)  # a sample must postdate readiness by its window (1 s), as the HPA requires for cpu
+    model = ClusterConfigSource(None, namespace, "my-model").model_of(modeldeployment(namespace))  # type: ignore[arg-type]
+    assert model is not None
+
+    def serve_usage(cpu: str) -> None:
+        for pod in pods:
+            fake_metrics_server.set_usage(
+                namespace, pod, {"run": "php-apache"}, {"php-apache": {"cpu": cpu, "memory": "10Mi"}}
+            )
+
+    async def observe() -> Any:
+        client = KubeClient(load_kubeconfig(sidecar_kubeconfig))
+        try:
+            source = PodMetricSource(client, lambda: model)
+            [observation] = await source.observe(model.spec.offloading_config.metrics)
+            return observation
+        finally:
+            await client.close()
+
+    serve_usage("180m")  # 90% of the 200m request, against a 50% target
+    hot = asyncio.run(observe())
+    assert (hot.current, hot.target) == (90, 50), hot.reason
+    assert hot.reason == "2 pods"
+    serve_usage("40m")
+    cool = asyncio.run(observe())
+    assert cool.current == 20, cool.reason
+    assert any("/namespaces/" + namespace + "/pods" in r for r in fake_metrics_server.requests)
