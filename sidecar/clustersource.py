@@ -17,12 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from crds.model import GROUP, PLURAL, VERSION, ModelDeployment
 from crds.validation import ValidationSettings, validate_object
-from sidecar.kube import Backoff, KubeClient, Listed, WatchEvent, list_and_watch
+from sidecar.kube import (
+    Backoff,
+    KubeClient,
+    Listed,
+    WatchEvent,
+    in_cluster_config,
+    list_and_watch,
+    load_kubeconfig,
+)
+from sidecar.podmetrics import DEFAULT_PERIOD_SECONDS, PodMetricSource
 
 log = logging.getLogger("sidecar.clustersource")
 
@@ -96,3 +108,33 @@ class ClusterConfigSource:
                 result.message(),
             )
         return None
+
+
+@dataclass
+class ClusterMode:
+    """The cluster-mode sources, wired to one client (close it on shutdown)."""
+
+    client: KubeClient
+    config: ClusterConfigSource
+    metrics: PodMetricSource
+
+
+def cluster_mode_from_env(
+    env: Mapping[str, str] | None = None, *, poll_period: float = DEFAULT_PERIOD_SECONDS
+) -> ClusterMode | None:
+    """Cluster mode when the injector's environment says so, else None (standalone).
+
+    POD_NAMESPACE and MODELDEPLOYMENT_NAME select it; credentials come from
+    KUBECONFIG when set (tests, development), else from the pod's service account.
+    Raises sidecar.kube.ConfigError when the credentials are unusable.
+    """
+    env = os.environ if env is None else env
+    namespace, name = env.get("POD_NAMESPACE"), env.get("MODELDEPLOYMENT_NAME")
+    if not namespace or not name:
+        return None
+    kubeconfig = env.get("KUBECONFIG")
+    credentials = load_kubeconfig(Path(kubeconfig)) if kubeconfig else in_cluster_config(env)
+    client = KubeClient(credentials)
+    config = ClusterConfigSource(client, namespace, name)
+    metrics = PodMetricSource(client, lambda: config.current, period=poll_period)
+    return ClusterMode(client, config, metrics)

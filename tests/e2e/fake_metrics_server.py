@@ -23,7 +23,7 @@ import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from certs.issue import issue_ca, issue_serving_cert
@@ -57,7 +57,7 @@ class FakeMetricsServer:
             target=self._server.serve_forever, name="fake-metrics-server", daemon=True
         )
 
-    def __enter__(self) -> FakeMetricsServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

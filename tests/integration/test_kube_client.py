@@ -340,3 +340,23 @@ def test_the_token_never_appears_in_logs(tmp_path: Path, caplog: pytest.LogCaptu
     run(scenario, tmp_path)
     assert "401" in caplog.text
     assert "very-secret-token" not in caplog.text
+
+
+def test_cluster_mode_is_chosen_by_the_injectors_environment(tmp_path: Path) -> None:
+    from sidecar.clustersource import cluster_mode_from_env
+
+    assert cluster_mode_from_env({"POD_NAMESPACE": "models"}) is None
+    pki = LoopbackPKI.create(tmp_path / "pki")
+    server = FakeApiServer(pki, COLLECTION)
+    server.port = 1
+    kubeconfig = server.kubeconfig(tmp_path / "kubeconfig")
+    mode = cluster_mode_from_env(
+        {"POD_NAMESPACE": "models", "MODELDEPLOYMENT_NAME": "my-model", "KUBECONFIG": str(kubeconfig)},
+        poll_period=5,
+    )
+    assert mode is not None
+    assert (mode.config.namespace, mode.config.name, mode.metrics.period) == ("models", "my-model", 5)
+    assert mode.client.config.server == "https://127.0.0.1:1"
+    assert mode.metrics.model() is None  # follows the config source's current ModelDeployment
+    with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
+        cluster_mode_from_env({"POD_NAMESPACE": "models", "MODELDEPLOYMENT_NAME": "my-model"})
