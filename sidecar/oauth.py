@@ -368,3 +368,28 @@ class SecretKeyReader:
                 last = value
                 on_value(value)
             await asyncio.sleep(period)
+
+
+def oauth_for(
+    model: Any, client: Any, ssl_context: ssl.SSLContext | None = None
+) -> tuple[OAuthClient, SecretKeyReader | None] | None:
+    """The OAuth client a ModelDeployment's remote needs, and the reader of its secret.
+
+    None when the remote has no OAuth config. The secret starts unknown when it
+    comes from a Secret: run ``reader.follow(oauth.set_secret)`` beside the proxy.
+    """
+    config = model.spec.offloading_config
+    backend = config.remote_backend if config else None
+    auth = backend.auth_config if backend else None
+    oauth_config = auth.oauth_config if auth else None
+    if oauth_config is None or not oauth_config.token_url or not oauth_config.client_id:
+        return None
+    ref = oauth_config.client_secret_ref
+    reader = SecretKeyReader(client, model.namespace, ref.name, ref.key) if ref is not None else None
+    oauth = OAuthClient(
+        oauth_config.token_url,
+        oauth_config.client_id,
+        None if reader is not None else oauth_config.client_secret,
+        ssl_context=ssl_context,
+    )
+    return oauth, reader

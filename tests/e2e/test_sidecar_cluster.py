@@ -240,3 +240,51 @@ def test_pod_metrics_through_the_aggregation_layer_cross_the_target_both_ways(
     cool = asyncio.run(observe())
     assert cool.current == 20, cool.reason
     assert any("/namespaces/" + namespace + "/pods" in r for r in fake_metrics_server.requests)
+
+
+def test_the_per_modeldeployment_rules_open_exactly_the_referenced_secret(
+    kube, namespace, modeldeployment_crd, sidecar_kubeconfig
+) -> None:
+    from sidecar.oauth import SecretKeyReader
+    from sidecar.podmetrics import sidecar_rules_for
+
+    doc = modeldeployment(
+        namespace,
+        spec__offloadingConfig__remoteBackend__scheme="https",
+        spec__offloadingConfig__remoteBackend__authConfig={
+            "type": "oauth",
+            "oauthConfig": {
+                "clientId": "offloader",
+                "tokenUrl": "https://auth.example/token",
+                "clientSecretRef": {"name": "remote-credentials"},
+            },
+        },
+    )
+    model = ClusterConfigSource(None, namespace, "my-model").model_of(doc)  # type: ignore[arg-type]
+    assert model is not None
+    rules = sidecar_rules_for(model)
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "my-model-sidecar"}, "rules": rules}  # fmt: skip
+    apply(kube, role, namespace)
+    done = kube.kubectl(
+        "create", "rolebinding", "my-model-sidecar", "--role=my-model-sidecar",
+        f"--serviceaccount={namespace}:{ACCOUNT}", "-n", namespace,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for name, value in (("remote-credentials", "s3cret"), ("unrelated", "other")):
+        done = kube.kubectl(
+            "create", "secret", "generic", name, f"--from-literal=clientSecret={value}", "-n", namespace
+        )
+        assert done.returncode == 0, done.stderr
+
+    async def scenario() -> None:
+        client = KubeClient(load_kubeconfig(sidecar_kubeconfig))
+        try:
+            assert (
+                await SecretKeyReader(client, namespace, "remote-credentials", "clientSecret").read()
+                == "s3cret"
+            )
+            assert await SecretKeyReader(client, namespace, "unrelated", "clientSecret").read() is None
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())

@@ -144,3 +144,39 @@ def test_an_invalidated_token_is_fetched_again() -> None:
 
 def test_access_token_refresh_point() -> None:
     assert AccessToken("x", expires_at=1000, lifetime=1000).refresh_at == 940
+
+
+def test_oauth_for_a_modeldeployment_reads_its_secret_reference() -> None:
+    import copy
+    from pathlib import Path
+
+    import yaml
+
+    from crds.validation import validate_object
+    from sidecar.oauth import oauth_for
+
+    tutorial = yaml.safe_load(
+        (Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text()
+    )
+    assert oauth_for(validate_object(tutorial).model, client=None) is None
+    obj = copy.deepcopy(tutorial)
+    obj["spec"]["offloadingConfig"]["remoteBackend"]["authConfig"] = {
+        "type": "oauth",
+        "oauthConfig": {
+            "clientId": "offloader",
+            "tokenUrl": "https://auth.example/token",
+            "clientSecretRef": {"name": "remote-credentials", "key": "secret"},
+        },
+    }
+    model = validate_object(obj).model
+    assert model is not None
+    found = oauth_for(model, client=object())
+    assert found is not None
+    oauth, reader = found
+    assert (oauth.token_url, oauth.client_id) == ("https://auth.example/token", "offloader")
+    assert reader is not None and (reader.namespace, reader.name, reader.key) == (
+        model.namespace,
+        "remote-credentials",
+        "secret",
+    )
+    assert oauth.current() is None
