@@ -1,0 +1,388 @@
+"""The sidecar process: sources -> decision -> RoutingTable -> proxy, plus the admin port.
+
+    ConfigSource ---ModelDeployment|None---> Controller.apply_config ---+
+                                                                        |--> RoutingTable --> ProxyServer
+    MetricSource --observations every poll--> Controller.evaluate ------+
+                                              (decision.step, pure)
+
+Standalone mode takes the ModelDeployment from a file and CPU from the local
+machine; cluster mode (chosen by the injector's POD_NAMESPACE and
+MODELDEPLOYMENT_NAME, see :func:`sidecar.clustersource.cluster_mode_from_env`)
+watches the API server and evaluates metrics as the HPA does. Everything after
+the sources is the same code.
+
+A ModelDeployment that is absent, invalid, ``enabled: false`` or without a
+remote backend means pass-through: every request goes to the local model.
+SIGTERM (or SIGINT) drains: readiness fails at once, then the proxy finishes
+what is in flight up to the shutdown deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from crds.model import ModelDeployment
+from sidecar.admin import AdminServer, ControlView
+from sidecar.decision import INITIAL, Decision, DecisionState, step
+from sidecar.interfaces import ConfigSource, MetricObservation, MetricSource
+from sidecar.proxy import ProxyServer, ProxySettings
+from sidecar.routing import RemoteTarget, RoutePlan, RoutingTable
+from sidecar.stats import ProxyStats
+
+log = logging.getLogger("sidecar")
+
+FIRST_CONFIG_WAIT = 5.0  # seconds the proxy waits for the first configuration before serving
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    """Everything the process needs, as parsed from the command line."""
+
+    upstream: tuple[str, int]
+    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    admin_listen: tuple[str, int] = ("0.0.0.0", 9090)
+    config_path: Path | None = None  # standalone mode's ModelDeployment file
+    poll_interval: float = 1.0  # seconds between metric evaluations (and file checks)
+    cpu_request: float | None = None  # cores; the utilization reference
+    memory_request: int | None = None  # bytes
+    cpu_window: float = 10.0  # seconds of CPU history behind each utilization figure
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    cpu_pid: int | None = None  # measure this process tree instead of the cgroup
+    shutdown_deadline: float = 30.0
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+
+
+# --- the pure part of the wiring ---------------------------------------------------------------
+
+
+def passthrough_reason(model: ModelDeployment | None) -> str | None:
+    """Why this configuration means pure pass-through, or None when it can offload."""
+    if model is None:
+        return "no valid ModelDeployment: every request goes to the local model"
+    if not model.spec.enabled:
+        return "the ModelDeployment is disabled (enabled: false): every request goes to the local model"
+    config = model.spec.offloading_config
+    if config is None or config.remote_backend is None:
+        return "no remoteBackend configured: every request goes to the local model"
+    return None
+
+
+def plan_for(model: ModelDeployment | None, offloading: bool) -> RoutePlan:
+    """The RoutePlan of a configuration and a decision."""
+    if passthrough_reason(model) is not None:
+        return RoutePlan()
+    assert model is not None and model.spec.offloading_config is not None
+    config = model.spec.offloading_config
+    assert config.remote_backend is not None
+    return RoutePlan(
+        remote=RemoteTarget.from_backend(config.remote_backend),
+        percentage=config.behavior.percentage,
+        offloading=offloading,
+    )
+
+
+class Controller:
+    """The control state of one sidecar; ``apply_config`` and ``evaluate`` move it.
+
+    Owns the RoutingTable's plan. Clocks are passed in: ``clock`` (monotonic)
+    drives the decision windows, ``wall`` only dates the transitions shown.
+    """
+
+    def __init__(
+        self,
+        routing: RoutingTable,
+        metrics: MetricSource,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        mode: str = "standalone",
+        source: str = "",
+        upstream: str = "",
+        listen: str = "",
+        config_errors: Callable[[], tuple[str, ...]] = tuple,
+    ):
+        self.routing = routing
+        self.metrics = metrics
+        self.clock = clock
+        self.wall = wall
+        self.mode = mode
+        self.source = source
+        self.upstream = upstream
+        self.listen = listen
+        self.config_errors = config_errors
+        self.model: ModelDeployment | None = None
+        self.state: DecisionState = INITIAL
+        self.decision: Decision | None = None
+        self.observations: tuple[MetricObservation, ...] = ()
+        self.offloading_since: float | None = None
+        self.transitions = {"on": 0, "off": 0}
+        self.authorization: str | None = None  # the remote's Authorization header, when it needs one
+        self.needs_authorization = False
+        self._reason = "starting"
+        self._lock = asyncio.Lock()
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def apply_config(self, model: ModelDeployment | None) -> None:
+        previous = self.model
+        self.model = model
+        why_not = passthrough_reason(model)
+        if why_not is not None:
+            if self.state.offloading:
+                self._transition(False, why_not)
+            self.state = INITIAL
+            self.decision = None
+            self.observations = ()
+            if why_not != self._reason:
+                log.info("pass-through: %s", why_not.split(":")[0])
+            self._reason = why_not
+        elif previous is None or passthrough_reason(previous) is not None:
+            log.info("offloading configured: %s", self._describe_target(model))
+        self._publish()
+
+    def set_authorization(self, header: str | None) -> None:
+        """The remote's current Authorization header (None: no token: serve locally)."""
+        self.authorization = header
+        self._publish()
+
+    async def evaluate(self) -> Decision | None:
+        """Observe the metrics once, step the decision, publish the plan."""
+        async with self._lock:
+            model = self.model
+            if passthrough_reason(model) is not None:
+                return None
+            assert model is not None and model.spec.offloading_config is not None
+            config = model.spec.offloading_config
+            observations = await self.metrics.observe(config.metrics) if config.metrics else []
+            if model is not self.model:
+                return None  # the configuration changed while observing: the next poll decides
+            decision = step(self.state, observations, self.clock(), config.behavior)
+            self.observations = tuple(observations)
+            self.decision = decision
+            self.state = decision.state
+            self._reason = decision.reason
+            if decision.changed:
+                self._transition(decision.offloading, decision.reason)
+            self._publish()
+            return decision
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def _transition(self, offloading: bool, reason: str) -> None:
+        if offloading:
+            self.transitions["on"] += 1
+            self.offloading_since = self.wall()
+            plan = plan_for(self.model, True)
+            log.info(
+                "offloading started: %d%% of requests to %s: %s",
+                plan.percentage,
+                self._describe_target(self.model),
+                reason,
+            )
+        else:
+            self.transitions["off"] += 1
+            self.offloading_since = None
+            log.info("offloading stopped: every request to the local model: %s", reason)
+
+    @staticmethod
+    def _describe_target(model: ModelDeployment | None) -> str:
+        plan = plan_for(model, False)
+        if plan.remote is None:
+            return "nowhere"
+        r = plan.remote
+        return f"{r.scheme}://{r.authority}{r.path_prefix}"
+
+    def plan(self) -> RoutePlan:
+        plan = plan_for(self.model, self.state.offloading)
+        if plan.remote is not None and self.needs_authorization:
+            if self.authorization is None:
+                return replace(plan, remote=None)  # no token yet: the remote cannot be used
+            from sidecar.oauth import with_authorization
+
+            plan = replace(plan, remote=with_authorization(plan.remote, self.authorization))
+        return plan
+
+    def _publish(self) -> None:
+        plan = self.plan()
+        if plan != self.routing.plan:
+            self.routing.update(plan)
+
+    def view(self) -> ControlView:
+        return ControlView(
+            mode=self.mode,
+            source=self.source,
+            model=self.model,
+            config_errors=self.config_errors(),
+            observations=self.observations,
+            decision=self.decision,
+            plan=self.routing.plan,
+            reason=self._reason,
+            offloading_since=self.offloading_since,
+            transitions=tuple(self.transitions.items()),
+            upstream=self.upstream,
+            listen=self.listen,
+        )
+
+
+# --- the process ------------------------------------------------------------------------------------
+
+
+def _fmt_addr(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Sidecar:
+    """The running process: proxy, admin port, control loops. ``run`` until ``stop``."""
+
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        config: ConfigSource,
+        metrics: MetricSource,
+        *,
+        mode: str = "standalone",
+        source: str = "",
+        kube_client: Any = None,
+        config_errors: Callable[[], tuple[str, ...]] = tuple,
+    ):
+        self.settings = settings
+        self.config = config
+        self.kube_client = kube_client
+        self.stats = ProxyStats()
+        self.routing = RoutingTable()
+        self.ready = False
+        self.proxy = ProxyServer(
+            self.routing, settings.upstream, settings.proxy, self.stats, on_ready_change=self._ready_changed
+        )
+        self.controller = Controller(
+            self.routing,
+            metrics,
+            mode=mode,
+            source=source,
+            upstream=_fmt_addr(settings.upstream),
+            listen=_fmt_addr(settings.listen),
+            config_errors=config_errors,
+        )
+        self.admin = AdminServer(self.controller.view, self.stats, lambda: self.ready)
+        self.stop = asyncio.Event()
+        self.proxy_port = 0
+        self.admin_port = 0
+        self._first_config = asyncio.Event()
+        self._auth_task: asyncio.Task[None] | None = None
+        self._auth_key: Any = None
+
+    def _ready_changed(self, ready: bool) -> None:
+        self.ready = ready
+
+    async def _follow_config(self) -> None:
+        async for model in self.config.updates():
+            self.controller.apply_config(model)
+            self._configure_auth(model)
+            self._first_config.set()
+            await self.controller.evaluate()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            try:
+                await self.controller.evaluate()
+            except Exception:  # a source's bug must not stop the control loop
+                log.exception("metric evaluation failed; keeping the current decision")
+
+    def _configure_auth(self, model: ModelDeployment | None) -> None:
+        """Keep an OAuth token for the remote when its authConfig asks for one."""
+        backend = None
+        if passthrough_reason(model) is None:
+            assert model is not None and model.spec.offloading_config is not None
+            backend = model.spec.offloading_config.remote_backend
+        auth = backend.auth_config if backend is not None else None
+        key = (model.namespace if model else None, auth)
+        if key == self._auth_key:
+            return
+        self._auth_key = key
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+            self._auth_task = None
+        self.controller.needs_authorization = False
+        self.controller.authorization = None
+        if auth is None or auth.oauth_config is None:
+            self.controller.set_authorization(None)
+            return
+        from sidecar.oauth import oauth_for
+
+        made = oauth_for(model, self.kube_client)
+        self.controller.needs_authorization = True
+        if made is None:
+            log.error("remoteBackend.authConfig is incomplete: requests stay local")
+            self.controller.set_authorization(None)
+            return
+        oauth, reader = made
+        if reader is not None and self.kube_client is None:
+            log.error(
+                "remoteBackend.authConfig.oauthConfig.clientSecretRef needs cluster mode (a Secret); "
+                "in standalone mode give clientSecret inline: requests stay local"
+            )
+            self.controller.set_authorization(None)
+            return
+
+        async def keep() -> None:
+            if reader is not None:
+                await asyncio.gather(
+                    reader.follow(oauth.set_secret), oauth.run_refresher(self.controller.set_authorization)
+                )
+            else:
+                await oauth.run_refresher(self.controller.set_authorization)
+
+        self._auth_task = asyncio.create_task(keep())
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+
+    async def run(self, on_started: Callable[[Sidecar], None] | None = None) -> None:
+        s = self.settings
+        tasks: list[asyncio.Task[None]] = []
+        started = False
+        try:
+            self.admin_port = await self.admin.start(*s.admin_listen)
+            tasks.append(asyncio.create_task(self._follow_config()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FIRST_CONFIG_WAIT):
+                    await self._first_config.wait()
+            if not self._first_config.is_set():
+                log.warning("no configuration after %.0f s: pass-through meanwhile", FIRST_CONFIG_WAIT)
+            tasks.append(asyncio.create_task(self._poll()))
+            self.proxy_port = await self.proxy.start(*s.listen)
+            started = True
+            self.controller.listen = _fmt_addr((s.listen[0], self.proxy_port))
+            log.info(
+                "proxy on %s -> local model %s; admin on %s",
+                _fmt_addr((s.listen[0], self.proxy_port)),
+                _fmt_addr(s.upstream),
+                _fmt_addr((s.admin_listen[0], self.admin_port)),
+            )
+            if on_started is not None:
+                on_started(self)
+            await self.stop.wait()
+            log.info("shutting down: draining for up to %.0f s", s.shutdown_deadline)
+        finally:
+            self.ready = False
+            for task in (*tasks, self._auth_task):
+                if task is not None:
+                    task.cancel()
+            if started:
+                await self.proxy.shutdown(s.shutdown_deadline)
+            await self.admin.close()
+            if self.kube_client is not None:
+                await self.kube_client.close()
+            log.info("stopped")
