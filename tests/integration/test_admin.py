@@ -1,0 +1,284 @@
+"""The admin port: Prometheus exposition, /status without secrets, and the server on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from crds.model import OffloadingBehavior
+from sidecar.admin import AdminServer, ControlView, configuration_document, render_metrics, status_document
+from sidecar.decision import INITIAL, step
+from sidecar.filesource import parse_document
+from sidecar.interfaces import MetricObservation
+from sidecar.routing import RemoteTarget, RoutePlan
+from sidecar.stats import ProxyStats
+
+TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
+TUTORIAL = (TESTDATA / "modeldeployments" / "tutorial.yaml").read_text()
+CPU = "resource cpu on pods (as a percentage of request)"
+REMOTE = RemoteTarget("http", "my-model-on-another-cluster", 80, "my-model-on-another-cluster:80")
+
+SECRET_TUTORIAL = TUTORIAL.replace(
+    "      scheme: http\n",
+    "      scheme: https\n"
+    "      headersToAdd:\n"
+    "        X-Api-Key: sk-very-secret-key\n"
+    "      authConfig:\n"
+    "        type: oauth\n"
+    "        oauthConfig:\n"
+    "          clientId: sidecar\n"
+    "          tokenUrl: https://auth.example/token\n"
+    "          clientSecret: inline-client-secret\n",
+).replace("my-model-on-another-cluster:80", "my-model-on-another-cluster:443")
+
+
+def busy_stats() -> ProxyStats:
+    stats = ProxyStats()
+    for _ in range(7):
+        stats.count_response("local", 200)
+    for _ in range(3):
+        stats.count_response("remote", 200)
+    stats.count_response("local", 503)
+    stats.count_rejection(400)
+    stats.count_fallback("remote", "local", "connect")
+    stats.count_failure("remote", "connect")
+    for seconds in (0.0001, 0.003, 0.2, 400.0):
+        stats.response_seconds["local"].observe(seconds)
+    stats.breaker_state = "open"
+    stats.in_flight = 2
+    return stats
+
+
+def offloading_view(observations=None) -> ControlView:
+    model = parse_document(TUTORIAL).model
+    observations = observations or [
+        MetricObservation(CPU, 80.0, 50.0, "cgroup v2"),
+        MetricObservation('"queue \\ depth" on pods', None, 10.0, "not available in standalone mode"),
+    ]
+    decision = step(INITIAL, observations, 0, OffloadingBehavior(percentage=50, sustain_seconds=0))
+    return ControlView(
+        model=model,
+        observations=tuple(observations),
+        decision=decision,
+        plan=RoutePlan(remote=REMOTE, percentage=50, offloading=True),
+        reason=decision.reason,
+        offloading_since=1_700_000_000.0,
+        transitions=(("on", 1), ("off", 0)),
+    )
+
+
+# --- Prometheus exposition ----------------------------------------------------------------------
+
+SAMPLE = re.compile(
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*\})? (\S+)$'
+)
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    """Checks the text format line by line; returns {'name{labels}': value}."""
+    assert text.endswith("\n")
+    typed: dict[str, str] = {}
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name not in typed, f"family {name} declared twice"
+            typed[name] = kind
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        name = match.group(1)
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in typed else name
+        assert family in typed, f"{name} has no TYPE"
+        key = line.rsplit(" ", 1)[0]
+        assert key not in samples, f"duplicate series {key}"
+        samples[key] = float(match.group(4))
+    return samples
+
+
+def test_metrics_render_in_the_text_format_with_the_counts():
+    samples = parse_exposition(render_metrics(offloading_view(), busy_stats(), ready=True))
+    assert samples['offload_sidecar_requests_total{backend="local",code="2xx"}'] == 7
+    assert samples['offload_sidecar_requests_total{backend="remote",code="2xx"}'] == 3
+    assert samples['offload_sidecar_requests_total{backend="local",code="5xx"}'] == 1
+    assert samples['offload_sidecar_requests_total{backend="proxy",code="4xx"}'] == 1
+    assert samples['offload_sidecar_fallbacks_total{from="remote",to="local",reason="connect"}'] == 1
+    assert samples['offload_sidecar_upstream_failures_total{backend="remote",kind="connect"}'] == 1
+    assert samples['offload_sidecar_rejected_requests_total{code="400"}'] == 1
+    assert samples["offload_sidecar_breaker_open"] == 1
+    assert samples["offload_sidecar_in_flight_requests"] == 2
+    assert samples["offload_sidecar_offloading"] == 1
+    assert samples["offload_sidecar_offload_share_ratio"] == 0.5
+    assert samples['offload_sidecar_offloading_transitions_total{to="on"}'] == 1
+    assert samples["offload_sidecar_ready"] == 1
+    assert samples["offload_sidecar_config_loaded"] == 1
+    assert samples["process_resident_memory_bytes"] > 0
+
+
+def test_metric_series_carry_the_metric_name_escaped_and_unknowns_are_absent_not_zero():
+    samples = parse_exposition(render_metrics(offloading_view(), ProxyStats(), ready=True))
+    assert samples[f'offload_sidecar_metric_ratio{{metric="{CPU}"}}'] == 1.6
+    assert samples[f'offload_sidecar_observed_value{{metric="{CPU}"}}'] == 80
+    assert samples[f'offload_sidecar_target_value{{metric="{CPU}"}}'] == 50
+    assert samples[f'offload_sidecar_metric_available{{metric="{CPU}"}}'] == 1
+    queue = 'metric="\\"queue \\\\ depth\\" on pods"'
+    assert samples[f"offload_sidecar_metric_available{{{queue}}}"] == 0
+    assert samples[f"offload_sidecar_target_value{{{queue}}}"] == 10
+    assert f"offload_sidecar_metric_ratio{{{queue}}}" not in samples
+
+
+def test_latency_histograms_are_cumulative_and_end_at_the_count():
+    samples = parse_exposition(render_metrics(ControlView(), busy_stats(), ready=False))
+    name = "offload_sidecar_request_duration_seconds"
+    buckets = [(k, v) for k, v in samples.items() if k.startswith(f'{name}_bucket{{backend="local"')]
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts)
+    assert buckets[0] == (f'{name}_bucket{{backend="local",le="0.0005"}}', 1)
+    assert buckets[-1] == (f'{name}_bucket{{backend="local",le="+Inf"}}', 4)
+    assert samples[f'{name}_count{{backend="local"}}'] == 4
+    assert samples[f'{name}_sum{{backend="local"}}'] == pytest.approx(400.2031)
+    assert samples["offload_sidecar_ready"] == 0
+    assert samples["offload_sidecar_config_loaded"] == 0
+    assert samples["offload_sidecar_offload_share_ratio"] == 0
+
+
+def test_names_follow_prometheus_conventions():
+    text = render_metrics(offloading_view(), busy_stats(), ready=True)
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert re.fullmatch(r"[a-z_]+", name), name
+            if kind == "counter":
+                assert name.endswith("_total"), name
+            if kind == "histogram":
+                assert name.endswith("_seconds"), name
+            assert "percent" not in name and "millis" not in name, name
+
+
+# --- /status -------------------------------------------------------------------------------------
+
+
+def test_status_has_the_configuration_observations_decision_and_counters():
+    doc = status_document(offloading_view(), busy_stats(), ready=True)
+    json.dumps(doc)  # serialisable
+    assert doc["ready"] is True
+    assert doc["configuration"]["offloadingConfig"]["behavior"]["percentage"] == 50
+    assert doc["configuration"]["offloadingConfig"]["metrics"][0]["resource"]["target"] == {
+        "type": "Utilization",
+        "averageUtilization": 50,
+    }
+    assert doc["observations"][0]["display"] == "80%/50%"
+    assert doc["observations"][0]["ratio"] == 1.6
+    assert doc["observations"][1]["current"] is None
+    assert doc["decision"]["offloading"] is True
+    assert "above target" in doc["decision"]["reason"]
+    assert doc["decision"]["offloadingSince"] == "2023-11-14T22:13:20Z"
+    assert doc["routing"] == {
+        "remote": "http://my-model-on-another-cluster:80",
+        "percentage": 50,
+        "activePercentage": 50,
+    }
+    assert doc["counters"]["local"] == 8 and doc["counters"]["remote"] == 3
+    assert doc["counters"]["breaker"] == "open"
+
+
+def test_status_never_shows_a_secret():
+    model = parse_document(SECRET_TUTORIAL).model
+    assert model is not None
+    text = json.dumps(status_document(ControlView(model=model), ProxyStats(), ready=True))
+    assert "sk-very-secret-key" not in text
+    assert "inline-client-secret" not in text
+    remote = configuration_document(model)["offloadingConfig"]["remoteBackend"]
+    assert remote["headersToAdd"] == {"X-Api-Key": "<redacted>"}
+    assert remote["authConfig"]["oauthConfig"]["clientId"] == "sidecar"
+    assert remote["authConfig"]["oauthConfig"]["clientSecret"] == "<redacted>"
+
+
+# --- the server on a real socket -----------------------------------------------------------------
+
+
+async def exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+def get(path: str, method: str = "GET") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode()
+
+
+def serve(test):
+    async def main():
+        state = {"ready": False}
+        server = AdminServer(offloading_view, busy_stats(), lambda: state["ready"])
+        port = await server.start("127.0.0.1", 0)
+        try:
+            await test(port, state)
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_healthz_and_readyz_follow_readiness():
+    async def test(port, state):
+        assert (await exchange(port, get("/healthz")))[0] == 200
+        status, _, body = await exchange(port, get("/readyz"))
+        assert (status, body) == (503, b"not ready\n")
+        state["ready"] = True
+        assert (await exchange(port, get("/readyz")))[0] == 200
+
+    serve(test)
+
+
+def test_metrics_and_status_over_http():
+    async def test(port, state):
+        status, headers, body = await exchange(port, get("/metrics"))
+        assert status == 200
+        assert headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert int(headers["content-length"]) == len(body)
+        assert parse_exposition(body.decode())["offload_sidecar_offloading"] == 1
+        status, headers, body = await exchange(port, get("/status?pretty=1"))
+        assert status == 200 and headers["content-type"] == "application/json"
+        assert json.loads(body)["routing"]["activePercentage"] == 50
+
+    serve(test)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "fragment"),
+    [
+        (get("/nope"), 404, b"/healthz /readyz /metrics /status"),
+        (get("/metrics", "POST"), 405, b"method POST not allowed"),
+        (b"GARBAGE\r\n\r\n", 400, b"malformed request line"),
+        (b"GET http://elsewhere/ HTTP/1.1\r\n\r\n", 400, b"malformed"),
+        (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, b"over 8 KiB"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(request_bytes, status, fragment):
+    async def test(port, state):
+        got, _, body = await exchange(port, request_bytes)
+        assert got == status
+        assert fragment in body
+
+    serve(test)
+
+
+def test_head_gets_the_head_without_a_body():
+    async def test(port, state):
+        status, headers, body = await exchange(port, get("/metrics", "HEAD"))
+        assert status == 200 and int(headers["content-length"]) > 100 and body == b""
+
+    serve(test)
