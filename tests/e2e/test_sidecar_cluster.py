@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes
 import modeldeployments as md
 import pytest
@@ -288,3 +292,181 @@ def test_the_per_modeldeployment_rules_open_exactly_the_referenced_secret(
             await client.close()
 
     asyncio.run(scenario())
+
+
+# --- the sidecar process in cluster mode ---------------------------------------------------------
+
+
+class SidecarProcess:
+    """offload-sidecar in cluster mode, with a kubeconfig standing in for the pod's credentials."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, upstream_port: int, logs: Path):
+        from controlplane.net import free_port
+
+        self.port, self.admin_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "POD_NAME": "php-apache-0",
+            "POD_NAMESPACE": namespace,
+            "MODELDEPLOYMENT_NAME": "my-model",
+            "KUBECONFIG": str(kubeconfig),
+        }
+        self.log_path = logs
+        self._log = logs.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "sidecar.cli",
+                "--upstream", f"127.0.0.1:{upstream_port}",
+                "--listen", f"127.0.0.1:{self.port}",
+                "--admin-listen", f"127.0.0.1:{self.admin_port}",
+                "--poll-interval", "1s",
+            ],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def status(self) -> dict[str, Any]:
+        with httpx.Client(timeout=5) as client:
+            return client.get(f"http://127.0.0.1:{self.admin_port}/status").json()
+
+    def wait_for(self, what: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30) -> float:
+        """Polls /status until ``predicate`` holds; returns how long that took."""
+        started = time.monotonic()
+
+        def check() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"offload-sidecar exited ({self.proc.returncode}):\n{self.log_tail()}")
+            return predicate(self.status())
+
+        try:
+            wait_until(what, check, timeout, interval=0.02)
+        except TimeoutError as exc:
+            raise AssertionError(
+                f"{exc}\nlast /status: {json.dumps(self.status(), indent=1)}\n{self.log_tail()}"
+            ) from None
+        return time.monotonic() - started
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+def test_a_sidecar_process_follows_its_modeldeployment_and_offloads_while_the_workload_is_hot(
+    kube, namespace, modeldeployment_crd, sidecar_kubeconfig, fake_metrics_server, tmp_path, capsys
+) -> None:
+    from tests.integration.servers import LoopThread, Upstream
+
+    apply(kube, list(yaml.safe_load_all(TUTORIAL_CLUSTER_A.read_text())), namespace)
+    kube.kubectl("scale", "deployment/php-apache", "--replicas=2", "-n", namespace)
+    with LoopThread() as loop:
+        local = loop.run(Upstream.started("local"))
+        remote = loop.run(Upstream.started("remote"))
+        other_remote = loop.run(Upstream.started("other-remote"))
+        apply(
+            kube,
+            modeldeployment(
+                namespace,
+                spec__offloadingConfig__remoteBackend__host=f"127.0.0.1:{remote.port}",
+                spec__offloadingConfig__behavior={
+                    "percentage": 50,
+                    "sustainSeconds": 0,
+                    "cooldownSeconds": 0,
+                },
+            ),
+        )
+        core = kubernetes.client.CoreV1Api(kube.api_client)
+
+        def pods() -> list[str]:
+            items = core.list_namespaced_pod(namespace, label_selector="run=php-apache").items
+            ready = [
+                p.metadata.name
+                for p in items
+                if p.status.phase == "Running"
+                and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+            ]
+            return ready if len(ready) == 2 else []
+
+        wait_until("two Running, Ready php-apache pods", pods, 60, alive=kube.processes)
+        ready_pods = pods()
+        time.sleep(2)  # samples must postdate readiness by their window (the HPA's cpu rule)
+
+        def usage(cpu: str) -> None:
+            for pod in ready_pods:
+                fake_metrics_server.set_usage(
+                    namespace, pod, {"run": "php-apache"}, {"php-apache": {"cpu": cpu, "memory": "10Mi"}}
+                )
+
+        def send(n: int) -> list[str]:
+            with httpx.Client(base_url=f"http://127.0.0.1:{sidecar.port}", timeout=10) as client:
+                return [client.get("/v1/echo").json()["server"] for _ in range(n)]
+
+        def patch(doc: dict[str, Any]) -> None:
+            done = kube.kubectl(
+                "patch", "modeldeployment", "my-model", "-n", namespace, "--type=merge", "-p", json.dumps(doc)
+            )
+            assert done.returncode == 0, done.stderr
+
+        usage("40m")  # 20% of request: cool
+        sidecar = SidecarProcess(sidecar_kubeconfig, namespace, local.port, tmp_path / "sidecar.log")
+        try:
+            sidecar.wait_for(
+                "the sidecar to read its ModelDeployment and evaluate it as cool",
+                lambda s: s["ready"] and s["mode"] == "cluster" and s["observations"]
+                and s["observations"][0]["current"] == 20,
+            )  # fmt: skip
+            assert sidecar.status()["decision"]["offloading"] is False
+            assert set(send(10)) == {"local"}
+
+            # Hot: 90% against a 50% target -> offloading at 50%, exactly every other request.
+            usage("180m")
+            sidecar.wait_for("offloading to start", lambda s: s["decision"]["offloading"] is True)
+            assert sidecar.status()["observations"][0]["display"] == "90%/50%"
+            served = send(20)
+            assert served.count("remote") == 10 and served.count("local") == 10
+            assert len(remote.requests) == 10
+
+            # Edits of the ModelDeployment, seen on /status.
+            latencies = {}
+            patch({"spec": {"offloadingConfig": {"behavior": {"percentage": 100}}}})
+            latencies["percentage"] = sidecar.wait_for(
+                "percentage 100", lambda s: s["routing"]["activePercentage"] == 100
+            )
+            assert set(send(5)) == {"remote"}
+            patch(
+                {"spec": {"offloadingConfig": {"remoteBackend": {"host": f"127.0.0.1:{other_remote.port}"}}}}
+            )
+            latencies["remote host"] = sidecar.wait_for(
+                "the new remote host",
+                lambda s: s["routing"]["remote"] == f"http://127.0.0.1:{other_remote.port}",
+            )
+            assert set(send(5)) == {"other-remote"}
+            patch({"spec": {"enabled": False}})
+            latencies["enabled"] = sidecar.wait_for(
+                "pass-through", lambda s: s["routing"]["activePercentage"] == 0
+            )
+            assert set(send(5)) == {"local"}
+            patch({"spec": {"enabled": True}})
+            sidecar.wait_for("offloading again", lambda s: s["routing"]["activePercentage"] == 100)
+
+            # Cool again: offloading stops; no more requests reach a remote.
+            before = len(other_remote.requests)
+            usage("40m")
+            sidecar.wait_for("offloading to stop", lambda s: s["decision"]["offloading"] is False)
+            assert set(send(10)) == {"local"}
+            assert len(other_remote.requests) == before
+            transitions = sidecar.status()["decision"]["transitions"]
+            assert transitions, transitions
+        finally:
+            sidecar.stop()
+            for server in (local, remote, other_remote):
+                loop.run(server.stop())
+    with capsys.disabled():
+        print(f"\n[e2e] sidecar process: edit -> /status after kubectl returned: "
+              f"{ {k: f'{v * 1000:.0f} ms' for k, v in latencies.items()} }")  # fmt: skip
