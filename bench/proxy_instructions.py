@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from proxy_bench import free_port, start_nginx, wait_port  # noqa: E402
+from proxy_bench import free_port, start_nginx, wait_port
 
 GET = (
     b"GET /1k?q=1 HTTP/1.1\r\nHost: model.example\r\nUser-Agent: bench/1.0\r\nAccept: */*\r\n"
@@ -114,9 +114,11 @@ def measure(tmp: Path, upstream: int, workload: str, requests: int, annotate: bo
         if not dumps:
             raise RuntimeError("callgrind wrote no dump")
         if annotate:
-            text = subprocess.run(["callgrind_annotate", "--threshold=100", "--auto=no",
-                                   str(dumps[-1])], capture_output=True, text=True).stdout
-            print("\n".join(text.splitlines()[:120]))
+            text = subprocess.run(["callgrind_annotate", "--threshold=100", "--auto=no", str(dumps[-1])],
+                                  capture_output=True, text=True, check=True).stdout
+            # Skip the frames every instruction runs under (main, the loop, ...).
+            own = [line for line in text.splitlines() if "%)" in line and not re.search(r"\((?:100|9\d)\.", line)]
+            print("\n".join(own[:60]))
         return callgrind_total(dumps[-1]) / requests
     finally:
         proc.terminate()
