@@ -463,10 +463,15 @@ def test_a_sidecar_process_follows_its_modeldeployment_and_offloads_while_the_wo
             assert len(other_remote.requests) == before
             transitions = sidecar.status()["decision"]["transitions"]
             assert transitions, transitions
+            rss = next(
+                line.split()[1]
+                for line in Path(f"/proc/{sidecar.proc.pid}/status").read_text().splitlines()
+                if line.startswith("VmRSS:")
+            )
         finally:
             sidecar.stop()
             for server in (local, remote, other_remote):
                 loop.run(server.stop())
     with capsys.disabled():
         print(f"\n[e2e] sidecar process: edit -> /status after kubectl returned: "
-              f"{ {k: f'{v * 1000:.0f} ms' for k, v in latencies.items()} }")  # fmt: skip
+              f"{ {k: f'{v * 1000:.0f} ms' for k, v in latencies.items()} }; RSS {int(rss) / 1024:.1f} MiB")  # fmt: skip
