@@ -288,15 +288,18 @@ class Sidecar:
             self.controller.apply_config(model)
             self._configure_auth(model)
             self._first_config.set()
+            await self._evaluate()
+
+    async def _evaluate(self) -> None:
+        try:
             await self.controller.evaluate()
+        except Exception:  # a source's bug must not stop the control loop
+            log.exception("metric evaluation failed; keeping the current decision")
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.settings.poll_interval)
-            try:
-                await self.controller.evaluate()
-            except Exception:  # a source's bug must not stop the control loop
-                log.exception("metric evaluation failed; keeping the current decision")
+            await self._evaluate()
 
     def _configure_auth(self, model: ModelDeployment | None) -> None:
         """Keep an OAuth token for the remote when its authConfig asks for one."""
