@@ -322,7 +322,7 @@ class Sidecar:
             return
         from sidecar.oauth import oauth_for
 
-        made = oauth_for(model, self.kube_client)
+        made = oauth_for(model, self.kube_client, self.settings.proxy.remote_ssl_context)
         self.controller.needs_authorization = True
         if made is None:
             log.error("remoteBackend.authConfig is incomplete: requests stay local")
