@@ -1,0 +1,264 @@
+"""Injection decisions as table tests: overrides, the model's port, conflicts, reasons."""
+
+from __future__ import annotations
+
+import copy
+
+import jsonpatch
+import pytest
+
+from crds.model import ModelDeployment, ModelDeploymentSpec, ObjectReference, ServiceReference
+from tests.unit.podcheck import pod_problems
+from webhook.injection import (
+    CONFIG_VERSION_ANNOTATION,
+    INJECTED_ANNOTATION,
+    WARNED,
+    Reason,
+    ServiceInfo,
+    ServicePort,
+    apply_overrides,
+    inject,
+    resolve_model_port,
+)
+from webhook.injector_config import ConfigError, InjectorConfig
+from webhook.selection import SELECTED, CachedModelDeployment, Selection, Workload
+
+CONFIG = InjectorConfig(
+    image="reg.example/offload:1", config_version="v1",
+    resources={"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+)
+
+
+def pod(*, ports=({"name": "http", "containerPort": 8080},), annotations=None, **spec):
+    meta = {"generateName": "llm-5d4c-", "labels": {"app": "llm"}}
+    if annotations is not None:
+        meta["annotations"] = annotations
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": meta,
+        "spec": {"containers": [{"name": "model", "image": "model:1", "ports": list(ports)}], **spec},
+    }
+
+
+LLM_SERVICE_REF = ServiceReference(name="llm", target_port=80)
+
+
+def selection(service_ref=LLM_SERVICE_REF):
+    spec = ModelDeploymentSpec(model="m", model_source_ref=ObjectReference(name="llm"), service_ref=service_ref)
+    chosen = CachedModelDeployment(ModelDeployment(name="my-md", namespace="models", spec=spec))
+    return Selection(SELECTED, chosen, Workload("Deployment", "models", "llm", None), "selected")
+
+
+SERVICE = ServiceInfo("models", "llm", (ServicePort(80, "http"),))
+
+
+def sidecar_of(outcome):
+    spec = outcome.pod["spec"]
+    found = [c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == "offload-proxy"]
+    assert len(found) == 1
+    return found[0]
+
+
+def env_of(container):
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+# --- the injected container --------------------------------------------------------------------
+
+
+def test_the_injected_sidecar_is_a_hardened_native_sidecar_with_its_environment():
+    outcome = inject(pod(), selection(), SERVICE, CONFIG)
+    assert outcome.reason is Reason.INJECTED and outcome.warnings == ()
+    c = sidecar_of(outcome)
+    assert outcome.pod["spec"]["initContainers"][-1] is c and c["restartPolicy"] == "Always"
+    assert c["image"] == "reg.example/offload:1" and c["command"] == ["offload-sidecar"]
+    assert c["ports"] == [
+        {"name": "offload-proxy", "containerPort": 15080, "protocol": "TCP"},
+        {"name": "offload-admin", "containerPort": 15090, "protocol": "TCP"},
+    ]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "offload-admin", "scheme": "HTTP"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "offload-admin", "scheme": "HTTP"}
+    assert c["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False, "privileged": False, "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert env_of(c) == {
+        "POD_NAME": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}},
+        "POD_NAMESPACE": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}},
+        "MODELDEPLOYMENT_NAME": "my-md",
+        "OFFLOAD_MODEL_PORT": "8080",
+        "OFFLOAD_UPSTREAM": "127.0.0.1:8080",
+        "OFFLOAD_PROXY_PORT": "15080",
+        "OFFLOAD_ADMIN_PORT": "15090",
+    }
+    assert c["resources"] == CONFIG.resources
+    assert outcome.pod["metadata"]["annotations"] == {INJECTED_ANNOTATION: "my-md", CONFIG_VERSION_ANNOTATION: "v1"}
+    assert pod_problems(outcome.pod) == []
+
+
+def test_the_patch_turns_the_original_into_the_mutated_copy_and_the_input_is_untouched():
+    original = pod(annotations={"keep": "me"}, initContainers=[{"name": "init", "image": "busybox"}])
+    before = copy.deepcopy(original)
+    outcome = inject(original, selection(), SERVICE, CONFIG)
+    assert original == before
+    assert jsonpatch.apply_patch(original, list(outcome.patch)) == outcome.pod
+    assert [c["name"] for c in outcome.pod["spec"]["initContainers"]] == ["init", "offload-proxy"]
+    assert outcome.pod["metadata"]["annotations"]["keep"] == "me"
+
+
+def test_without_native_sidecars_the_proxy_is_the_last_regular_container():
+    outcome = inject(pod(), selection(), SERVICE, InjectorConfig(image="reg.example/offload:1", native_sidecar=False))
+    assert [c["name"] for c in outcome.pod["spec"]["containers"]] == ["model", "offload-proxy"]
+    assert "restartPolicy" not in sidecar_of(outcome) and "initContainers" not in outcome.pod["spec"]
+    assert "resources" not in sidecar_of(outcome)  # none configured, none invented
+
+
+# --- the model's port --------------------------------------------------------------------------
+
+
+def svc(*ports, original=None):
+    return ServiceInfo("models", "llm", tuple(ports), original)
+
+
+@pytest.mark.parametrize(
+    "ref_port, service, containers_ports, expected",
+    [
+        (80, svc(ServicePort(80, "http")), [{"name": "http", "containerPort": 8080}], 8080),
+        (80, svc(ServicePort(80, 8000)), [], 8000),  # numeric: no declaration needed
+        (80, svc(ServicePort(80)), [], 80),  # no targetPort: the port itself
+        (None, svc(ServicePort(81, 8001), ServicePort(80, 8000)), [], 8001),  # no targetPort in ref: first
+        (80, svc(ServicePort(9000, 9001), ServicePort(80, 8000)), [], 8000),  # picks by port
+        (8000, svc(ServicePort(80, 8000)), [], 8000),  # else by numeric targetPort
+        (81, svc(ServicePort(80, 8000)), [], None),
+        (80, svc(ServicePort(80, "http")), [{"name": "api", "containerPort": 8080}], None),
+        (80, svc(), [], None),
+        # Already captured by the controller: the original target is in the annotation.
+        (80, svc(ServicePort(80, "offload-proxy"), original="http"), [{"name": "http", "containerPort": 7070}], 7070),
+        (80, svc(ServicePort(80, "offload-proxy"), original=8000), [], 8000),
+        (80, svc(ServicePort(80, "offload-proxy")), [], None),
+    ],
+)
+def test_model_port_resolution(ref_port, service, containers_ports, expected):
+    p = pod(ports=containers_ports)
+    assert resolve_model_port(p, "llm", ref_port, service).port == expected
+
+
+def test_a_named_port_resolves_in_any_app_container_but_not_in_init_containers():
+    p = pod(ports=[])
+    p["spec"]["containers"].append({"name": "b", "image": "b", "ports": [{"name": "http", "containerPort": 9}]})
+    assert resolve_model_port(p, "llm", 80, svc(ServicePort(80, "http"))).port == 9
+    q = pod(ports=[], initContainers=[{"name": "i", "image": "i", "ports": [{"name": "http", "containerPort": 9}]}])
+    assert resolve_model_port(q, "llm", 80, svc(ServicePort(80, "http"))).port is None
+
+
+def test_without_service_the_first_container_port_is_used_and_said():
+    p = pod(ports=[{"containerPort": 5000}, {"containerPort": 5001}])
+    no_ref = resolve_model_port(p, None, None, None)
+    assert no_ref.port == 5000 and "has no serviceRef" in no_ref.warnings[0]
+    missing = resolve_model_port(p, "llm", 80, None)
+    assert missing.port == 5000 and "Service 'llm' was not found" in missing.warnings[0]
+    assert resolve_model_port(pod(ports=[]), None, None, None).port is None
+
+
+def test_the_model_port_annotation_wins():
+    p = pod(ports=[{"name": "alt", "containerPort": 6000}])
+    assert resolve_model_port(p, "llm", 80, SERVICE, override=7000).port == 7000
+    assert resolve_model_port(p, "llm", 80, SERVICE, override="alt").port == 6000
+
+
+# --- overrides ---------------------------------------------------------------------------------
+
+
+def test_overrides_apply_and_keep_what_they_do_not_name():
+    settings = apply_overrides(CONFIG, {
+        "offload.beamlit.com/proxy-image": "other.example/x@sha256:" + "a" * 64,
+        "offload.beamlit.com/proxy-cpu-limit": "1",
+        "offload.beamlit.com/proxy-memory-request": "100Mi",
+        "offload.beamlit.com/native-sidecar": "False",
+        "offload.beamlit.com/proxy-port": "18080",
+        "offload.beamlit.com/model-port": "http",
+        "unrelated.example/x": "y",
+    })
+    assert settings.config.image.startswith("other.example/x@sha256:")
+    assert settings.config.resources == {
+        "requests": {"cpu": "50m", "memory": "100Mi"}, "limits": {"memory": "128Mi", "cpu": "1"},
+    }
+    assert settings.config.native_sidecar is False and settings.config.proxy_port == 18080
+    assert settings.model_port == "http"
+    assert CONFIG.resources["requests"]["memory"] == "64Mi"  # the shared config is untouched
+
+
+@pytest.mark.parametrize(
+    "annotation, value, message",
+    [
+        ("proxy-image", "http://evil/x", "offload.beamlit.com/proxy-image: not a valid image reference"),
+        ("proxy-image", "a b", "offload.beamlit.com/proxy-image: not a valid image reference"),
+        ("proxy-cpu-request", "lots", "offload.beamlit.com/proxy-cpu-request: not a valid quantity: 'lots'"),
+        ("proxy-cpu-request", "0", "offload.beamlit.com/proxy-cpu-request: must be positive"),
+        ("proxy-memory-request", "1Gi", "requests.memory: 1Gi is above the limit 128Mi"),
+        ("proxy-port", "0", "offload.beamlit.com/proxy-port: must be a port number between 1 and 65535"),
+        ("proxy-port", "65536", "offload.beamlit.com/proxy-port: must be a port number"),
+        ("proxy-port", "15090", "offload.beamlit.com/admin-port: must differ from the proxy port 15090"),
+        ("admin-port", "x", "offload.beamlit.com/admin-port: must be a port number"),
+        ("native-sidecar", "yes", 'offload.beamlit.com/native-sidecar: must be "true" or "false"'),
+        ("model-port", "Not_A_Name", "offload.beamlit.com/model-port: must be a port number or a container port"),
+    ],
+)
+def test_a_bad_override_is_not_injected_with_a_warning_naming_it(annotation, value, message):
+    with pytest.raises(ConfigError) as caught:
+        apply_overrides(CONFIG, {f"offload.beamlit.com/{annotation}": value})
+    assert message in str(caught.value)
+    outcome = inject(pod(annotations={f"offload.beamlit.com/{annotation}": value}), selection(), SERVICE, CONFIG)
+    assert outcome.reason is Reason.BAD_OVERRIDE and outcome.patch == ()
+    assert len(outcome.warnings) == 1 and message in outcome.warnings[0] and "(BadOverride)" in outcome.warnings[0]
+
+
+# --- reasons -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "the_pod, reason",
+    [
+        (pod(annotations={"offload.beamlit.com/inject": "false"}), Reason.OPTED_OUT),
+        (pod(annotations={"offload.beamlit.com/inject": "FALSE"}), Reason.OPTED_OUT),
+        (pod(annotations={"offload.beamlit.com/inject": "true"}), Reason.INJECTED),
+        (pod(annotations={"offload.beamlit.com/inject": "maybe"}), Reason.BAD_OVERRIDE),
+        (pod(hostNetwork=True), Reason.HOST_NETWORK),
+        (pod(hostNetwork=False), Reason.INJECTED),
+        (pod(ports=[{"name": "web", "containerPort": 8080}]), Reason.NO_MODEL_PORT),
+        (pod(ports=[{"name": "http", "containerPort": 15080}]), Reason.PORT_CONFLICT),  # the model is on our port
+        (pod(ports=[{"name": "http", "containerPort": 8080}, {"containerPort": 15090}]), Reason.PORT_CONFLICT),
+        (pod(ports=[{"name": "http", "containerPort": 8080}, {"name": "offload-admin", "containerPort": 1}]),
+         Reason.PORT_CONFLICT),
+        (pod(initContainers=[{"name": "offload-proxy", "image": "x"}]), Reason.ALREADY_INJECTED),
+        ({"apiVersion": "v1", "kind": "Pod", "metadata": {}, "spec": {}}, Reason.NO_MODEL_PORT),
+    ],
+)
+def test_reasons(the_pod, reason):
+    outcome = inject(the_pod, selection(), SERVICE, CONFIG)
+    assert outcome.reason is reason
+    assert bool(outcome.patch) is (reason is Reason.INJECTED)
+    warned = any("sidecar not injected" in w for w in outcome.warnings)
+    assert warned is (reason in WARNED)
+
+
+def test_already_injected_wins_over_everything_else():
+    injected = inject(pod(), selection(), SERVICE, CONFIG).pod
+    injected["spec"]["hostNetwork"] = True
+    assert inject(injected, selection(), SERVICE, CONFIG).reason is Reason.ALREADY_INJECTED
+
+
+def test_a_port_conflict_can_be_resolved_by_annotation():
+    p = pod(ports=[{"name": "http", "containerPort": 8080}, {"containerPort": 15080}],
+            annotations={"offload.beamlit.com/proxy-port": "16080"})
+    outcome = inject(p, selection(), SERVICE, CONFIG)
+    assert outcome.reason is Reason.INJECTED and sidecar_of(outcome)["ports"][0]["containerPort"] == 16080
+    assert pod_problems(outcome.pod) == []
+
+
+def test_selection_reasons_pass_through_unchanged():
+    for reason in ("NoMatchingModelDeployment", "ModelDeploymentDisabled", "OwnedByAnotherController"):
+        outcome = inject(pod(), Selection(reason, message="why"), SERVICE, CONFIG)
+        assert outcome.reason.value == reason and outcome.patch == () and outcome.message == "why"

@@ -1,0 +1,455 @@
+"""Sidecar injection as a pure function: pod + selection + configuration -> mutated copy.
+
+``inject`` never touches its input: it decides, builds the proxy container, mutates a
+deep copy and diffs it against the original with ``jsonpatch`` (RFC 6902). Every pod that
+is not injected gets a stable reason code (``Reason``) and a sentence; the ones a user
+would want to hear about also get an admission warning.
+
+Where the proxy goes. As a native sidecar (``nativeSidecar: true``, Kubernetes >= 1.29)
+it is appended *last* to ``initContainers``: after the pod's regular init containers,
+which often prepare the model (download weights) and need not wait for our image, and
+after any existing native sidecar, such as a mesh proxy that must be up before ours can
+reach the API server. It still starts before, and stops after, every app container. As a
+regular container it is appended to ``containers``, so the model stays the first
+container (``kubectl logs`` and ``exec`` keep defaulting to it).
+
+The model's port: the ModelDeployment's ``serviceRef.targetPort`` picks the captured
+Service port (by ``port``, else by a numeric ``targetPort``; without it, the Service's
+first port); that port's ``targetPort`` (absent: the port itself) is the model's port,
+a name being looked up in the pod's containers. Once the controller has pointed the
+Service at ``offload-proxy``, the original target is read from the Service annotation
+``offload.beamlit.com/original-target-port``. Without a serviceRef, or when the Service
+is unknown, the first containerPort of the first container is used, with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import jsonpatch
+
+from webhook.injector_config import (
+    ADMIN_PORT_NAME,
+    CONTAINER_NAME,
+    PROXY_PORT_NAME,
+    RUN_AS_USER,
+    ConfigError,
+    InjectorConfig,
+    check_image,
+    check_port,
+    check_quantity,
+    check_requests_within_limits,
+)
+from webhook.selection import SELECTED, Selection
+
+PREFIX = "offload.beamlit.com/"
+INJECT_ANNOTATION = PREFIX + "inject"
+INJECTED_ANNOTATION = PREFIX + "injected"
+CONFIG_VERSION_ANNOTATION = PREFIX + "injector-config-version"
+ORIGINAL_TARGET_PORT_ANNOTATION = PREFIX + "original-target-port"
+
+# Per-pod overrides: annotation -> what it overrides. Each is validated; a bad one means
+# the pod is admitted without the sidecar and a warning naming the annotation.
+OVERRIDE_IMAGE = PREFIX + "proxy-image"
+OVERRIDE_CPU_REQUEST = PREFIX + "proxy-cpu-request"
+OVERRIDE_CPU_LIMIT = PREFIX + "proxy-cpu-limit"
+OVERRIDE_MEMORY_REQUEST = PREFIX + "proxy-memory-request"
+OVERRIDE_MEMORY_LIMIT = PREFIX + "proxy-memory-limit"
+OVERRIDE_PROXY_PORT = PREFIX + "proxy-port"
+OVERRIDE_ADMIN_PORT = PREFIX + "admin-port"
+OVERRIDE_NATIVE_SIDECAR = PREFIX + "native-sidecar"
+OVERRIDE_MODEL_PORT = PREFIX + "model-port"
+OVERRIDES = (
+    OVERRIDE_IMAGE,
+    OVERRIDE_CPU_REQUEST,
+    OVERRIDE_CPU_LIMIT,
+    OVERRIDE_MEMORY_REQUEST,
+    OVERRIDE_MEMORY_LIMIT,
+    OVERRIDE_PROXY_PORT,
+    OVERRIDE_ADMIN_PORT,
+    OVERRIDE_NATIVE_SIDECAR,
+    OVERRIDE_MODEL_PORT,
+)
+
+
+class Reason(str, enum.Enum):
+    """Stable codes for what happened to a pod, for logs, metrics and tests."""
+
+    INJECTED = "Injected"
+    ALREADY_INJECTED = "AlreadyInjected"
+    OPTED_OUT = "OptedOut"
+    NO_MATCHING_MODELDEPLOYMENT = "NoMatchingModelDeployment"
+    MODELDEPLOYMENT_DISABLED = "ModelDeploymentDisabled"
+    OWNED_BY_ANOTHER_CONTROLLER = "OwnedByAnotherController"
+    HOST_NETWORK = "HostNetwork"
+    NO_MODEL_PORT = "NoModelPort"
+    PORT_CONFLICT = "PortConflict"
+    BAD_OVERRIDE = "BadOverride"
+    CACHE_NOT_SYNCED = "CacheNotSynced"
+    NOT_A_POD_CREATE = "NotAPodCreate"
+
+
+# Reasons a user should hear about (as an admission warning); the others are the normal
+# state of most pods in a cluster, logged only.
+WARNED = frozenset(
+    {
+        Reason.OWNED_BY_ANOTHER_CONTROLLER,
+        Reason.HOST_NETWORK,
+        Reason.NO_MODEL_PORT,
+        Reason.PORT_CONFLICT,
+        Reason.BAD_OVERRIDE,
+        Reason.CACHE_NOT_SYNCED,
+    }
+)
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int | str | None = None  # None: same as port
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What injection needs of the captured Service."""
+
+    namespace: str
+    name: str
+    ports: tuple[ServicePort, ...]
+    original_target_port: int | str | None = None  # from ORIGINAL_TARGET_PORT_ANNOTATION
+
+
+@dataclass(frozen=True)
+class Outcome:
+    reason: Reason
+    message: str
+    patch: tuple[dict[str, Any], ...] = ()
+    pod: dict[str, Any] | None = None  # the mutated copy, when injected
+    warnings: tuple[str, ...] = ()
+    modeldeployment: str = ""
+
+    @property
+    def injected(self) -> bool:
+        return self.reason is Reason.INJECTED
+
+
+def not_injected(reason: Reason, message: str, warnings: tuple[str, ...] = (), md: str = "") -> Outcome:
+    if reason in WARNED:
+        warnings = (*warnings, f"offload: sidecar not injected ({reason.value}): {message}")
+    return Outcome(reason, message, warnings=warnings, modeldeployment=md)
+
+
+# --- reading the pod -------------------------------------------------------------------------------
+
+
+def _list(spec: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    value = spec.get(key)
+    return [c for c in value if isinstance(c, dict)] if isinstance(value, list) else []
+
+
+def _all_containers(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return _list(spec, "initContainers") + _list(spec, "containers")
+
+
+def already_injected(pod: Mapping[str, Any]) -> bool:
+    spec = pod.get("spec") or {}
+    return any(c.get("name") == CONTAINER_NAME for c in _all_containers(spec))
+
+
+def annotations_of(pod: Mapping[str, Any]) -> dict[str, str]:
+    value = (pod.get("metadata") or {}).get("annotations")
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def labels_of(pod: Mapping[str, Any]) -> dict[str, str]:
+    value = (pod.get("metadata") or {}).get("labels")
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+# --- per-pod settings ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The injector configuration with the pod's overrides applied."""
+
+    config: InjectorConfig
+    model_port: int | str | None = None  # the model-port override
+
+
+def _bool(value: str, key: str) -> bool:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"{key}: must be \"true\" or \"false\", got {value!r}")
+
+
+def apply_overrides(config: InjectorConfig, annotations: Mapping[str, str]) -> Settings:
+    """The configuration with the pod's override annotations; ConfigError names a bad one."""
+    changes: dict[str, Any] = {}
+    if OVERRIDE_IMAGE in annotations:
+        changes["image"] = check_image(annotations[OVERRIDE_IMAGE], OVERRIDE_IMAGE)
+    if OVERRIDE_PROXY_PORT in annotations:
+        changes["proxy_port"] = check_port(annotations[OVERRIDE_PROXY_PORT], OVERRIDE_PROXY_PORT)
+    if OVERRIDE_ADMIN_PORT in annotations:
+        changes["admin_port"] = check_port(annotations[OVERRIDE_ADMIN_PORT], OVERRIDE_ADMIN_PORT)
+    if OVERRIDE_NATIVE_SIDECAR in annotations:
+        changes["native_sidecar"] = _bool(annotations[OVERRIDE_NATIVE_SIDECAR], OVERRIDE_NATIVE_SIDECAR)
+    amounts = {
+        ("requests", "cpu"): OVERRIDE_CPU_REQUEST,
+        ("limits", "cpu"): OVERRIDE_CPU_LIMIT,
+        ("requests", "memory"): OVERRIDE_MEMORY_REQUEST,
+        ("limits", "memory"): OVERRIDE_MEMORY_LIMIT,
+    }
+    if any(key in annotations for key in amounts.values()):
+        resources = {part: dict(values) for part, values in config.resources.items()}
+        for (part, name), key in amounts.items():
+            if key in annotations:
+                resources.setdefault(part, {})[name] = check_quantity(annotations[key], key)
+        try:
+            check_requests_within_limits(resources)
+        except ConfigError as exc:
+            raise ConfigError(f"{PREFIX}proxy-*: {exc}") from None
+        changes["resources"] = resources
+    model_port: int | str | None = None
+    if OVERRIDE_MODEL_PORT in annotations:
+        raw = annotations[OVERRIDE_MODEL_PORT]
+        model_port = check_port(raw, OVERRIDE_MODEL_PORT) if raw.isdigit() else _port_name(raw)
+    merged = replace(config, **changes)
+    if merged.proxy_port == merged.admin_port:
+        raise ConfigError(f"{OVERRIDE_ADMIN_PORT}: must differ from the proxy port {merged.proxy_port}")
+    return Settings(merged, model_port)
+
+
+def _port_name(value: str) -> str:
+    # IANA_SVC_NAME: 1-15 lowercase alphanumerics and '-', at least one letter.
+    ok = 1 <= len(value) <= 15 and value.replace("-", "").isalnum() and value == value.lower()
+    if not ok or not any(ch.isalpha() for ch in value) or value.startswith("-") or value.endswith("-"):
+        raise ConfigError(f"{OVERRIDE_MODEL_PORT}: must be a port number or a container port name, got {value!r}")
+    return value
+
+
+# --- the model's port ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelPort:
+    port: int | None
+    how: str  # a sentence, for the log or the failure message
+    warnings: tuple[str, ...] = ()
+
+
+def _container_port_named(spec: Mapping[str, Any], name: str) -> int | None:
+    # A Service's named targetPort resolves against the pod's (app) containers.
+    for container in _list(spec, "containers"):
+        for port in _list(container, "ports"):
+            if port.get("name") == name and isinstance(port.get("containerPort"), int):
+                return int(port["containerPort"])
+    return None
+
+
+def _first_container_port(spec: Mapping[str, Any]) -> int | None:
+    containers = _list(spec, "containers")
+    if containers:
+        for port in _list(containers[0], "ports"):
+            if isinstance(port.get("containerPort"), int):
+                return int(port["containerPort"])
+    return None
+
+
+def _against_pod(spec: Mapping[str, Any], target: int | str, how: str) -> ModelPort:
+    if isinstance(target, int):
+        return ModelPort(target, f"{how}: port {target}")
+    port = _container_port_named(spec, target)
+    if port is None:
+        return ModelPort(None, f"{how}: named port {target!r} is declared by none of the pod's containers")
+    return ModelPort(port, f"{how}: named port {target!r} = {port}")
+
+
+def resolve_model_port(
+    pod: Mapping[str, Any], service_ref_name: str | None, target_port: int | None, service: ServiceInfo | None,
+    override: int | str | None = None,
+) -> ModelPort:
+    spec = pod.get("spec") or {}
+    if override is not None:
+        return _against_pod(spec, override, f"annotation {OVERRIDE_MODEL_PORT}")
+    if service_ref_name is None or service is None:
+        why = (
+            "the ModelDeployment has no serviceRef"
+            if service_ref_name is None
+            else f"Service {service_ref_name!r} was not found"
+        )
+        port = _first_container_port(spec)
+        if port is None:
+            return ModelPort(None, f"{why} and the first container declares no containerPort")
+        note = f"offload: {why}; the model's port is taken as the first container's first containerPort, {port}"
+        return ModelPort(port, note, (note,))
+    if not service.ports:
+        return ModelPort(None, f"Service {service.name!r} has no ports")
+    chosen = None
+    if target_port is None:
+        chosen = service.ports[0]
+    else:
+        chosen = next((p for p in service.ports if p.port == target_port), None) or next(
+            (p for p in service.ports if p.target_port == target_port), None
+        )
+        if chosen is None:
+            return ModelPort(None, f"Service {service.name!r} has no port {target_port} (serviceRef.targetPort)")
+    target = chosen.port if chosen.target_port is None else chosen.target_port
+    how = f"Service {service.name!r} port {chosen.port}"
+    if target == PROXY_PORT_NAME:
+        # The controller already points this port at the proxy; the model is where it pointed before.
+        if service.original_target_port is None:
+            return ModelPort(None, f"{how} targets {PROXY_PORT_NAME!r} and has no {ORIGINAL_TARGET_PORT_ANNOTATION}")
+        return _against_pod(spec, service.original_target_port, f"{how} (original target)")
+    return _against_pod(spec, target, how)
+
+
+# --- the container ---------------------------------------------------------------------------------
+
+
+def _probe(path: str, period: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": ADMIN_PORT_NAME, "scheme": "HTTP"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": 3,
+    }
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+
+def proxy_container(config: InjectorConfig, modeldeployment: str, model_port: int) -> dict[str, Any]:
+    """The sidecar container; ``restartPolicy: Always`` is added for a native sidecar."""
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        # Cluster mode: the sidecar finds its ModelDeployment from this environment.
+        "command": ["offload-sidecar"],
+        "ports": [
+            {"name": PROXY_PORT_NAME, "containerPort": config.proxy_port, "protocol": "TCP"},
+            {"name": ADMIN_PORT_NAME, "containerPort": config.admin_port, "protocol": "TCP"},
+        ],
+        "env": [
+            _field_env("POD_NAME", "metadata.name"),
+            _field_env("POD_NAMESPACE", "metadata.namespace"),
+            {"name": "MODELDEPLOYMENT_NAME", "value": modeldeployment},
+            {"name": "OFFLOAD_MODEL_PORT", "value": str(model_port)},
+            {"name": "OFFLOAD_UPSTREAM", "value": f"127.0.0.1:{model_port}"},
+            {"name": "OFFLOAD_PROXY_PORT", "value": str(config.proxy_port)},
+            {"name": "OFFLOAD_ADMIN_PORT", "value": str(config.admin_port)},
+        ],
+        "readinessProbe": _probe("/readyz", 5),
+        "livenessProbe": _probe("/healthz", 10),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if config.resources:
+        container["resources"] = copy.deepcopy(config.resources)
+    if config.native_sidecar:
+        container["restartPolicy"] = "Always"
+    return container
+
+
+def _port_conflict(spec: Mapping[str, Any], config: InjectorConfig, model_port: int) -> str | None:
+    if model_port in (config.proxy_port, config.admin_port):
+        return f"the model's port {model_port} is the proxy's own port; set {OVERRIDE_PROXY_PORT} / {OVERRIDE_ADMIN_PORT}"
+    ours = {config.proxy_port: PROXY_PORT_NAME, config.admin_port: ADMIN_PORT_NAME}
+    for container in _all_containers(spec):
+        for port in _list(container, "ports"):
+            number, name = port.get("containerPort"), port.get("name")
+            if number in ours:
+                return (
+                    f"container {container.get('name')!r} already uses port {number}, needed for "
+                    f"{ours[number]}; set {OVERRIDE_PROXY_PORT} / {OVERRIDE_ADMIN_PORT}"
+                )
+            if name in (PROXY_PORT_NAME, ADMIN_PORT_NAME):
+                return f"container {container.get('name')!r} already declares a port named {name!r}"
+    return None
+
+
+# --- the decision ----------------------------------------------------------------------------------
+
+
+def inject(
+    pod: Mapping[str, Any],
+    selection: Selection,
+    service: ServiceInfo | None,
+    config: InjectorConfig,
+) -> Outcome:
+    """Decide about one pod and, when it gets the sidecar, return the patch and the patched copy."""
+    annotations = annotations_of(pod)
+    if already_injected(pod):
+        return not_injected(Reason.ALREADY_INJECTED, f"a container named {CONTAINER_NAME!r} is already present")
+    opt = annotations.get(INJECT_ANNOTATION)
+    if opt is not None and opt.lower() == "false":
+        return not_injected(Reason.OPTED_OUT, f'annotation {INJECT_ANNOTATION}: "false"')
+    if selection.reason != SELECTED or selection.chosen is None:
+        return not_injected(Reason(selection.reason), selection.message, selection.warnings)
+    md = selection.chosen.model
+    warnings = selection.warnings
+    if opt is not None and opt.lower() != "true":
+        return not_injected(Reason.BAD_OVERRIDE, f'{INJECT_ANNOTATION}: must be "true" or "false", got {opt!r}', warnings,
+                     md.name)
+    spec = pod.get("spec")
+    if not isinstance(spec, dict) or not _list(spec, "containers"):
+        return not_injected(Reason.NO_MODEL_PORT, "the pod has no containers", warnings, md.name)
+    if spec.get("hostNetwork") is True:
+        return not_injected(
+            Reason.HOST_NETWORK,
+            "the pod uses the host's network, where the proxy's ports could collide with the node's",
+            warnings,
+            md.name,
+        )
+    try:
+        settings = apply_overrides(config, annotations)
+    except ConfigError as exc:
+        return not_injected(Reason.BAD_OVERRIDE, str(exc), warnings, md.name)
+    ref = md.spec.service_ref
+    resolved = resolve_model_port(
+        pod, ref.name if ref else None, ref.target_port if ref else None, service, settings.model_port
+    )
+    if resolved.port is None:
+        return not_injected(Reason.NO_MODEL_PORT, resolved.how, warnings, md.name)
+    conflict = _port_conflict(spec, settings.config, resolved.port)
+    if conflict:
+        return not_injected(Reason.PORT_CONFLICT, conflict, warnings, md.name)
+
+    mutated = copy.deepcopy(dict(pod))
+    container = proxy_container(settings.config, md.name, resolved.port)
+    key = "initContainers" if settings.config.native_sidecar else "containers"
+    mutated["spec"].setdefault(key, [])
+    if not isinstance(mutated["spec"][key], list):
+        mutated["spec"][key] = []
+    mutated["spec"][key].append(container)
+    metadata = mutated.setdefault("metadata", {})
+    if not isinstance(metadata.get("annotations"), dict):
+        metadata["annotations"] = {}
+    metadata["annotations"][INJECTED_ANNOTATION] = md.name
+    metadata["annotations"][CONFIG_VERSION_ANNOTATION] = settings.config.config_version
+    patch = tuple(jsonpatch.make_patch(dict(pod), mutated).patch)
+    return Outcome(
+        Reason.INJECTED,
+        f"injected for ModelDeployment {md.name} ({resolved.how})",
+        patch=patch,
+        pod=mutated,
+        warnings=warnings + resolved.warnings,
+        modeldeployment=md.name,
+    )
+

@@ -1,0 +1,89 @@
+"""The pod-mutating webhook: AdmissionReview in, AdmissionReview (with a JSONPatch) out.
+
+Pure over a ``ClusterView`` (the watch-backed cache, or a fixed one in tests): no API
+call is made here. Every answer allows the pod: failing to inject must never block a
+workload; why a pod was left alone is a stable reason code in the log and, when the user
+should know, an admission warning.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from webhook.admission import AdmissionRequest, allow
+from webhook.injection import Outcome, Reason, ServiceInfo, inject, labels_of, not_injected
+from webhook.injector_config import InjectorConfig
+from webhook.selection import CachedModelDeployment, Workload, pod_controller, select
+
+log = logging.getLogger("webhook.mutating")
+
+
+class ClusterView(Protocol):
+    """What the admission path reads: in memory, answered without I/O."""
+
+    def synced(self) -> bool: ...
+
+    def modeldeployments(self, namespace: str) -> Sequence[CachedModelDeployment]: ...
+
+    def workload(self, kind: str, namespace: str, name: str) -> Workload | None: ...
+
+    def service(self, namespace: str, name: str) -> ServiceInfo | None: ...
+
+
+def pod_label(pod: Any, namespace: str) -> str:
+    """namespace/name for logs; pods made from generateName have no name yet."""
+    meta = pod.get("metadata") if isinstance(pod, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "<unnamed>")
+    return f"{namespace}/{name}"
+
+
+def decide(request: AdmissionRequest, view: ClusterView, config: InjectorConfig) -> Outcome:
+    """What to do with the pod of this request."""
+    if (
+        request.resource.get("group", "") != ""
+        or request.resource.get("resource") != "pods"
+        or request.operation != "CREATE"
+        or request.sub_resource
+    ):
+        what = f"{request.operation} of {request.resource.get('resource')}"
+        message = f"this webhook injects pods on CREATE; {what} is left alone"
+        outcome = not_injected(Reason.NOT_A_POD_CREATE, message)
+        if request.resource.get("resource") != "pods":
+            return Outcome(outcome.reason, message, warnings=(f"offload: {message}",))
+        return outcome
+    pod = request.object
+    if not isinstance(pod, dict):
+        return Outcome(Reason.NOT_A_POD_CREATE, "request.object: not a Pod", warnings=("offload: request.object is not a Pod",))
+    # On CREATE the pod may not carry its namespace yet; the request always does.
+    namespace = request.namespace or str((pod.get("metadata") or {}).get("namespace") or "")
+    if not view.synced():
+        return not_injected(Reason.CACHE_NOT_SYNCED, "the webhook has not synced its view of ModelDeployments yet")
+    selection = select(
+        namespace, labels_of(pod), pod_controller(pod), view.modeldeployments(namespace), view.workload
+    )
+    service = None
+    if selection.chosen is not None:
+        ref = selection.chosen.model.spec.service_ref
+        if ref is not None:
+            service = view.service(selection.chosen.model.service_namespace, ref.name)
+    return inject(pod, selection, service, config)
+
+
+def encode_patch(patch: Sequence[dict[str, Any]]) -> str:
+    return base64.b64encode(json.dumps(list(patch), separators=(",", ":")).encode()).decode()
+
+
+def review_pod(request: AdmissionRequest, *, view: ClusterView, config: InjectorConfig) -> dict[str, Any]:
+    """The AdmissionReview answering /mutate-pods: always allowed, patched when injected."""
+    outcome = decide(request, view, config)
+    where = pod_label(request.object, request.namespace)
+    level = logging.INFO if outcome.reason not in (Reason.NO_MATCHING_MODELDEPLOYMENT, Reason.NOT_A_POD_CREATE) else logging.DEBUG
+    log.log(level, "pod %s reason=%s modeldeployment=%s uid=%s: %s", where, outcome.reason.value,
+            outcome.modeldeployment or "-", request.uid, outcome.message)
+    patch = encode_patch(outcome.patch) if outcome.patch else None
+    return allow(request.uid, warnings=outcome.warnings, patch=patch)
