@@ -60,6 +60,22 @@ class SecretKeySelector:
 
 
 @dataclass(frozen=True)
+class SecretKeyReference:
+    """One key of a Secret in the ModelDeployment's namespace."""
+
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class HeaderFromSecret:
+    """A header set on offloaded requests whose value is read from a Secret (an API key)."""
+
+    name: str
+    secret_key_ref: SecretKeyReference
+
+
+@dataclass(frozen=True)
 class OAuthConfig:
     """OAuth2 client credentials for the remote backend."""
 
@@ -84,7 +100,10 @@ class RemoteBackend:
     scheme: str = DEFAULT_SCHEME
     path_prefix: str | None = None
     headers_to_add: dict[str, str] = field(default_factory=dict)
+    headers_from_secrets: tuple[HeaderFromSecret, ...] = ()
     auth_config: AuthConfig | None = None
+    # PEM CA certificates that verify an https remote instead of the system's.
+    ca_bundle: str | None = None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -185,6 +186,17 @@ def _check_remote_backend(
         yield from _check_path_prefix(f"{path}.pathPrefix", backend.path_prefix)
     for name, value in backend.headers_to_add.items():
         yield from _check_header(f"{path}.headersToAdd[{name}]", name, value)
+    seen = {name.lower() for name in backend.headers_to_add}
+    for i, header in enumerate(backend.headers_from_secrets):
+        sub = f"{path}.headersFromSecrets[{i}]"
+        yield from _check_header(f"{sub}.name", header.name, "")
+        if header.name.lower() in seen:
+            yield FieldError(f"{sub}.name", f"{header.name} is already set by another header of this backend")
+        seen.add(header.name.lower())
+        yield from _check_name(f"{sub}.secretKeyRef.name", header.secret_key_ref.name)
+        yield from _check_secret_key(f"{sub}.secretKeyRef.key", header.secret_key_ref.key)
+    if backend.ca_bundle is not None:
+        yield from _check_ca_bundle(f"{path}.caBundle", backend.ca_bundle, backend.scheme)
     if backend.auth_config is not None:
         yield from _check_auth(f"{path}.authConfig", backend.auth_config, backend.scheme)
 
@@ -270,6 +282,26 @@ def _check_header(path: str, name: str, value: str) -> Iterator[Finding]:
         yield FieldError(path, f"{name} is managed by the proxy and cannot be set")
     if any(c in value for c in "\r\n\0"):
         yield FieldError(path, "value must not contain CR, LF or NUL")
+
+
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+
+
+def _check_secret_key(path: str, key: str) -> Iterator[Finding]:
+    if len(key) > 253 or not _SECRET_KEY.fullmatch(key):
+        yield FieldError(path, f"must be a Secret key (letters, digits, '-', '_', '.'), got {key!r}")
+
+
+def _check_ca_bundle(path: str, pem: str, scheme: str) -> Iterator[Finding]:
+    if scheme != "https":
+        yield FieldError(path, "applies only to an https remote backend (scheme is http)")
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        yield FieldError(path, "must hold PEM-encoded certificates (-----BEGIN CERTIFICATE-----)")
+        return
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        yield FieldError(path, f"is not a valid PEM certificate bundle ({exc.__class__.__name__})")
 
 
 def _check_auth(path: str, auth: AuthConfig, scheme: str) -> Iterator[Finding]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from certs.issue import issue_ca
 from crds.validation import ValidationSettings, check_host, validate_object
 
 DATA = Path(__file__).parents[1] / "testdata" / "modeldeployments"
@@ -50,6 +52,7 @@ def metric(member: str, body: dict[str, Any], type_: str | None = None) -> list[
     return [{"type": type_ or member[0].upper() + member[1:], member: body}]
 
 
+CA_PEM = issue_ca("remote-ca", now=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), days=30).cert_pem.decode()
 CPU_50 = {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 50}}
 EXTERNAL = {"metric": {"name": "queue_depth"}, "target": {"type": "Value", "value": "30"}}
 
@@ -111,6 +114,13 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("oauth no clientId", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientId"}}}, f"{RB}.authConfig.oauthConfig.clientId"),
     ("oauth no secret", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientSecretRef"}}}, f"{RB}.authConfig.oauthConfig.clientSecretRef"),
     ("oauth both secret forms", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {**OAUTH_OK["oauthConfig"], "clientSecret": "s3cr3t"}}}, f"{RB}.authConfig.oauthConfig.clientSecret"),
+    ("secret header bad name", {f"{RBK}__headersFromSecrets": [{"name": "X Key", "secretKeyRef": {"name": "k", "key": "v"}}]}, f"{RB}.headersFromSecrets[0].name"),
+    ("secret header twice", {f"{RBK}__headersToAdd": {"X-Api-Key": "a"}, f"{RBK}__headersFromSecrets": [{"name": "x-api-key", "secretKeyRef": {"name": "k", "key": "v"}}]}, f"{RB}.headersFromSecrets[0].name"),
+    ("secret header bad key", {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k", "key": "a/b"}}]}, f"{RB}.headersFromSecrets[0].secretKeyRef.key"),
+    ("secret header without key", {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k"}}]}, f"{RB}.headersFromSecrets[0].secretKeyRef.key"),
+    ("caBundle not PEM", {f"{RBK}__scheme": "https", f"{RBK}__caBundle": "hello"}, f"{RB}.caBundle"),
+    ("caBundle garbage PEM", {f"{RBK}__scheme": "https", f"{RBK}__caBundle": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}, f"{RB}.caBundle"),
+    ("caBundle for http", {f"{RBK}__caBundle": CA_PEM}, f"{RB}.caBundle"),
     ("metrics without remote", {f"{RBK}": None}, "spec.offloadingConfig.remoteBackend"),
     ("metric type unknown", {f"{OC}__metrics": [{"type": "Queue", "resource": CPU_50}]}, f"{MET}.type"),
     ("metric type mismatch", {f"{OC}__metrics": metric("resource", CPU_50, "External")}, f"{MET}.external"),
@@ -159,6 +169,7 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("several metrics", {f"{OC}__metrics": [{"type": "Resource", "resource": CPU_50}, {"type": "External", "external": EXTERNAL}]}),
     ("no offloadingConfig", {f"{SPEC}__offloadingConfig": None}),
     ("remote named like another service", {f"{RBK}__host": "php-apache.other-ns.svc:80"}),
+    ("API key from a Secret and a private CA", {f"{RBK}__scheme": "https", f"{RBK}__caBundle": CA_PEM, f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "remote-key", "key": "apiKey"}}]}),
     ("Beamlit compatibility fields", {f"{SPEC}__policies": [{"refType": "remotePolicy", "name": "p"}], f"{SPEC}__serverlessConfig": {"minNumReplicas": 0}}),
 ]
 
