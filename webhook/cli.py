@@ -12,7 +12,12 @@ import uvicorn
 
 from crds.validation import ValidationSettings
 from webhook.app import build_app
+from webhook.cache import CacheSync, ClusterCache
+from webhook.injector_config import ConfigError, load_config
+from webhook.mutating import review_pod
 from webhook.validating import review_modeldeployment
+
+log = logging.getLogger("webhook")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="the installation routes ModelDeployments without remoteBackend to a default backend, "
         "so such objects are allowed",
     )
+    parser.add_argument(
+        "--injector-config",
+        metavar="PATH",
+        help="the injector's configuration (YAML: image, ports, resources, nativeSidecar, configVersion); "
+        "serves /mutate-pods, which needs cluster credentials to watch ModelDeployments, "
+        "Deployments, StatefulSets and Services",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="kubeconfig for the watches behind /mutate-pods (default: $KUBECONFIG, else the "
+        "in-cluster service account)",
+    )
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="report not ready once a watch has been failing this long (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -45,7 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = ValidationSettings(default_remote_backend=args.default_remote_backend)
     reviews = {"/validate-modeldeployments": partial(review_modeldeployment, settings=settings)}
-    app = build_app(reviews)
+    ready = _always_ready
+    sync = None
+    if args.injector_config and not args.validation_only:
+        try:
+            config = load_config(args.injector_config)
+        except ConfigError as exc:
+            print(f"offload-webhook: --injector-config: {exc}", file=sys.stderr)
+            return 2
+        try:
+            sync = _start_cache(args, settings)
+        except Exception as exc:  # noqa: BLE001 - kubernetes.config raises several kinds
+            print(f"offload-webhook: no cluster credentials for /mutate-pods: {exc}", file=sys.stderr)
+            return 2
+        reviews["/mutate-pods"] = partial(review_pod, view=sync.cache, config=config)
+        ready = sync.cache.synced
+        log.info("serving /mutate-pods (injector config version %r)", config.config_version)
+    app = build_app(reviews, ready=ready)
     uvicorn.run(
         app,
         host=args.host,
@@ -57,7 +98,37 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    if sync is not None:
+        sync.stop()
     return 0
+
+
+def _always_ready() -> bool:
+    return True
+
+
+def _start_cache(args: argparse.Namespace, settings: ValidationSettings) -> CacheSync:
+    """Credentials from --kubeconfig, $KUBECONFIG or the service account; watches started.
+
+    The watches connect in the background: the server starts at once and reports ready
+    when they have synced; failing to reach the API server is retried, never fatal.
+    """
+    import os
+
+    import kubernetes
+
+    configuration = kubernetes.client.Configuration()
+    if args.kubeconfig or os.environ.get("KUBECONFIG"):
+        kubernetes.config.load_kube_config(config_file=args.kubeconfig, client_configuration=configuration)
+    else:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    # The watches retry with their own backoff; urllib3's silent retries would only add noise.
+    configuration.retries = 0
+    api_client = kubernetes.client.ApiClient(configuration)
+    cache = ClusterCache(settings, stale_after=args.stale_after)
+    sync = CacheSync(cache, api_client)
+    sync.start()
+    return sync
 
 
 if __name__ == "__main__":
