@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         "offload-sidecar in standalone mode; rising then falling load, shown live.",
     )
     parser.add_argument(
-        "--duration", type=float, default=75.0, help="seconds of load (default 75; at least 10)"
+        "--duration", type=float, default=60.0, help="seconds of load (default 60; at least 10)"
     )
     parser.add_argument("--plain", action="store_true", help="periodic lines instead of a redrawn display")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (config and logs)")
