@@ -147,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--client-idle-timeout", type=positive_duration, default=f"{defaults.client_idle_timeout:g}s"
     )
-    g.add_argument("--ca-file", type=Path, help="CA bundle for an https remote and its OAuth token endpoint (default: the system's)")
+    g.add_argument(
+        "--ca-file",
+        type=Path,
+        help="CA bundle for an https remote and its OAuth token endpoint (default: the system's)",
+    )
     g.add_argument(
         "--shutdown-deadline",
         type=duration,

@@ -298,7 +298,10 @@ def test_idle_rss_is_within_40_mib(tmp_path, upstreams):
         (["--upstream", "nope:port", "--config", "x"], "not host:port"),
         (["--upstream", "8000", "--config", "x", "--cpu-request", "lots"], "not a CPU amount"),
         (["--upstream", "8000", "--config", "x", "--poll-interval", "0s"], "must be more than zero"),
-        (["--upstream", "8000", "--mode", "cluster"], "cluster mode needs POD_NAMESPACE and MODELDEPLOYMENT_NAME"),
+        (
+            ["--upstream", "8000", "--mode", "cluster"],
+            "cluster mode needs POD_NAMESPACE and MODELDEPLOYMENT_NAME",
+        ),
     ],
 )
 def test_bad_command_lines_are_refused_with_the_reason(args, message, tmp_path):
