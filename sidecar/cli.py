@@ -28,6 +28,7 @@ from sidecar.proxy import ProxySettings
 
 log = logging.getLogger("sidecar")
 
+CLUSTER_POLL_INTERVAL = 15.0
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -78,6 +79,15 @@ def memory_bytes(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the absent ones."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="offload-sidecar",
@@ -86,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ModelDeployment from --config and CPU from the local cgroup (v2 or v1) or the host; "
         "cluster mode (POD_NAMESPACE and MODELDEPLOYMENT_NAME set, as the injector does) "
         "watches the API server.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--mode",
@@ -111,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the admin port: /healthz /readyz /metrics /status",
     )
     p.add_argument(
-        "--poll-interval", type=positive_duration, default="1s", help="how often metrics are evaluated"
+        "--poll-interval",
+        type=positive_duration,
+        help="how often metrics are evaluated (default: 1s standalone; 15s in cluster mode, the "
+        "HPA's sync period and metrics-server's resolution, so that sidecars do not load the API)",
     )
     g = p.add_argument_group("standalone metrics")
     g.add_argument(
@@ -137,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data path")
     defaults = ProxySettings()
-    g.add_argument("--connect-timeout", type=positive_duration, default=f"{defaults.connect_timeout:g}s")
+    g.add_argument(
+        "--connect-timeout",
+        type=positive_duration,
+        default=f"{defaults.connect_timeout:g}s",
+        help="TCP connect and TLS handshake to an upstream; a remote that misses it is replaced by the local model",
+    )
     g.add_argument(
         "--read-timeout",
         type=positive_duration,
@@ -145,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a request in flight with neither side sending anything",
     )
     g.add_argument(
-        "--client-idle-timeout", type=positive_duration, default=f"{defaults.client_idle_timeout:g}s"
+        "--client-idle-timeout",
+        type=positive_duration,
+        default=f"{defaults.client_idle_timeout:g}s",
+        help="a client keep-alive connection with no request",
     )
     g.add_argument(
         "--ca-file",
@@ -168,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from(args: argparse.Namespace) -> SidecarSettings:
+def settings_from(args: argparse.Namespace, mode: str = "standalone") -> SidecarSettings:
     context = None
     if args.ca_file is not None:
         context = ssl.create_default_context(cafile=str(args.ca_file))
@@ -184,7 +205,7 @@ def settings_from(args: argparse.Namespace) -> SidecarSettings:
         listen=args.listen,
         admin_listen=args.admin_listen,
         config_path=args.config,
-        poll_interval=args.poll_interval,
+        poll_interval=args.poll_interval or (CLUSTER_POLL_INTERVAL if mode == "cluster" else 1.0),
         cpu_request=args.cpu_request,
         memory_request=args.memory_request,
         cpu_window=args.cpu_window,
@@ -239,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = settings_from(args)
     env = dict(os.environ)
     cluster_env = bool(env.get("POD_NAMESPACE") and env.get("MODELDEPLOYMENT_NAME"))
     mode = args.mode if args.mode != "auto" else ("cluster" if cluster_env else "standalone")
+    settings = settings_from(args, mode)
 
     if mode == "standalone":
         if args.config is None:
