@@ -182,6 +182,24 @@ def test_webhook_container_runs_offload_webhook_with_the_mounted_certificate_and
         assert container[probe]["httpGet"] == {"path": path, "port": "https", "scheme": "HTTPS"}
 
 
+def test_the_injector_configuration_is_what_offload_webhook_loads(default_render):
+    """The rendered injector.yaml passes the webhook's own loader, with the chart's defaults."""
+    import yaml
+
+    from webhook.injector_config import InjectorConfig, parse_config
+
+    text = by_kind(documents(default_render))["ConfigMap", WEBHOOK]["data"]["injector.yaml"]
+    assert parse_config(yaml.safe_load(text)) == InjectorConfig(
+        image="ghcr.io/model-offloading/offload:0.1.0",
+        config_version="0.1.0",
+        image_pull_policy="IfNotPresent",
+        proxy_port=15080,
+        admin_port=15090,
+        native_sidecar=True,
+        resources={"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+    )
+
+
 def test_webhook_args_are_accepted_by_offload_webhook(default_render):
     """The rendered command line parses with the webhook's own argument parser."""
     from webhook.cli import build_parser
@@ -191,6 +209,7 @@ def test_webhook_args_are_accepted_by_offload_webhook(default_render):
     ][0]
     args = build_parser().parse_args(container["args"])
     assert args.port == 9443 and args.tls_cert_file == "/tls/tls.crt"
+    assert args.injector_config == "/config/injector.yaml" and not args.validation_only
 
 
 def test_image_digest_pins_the_image_and_sidecar_image_follows_it(helm):
@@ -367,7 +386,8 @@ def test_webhook_cluster_role_is_exactly_what_the_injection_cache_reads(default_
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
-    read = ("get", "list", "watch")
+    # webhook/cache.py lists and watches these, cluster-wide; it never gets one by name.
+    read = ("list", "watch")
     assert granted == {
         ("deployment.beamlit.com", "modeldeployments", read),
         ("apps", "deployments", read),
@@ -636,6 +656,7 @@ def test_schema_rejects_values_out_of_range(helm, values, error):
             "webhook.podDisruptionBudget.minAvailable: 2 would block every node drain",
         ),
         (["webhook.serviceAccount.create=false"], "webhook.serviceAccount.name: required"),
+        (["sidecar.adminPort=15080"], "sidecar.adminPort: must differ from sidecar.proxyPort (15080)"),
         (
             ["webhook.certs.existingSecret=my-tls"],
             "webhook.certs.existingSecret: also give webhook.certs.caBundle",

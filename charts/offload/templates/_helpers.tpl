@@ -115,6 +115,9 @@ hold under --skip-schema-validation). */}}
 {{- if and (ne .Values.webhook.mutating.failurePolicy "Ignore") (not .Values.webhook.mutating.failurePolicyAcknowledged) }}
 {{- fail (printf "webhook.mutating.failurePolicy: %s blocks every pod creation in the selected namespaces while no webhook pod answers; set webhook.mutating.failurePolicyAcknowledged=true to confirm, or keep Ignore" .Values.webhook.mutating.failurePolicy) }}
 {{- end }}
+{{- if eq (int .Values.sidecar.proxyPort) (int .Values.sidecar.adminPort) }}
+{{- fail (printf "sidecar.adminPort: must differ from sidecar.proxyPort (%v)" .Values.sidecar.proxyPort) }}
+{{- end }}
 {{- if and (not .Values.webhook.serviceAccount.create) (not .Values.webhook.serviceAccount.name) }}
 {{- fail "webhook.serviceAccount.name: required when webhook.serviceAccount.create is false" }}
 {{- end }}
