@@ -14,7 +14,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
+import shutil
+import socket
+import ssl
 import subprocess
+import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -23,7 +28,8 @@ from dataclasses import dataclass
 import kubernetes
 import pytest
 import yaml
-from controlplane.process import wait_until
+from controlplane.net import free_port
+from controlplane.process import ManagedProcess, wait_until
 from cryptography import x509
 from paths import REPO_ROOT
 
@@ -264,6 +270,79 @@ def test_registered_webhooks_are_consulted_with_their_failure_policies(release, 
         "spec": {"containers": [{"name": "c", "image": "example.invalid/c"}]},
     }
     kubernetes.client.CoreV1Api(kube.api_client).create_namespaced_pod(namespace, pod)
+
+
+def test_offload_webhook_runs_as_the_chart_configures_it_and_syncs_with_its_rbac(release, tmp_path):
+    """kwok runs no code, so the webhook pod's process is run here instead, exactly as the
+    chart configures it: its arguments, its injector.yaml, its certificate from the Secret,
+    and the webhook ServiceAccount's own token (so the chart's ClusterRole is all it may use).
+    It becomes ready only once its watches have synced, which a missing permission prevents;
+    the API server's client would verify it as here: caBundle, for the Service's name."""
+    kube = release.kube
+    ns = release.namespace
+    core = kubernetes.client.CoreV1Api(kube.api_client)
+    token = kube.kubectl("create", "token", WEBHOOK, "-n", ns, "--duration", "10m")
+    assert token.returncode == 0, token.stderr
+    admin = yaml.safe_load(kube.kubeconfig.read_text())
+    sa_kubeconfig = tmp_path / "kubeconfig"
+    sa_kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": admin["clusters"][:1],
+                "users": [{"name": WEBHOOK, "user": {"token": token.stdout.strip()}}],
+                "contexts": [
+                    {"name": WEBHOOK, "context": {"cluster": admin["clusters"][0]["name"], "user": WEBHOOK}}
+                ],
+                "current-context": WEBHOOK,
+            }
+        )
+    )
+    secret = release.secret_data()
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "config").mkdir()
+    for key in ("tls.crt", "tls.key"):
+        (tmp_path / "tls" / key).write_bytes(secret[key])
+    config_map = core.read_namespaced_config_map(WEBHOOK, ns)
+    (tmp_path / "config" / "injector.yaml").write_text(config_map.data["injector.yaml"])
+    deployment = kubernetes.client.AppsV1Api(kube.api_client).read_namespaced_deployment(WEBHOOK, ns)
+    container = deployment.spec.template.spec.containers[0]
+    args = [
+        a.replace("=/tls/", f"={tmp_path}/tls/").replace("=/config/", f"={tmp_path}/config/")
+        for a in container.args
+        if not a.startswith("--port=")
+    ]
+    assert any(a.startswith("--injector-config=") for a in args), args
+    port = free_port()
+    exe = shutil.which(container.command[0])
+    argv = [exe] if exe else [sys.executable, "-m", "webhook.cli"]
+    argv += [*args, "--kubeconfig", str(sa_kubeconfig), "--host", "127.0.0.1", f"--port={port}"]
+    process = ManagedProcess(WEBHOOK, argv, tmp_path / "webhook.log", cwd=REPO_ROOT, env={**os.environ})
+    server_name = f"{WEBHOOK}.{ns}.svc"
+    ctx = ssl.create_default_context(cadata=secret["ca.crt"].decode())
+    try:
+        wait_until(
+            "offload-webhook /readyz (its watches synced with the chart's RBAC)",
+            lambda: _readyz(port, ctx, server_name) == 200,
+            60,
+            alive=[process, *kube.processes],
+        )
+    finally:
+        process.stop()
+
+
+def _readyz(port: int, ctx: ssl.SSLContext, server_name: str) -> int | None:
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
+            ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+        ):
+            tls.sendall(f"GET /readyz HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
+            status_line = tls.recv(64).split(b"\r\n", 1)[0].split()
+            return int(status_line[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def test_upgrade_keeps_the_certificate(release):
