@@ -45,7 +45,6 @@ from sidecar.breaker import BreakerSettings, CircuitBreaker
 from sidecar.http1 import (
     BODY_CHUNKED,
     FRAME_CHUNKED,
-    FRAME_CLOSE,
     Rejection,
     RequestHead,
     inspect_request,
@@ -54,7 +53,7 @@ from sidecar.http1 import (
     render_interim,
     render_request_head,
     render_response_head,
-    response_has_body,
+    split_response_head,
 )
 from sidecar.routing import RemoteTarget, RoutePlan, RoutingTable
 from sidecar.stats import ProxyStats
@@ -129,14 +128,14 @@ class Exchange:
         "final",
         "frame",
         "head",
+        "head_buf",
+        "head_pos",
         "keep_alive",
         "out",
         "parser",
         "pending",
         "pool",
-        "reason",
         "request_complete",
-        "resp_headers",
         "reused",
         "sent",
         "sent_size",
@@ -166,8 +165,8 @@ class Exchange:
         self.request_complete = False
         self.reused = False
         self.status = 0
-        self.reason = b""
-        self.resp_headers: list[tuple[bytes, bytes]] = []
+        self.head_buf = b""  # the response head's bytes until it is complete
+        self.head_pos = 0  # where in head_buf the next head starts (after a 1xx)
         self.frame = -1
         self.final = False  # the final response head was received
         self.eof_body = False  # the upstream ends this response body by closing
@@ -247,7 +246,8 @@ class Exchange:
         self.parser = httptools.HttpResponseParser(self)
         self.final = False
         self.frame = -1
-        self.resp_headers = []
+        self.head_buf = b""
+        self.head_pos = 0
         head = self.head
         target = self.target
         if target is None:
@@ -280,7 +280,8 @@ class Exchange:
             up_out.append(b"0\r\n\r\n")
         if not client.feeding:  # else the client's read ends with a flush
             self.flush_up()
-        client.unpause(PAUSE_CONNECTING)
+        if client.paused:
+            client.unpause(PAUSE_CONNECTING)
 
     def flush_up(self) -> None:
         up_out = self.up_out
@@ -367,18 +368,19 @@ class Exchange:
             self.up_out.append(b"0\r\n\r\n")
 
     # --- response parser callbacks ---------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self.resp_headers = []
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason = reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.final:
-            self.resp_headers.append((name, value))
+    # Only the head, body and end callbacks: the fields are read from the raw head
+    # (head_buf, filled by UpstreamConnection), not one Python call per field.
 
     def on_headers_complete(self) -> None:
+        buf = self.head_buf
+        start = self.head_pos
+        while buf.startswith(b"\r\n", start):  # llhttp skips blank lines before a head
+            start += 2
+        end = buf.find(b"\r\n\r\n", start)
+        if end < 0:
+            raise _BadUpstream("response head not found where the parser ended it")
+        self.head_pos = end + 4
+        status_text, block = split_response_head(buf[start:end])
         status = self.parser.get_status_code()
         head = self.head
         if status < 200:
@@ -387,32 +389,27 @@ class Exchange:
                     raise _BadUpstream("101 Switching Protocols to a request that asked for no upgrade")
                 self.status = 101
                 self.final = True
-                data, _, _ = render_response_head(
-                    101, self.reason, self.resp_headers, has_body=False, client_http11=True,
-                    keep_alive=False, websocket=True,
+                self.head_buf = b""
+                data, _, _, _ = render_response_head(
+                    101, status_text, block, has_body=False, client_http11=True, keep_alive=False, websocket=True
                 )
                 self.out.append(data)
                 return
             if head.http11 and (status != 100 or (head.expect_continue and not self.continue_sent)):
-                self.out.append(render_interim(status, self.reason, self.resp_headers))
+                self.out.append(render_interim(status_text, block))
                 self.continue_sent = self.continue_sent or status == 100
             return
         server = self.server
         self.status = status
         self.final = True
+        self.head_buf = b""
         if self.target is not None:
             server.remote_succeeded(self.target)
-        has_body = response_has_body(status, head.is_head)
+        has_body = not (head.is_head or status == 204 or status == 304)
         keep = self.keep_alive and self.request_complete and not server.draining and not head.websocket
-        data, frame, keep = render_response_head(
-            status, self.reason, self.resp_headers, has_body=has_body, client_http11=head.http11, keep_alive=keep
+        data, self.frame, self.keep_alive, self.eof_body = render_response_head(
+            status, status_text, block, has_body=has_body, client_http11=head.http11, keep_alive=keep
         )
-        self.keep_alive = keep
-        self.frame = frame
-        if frame == FRAME_CHUNKED or frame == FRAME_CLOSE:
-            self.eof_body = not any(
-                n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.resp_headers
-            )
         self.out.append(data)
         server.stats.response_head_seconds[self.backend].observe(server.loop.time() - self.t_start)
         if head.is_head:
@@ -573,17 +570,17 @@ class ClientConnection(asyncio.Protocol):
         "eof",
         "feed_completed",
         "feeding",
-        "head_bytes",
-        "header_count",
         "headers",
         "in_head",
         "ip",
         "last_activity",
+        "max_header_count",
         "parser",
         "parsing",
         "paused",
         "queue",
         "raw_head_bytes",
+        "read_size",
         "rejection",
         "replaying",
         "server",
@@ -605,9 +602,9 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Exchange] | None = None  # pipelined requests waiting
         self.paused = 0
         self.in_head = False
-        self.head_bytes = 0
-        self.raw_head_bytes = 0
-        self.header_count = 0
+        self.raw_head_bytes = 0  # bytes of an unfinished head in earlier reads
+        self.read_size = 0  # bytes in the read being parsed
+        self.max_header_count = server.settings.max_header_count
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.last_activity = 0.0
@@ -653,6 +650,7 @@ class ClientConnection(asyncio.Protocol):
     def feed(self, data: bytes) -> None:
         was_in_head = self.in_head
         self.feed_completed = False
+        self.read_size = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -729,36 +727,23 @@ class ClientConnection(asyncio.Protocol):
         if self.replaying:
             return
         self.in_head = True
-        self.head_bytes = 0
         self.raw_head_bytes = 0
-        self.header_count = 0
         self.url = b""
         self.headers = []
         if self.current is not None:
             self.pause(PAUSE_PIPELINE)
 
     def on_url(self, url: bytes) -> None:
-        if self.replaying:
-            return
-        self.url += url
-        self.head_bytes += len(url)
-        if self.head_bytes > self.server.settings.max_header_bytes:
-            self.rejection = Rejection(431, "request target too long")
-            raise _Reject
+        if not self.replaying:
+            self.url += url  # in pieces when the target spans reads
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
-            return  # request trailers are not forwarded
-        self.header_count += 1
-        self.head_bytes += len(name) + len(value) + 4
-        settings = self.server.settings
-        if self.header_count > settings.max_header_count:
-            self.rejection = Rejection(431, f"more than {settings.max_header_count} header fields")
-            raise _Reject
-        if self.head_bytes > settings.max_header_bytes:
-            self.rejection = Rejection(431, f"header section larger than {settings.max_header_bytes} bytes")
-            raise _Reject
-        self.headers.append((name, value))
+        if self.in_head:  # request trailers are not forwarded
+            headers = self.headers
+            if len(headers) >= self.max_header_count:  # checked here: one read may hold thousands
+                self.rejection = Rejection(431, f"more than {self.max_header_count} header fields")
+                raise _Reject
+            headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.replaying:
@@ -767,9 +752,19 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = False
         if self.closing:
             return
+        headers = self.headers
+        settings = self.server.settings
+        # The head lies within this read and the earlier reads of it: only when
+        # those could exceed the limit is the head itself measured.
+        if self.raw_head_bytes + self.read_size > settings.max_header_bytes:
+            if len(self.url) > settings.max_header_bytes:
+                self.rejection = Rejection(431, "request target too long")
+                raise _Reject
+            if len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > settings.max_header_bytes:
+                self.rejection = Rejection(431, f"header section larger than {settings.max_header_bytes} bytes")
+                raise _Reject
         parser = self.parser
-        head = inspect_request(parser.get_method(), self.url, parser.get_http_version(), self.headers)
-        self.headers = []
+        head = inspect_request(parser.get_method(), self.url, parser.get_http_version(), headers)
         if type(head) is Rejection:
             self.rejection = head
             raise _Reject
@@ -871,7 +866,8 @@ class ClientConnection(asyncio.Protocol):
                 self.unpause(PAUSE_PIPELINE)
             nxt.start()
             return
-        self.unpause(PAUSE_PIPELINE)
+        if self.paused:
+            self.unpause(PAUSE_PIPELINE)
         if self.rejection is not None:
             self.send_rejection()
         elif self.eof:

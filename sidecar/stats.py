@@ -23,6 +23,10 @@ def status_class(status: int) -> str:
     return STATUS_CLASSES[status // 100 - 1] if 100 <= status < 600 else "5xx"
 
 
+# requests_total keys by backend and status // 100, made once (read-only).
+_KEYS = {b: (None, *((b, c) for c in STATUS_CLASSES)) for b in (*BACKENDS, "proxy")}
+
+
 class Histogram:
     """A fixed-bucket histogram (Prometheus semantics: cumulative on render).
 
@@ -101,8 +105,10 @@ class ProxyStats:
         return self.breaker_state != "closed"
 
     def count_response(self, backend: str, status: int) -> None:
-        key = (backend, status_class(status))
-        self.requests_total[key] = self.requests_total.get(key, 0) + 1
+        keys = _KEYS.get(backend)
+        key = keys[status // 100] if keys is not None and 100 <= status < 600 else (backend, status_class(status))
+        total = self.requests_total
+        total[key] = total.get(key, 0) + 1
 
     def count_fallback(self, source: str, target: str, reason: str) -> None:
         key = (source, target, reason)

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from sidecar.proxy import Exchange
 
 
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024  # an upstream's status line and fields, else 502
+
+
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -57,6 +60,9 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is None:  # an idle connection talking: don't trust it further
             self.close()
             return
+        if not exchange.final:  # (part of) a response head: kept for its fields
+            buf = exchange.head_buf
+            exchange.head_buf = buf + data if buf else data
         try:
             exchange.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -67,6 +73,12 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if exchange.out:
             exchange.flush()
+        if not exchange.final and exchange.upstream is self:
+            if exchange.head_pos:  # past a 1xx: drop what was relayed
+                exchange.head_buf = exchange.head_buf[exchange.head_pos :]
+                exchange.head_pos = 0
+            if len(exchange.head_buf) > MAX_RESPONSE_HEAD_BYTES:
+                exchange.upstream_broken(f"response head larger than {MAX_RESPONSE_HEAD_BYTES} bytes")
 
     def eof_received(self) -> bool | None:
         return None  # close our side too

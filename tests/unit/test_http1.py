@@ -17,8 +17,10 @@ from sidecar.http1 import (
     inspect_request,
     render_error,
     render_extra,
+    render_interim,
     render_request_head,
     render_response_head,
+    split_response_head,
 )
 from sidecar.stats import Histogram, ProxyStats, status_class
 
@@ -142,12 +144,13 @@ def test_websocket_upgrade_keeps_its_upgrade_fields():
 
 
 def hdrs(*pairs):
-    return [(n.encode(), v.encode()) for n, v in pairs]
+    """A raw field block, as the upstream sent it."""
+    return b"".join(b"\r\n%b: %b" % (n.encode(), v.encode()) for n, v in pairs)
 
 
 def test_response_head_keeps_repeated_fields_and_drops_hop_by_hop():
-    data, frame, keep = render_response_head(
-        200, b"OK",
+    data, frame, keep, _ = render_response_head(
+        200, b"200 OK",
         hdrs(("Set-Cookie", "a=1"), ("Connection", "X-P"), ("X-P", "1"), ("Keep-Alive", "t=1"),
              ("Set-Cookie", "b=2"), ("Content-Length", "5")),
         has_body=True, client_http11=True, keep_alive=True,
@@ -157,20 +160,53 @@ def test_response_head_keeps_repeated_fields_and_drops_hop_by_hop():
 
 
 def test_response_without_length_is_rechunked_for_http11_and_closes_for_http10():
-    _, frame, keep = render_response_head(200, b"OK", hdrs(("Transfer-Encoding", "chunked")),
-                                          has_body=True, client_http11=True, keep_alive=True)
-    assert (frame, keep) == (FRAME_CHUNKED, True)
-    data, frame, keep = render_response_head(200, b"OK", [], has_body=True, client_http11=False, keep_alive=True)
-    assert (frame, keep) == (FRAME_CLOSE, False) and b"Connection: close" in data
+    data, frame, keep, until_close = render_response_head(200, b"200 OK", hdrs(("Transfer-Encoding", "chunked")),
+                                                          has_body=True, client_http11=True, keep_alive=True)
+    assert (frame, keep, until_close) == (FRAME_CHUNKED, True, False)
+    assert data == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data, frame, keep, until_close = render_response_head(200, b"200 OK", b"", has_body=True, client_http11=False,
+                                                          keep_alive=True)
+    assert (frame, keep, until_close) == (FRAME_CLOSE, False, True) and b"Connection: close" in data
 
 
 def test_bodiless_responses_get_no_framing_added():
-    data, frame, _ = render_response_head(204, b"No Content", hdrs(("Content-Length", "0")),
-                                          has_body=False, client_http11=True, keep_alive=True)
+    data, frame, _, _ = render_response_head(204, b"204 No Content", hdrs(("Content-Length", "0")),
+                                             has_body=False, client_http11=True, keep_alive=True)
     assert frame == FRAME_NONE and b"Content-Length" not in data and b"Transfer-Encoding" not in data
-    data, frame, _ = render_response_head(200, b"OK", hdrs(("Content-Length", "42")),
-                                          has_body=False, client_http11=True, keep_alive=True)
+    data, frame, _, _ = render_response_head(200, b"200 OK", hdrs(("Content-Length", "42")),
+                                             has_body=False, client_http11=True, keep_alive=True)
     assert frame == FRAME_NONE and b"Content-Length: 42" in data  # HEAD keeps the length
+
+
+def test_response_fields_are_matched_by_name_in_any_case_and_kept_byte_for_byte():
+    block = hdrs(("CONTENT-length", "3 "), ("connection", "keep-alive"), ("Tea", "x"), ("TE-x", "y"),
+                 ("x-odd", "a:b\t"), ("Keep-Alive", "timeout=5"))
+    data, frame, keep, _ = render_response_head(200, b"200 OK", block, has_body=True, client_http11=True,
+                                                keep_alive=True)
+    assert data == b"HTTP/1.1 200 OK\r\nCONTENT-length: 3 \r\nTea: x\r\nTE-x: y\r\nx-odd: a:b\t\r\n\r\n"
+    assert (frame, keep) == (FRAME_LENGTH, True)
+
+
+def test_response_head_is_split_after_the_version_and_a_missing_reason_keeps_its_space():
+    assert split_response_head(b"HTTP/1.0 404 Not Found\r\nA: b") == (b"404 Not Found", b"\r\nA: b")
+    assert split_response_head(b"HTTP/1.1 200") == (b"200 ", b"")
+
+
+def test_interim_responses_drop_hop_by_hop_fields_and_lengths():
+    data = render_interim(b"103 Early Hints", hdrs(("Link", "</a>; rel=preload"), ("Connection", "x"),
+                                                     ("Content-Length", "0")))
+    assert data == b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+
+
+def test_websocket_101_keeps_upgrade_and_drops_length():
+    data, frame, keep, _ = render_response_head(
+        101, b"101 Switching Protocols",
+        hdrs(("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", "k"), ("Content-Length", "0")),
+        has_body=False, client_http11=True, keep_alive=False, websocket=True,
+    )
+    assert data == (b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: k\r\n"
+                    b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert (frame, keep) == (FRAME_NONE, False)
 
 
 def test_error_answers_are_short_closing_and_carry_retry_after_when_asked():
