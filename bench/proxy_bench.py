@@ -156,6 +156,13 @@ backend be
     return proc
 
 
+def start_bare_relay(port: int, upstream: int) -> Proc:
+    proc = Proc([sys.executable, str(HERE / "bare_relay.py"), "--listen", f"127.0.0.1:{port}",
+                 "--local", f"127.0.0.1:{upstream}"], PROXY_CORE, cwd=REPO)
+    wait_port(port)
+    return proc
+
+
 def start_sidecar(port: int, upstream: int) -> Proc:
     proc = Proc([sys.executable, "-m", "sidecar.proxy", "--listen", f"127.0.0.1:{port}",
                  "--local", f"127.0.0.1:{upstream}"], PROXY_CORE, cwd=REPO)
@@ -307,25 +314,28 @@ def check_tools() -> None:
 
 
 @contextmanager
-def proxies(tmp: Path, upstream: int, tag: str):
-    hp, sp = free_port(), free_port()
+def proxies(tmp: Path, upstream: int, tag: str, bare: bool):
+    hp, sp, bp = free_port(), free_port(), free_port()
     haproxy = start_haproxy(tmp, hp, upstream, tag)
     sidecar = start_sidecar(sp, upstream)
+    targets = {"haproxy": (haproxy, hp), "sidecar": (sidecar, sp)}
+    if bare:
+        targets["bare"] = (start_bare_relay(bp, upstream), bp)
     try:
-        yield {"haproxy": (haproxy, hp), "sidecar": (sidecar, sp)}
+        yield targets
     finally:
-        haproxy.stop()
-        sidecar.stop()
+        for proc, _ in targets.values():
+            proc.stop()
 
 
-def request_runs(tmp: Path, seconds: float, repeats: int) -> dict:
+def request_runs(tmp: Path, seconds: float, repeats: int, bare: bool) -> dict:
     """Runs alternate between targets and repeat, and medians are kept: this
     machine is shared, and a burst of someone else's work should hit all alike."""
     nginx_port = free_port()
     nginx = start_nginx(tmp, nginx_port)
     out: dict = {}
     try:
-        with proxies(tmp, nginx_port, "http") as targets:
+        with proxies(tmp, nginx_port, "http", bare) as targets:
             time.sleep(0.5)
             for name, (proc, port) in targets.items():
                 out[f"{name}.rss_idle"] = proc.status_kib("VmRSS") / 1024
@@ -368,13 +378,13 @@ def request_runs(tmp: Path, seconds: float, repeats: int) -> dict:
     return out
 
 
-def streaming_runs(tmp: Path, events: int, interval: float) -> dict:
+def streaming_runs(tmp: Path, events: int, interval: float, bare: bool) -> dict:
     sse_port = free_port()
     server = Proc([sys.executable, __file__, "--sse-server", str(sse_port), str(events), str(interval)], LOAD_CORE)
     wait_port(sse_port)
     out: dict = {}
     try:
-        with proxies(tmp, sse_port, "sse") as targets:
+        with proxies(tmp, sse_port, "sse", bare) as targets:
             for streams in (10, 1000):
                 direct = run_sse_client(sse_port, streams, None, events, interval)
                 for name, (proc, port) in targets.items():
@@ -422,17 +432,26 @@ def fmt(value) -> str:
     return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"
 
 
+def ratio(reference, value) -> str:
+    # Differences near zero (HAProxy adds ~nothing) make ratios meaningless.
+    ok = isinstance(value, float) and isinstance(reference, float) and reference > 0.01 and value > 0
+    return f"{value / reference:.2f}x" if ok else "-"
+
+
 def print_table(results: dict) -> None:
-    header = ("figure", "sidecar", "HAProxy", "ratio", "goal", "met")
+    bare = any(k.startswith("bare.") for k in results)
+    header = ("figure", "sidecar", "HAProxy", "ratio", "goal", "met", *(("bare relay", "ratio") if bare else ()))
     rows = []
     for label, key, unit, goal, check in ROWS:
         s, h = results.get(f"sidecar.{key}"), results.get(f"haproxy.{key}")
         if s is None or h is None:
             continue
-        # Differences near zero (HAProxy adds ~nothing) make ratios meaningless.
-        ratio = f"{s / h:.2f}x" if isinstance(s, float) and isinstance(h, float) and h > 0.01 and s > 0 else "-"
         met = "" if check is None else ("yes" if check(s, h) else "NO")
-        rows.append((f"{label} ({unit})" if unit else label, fmt(s), fmt(h), ratio, goal, met))
+        row = (f"{label} ({unit})" if unit else label, fmt(s), fmt(h), ratio(h, s), goal, met)
+        if bare:
+            b = results.get(f"bare.{key}")
+            row += ("-", "-") if b is None else (fmt(b), ratio(h, b))
+        rows.append(row)
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
     line = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
     print(line.format(*header))
@@ -459,12 +478,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3, help="length of each wrk run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure, alternating targets; medians kept")
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    parser.add_argument("--no-bare", dest="bare", action="store_false",
+                        help="skip bench/bare_relay.py, the floor any Python relay on this machine stays above")
     args = parser.parse_args()
     check_tools()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp:
-        results = request_runs(Path(tmp), args.seconds, args.repeats)
-        results.update(streaming_runs(Path(tmp), events=50, interval=0.02))
+        results = request_runs(Path(tmp), args.seconds, args.repeats, args.bare)
+        results.update(streaming_runs(Path(tmp), events=50, interval=0.02, bare=args.bare))
     print(f"\nsidecar proxy vs HAProxy 1 thread, each pinned to core {PROXY_CORE}; nginx 1 KiB / SSE upstream "
           f"and the load on core {LOAD_CORE}; {args.seconds:g} s per run, median of {args.repeats}; "
           f"{time.monotonic() - started:.0f} s in all\n")

@@ -114,6 +114,7 @@ def measure(tmp: Path, upstream: int, workload: str, requests: int, annotate: bo
         if not dumps:
             raise RuntimeError("callgrind wrote no dump")
         if annotate:
+            shutil.copy(dumps[-1], f"/tmp/callgrind.{workload}.out")
             text = subprocess.run(["callgrind_annotate", "--threshold=100", "--auto=no", str(dumps[-1])],
                                   capture_output=True, text=True, check=True).stdout
             # Skip the frames every instruction runs under (main, the loop, ...).
