@@ -52,6 +52,7 @@ class ControlView:
     decision: Decision | None = None
     plan: RoutePlan = field(default_factory=RoutePlan)
     reason: str = "starting"  # why the plan is what it is (the decision's, or pass-through's)
+    remote_unavailable: str | None = None  # why the configured remote is not used (its credentials)
     offloading_since: float | None = None  # wall clock
     transitions: tuple[tuple[str, int], ...] = ()  # (("on", n), ("off", m))
     upstream: str = ""
@@ -283,6 +284,13 @@ def configuration_document(model: ModelDeployment | None) -> dict[str, Any] | No
                 remote["pathPrefix"] = backend.path_prefix
             if backend.headers_to_add:
                 remote["headersToAdd"] = _redacted_headers(backend.headers_to_add)
+            if backend.headers_from_secrets:
+                remote["headersFromSecrets"] = [
+                    {"name": h.name, "secretKeyRef": {"name": h.secret_key_ref.name, "key": h.secret_key_ref.key}}
+                    for h in backend.headers_from_secrets
+                ]
+            if backend.ca_bundle is not None:
+                remote["caBundle"] = f"<{backend.ca_bundle.count('-----BEGIN CERTIFICATE-----')} certificates>"
             if backend.auth_config is not None:
                 auth: dict[str, Any] = {"type": backend.auth_config.type}
                 oauth = backend.auth_config.oauth_config
@@ -344,6 +352,7 @@ def status_document(view: ControlView, stats: ProxyStats, *, ready: bool) -> dic
             "remote": None if remote is None else f"{remote.scheme}://{remote.authority}{remote.path_prefix}",
             "percentage": plan.percentage,
             "activePercentage": plan.active_percentage,
+            "remoteUnavailable": view.remote_unavailable,
         },
         "counters": {
             "requests": requests,

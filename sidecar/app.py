@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,8 @@ from sidecar.admin import AdminServer, ControlView
 from sidecar.decision import INITIAL, Decision, DecisionState, step
 from sidecar.interfaces import ConfigSource, MetricObservation, MetricSource
 from sidecar.proxy import ProxyServer, ProxySettings
-from sidecar.routing import RemoteTarget, RoutePlan, RoutingTable
+from sidecar.routing import CaBundleContexts, RemoteTarget, RoutePlan, RoutingTable
+from sidecar.secretheaders import SecretHeaders, with_secret_headers
 from sidecar.stats import ProxyStats
 
 log = logging.getLogger("sidecar")
@@ -50,6 +52,7 @@ class SidecarSettings:
     listen: tuple[str, int] = ("0.0.0.0", 8080)
     admin_listen: tuple[str, int] = ("0.0.0.0", 9090)
     config_path: Path | None = None  # standalone mode's ModelDeployment file
+    secrets_dir: Path | None = None  # standalone mode's Secrets: DIR/<secret name>/<key>
     poll_interval: float = 1.0  # seconds between metric evaluations (and file checks)
     cpu_request: float | None = None  # cores; the utilization reference
     memory_request: int | None = None  # bytes
@@ -75,15 +78,23 @@ def passthrough_reason(model: ModelDeployment | None) -> str | None:
     return None
 
 
-def plan_for(model: ModelDeployment | None, offloading: bool) -> RoutePlan:
-    """The RoutePlan of a configuration and a decision."""
+def plan_for(
+    model: ModelDeployment | None,
+    offloading: bool,
+    ssl_context_for: Callable[[str], ssl.SSLContext] | None = None,
+) -> RoutePlan:
+    """The RoutePlan of a configuration and a decision.
+
+    ``ssl_context_for`` gives the context of the remote's caBundle; pass one
+    :class:`~sidecar.routing.CaBundleContexts` to share contexts between plans.
+    """
     if passthrough_reason(model) is not None:
         return RoutePlan()
     assert model is not None and model.spec.offloading_config is not None
     config = model.spec.offloading_config
     assert config.remote_backend is not None
     return RoutePlan(
-        remote=RemoteTarget.from_backend(config.remote_backend),
+        remote=RemoteTarget.from_backend(config.remote_backend, ssl_context_for),
         percentage=config.behavior.percentage,
         offloading=offloading,
     )
@@ -126,6 +137,8 @@ class Controller:
         self.transitions = {"on": 0, "off": 0}
         self.authorization: str | None = None  # the remote's Authorization header, when it needs one
         self.needs_authorization = False
+        self.secret_headers: SecretHeaders | None = None  # headersFromSecrets, when the remote has any
+        self.ssl_contexts = CaBundleContexts()
         self._reason = "starting"
         self._lock = asyncio.Lock()
 
@@ -151,6 +164,11 @@ class Controller:
     def set_authorization(self, header: str | None) -> None:
         """The remote's current Authorization header (None: no token: serve locally)."""
         self.authorization = header
+        self._publish()
+
+    def set_secret_headers(self, headers: SecretHeaders | None) -> None:
+        """The remote's headersFromSecrets as last read (None: it has none)."""
+        self.secret_headers = headers
         self._publish()
 
     async def evaluate(self) -> Decision | None:
@@ -200,15 +218,30 @@ class Controller:
         r = plan.remote
         return f"{r.scheme}://{r.authority}{r.path_prefix}"
 
+    def remote_unavailable(self) -> str | None:
+        """Why the configured remote cannot be used now (its credentials), or None."""
+        if passthrough_reason(self.model) is not None:
+            return None
+        if self.secret_headers is not None and self.secret_headers.problem is not None:
+            return self.secret_headers.problem
+        if self.needs_authorization and self.authorization is None:
+            return "no OAuth access token for the remote (see the sidecar's log)"
+        return None
+
     def plan(self) -> RoutePlan:
-        plan = plan_for(self.model, self.state.offloading)
-        if plan.remote is not None and self.needs_authorization:
-            if self.authorization is None:
-                return replace(plan, remote=None)  # no token yet: the remote cannot be used
+        plan = plan_for(self.model, self.state.offloading, self.ssl_contexts)
+        if plan.remote is None:
+            return plan
+        if self.remote_unavailable() is not None:
+            return replace(plan, remote=None)  # without its credentials the remote would refuse
+        remote = plan.remote
+        if self.secret_headers is not None:
+            remote = replace(remote, headers=with_secret_headers(remote.headers, self.secret_headers.headers))
+        if self.needs_authorization:
             from sidecar.oauth import with_authorization
 
-            plan = replace(plan, remote=with_authorization(plan.remote, self.authorization))
-        return plan
+            remote = with_authorization(remote, self.authorization)
+        return replace(plan, remote=remote)
 
     def _publish(self) -> None:
         plan = self.plan()
@@ -225,6 +258,7 @@ class Controller:
             decision=self.decision,
             plan=self.routing.plan,
             reason=self._reason,
+            remote_unavailable=self.remote_unavailable(),
             offloading_since=self.offloading_since,
             transitions=tuple(self.transitions.items()),
             upstream=self.upstream,
@@ -279,6 +313,8 @@ class Sidecar:
         self._first_config = asyncio.Event()
         self._auth_task: asyncio.Task[None] | None = None
         self._auth_key: Any = None
+        self._headers_task: asyncio.Task[None] | None = None
+        self._headers_key: Any = None
 
     def _ready_changed(self, ready: bool) -> None:
         self.ready = ready
@@ -287,6 +323,7 @@ class Sidecar:
         async for model in self.config.updates():
             self.controller.apply_config(model)
             self._configure_auth(model)
+            self._configure_secret_headers(model)
             self._first_config.set()
             await self._evaluate()
 
@@ -347,6 +384,40 @@ class Sidecar:
 
         self._auth_task = asyncio.create_task(keep())
 
+    def _configure_secret_headers(self, model: ModelDeployment | None) -> None:
+        """Keep the remote's headersFromSecrets read while the configuration has any."""
+        specs: tuple[Any, ...] = ()
+        if passthrough_reason(model) is None:
+            assert model is not None and model.spec.offloading_config is not None
+            assert model.spec.offloading_config.remote_backend is not None
+            specs = model.spec.offloading_config.remote_backend.headers_from_secrets
+        key = (model.namespace if model else None, specs)
+        if key == self._headers_key:
+            return
+        self._headers_key = key
+        if self._headers_task is not None:
+            self._headers_task.cancel()
+            self._headers_task = None
+        if not specs:
+            self.controller.set_secret_headers(None)
+            return
+        from sidecar.secretheaders import keeper_for
+
+        assert model is not None
+        keeper = keeper_for(
+            specs,
+            self.controller.set_secret_headers,
+            kube_client=self.kube_client,
+            namespace=model.namespace,
+            secrets_dir=self.settings.secrets_dir,
+        )
+        if isinstance(keeper, str):
+            log.error("%s: requests stay local", keeper)
+            self.controller.set_secret_headers(SecretHeaders(problem=keeper))
+            return
+        self.controller.set_secret_headers(keeper.current)
+        self._headers_task = asyncio.create_task(keeper.run())
+
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -380,7 +451,7 @@ class Sidecar:
             log.info("shutting down: draining for up to %.0f s", s.shutdown_deadline)
         finally:
             self.ready = False
-            for task in (*tasks, self._auth_task):
+            for task in (*tasks, self._auth_task, self._headers_task):
                 if task is not None:
                     task.cancel()
             if started:

@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="standalone: the ModelDeployment YAML file (reloaded on change)"
     )
     p.add_argument(
+        "--secrets-dir",
+        type=Path,
+        help="standalone: the Secrets the ModelDeployment references (headersFromSecrets), "
+        "DIR/<secret name>/<key> holding each value, as a mounted Secret volume lays them out; "
+        "re-read every second",
+    )
+    p.add_argument(
         "--upstream",
         type=address("127.0.0.1"),
         required=True,
@@ -205,6 +212,7 @@ def settings_from(args: argparse.Namespace, mode: str = "standalone") -> Sidecar
         listen=args.listen,
         admin_listen=args.admin_listen,
         config_path=args.config,
+        secrets_dir=args.secrets_dir,
         poll_interval=args.poll_interval or (CLUSTER_POLL_INTERVAL if mode == "cluster" else 1.0),
         cpu_request=args.cpu_request,
         memory_request=args.memory_request,
@@ -270,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("standalone mode needs --config FILE (the ModelDeployment to apply)")
         if not args.config.exists():
             parser.error(f"--config {args.config}: no such file")
+        if args.secrets_dir is not None and not args.secrets_dir.is_dir():
+            parser.error(f"--secrets-dir {args.secrets_dir}: no such directory")
         if args.cpu_pid is not None and not Path(f"/proc/{args.cpu_pid}").exists():
             parser.error(f"--cpu-pid {args.cpu_pid}: no such process")
 

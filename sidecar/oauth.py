@@ -324,7 +324,11 @@ def with_authorization(target: RemoteTarget, header: str | None, name: str = "Au
 
 
 class SecretKeyReader:
-    """One key of one Secret in the sidecar's namespace, read with GET (the Role grants get only)."""
+    """One key of one Secret in the sidecar's namespace, read with GET (the Role grants get only).
+
+    ``problem`` says why the last read gave no value (naming the Secret and the
+    key, never a value); each new problem is logged once.
+    """
 
     def __init__(self, client: Any, namespace: str, name: str, key: str):
         self.client = client
@@ -332,42 +336,56 @@ class SecretKeyReader:
         self.name = name
         self.key = key
         self.version = ""
+        self.problem: str | None = None
 
     def __repr__(self) -> str:
         return f"SecretKeyReader({self.namespace}/{self.name}[{self.key}])"
+
+    def _fail(self, problem: str) -> None:
+        if problem != self.problem:
+            log.warning("%s", problem)
+        self.problem = problem
 
     async def read(self) -> str | None:
         """The key's value (decoded), or None when the Secret or key is missing or unreadable."""
         from sidecar.kube import KubeError
 
+        where = f"Secret {self.namespace}/{self.name}"
         path = f"/api/v1/namespaces/{self.namespace}/secrets/{self.name}"
         try:
             secret = await self.client.get(path)
         except (KubeError, OSError, TimeoutError, ssl.SSLError) as exc:
-            log.warning(
-                "cannot read Secret %s/%s: %s", self.namespace, self.name, type(exc).__name__ + f" {exc}"
-            )
+            self._fail(f"cannot read {where}: {type(exc).__name__} {exc}")
             return None
         self.version = str((secret.get("metadata") or {}).get("resourceVersion") or "")
         data = secret.get("data") or {}
         if self.key not in data:
-            log.warning("Secret %s/%s has no key %r", self.namespace, self.name, self.key)
+            self._fail(f"{where} has no key {self.key!r}")
             return None
         try:
-            return base64.b64decode(data[self.key], validate=True).decode("utf-8").strip()
+            value = base64.b64decode(data[self.key], validate=True).decode("utf-8").strip()
         except ValueError:
-            log.warning("Secret %s/%s key %r is not base64 UTF-8 text", self.namespace, self.name, self.key)
+            self._fail(f"{where} key {self.key!r} is not base64 UTF-8 text")
             return None
+        if self.problem is not None:
+            log.info("%s key %r readable again", where, self.key)
+        self.problem = None
+        return value
 
-    async def follow(self, on_value: Callable[[str | None], None], period: float = 60.0) -> None:
-        """Reads every ``period`` seconds; calls ``on_value`` when the value changes."""
+    async def follow(
+        self, on_value: Callable[[str | None], None], period: float = 60.0, retry: float = 1.0
+    ) -> None:
+        """Reads every ``period`` seconds (sooner, backing off from ``retry``, while it fails);
+        calls ``on_value`` when the value or the problem changes."""
         last: Any = object()
+        failures = 0
         while True:
             value = await self.read()
-            if value != last:
-                last = value
+            if (value, self.problem) != last:
+                last = (value, self.problem)
                 on_value(value)
-            await asyncio.sleep(period)
+            failures = min(failures + 1, 16) if value is None else 0
+            await asyncio.sleep(min(period, retry * 2 ** (failures - 1)) if failures else period)
 
 
 def oauth_for(

@@ -298,7 +298,8 @@ def _describe(exc: BaseException) -> str:
 def sidecar_rules_for(model: ModelDeployment) -> list[dict[str, Any]]:
     """The RBAC rules one ModelDeployment adds to the static sidecar Role
     (charts/offload/files/sidecar-role.yaml): its custom/external metrics and the
-    Secret its remote's authentication reads, each by name, never by wildcard."""
+    Secrets its remote's authentication reads (OAuth client secret,
+    headersFromSecrets), each by name, never by wildcard."""
     rules: list[dict[str, Any]] = []
     config = model.spec.offloading_config
     for metric in config.metrics if config else ():
@@ -328,15 +329,22 @@ def sidecar_rules_for(model: ModelDeployment) -> list[dict[str, Any]]:
                     "verbs": ["list"],
                 }
             )
-    backend = config.remote_backend if config else None
-    auth = backend.auth_config if backend else None
-    if auth is not None and auth.oauth_config is not None and auth.oauth_config.client_secret_ref is not None:
-        rules.append(
-            {
-                "apiGroups": [""],
-                "resources": ["secrets"],
-                "resourceNames": [auth.oauth_config.client_secret_ref.name],
-                "verbs": ["get"],
-            }
-        )
+    secrets = secret_names_for(model)
+    if secrets:
+        rules.append({"apiGroups": [""], "resources": ["secrets"], "resourceNames": secrets, "verbs": ["get"]})
     return rules
+
+
+def secret_names_for(model: ModelDeployment) -> list[str]:
+    """The Secrets the remote's authentication reads (OAuth client secret, headersFromSecrets),
+    each once, in order of first reference."""
+    config = model.spec.offloading_config
+    backend = config.remote_backend if config else None
+    if backend is None:
+        return []
+    names = []
+    auth = backend.auth_config
+    if auth is not None and auth.oauth_config is not None and auth.oauth_config.client_secret_ref is not None:
+        names.append(auth.oauth_config.client_secret_ref.name)
+    names.extend(h.secret_key_ref.name for h in backend.headers_from_secrets)
+    return list(dict.fromkeys(names))

@@ -8,6 +8,8 @@ O(1) per request, no randomness, so tests and users can count on it.
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from crds.model import RemoteBackend
@@ -22,11 +24,22 @@ class RemoteTarget:
     port: int
     authority: str  # the Host header value sent to the remote
     path_prefix: str = ""  # "" or "/prefix" without trailing slash
-    headers: tuple[tuple[str, str], ...] = field(default=())
+    # Header values can be credentials (headersToAdd, headersFromSecrets, a token): not in repr.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # Verifies an https remote with the ModelDeployment's caBundle (None: the proxy's
+    # default context). Compared by identity: build one per bundle (:class:`CaBundleContexts`)
+    # so that an unchanged bundle keeps the target equal and a new one does not.
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
     @classmethod
-    def from_backend(cls, backend: RemoteBackend) -> RemoteTarget:
-        """From a *validated* RemoteBackend (``host`` is ``name[:port]``)."""
+    def from_backend(
+        cls, backend: RemoteBackend, ssl_context_for: Callable[[str], ssl.SSLContext] | None = None
+    ) -> RemoteTarget:
+        """From a *validated* RemoteBackend (``host`` is ``name[:port]``).
+
+        ``ssl_context_for`` makes the context of a ``caBundle`` (default:
+        :func:`ca_bundle_context`, a new one per call).
+        """
         default_port = 443 if backend.scheme == "https" else 80
         host = backend.host
         if host.startswith("["):
@@ -43,7 +56,46 @@ class RemoteTarget:
             authority=host,
             path_prefix=(backend.path_prefix or "").rstrip("/"),
             headers=tuple(backend.headers_to_add.items()),
+            ssl_context=(
+                (ssl_context_for or ca_bundle_context)(backend.ca_bundle)
+                if backend.ca_bundle is not None and backend.scheme == "https"
+                else None
+            ),
         )
+
+
+def ca_bundle_context(pem: str) -> ssl.SSLContext:
+    """A client context trusting exactly the PEM CAs given: verification and hostname check on.
+
+    Raises ssl.SSLError or ValueError for a bundle that is not PEM certificates
+    (validation refuses those before they get here).
+    """
+    return ssl.create_default_context(cadata=pem)  # cadata given: no system CA is loaded
+
+
+class CaBundleContexts:
+    """One SSLContext per distinct caBundle, reused while the bundle stays the same.
+
+    Keeps the ``limit`` most recently used bundles: a sidecar follows one
+    ModelDeployment, so one or two are in use at a time.
+    """
+
+    def __init__(self, limit: int = 4, build: Callable[[str], ssl.SSLContext] = ca_bundle_context):
+        self._limit = limit
+        self._build = build
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    def __call__(self, pem: str) -> ssl.SSLContext:
+        context = self._contexts.pop(pem, None)
+        if context is None:
+            context = self._build(pem)
+        self._contexts[pem] = context  # most recent last
+        while len(self._contexts) > self._limit:
+            del self._contexts[next(iter(self._contexts))]
+        return context
+
+    def __len__(self) -> int:
+        return len(self._contexts)
 
 
 @dataclass(frozen=True)
@@ -67,7 +119,7 @@ class PercentageSpread:
     [False, True, False, True]
     """
 
-    __slots__ = ("_percentage", "_credit")
+    __slots__ = ("_credit", "_percentage")
 
     def __init__(self, percentage: int):
         if not 0 <= percentage <= 100:

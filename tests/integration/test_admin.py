@@ -183,6 +183,7 @@ def test_status_has_the_configuration_observations_decision_and_counters():
         "remote": "http://my-model-on-another-cluster:80",
         "percentage": 50,
         "activePercentage": 50,
+        "remoteUnavailable": None,
     }
     assert doc["counters"]["local"] == 8 and doc["counters"]["remote"] == 3
     assert doc["counters"]["breaker"] == "open"
