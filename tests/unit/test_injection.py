@@ -17,6 +17,7 @@ from webhook.injection import (
     ServiceInfo,
     ServicePort,
     apply_overrides,
+    in_stable_order,
     inject,
     resolve_model_port,
 )
@@ -262,3 +263,32 @@ def test_selection_reasons_pass_through_unchanged():
     for reason in ("NoMatchingModelDeployment", "ModelDeploymentDisabled", "OwnedByAnotherController"):
         outcome = inject(pod(), Selection(reason, message="why"), SERVICE, CONFIG)
         assert outcome.reason.value == reason and outcome.patch == () and outcome.message == "why"
+
+
+# --- the patch ---------------------------------------------------------------------------------
+
+
+def test_the_patch_equals_a_diff_of_the_whole_pods_for_every_golden_case():
+    from tests.unit.test_golden import CACHE, CASES, load_case, review_for
+    from webhook.admission import parse_review
+    from webhook.mutating import decide
+
+    injected = 0
+    for case in CASES:
+        namespace, p = load_case(case)
+        outcome = decide(parse_review(review_for(case, namespace, p)), CACHE, CONFIG)
+        if outcome.injected:
+            injected += 1
+            whole = jsonpatch.make_patch(p, outcome.pod).patch
+            assert sorted(whole, key=lambda op: op["path"]) == list(outcome.patch), case
+    assert injected >= 10
+
+
+def test_only_independent_adds_are_reordered():
+    adds = [{"op": "add", "path": "/b", "value": 1}, {"op": "add", "path": "/a", "value": 2}]
+    assert in_stable_order(adds) == (adds[1], adds[0])
+    nested = [{"op": "add", "path": "/b", "value": {}}, {"op": "add", "path": "/b/c", "value": 1},
+              {"op": "add", "path": "/a", "value": 2}]
+    assert in_stable_order(nested) == tuple(nested)
+    mixed = [{"op": "remove", "path": "/b"}, {"op": "add", "path": "/a", "value": 2}]
+    assert in_stable_order(mixed) == tuple(mixed)
