@@ -500,7 +500,7 @@ def test_the_ca_bundle_of_both_configurations_verifies_the_serving_certificate(d
     lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
     assert dt.timedelta(days=364) < lifetime <= dt.timedelta(days=365)
     not_after = objects["Secret", f"{WEBHOOK}-tls"]["metadata"]["annotations"][
-        "offload.deployment.beamlit.com/not-after"
+        "offload.beamlit.com/not-after"
     ]
     recorded = dt.datetime.fromisoformat(not_after)
     assert abs(recorded - cert.not_valid_after_utc) < dt.timedelta(minutes=5)

@@ -40,7 +40,7 @@ RELEASE = "offload"
 WEBHOOK = "offload-webhook"
 SECRET = "offload-webhook-tls"
 CRD_NAME = "modeldeployments.deployment.beamlit.com"
-NOT_AFTER = "offload.deployment.beamlit.com/not-after"
+NOT_AFTER = "offload.beamlit.com/not-after"
 
 
 @dataclass

@@ -218,7 +218,7 @@ that reuses the last values (helm upgrade without values does): the Secret remem
 
 {{/* Prefix of the annotations this chart reads back (on its own Secret). */}}
 {{- define "offload.annotationPrefix" -}}
-offload.deployment.beamlit.com
+offload.beamlit.com
 {{- end }}
 
 {{/* The MutatingWebhookConfiguration's and ValidatingWebhookConfiguration's caBundle /
