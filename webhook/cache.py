@@ -318,6 +318,8 @@ class CacheSync:
                 log.info("watch of %s expired (410 Gone): listing again", resource)
                 continue
             except Exception as exc:  # noqa: BLE001 - the API server is unreachable, refuses us, or sends junk
+                if self._stop.is_set():
+                    return  # stop() cut the watch's connection
                 self.cache.mark_failing(resource)
                 delay = self._backoff.delay(attempt)
                 attempt += 1
