@@ -16,7 +16,15 @@ import pytest
 from tests.e2e.controlplane.process import wait_until
 from tests.integration.fake_apiserver import FakeApiServer, LoopbackPKI
 from tests.integration.servers import LoopThread
-from webhook.cache import DEPLOYMENTS, MODELDEPLOYMENTS, SERVICES, STATEFULSETS, Backoff, CacheSync, ClusterCache
+from webhook.cache import (
+    DEPLOYMENTS,
+    MODELDEPLOYMENTS,
+    SERVICES,
+    STATEFULSETS,
+    Backoff,
+    CacheSync,
+    ClusterCache,
+)
 
 COLLECTIONS = {
     MODELDEPLOYMENTS: ("/apis/deployment.beamlit.com/v1alpha1/modeldeployments", "ModelDeploymentList"),
