@@ -290,7 +290,8 @@ def configuration_document(model: ModelDeployment | None) -> dict[str, Any] | No
                     for h in backend.headers_from_secrets
                 ]
             if backend.ca_bundle is not None:
-                remote["caBundle"] = f"<{backend.ca_bundle.count('-----BEGIN CERTIFICATE-----')} certificates>"
+                n = backend.ca_bundle.count("-----BEGIN CERTIFICATE-----")
+                remote["caBundle"] = f"<{n} certificate{'' if n == 1 else 's'}>"
             if backend.auth_config is not None:
                 auth: dict[str, Any] = {"type": backend.auth_config.type}
                 oauth = backend.auth_config.oauth_config

@@ -53,6 +53,7 @@ class SidecarSettings:
     admin_listen: tuple[str, int] = ("0.0.0.0", 9090)
     config_path: Path | None = None  # standalone mode's ModelDeployment file
     secrets_dir: Path | None = None  # standalone mode's Secrets: DIR/<secret name>/<key>
+    secret_refresh: float = 60.0  # cluster mode: seconds between reads of a referenced Secret
     poll_interval: float = 1.0  # seconds between metric evaluations (and file checks)
     cpu_request: float | None = None  # cores; the utilization reference
     memory_request: int | None = None  # bytes
@@ -377,7 +378,8 @@ class Sidecar:
         async def keep() -> None:
             if reader is not None:
                 await asyncio.gather(
-                    reader.follow(oauth.set_secret), oauth.run_refresher(self.controller.set_authorization)
+                    reader.follow(oauth.set_secret, self.settings.secret_refresh),
+                    oauth.run_refresher(self.controller.set_authorization)
                 )
             else:
                 await oauth.run_refresher(self.controller.set_authorization)
@@ -410,6 +412,7 @@ class Sidecar:
             kube_client=self.kube_client,
             namespace=model.namespace,
             secrets_dir=self.settings.secrets_dir,
+            period=self.settings.secret_refresh,
         )
         if isinstance(keeper, str):
             log.error("%s: requests stay local", keeper)

@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="measure this process and its descendants from /proc instead of a cgroup",
     )
+    p.add_argument(
+        "--secret-refresh",
+        type=positive_duration,
+        default="60s",
+        help="cluster: how often each Secret the remote's authentication references is read "
+        "again (one GET per Secret per sidecar); a Secret that cannot be read is retried sooner",
+    )
     g = p.add_argument_group("data path")
     defaults = ProxySettings()
     g.add_argument(
@@ -213,6 +220,7 @@ def settings_from(args: argparse.Namespace, mode: str = "standalone") -> Sidecar
         admin_listen=args.admin_listen,
         config_path=args.config,
         secrets_dir=args.secrets_dir,
+        secret_refresh=args.secret_refresh,
         poll_interval=args.poll_interval or (CLUSTER_POLL_INTERVAL if mode == "cluster" else 1.0),
         cpu_request=args.cpu_request,
         memory_request=args.memory_request,

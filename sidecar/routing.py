@@ -49,6 +49,7 @@ class RemoteTarget:
         else:
             name, _, port_text = host.partition(":")
             port = int(port_text) if port_text else default_port
+        make_context = ca_bundle_context if ssl_context_for is None else ssl_context_for
         return cls(
             scheme=backend.scheme,
             host=name,
@@ -57,7 +58,7 @@ class RemoteTarget:
             path_prefix=(backend.path_prefix or "").rstrip("/"),
             headers=tuple(backend.headers_to_add.items()),
             ssl_context=(
-                (ssl_context_for or ca_bundle_context)(backend.ca_bundle)
+                make_context(backend.ca_bundle)
                 if backend.ca_bundle is not None and backend.scheme == "https"
                 else None
             ),

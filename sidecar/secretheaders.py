@@ -8,8 +8,8 @@ would only answer 401, so while any value is missing every request stays local.
 The values come from a reader per distinct Secret key:
 
 - cluster mode: :class:`sidecar.oauth.SecretKeyReader` (GET on the Secret, by
-  name, as the per-ModelDeployment Role allows), re-read every minute, sooner
-  while it fails;
+  name, as the per-ModelDeployment Role allows), re-read every minute
+  (``--secret-refresh``), sooner while it fails;
 - standalone mode: :class:`SecretFileReader` over ``--secrets-dir DIR``, where
   ``DIR/<secret name>/<key>`` holds the value (the layout of a Secret mounted as
   a volume), re-read every second.
@@ -219,8 +219,13 @@ def keeper_for(
     kube_client: Any = None,
     namespace: str | None = None,
     secrets_dir: Path | None = None,
+    period: float = API_PERIOD,
 ) -> SecretHeaderKeeper | str:
-    """The keeper for this mode, or why there can be none (standalone without ``--secrets-dir``)."""
+    """The keeper for this mode, or why there can be none (standalone without ``--secrets-dir``).
+
+    ``period``: seconds between GETs of each Secret in cluster mode (files are
+    re-read every :data:`FILE_PERIOD`).
+    """
     keys = secret_keys(specs)
     readers: dict[SecretKey, KeyReader]
     if kube_client is not None:
@@ -228,7 +233,7 @@ def keeper_for(
 
         assert namespace is not None
         readers = {k: SecretKeyReader(kube_client, namespace, *k) for k in keys}
-        return SecretHeaderKeeper(specs, readers, on_change, period=API_PERIOD)
+        return SecretHeaderKeeper(specs, readers, on_change, period=period)
     if secrets_dir is None:
         return (
             "remoteBackend.headersFromSecrets needs the Secrets: in standalone mode give "

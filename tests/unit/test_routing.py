@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from crds.model import RemoteBackend
 from crds.validation import validate_object
 from sidecar.app import passthrough_reason, plan_for
 from sidecar.filesource import parse_document
-from sidecar.routing import PercentageSpread, RemoteTarget, RoutePlan, RoutingTable
+from sidecar.routing import CaBundleContexts, PercentageSpread, RemoteTarget, RoutePlan, RoutingTable
 
 TUTORIAL = (
     Path(__file__).resolve().parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml"
@@ -114,6 +115,75 @@ def test_headers_to_add_travel_with_the_target():
         RemoteBackend(host="m", headers_to_add={"X-Api-Key": "k", "X-Tenant": "a"})
     )
     assert target.headers == (("X-Api-Key", "k"), ("X-Tenant", "a"))
+
+
+# --- caBundle: the remote's own CA ---------------------------------------------------------------
+
+
+def _ca_pem(name: str = "remote-ca") -> str:
+    import datetime as dt
+
+    from certs.issue import issue_ca
+
+    return issue_ca(name, now=dt.datetime.now(dt.UTC), days=1).cert_pem.decode()
+
+
+CA_PEM = _ca_pem()
+OTHER_CA_PEM = _ca_pem("other-ca")
+
+
+def test_a_ca_bundle_puts_a_verifying_context_trusting_only_that_ca_on_the_target():
+    target = RemoteTarget.from_backend(RemoteBackend(host="m.example", scheme="https", ca_bundle=CA_PEM))
+    context = target.ssl_context
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname is True
+    assert [dict(x[0] for x in c["subject"])["commonName"] for c in context.get_ca_certs()] == ["remote-ca"]
+    assert "ssl_context" not in repr(target) and "SSLContext" not in repr(target)
+
+
+def test_without_a_ca_bundle_the_target_has_no_context_of_its_own():
+    assert RemoteTarget.from_backend(RemoteBackend(host="m.example", scheme="https")).ssl_context is None
+    # caBundle only verifies https (validation refuses it with http): never a context for plain http.
+    assert RemoteTarget.from_backend(RemoteBackend(host="m", ca_bundle=CA_PEM)).ssl_context is None
+
+
+def test_one_context_per_distinct_bundle_keeps_equal_targets_equal():
+    contexts = CaBundleContexts(limit=2)
+    backend = RemoteBackend(host="m.example", scheme="https", ca_bundle=CA_PEM)
+    first = RemoteTarget.from_backend(backend, contexts)
+    again = RemoteTarget.from_backend(backend, contexts)
+    assert again.ssl_context is first.ssl_context and again == first and hash(again) == hash(first)
+    other = RemoteTarget.from_backend(dataclasses.replace(backend, ca_bundle=OTHER_CA_PEM), contexts)
+    assert other.ssl_context is not first.ssl_context
+    assert other != first  # a new bundle is a new target: the proxy opens new connections for it
+    assert len(contexts) == 2
+
+
+def test_the_bundle_cache_keeps_the_most_recently_used_bundles():
+    built: list[str] = []
+
+    def build(pem: str) -> ssl.SSLContext:
+        built.append(pem)
+        return ssl.create_default_context()
+
+    contexts = CaBundleContexts(limit=2, build=build)
+    a, b = contexts("a"), contexts("b")
+    assert contexts("a") is a  # used again: now the most recent
+    contexts("c")  # evicts b, the least recently used
+    assert contexts("a") is a and contexts("b") is not b
+    assert built == ["a", "b", "c", "b"]
+    assert len(contexts) == 2
+
+
+def test_a_shared_cache_makes_the_same_plan_twice():
+    text = TUTORIAL.replace("scheme: http", "scheme: https\n      caBundle: |\n" + "".join(
+        f"        {line}\n" for line in CA_PEM.splitlines()
+    ))
+    model = model_of(text)
+    contexts = CaBundleContexts()
+    plan = plan_for(model, True, contexts)
+    assert plan.remote is not None and plan.remote.ssl_context is not None
+    assert plan_for(model, True, contexts) == plan
 
 
 # --- the plan a configuration makes -------------------------------------------------------------

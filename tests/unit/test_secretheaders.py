@@ -1,0 +1,274 @@
+"""headersFromSecrets: the headers a remote gets from Secrets, or why it is not used.
+
+Pure resolution, the mounted-Secret file reader on real files, the keeper's
+refresh with a held reader (a fake, named so: it returns what the test sets),
+the controller's plan and /status, and the RBAC rules that open those Secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from crds.model import HeaderFromSecret, SecretKeyReference
+from sidecar.admin import status_document
+from sidecar.app import Controller
+from sidecar.filesource import parse_document
+from sidecar.podmetrics import sidecar_rules_for
+from sidecar.routing import RoutingTable
+from sidecar.secretheaders import (
+    SecretFileReader,
+    SecretHeaderKeeper,
+    SecretHeaders,
+    header_value_problem,
+    keeper_for,
+    resolve_secret_headers,
+    secret_keys,
+    with_secret_headers,
+)
+from sidecar.stats import ProxyStats
+
+API_KEY = "k-7f3a9c1e"  # the value that must never be logged or shown
+
+SPECS = (
+    HeaderFromSecret("X-Api-Key", SecretKeyReference("remote-api", "apiKey")),
+    HeaderFromSecret("X-Tenant", SecretKeyReference("remote-api", "tenant")),
+    HeaderFromSecret("X-Other", SecretKeyReference("other", "apiKey")),
+)
+
+MODEL = """\
+apiVersion: deployment.beamlit.com/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: my-model
+spec:
+  model: my-model
+  modelSourceRef:
+    name: model
+  offloadingConfig:
+    remoteBackend:
+      host: remote.example:8443
+      scheme: https
+      headersToAdd:
+        X-Static: s
+      headersFromSecrets:
+        - name: X-Api-Key
+          secretKeyRef: {name: remote-api, key: apiKey}
+    behavior:
+      percentage: 100
+"""
+
+
+def model(text: str = MODEL):
+    loaded = parse_document(text)
+    assert loaded.model is not None, loaded.errors
+    return loaded.model
+
+
+# --- pure ----------------------------------------------------------------------------------------
+
+
+def test_every_value_read_gives_the_headers_in_their_order():
+    values = {("remote-api", "apiKey"): API_KEY, ("remote-api", "tenant"): "t1", ("other", "apiKey"): "o"}
+    resolved = resolve_secret_headers(SPECS, values)
+    assert resolved.usable
+    assert resolved.headers == (("X-Api-Key", API_KEY), ("X-Tenant", "t1"), ("X-Other", "o"))
+    assert API_KEY not in repr(resolved)
+
+
+def test_a_missing_value_makes_the_headers_unusable_and_says_which_and_why():
+    values = {("remote-api", "apiKey"): API_KEY, ("remote-api", "tenant"): "t1"}
+    resolved = resolve_secret_headers(SPECS, values, {("other", "apiKey"): "cannot read Secret ns/other: 403"})
+    assert not resolved.usable and resolved.headers == ()
+    assert resolved.problem == "header X-Other from Secret other key 'apiKey': cannot read Secret ns/other: 403"
+    assert resolve_secret_headers(SPECS, {}).problem == (
+        "header X-Api-Key from Secret remote-api key 'apiKey': not read yet"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("", "is empty"),
+        ("a\r\nInjected: yes", "holds CR, LF or NUL"),
+        ("a\0b", "holds CR, LF or NUL"),
+        ("a\x1bb", "holds characters not allowed in a header value"),
+        ("clé-€", "holds characters not allowed in a header value"),  # € is not latin-1
+        ("Bearer abc.def", None),
+        ("tab\there", None),
+    ],
+)
+def test_a_value_that_is_not_a_header_value_is_refused_without_echoing_it(value, problem):
+    assert header_value_problem(value) == problem
+    resolved = resolve_secret_headers(SPECS[:1], {("remote-api", "apiKey"): value})
+    assert resolved.usable is (problem is None)
+    if problem is not None:
+        assert resolved.problem.endswith(f"the value {problem}")
+        assert value not in resolved.problem or value == ""
+
+
+def test_each_secret_key_is_read_once():
+    assert secret_keys(SPECS + SPECS[:1]) == (("remote-api", "apiKey"), ("remote-api", "tenant"), ("other", "apiKey"))
+
+
+def test_secret_headers_replace_same_named_headers_of_the_target():
+    merged = with_secret_headers((("X-Static", "s"), ("x-api-key", "old")), (("X-Api-Key", "new"),))
+    assert merged == (("X-Static", "s"), ("X-Api-Key", "new"))
+
+
+# --- the mounted-Secret reader -------------------------------------------------------------------
+
+
+def read(reader: SecretFileReader) -> str | None:
+    return asyncio.run(reader.read())
+
+
+def test_the_file_reader_reads_dir_name_key_as_a_secret_volume_lays_it_out(tmp_path: Path, caplog):
+    caplog.set_level(logging.DEBUG)
+    reader = SecretFileReader(tmp_path, "remote-api", "apiKey")
+    assert read(reader) is None and reader.problem is not None and "no such file" in reader.problem
+    (tmp_path / "remote-api").mkdir()
+    (tmp_path / "remote-api" / "apiKey").write_text(API_KEY + "\n")  # editors add a newline
+    assert read(reader) == API_KEY and reader.problem is None
+    (tmp_path / "remote-api" / "apiKey").write_bytes(b"\xff\xfe")
+    assert read(reader) is None and "not UTF-8" in reader.problem
+    assert API_KEY not in caplog.text and API_KEY not in repr(reader)
+
+
+@pytest.mark.parametrize(("name", "key"), [("..", "passwd"), ("remote-api", ".."), ("a/b", "k"), ("s", ".")])
+def test_the_file_reader_never_leaves_the_secret_folder(tmp_path: Path, name, key):
+    (tmp_path / "outside").write_text("not a secret of this dir")
+    reader = SecretFileReader(tmp_path / "secrets", name, key)
+    assert read(reader) is None and "not a Secret name and key" in reader.problem
+
+
+def test_a_huge_file_is_not_a_header_value(tmp_path: Path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "k").write_bytes(b"x" * 100_000)
+    reader = SecretFileReader(tmp_path, "s", "k")
+    assert read(reader) is None and "larger than" in reader.problem
+
+
+def test_standalone_without_a_secrets_dir_has_a_reason_and_no_keeper():
+    reason = keeper_for(SPECS, lambda _: None)
+    assert isinstance(reason, str) and "--secrets-dir" in reason
+
+
+# --- the keeper ----------------------------------------------------------------------------------
+
+
+class HeldReader:
+    """A FAKE reader: returns ``value`` (None with ``problem``) as the test sets them."""
+
+    def __init__(self, value: str | None = None, problem: str | None = "Secret missing"):
+        self.value = value
+        self.problem: str | None = problem
+        self.reads = 0
+
+    async def read(self) -> str | None:
+        self.reads += 1
+        self.problem = None if self.value is not None else (self.problem or "Secret missing")
+        return self.value
+
+
+def test_the_keeper_reports_each_change_and_retries_a_failing_read_sooner():
+    async def scenario() -> None:
+        reader = HeldReader()
+        seen: list[SecretHeaders] = []
+        keeper = SecretHeaderKeeper(SPECS[:1], {("remote-api", "apiKey"): reader}, seen.append, period=0.4, retry=0.01)
+        task = asyncio.create_task(keeper.run())
+        await asyncio.sleep(0.1)
+        assert reader.reads >= 2  # failing: retried after 0.01, 0.02, 0.04 ... s, not every 0.4 s
+        assert not seen[-1].usable and "Secret missing" in seen[-1].problem
+        reader.value = API_KEY
+        while not seen[-1].usable:
+            await asyncio.sleep(0.01)
+        assert seen[-1].headers == (("X-Api-Key", API_KEY),)
+        reads = reader.reads
+        reader.value = "rotated"  # picked up at the next period
+        while seen[-1].headers != (("X-Api-Key", "rotated"),):
+            await asyncio.sleep(0.01)
+        assert reader.reads == reads + 1
+        changes = len(seen)
+        await asyncio.sleep(0.5)
+        assert len(seen) == changes  # same value: no new report
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
+# --- the controller's plan and /status -----------------------------------------------------------
+
+
+class NoMetrics:
+    """A FAKE metric source: no metrics are configured in these models anyway."""
+
+    async def observe(self, metrics):
+        return []
+
+
+def make_controller() -> tuple[Controller, RoutingTable]:
+    routing = RoutingTable()
+    controller = Controller(routing, NoMetrics())
+    controller.apply_config(model())
+    asyncio.run(controller.evaluate())  # no metrics: the static split, offloading on
+    return controller, routing
+
+
+def test_the_remote_is_not_used_until_its_secret_headers_are_read_and_status_says_why():
+    controller, routing = make_controller()
+    controller.set_secret_headers(resolve_secret_headers(model().spec.offloading_config.remote_backend.headers_from_secrets, {}))
+    assert routing.plan.remote is None and routing.choose() is None
+    doc = status_document(controller.view(), ProxyStats(), ready=True)
+    assert doc["routing"]["remote"] is None
+    assert doc["routing"]["remoteUnavailable"] == "header X-Api-Key from Secret remote-api key 'apiKey': not read yet"
+
+    controller.set_secret_headers(SecretHeaders(headers=(("X-Api-Key", API_KEY),)))
+    remote = routing.choose()
+    assert remote is not None and remote.headers == (("X-Static", "s"), ("X-Api-Key", API_KEY))
+    doc = status_document(controller.view(), ProxyStats(), ready=True)
+    assert doc["routing"]["remote"] == "https://remote.example:8443" and doc["routing"]["remoteUnavailable"] is None
+    assert doc["configuration"]["offloadingConfig"]["remoteBackend"]["headersFromSecrets"] == [
+        {"name": "X-Api-Key", "secretKeyRef": {"name": "remote-api", "key": "apiKey"}}
+    ]
+    text = json.dumps(doc)
+    assert API_KEY not in text and API_KEY not in repr(routing.plan) and API_KEY not in repr(controller.view())
+
+
+def test_oauth_authorization_comes_after_the_secret_headers():
+    controller, routing = make_controller()
+    controller.needs_authorization = True
+    controller.set_secret_headers(SecretHeaders(headers=(("X-Api-Key", API_KEY),)))
+    assert routing.plan.remote is None
+    assert "no OAuth access token" in controller.view().remote_unavailable
+    controller.set_authorization("Bearer t")
+    assert routing.plan.remote.headers == (("X-Static", "s"), ("X-Api-Key", API_KEY), ("Authorization", "Bearer t"))
+
+
+# --- RBAC ----------------------------------------------------------------------------------------
+
+
+def test_the_role_gets_each_referenced_secret_by_name_once():
+    text = MODEL.replace(
+        "      headersFromSecrets:\n",
+        "      authConfig:\n        type: oauth\n        oauthConfig:\n          clientId: c\n"
+        "          tokenUrl: https://auth.example/token\n          clientSecretRef: {name: oauth-secret}\n"
+        "      headersFromSecrets:\n"
+        "        - name: X-Tenant\n          secretKeyRef: {name: remote-api, key: tenant}\n"
+        "        - name: X-Other\n          secretKeyRef: {name: other, key: k}\n",
+    )
+    assert sidecar_rules_for(model(text)) == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["oauth-secret", "remote-api", "other"],
+            "verbs": ["get"],
+        }
+    ]
+    assert sidecar_rules_for(model()) == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["remote-api"], "verbs": ["get"]}
+    ]
