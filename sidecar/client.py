@@ -1,0 +1,417 @@
+"""The client side of the proxy port: one asyncio protocol per client connection.
+
+It parses requests with httptools (llhttp, strict), enforces the head limits,
+refuses what sidecar.http1 refuses (answering earlier pipelined requests first,
+then a lingering close so the answer isn't reset), runs one Exchange at a time
+in request order (pipelined ones wait, reading paused), applies flow control
+both ways, and switches to a byte tunnel after a WebSocket 101.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from sidecar.exchange import Exchange
+from sidecar.http1 import BODY_CHUNKED, Rejection, inspect_request, render_error
+from sidecar.upstream import PAUSE_PIPELINE, PAUSE_REJECTED, PAUSE_UPGRADE, UpstreamConnection, set_nodelay
+
+if TYPE_CHECKING:
+    from sidecar.proxy import ProxyServer, ProxySettings
+
+log = logging.getLogger("sidecar.proxy")
+
+LINGER_SECONDS = 2.0  # how long a refused client may still send before the close
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing a refused request."""
+
+
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests, runs their exchanges in order."""
+
+    __slots__ = (
+        "closing",
+        "current",
+        "eof",
+        "feed_completed",
+        "feeding",
+        "headers",
+        "in_head",
+        "ip",
+        "last_activity",
+        "max_header_count",
+        "parser",
+        "parsing",
+        "paused",
+        "queue",
+        "raw_head_bytes",
+        "read_size",
+        "rejection",
+        "replaying",
+        "server",
+        "transport",
+        "tunnel",
+        "tunnel_conn",
+        "upgrading",
+        "url",
+        "write_paused",
+    )
+
+    def __init__(self, server: ProxyServer):
+        self.server = server
+        self.transport: Any = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.ip = b"unknown"
+        self.current: Exchange | None = None  # the exchange being answered
+        self.parsing: Exchange | None = None  # the exchange whose request is being read
+        self.queue: deque[Exchange] | None = None  # pipelined requests waiting
+        self.paused = 0
+        self.in_head = False
+        self.raw_head_bytes = 0  # bytes of an unfinished head in earlier reads
+        self.read_size = 0  # bytes in the read being parsed
+        self.max_header_count = server.settings.max_header_count
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.last_activity = 0.0
+        self.tunnel: Any = None  # the upstream transport once a WebSocket is switched
+        self.tunnel_conn: UpstreamConnection | None = None
+        self.write_paused = False
+        self.rejection: Rejection | None = None
+        self.closing = False
+        self.replaying = False
+        self.upgrading: Exchange | None = None
+        self.eof = False  # the client half-closed: answer what was asked, then close
+        self.feed_completed = False  # a request ended during the current read
+        self.feeding = False  # a read is being parsed: upstream writes wait for its end
+
+    # --- transport events ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        set_nodelay(transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.ip = peer[0].encode("ascii")
+        self.last_activity = self.server.clock.now
+        self.server.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.server.clock.now
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.closing or self.rejection is not None:
+            return
+        if self.upgrading is not None:  # bytes after a WebSocket request, before the 101
+            self.upgrading.request_body(data)
+            return
+        self.feeding = True
+        self.feed(data)
+        self.feeding = False
+        exchange = self.current
+        if exchange is not None and exchange.up_out:
+            exchange.flush_up()
+
+    def feed(self, data: bytes) -> None:
+        was_in_head = self.in_head
+        self.feed_completed = False
+        self.read_size = len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded(data, exc.args[0])
+            return
+        except httptools.HttpParserCallbackError:
+            if self.rejection is None:
+                log.exception("proxy error while handling a request")
+                self.rejection = Rejection(500, "internal proxy error")
+            self.reject()
+            return
+        except httptools.HttpParserInvalidMethodError:
+            self.rejection = Rejection(501, "unknown request method")
+            self.reject()
+            return
+        except httptools.HttpParserInvalidURLError:
+            self.rejection = Rejection(400, "invalid request target")
+            self.reject()
+            return
+        except httptools.HttpParserError as exc:
+            self.rejection = Rejection(400, f"malformed request: {exc}")
+            self.reject()
+            return
+        if self.in_head:
+            # A head still incomplete after a read: cap what httptools may buffer
+            # unseen (a field value is handed over only once it's complete).
+            if was_in_head:
+                self.raw_head_bytes += len(data)
+            elif not self.feed_completed:  # this read began with this head
+                self.raw_head_bytes = len(data)
+            if self.raw_head_bytes > self.server.settings.max_header_bytes:
+                self.rejection = Rejection(431, "request header section too large")
+                self.reject()
+
+    def eof_received(self) -> bool | None:
+        # A client half-closing after its request still gets the answer.
+        self.eof = True
+        return self.current is not None or self.tunnel is not None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.parsing = None
+        self.server.connection_closed(self)
+        if self.tunnel_conn is not None:
+            self.server.stats.tunnels -= 1
+            self.tunnel_conn.tunnel = None
+            self.tunnel_conn.transport.close()
+            self.tunnel_conn = None
+        if self.current is not None:
+            self.current.client_gone()
+            self.current = None
+        self.queue = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.current
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading()
+        elif self.tunnel_conn is not None:
+            self.tunnel_conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.last_activity = self.server.clock.now
+        ex = self.current
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.resume_reading()
+        elif self.tunnel_conn is not None:
+            self.tunnel_conn.resume_reading()
+
+    # --- request parser callbacks --------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.replaying:
+            return
+        self.in_head = True
+        self.raw_head_bytes = 0
+        self.url = b""
+        self.headers = []
+        if self.current is not None:
+            self.pause(PAUSE_PIPELINE)
+
+    def on_url(self, url: bytes) -> None:
+        if not self.replaying:
+            self.url += url  # in pieces when the target spans reads
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:  # request trailers are not forwarded
+            headers = self.headers
+            if len(headers) >= self.max_header_count:  # checked here: one read may hold thousands
+                self.rejection = Rejection(431, f"more than {self.max_header_count} header fields")
+                raise _Reject
+            headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.replaying:
+            self.replaying = False
+            return
+        self.in_head = False
+        if self.closing:
+            return
+        headers = self.headers
+        settings = self.server.settings
+        # The head lies within this read and the earlier reads of it: only when
+        # those could exceed the limit is the head itself measured.
+        if self.raw_head_bytes + self.read_size > settings.max_header_bytes:
+            if len(self.url) > settings.max_header_bytes:
+                self.rejection = Rejection(431, "request target too long")
+                raise _Reject
+            if len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > settings.max_header_bytes:
+                self.rejection = Rejection(431, f"header section larger than {settings.max_header_bytes} bytes")
+                raise _Reject
+        parser = self.parser
+        head = inspect_request(parser.get_method(), self.url, parser.get_http_version(), headers)
+        if type(head) is Rejection:
+            self.rejection = head
+            raise _Reject
+        exchange = Exchange(self, head)  # type: ignore[arg-type]
+        self.parsing = exchange
+        if self.server.draining:
+            exchange.keep_alive = False
+        if self.current is None:
+            self.current = exchange
+            exchange.start()
+        else:
+            if self.queue is None:
+                self.queue = deque()
+            self.queue.append(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.parsing
+        if exchange is not None:
+            exchange.request_body(body)
+
+    def on_message_complete(self) -> None:
+        self.feed_completed = True
+        exchange = self.parsing
+        if exchange is None:
+            return
+        head = exchange.head
+        if head.upgrade is not None and not head.websocket and self.parser.should_upgrade():
+            return  # llhttp skipped this body for an Upgrade we don't pass on; see upgraded()
+        exchange.request_done()
+
+    # --- upgrades ------------------------------------------------------------------
+
+    def upgraded(self, data: bytes, offset: int) -> None:
+        """llhttp stopped after a request with Connection: upgrade."""
+        exchange = self.parsing
+        rest = data[offset:]
+        if exchange is None or self.rejection is not None:
+            return
+        if exchange.head.websocket:
+            self.upgrading = exchange
+            self.pause(PAUSE_UPGRADE)
+            if rest:
+                exchange.request_body(rest)
+            return
+        # Another protocol (h2c, ...): its Upgrade was dropped and the request goes
+        # on as plain HTTP/1.1. llhttp skipped its body, so parse that body (and
+        # whatever follows) with a fresh parser primed with an equivalent framing.
+        self.parser = httptools.HttpRequestParser(self)
+        framing = b""
+        if exchange.head.body == BODY_CHUNKED:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif exchange.head.content_length:
+            framing = b"Content-Length: %d\r\n" % exchange.head.content_length
+        self.replaying = True
+        self.parser.feed_data(b"POST / HTTP/1.1\r\nHost: replay\r\n" + framing + b"\r\n")
+        if rest:
+            self.feed(rest)
+
+    def open_tunnel(self, conn: UpstreamConnection) -> None:
+        self.current = None
+        self.upgrading = None
+        self.tunnel_conn = conn
+        self.tunnel = conn.transport
+        conn.tunnel = self.transport
+        if self.write_paused:
+            conn.pause_reading()
+        self.paused = 0
+        if not self.closing:
+            self.transport.resume_reading()
+
+    # --- flow ----------------------------------------------------------------------
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.closing:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def unpause(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closing:
+                self.transport.resume_reading()
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        if exchange is not self.current:
+            return
+        self.current = None
+        if not exchange.keep_alive or self.closing or self.server.draining:
+            if exchange.request_complete:
+                self.close()
+            else:
+                self.linger_close()  # unread request bytes: a plain close would RST our answer
+            return
+        queue = self.queue
+        if queue:
+            nxt = queue.popleft()
+            self.current = nxt
+            if not queue:
+                self.unpause(PAUSE_PIPELINE)
+            nxt.start()
+            return
+        if self.paused:
+            self.unpause(PAUSE_PIPELINE)
+        if self.rejection is not None:
+            self.send_rejection()
+        elif self.eof:
+            self.close()
+
+    def reject(self) -> None:
+        """Refuse the request being parsed: answer once earlier ones are answered, close."""
+        self.pause(PAUSE_REJECTED)
+        exchange = self.parsing
+        if exchange is not None and not exchange.request_complete:
+            # Broken mid-body (a bad chunk): that request can't be completed.
+            if exchange is self.current:
+                rejection = self.rejection
+                assert rejection is not None
+                exchange.request_broken(rejection)
+                return
+            if self.queue and exchange in self.queue:
+                self.queue.remove(exchange)
+        if self.current is None:
+            self.send_rejection()
+
+    def send_rejection(self) -> None:
+        rejection = self.rejection
+        assert rejection is not None
+        self.server.stats.count_rejection(rejection.status)
+        if not self.closing:
+            self.transport.write(render_error(rejection.status, rejection.reason))
+        self.linger_close()
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.close()  # flushes what was written
+
+    def linger_close(self) -> None:
+        """Close after an answer while the client may still be sending: send FIN,
+        read and discard for a moment, then close (so our answer isn't reset)."""
+        if self.closing:
+            return
+        self.closing = True
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.paused = 0
+        transport.resume_reading()
+        self.server.loop.call_later(LINGER_SECONDS, transport.close)
+
+    def abort(self) -> None:
+        self.closing = True
+        self.transport.abort()
+
+    def check_timeouts(self, now: float, settings: ProxySettings) -> None:
+        if self.closing:
+            return
+        conn = self.tunnel_conn
+        if conn is not None:
+            if now - max(self.last_activity, conn.last_activity) > settings.tunnel_idle_timeout:
+                self.close()
+                conn.transport.close()
+            return
+        exchange = self.current
+        if exchange is not None:
+            if exchange.connect_task is not None or exchange.done:
+                return
+            up = exchange.upstream
+            last = self.last_activity if up is None else max(self.last_activity, up.last_activity)
+            if now - last > settings.read_timeout:
+                exchange.timed_out()
+            return
+        if now - self.last_activity > settings.client_idle_timeout:
+            if self.in_head:
+                self.transport.write(render_error(408, "request head not received in time"))
+            self.close()
+
