@@ -1,7 +1,8 @@
 """Sidecar injection as a pure function: pod + selection + configuration -> mutated copy.
 
-``inject`` never touches its input: it decides, builds the proxy container, mutates a
-deep copy and diffs it against the original with ``jsonpatch`` (RFC 6902). Every pod that
+``inject`` never touches its input: it decides, builds the proxy container, makes a
+mutated copy (copied along the changed paths) and diffs it against the original with
+``jsonpatch`` (RFC 6902). Every pod that
 is not injected gets a stable reason code (``Reason``) and a sentence; the ones a user
 would want to hear about also get an admission warning.
 
