@@ -80,7 +80,6 @@ class ResponseRelay:
             self.client.transport.writelines(out)
         out.clear()
 
-
     # --- response parser callbacks ---------------------------------------------
     # Only the head, body and end callbacks: the fields are read from the raw head
     # (head_buf, filled by UpstreamConnection), not one Python call per field.
