@@ -300,7 +300,7 @@ def test_the_per_modeldeployment_rules_open_exactly_the_referenced_secret(
 class SidecarProcess:
     """offload-sidecar in cluster mode, with a kubeconfig standing in for the pod's credentials."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, upstream_port: int, logs: Path):
+    def __init__(self, kubeconfig: Path, namespace: str, upstream_port: int, logs: Path, *extra: str):
         from controlplane.net import free_port
 
         self.port, self.admin_port = free_port(), free_port()
@@ -320,6 +320,7 @@ class SidecarProcess:
                 "--listen", f"127.0.0.1:{self.port}",
                 "--admin-listen", f"127.0.0.1:{self.admin_port}",
                 "--poll-interval", "1s",
+                *extra,
             ],
             env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -475,3 +476,90 @@ def test_a_sidecar_process_follows_its_modeldeployment_and_offloads_while_the_wo
     with capsys.disabled():
         print(f"\n[e2e] sidecar process: edit -> /status after kubectl returned: "
               f"{ {k: f'{v * 1000:.0f} ms' for k, v in latencies.items()} }; RSS {int(rss) / 1024:.1f} MiB")  # fmt: skip
+
+
+def test_headers_from_secrets_are_read_with_the_per_modeldeployment_role_and_follow_the_secret(
+    kube, namespace, modeldeployment_crd, sidecar_kubeconfig, tmp_path
+) -> None:
+    """A sidecar process in cluster mode reads its remote's API key from a Secret, through the
+    Role sidecar_rules_for writes: unused (local) while the Secret is missing, then sent, then
+    rotated; the value is never in its log or on /status."""
+    from sidecar.podmetrics import sidecar_rules_for
+    from tests.integration.servers import LoopThread, Upstream
+
+    api_key, rotated = "ak-e2e-5c1f0d", "ak-e2e-rotated-77b2"
+    with LoopThread() as loop:
+        local = loop.run(Upstream.started("local"))
+        remote = loop.run(Upstream.started("remote"))
+        doc = modeldeployment(
+            namespace,
+            spec__offloadingConfig__remoteBackend__host=f"127.0.0.1:{remote.port}",
+            spec__offloadingConfig__remoteBackend__headersFromSecrets=[
+                {"name": "X-Api-Key", "secretKeyRef": {"name": "remote-api", "key": "apiKey"}}
+            ],
+            spec__offloadingConfig__behavior={"percentage": 100},
+            spec__offloadingConfig__metrics=[],  # no metrics: the static split, offloading at once
+        )
+        apply(kube, doc)
+        model = ClusterConfigSource(None, namespace, "my-model").model_of(doc)  # type: ignore[arg-type]
+        assert model is not None
+        rules = sidecar_rules_for(model)
+        assert rules == [
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["remote-api"], "verbs": ["get"]}
+        ]
+        role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "my-model-sidecar"}, "rules": rules}  # fmt: skip
+        apply(kube, role, namespace)
+        done = kube.kubectl(
+            "create", "rolebinding", "my-model-sidecar", "--role=my-model-sidecar",
+            f"--serviceaccount={namespace}:{ACCOUNT}", "-n", namespace,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+        def secret(value: str) -> None:
+            apply(
+                kube,
+                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "remote-api"},
+                 "stringData": {"apiKey": value}},
+                namespace,
+            )  # fmt: skip
+
+        def send(n: int) -> list[str]:
+            with httpx.Client(base_url=f"http://127.0.0.1:{sidecar.port}", timeout=10) as client:
+                return [client.get("/v1/echo").json()["server"] for _ in range(n)]
+
+        sidecar = SidecarProcess(
+            sidecar_kubeconfig, namespace, local.port, tmp_path / "sidecar.log", "--secret-refresh", "1s"
+        )
+        try:
+            status: dict[str, Any] = {}
+
+            def unavailable(s: dict[str, Any]) -> bool:
+                status.update(s)
+                return s["decision"]["offloading"] and "cannot read" in (s["routing"]["remoteUnavailable"] or "")
+
+            sidecar.wait_for("the remote to be unused for want of its Secret", unavailable)
+            assert status["routing"]["remote"] is None
+            assert status["routing"]["remoteUnavailable"].startswith(
+                f"header X-Api-Key from Secret remote-api key 'apiKey': cannot read Secret {namespace}/remote-api: "
+            )
+            assert "404" in status["routing"]["remoteUnavailable"]
+            assert set(send(5)) == {"local"}
+
+            secret(api_key)
+            sidecar.wait_for("the Secret to be read", lambda s: s["routing"]["remote"] is not None)
+            assert set(send(5)) == {"remote"}
+            assert [r.header("x-api-key") for r in remote.requests] == [api_key] * 5
+
+            secret(rotated)
+            deadline = time.monotonic() + 15  # re-read every second (--secret-refresh 1s)
+            while remote.requests[-1].header("x-api-key") != rotated:
+                assert time.monotonic() < deadline, "the rotated key never reached the remote"
+                assert send(1) == ["remote"]
+                time.sleep(0.1)
+            assert sidecar.status()["routing"]["remoteUnavailable"] is None
+            for text in (sidecar.log_path.read_text(errors="replace"), json.dumps(sidecar.status())):
+                assert api_key not in text and rotated not in text
+        finally:
+            sidecar.stop()
+            for server in (local, remote):
+                loop.run(server.stop())
