@@ -286,7 +286,10 @@ def configuration_document(model: ModelDeployment | None) -> dict[str, Any] | No
                 remote["headersToAdd"] = _redacted_headers(backend.headers_to_add)
             if backend.headers_from_secrets:
                 remote["headersFromSecrets"] = [
-                    {"name": h.name, "secretKeyRef": {"name": h.secret_key_ref.name, "key": h.secret_key_ref.key}}
+                    {
+                        "name": h.name,
+                        "secretKeyRef": {"name": h.secret_key_ref.name, "key": h.secret_key_ref.key},
+                    }
                     for h in backend.headers_from_secrets
                 ]
             if backend.ca_bundle is not None:

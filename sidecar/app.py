@@ -379,7 +379,7 @@ class Sidecar:
             if reader is not None:
                 await asyncio.gather(
                     reader.follow(oauth.set_secret, self.settings.secret_refresh),
-                    oauth.run_refresher(self.controller.set_authorization)
+                    oauth.run_refresher(self.controller.set_authorization),
                 )
             else:
                 await oauth.run_refresher(self.controller.set_authorization)

@@ -331,7 +331,9 @@ def sidecar_rules_for(model: ModelDeployment) -> list[dict[str, Any]]:
             )
     secrets = secret_names_for(model)
     if secrets:
-        rules.append({"apiGroups": [""], "resources": ["secrets"], "resourceNames": secrets, "verbs": ["get"]})
+        rules.append(
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": secrets, "verbs": ["get"]}
+        )
     return rules
 
 

@@ -535,7 +535,9 @@ def test_headers_from_secrets_are_read_with_the_per_modeldeployment_role_and_fol
 
             def unavailable(s: dict[str, Any]) -> bool:
                 status.update(s)
-                return s["decision"]["offloading"] and "cannot read" in (s["routing"]["remoteUnavailable"] or "")
+                return s["decision"]["offloading"] and "cannot read" in (
+                    s["routing"]["remoteUnavailable"] or ""
+                )
 
             sidecar.wait_for("the remote to be unused for want of its Secret", unavailable)
             assert status["routing"]["remote"] is None

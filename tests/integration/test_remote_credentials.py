@@ -158,7 +158,10 @@ def test_without_a_secrets_dir_the_remote_is_unused_with_the_reason_logged(tmp_p
         assert "--secrets-dir" in status["routing"]["remoteUnavailable"]
         assert sidecar.requests(10) == [200] * 10
         assert (local.count(), remote.count()) == (10, 0)
-        assert "headersFromSecrets needs the Secrets: in standalone mode give --secrets-dir" in sidecar.log_text()
+        assert (
+            "headersFromSecrets needs the Secrets: in standalone mode give --secrets-dir"
+            in sidecar.log_text()
+        )
     finally:
         sidecar.stop()
 
@@ -174,7 +177,7 @@ def test_a_secrets_dir_that_does_not_exist_is_refused_at_start(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "sidecar.cli", "--config", str(config), "--upstream", "1",
          "--secrets-dir", str(tmp_path / "nowhere")],
-        cwd=REPO, capture_output=True, text=True, timeout=30,
+        cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert done.returncode == 2
     assert f"--secrets-dir {tmp_path / 'nowhere'}: no such directory" in done.stderr

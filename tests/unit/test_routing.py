@@ -176,9 +176,10 @@ def test_the_bundle_cache_keeps_the_most_recently_used_bundles():
 
 
 def test_a_shared_cache_makes_the_same_plan_twice():
-    text = TUTORIAL.replace("scheme: http", "scheme: https\n      caBundle: |\n" + "".join(
-        f"        {line}\n" for line in CA_PEM.splitlines()
-    ))
+    text = TUTORIAL.replace(
+        "scheme: http",
+        "scheme: https\n      caBundle: |\n" + "".join(f"        {line}\n" for line in CA_PEM.splitlines()),
+    )
     model = model_of(text)
     contexts = CaBundleContexts()
     plan = plan_for(model, True, contexts)

@@ -82,9 +82,13 @@ def test_every_value_read_gives_the_headers_in_their_order():
 
 def test_a_missing_value_makes_the_headers_unusable_and_says_which_and_why():
     values = {("remote-api", "apiKey"): API_KEY, ("remote-api", "tenant"): "t1"}
-    resolved = resolve_secret_headers(SPECS, values, {("other", "apiKey"): "cannot read Secret ns/other: 403"})
+    resolved = resolve_secret_headers(
+        SPECS, values, {("other", "apiKey"): "cannot read Secret ns/other: 403"}
+    )
     assert not resolved.usable and resolved.headers == ()
-    assert resolved.problem == "header X-Other from Secret other key 'apiKey': cannot read Secret ns/other: 403"
+    assert (
+        resolved.problem == "header X-Other from Secret other key 'apiKey': cannot read Secret ns/other: 403"
+    )
     assert resolve_secret_headers(SPECS, {}).problem == (
         "header X-Api-Key from Secret remote-api key 'apiKey': not read yet"
     )
@@ -112,7 +116,11 @@ def test_a_value_that_is_not_a_header_value_is_refused_without_echoing_it(value,
 
 
 def test_each_secret_key_is_read_once():
-    assert secret_keys(SPECS + SPECS[:1]) == (("remote-api", "apiKey"), ("remote-api", "tenant"), ("other", "apiKey"))
+    assert secret_keys(SPECS + SPECS[:1]) == (
+        ("remote-api", "apiKey"),
+        ("remote-api", "tenant"),
+        ("other", "apiKey"),
+    )
 
 
 def test_secret_headers_replace_same_named_headers_of_the_target():
@@ -179,7 +187,9 @@ def test_the_keeper_reports_each_change_and_retries_a_failing_read_sooner():
     async def scenario() -> None:
         reader = HeldReader()
         seen: list[SecretHeaders] = []
-        keeper = SecretHeaderKeeper(SPECS[:1], {("remote-api", "apiKey"): reader}, seen.append, period=0.4, retry=0.01)
+        keeper = SecretHeaderKeeper(
+            SPECS[:1], {("remote-api", "apiKey"): reader}, seen.append, period=0.4, retry=0.01
+        )
         task = asyncio.create_task(keeper.run())
         await asyncio.sleep(0.1)
         assert reader.reads >= 2  # failing: retried after 0.01, 0.02, 0.04 ... s, not every 0.4 s
@@ -221,22 +231,32 @@ def make_controller() -> tuple[Controller, RoutingTable]:
 
 def test_the_remote_is_not_used_until_its_secret_headers_are_read_and_status_says_why():
     controller, routing = make_controller()
-    controller.set_secret_headers(resolve_secret_headers(model().spec.offloading_config.remote_backend.headers_from_secrets, {}))
+    controller.set_secret_headers(
+        resolve_secret_headers(model().spec.offloading_config.remote_backend.headers_from_secrets, {})
+    )
     assert routing.plan.remote is None and routing.choose() is None
     doc = status_document(controller.view(), ProxyStats(), ready=True)
     assert doc["routing"]["remote"] is None
-    assert doc["routing"]["remoteUnavailable"] == "header X-Api-Key from Secret remote-api key 'apiKey': not read yet"
+    assert (
+        doc["routing"]["remoteUnavailable"]
+        == "header X-Api-Key from Secret remote-api key 'apiKey': not read yet"
+    )
 
     controller.set_secret_headers(SecretHeaders(headers=(("X-Api-Key", API_KEY),)))
     remote = routing.choose()
     assert remote is not None and remote.headers == (("X-Static", "s"), ("X-Api-Key", API_KEY))
     doc = status_document(controller.view(), ProxyStats(), ready=True)
-    assert doc["routing"]["remote"] == "https://remote.example:8443" and doc["routing"]["remoteUnavailable"] is None
+    assert (
+        doc["routing"]["remote"] == "https://remote.example:8443"
+        and doc["routing"]["remoteUnavailable"] is None
+    )
     assert doc["configuration"]["offloadingConfig"]["remoteBackend"]["headersFromSecrets"] == [
         {"name": "X-Api-Key", "secretKeyRef": {"name": "remote-api", "key": "apiKey"}}
     ]
     text = json.dumps(doc)
-    assert API_KEY not in text and API_KEY not in repr(routing.plan) and API_KEY not in repr(controller.view())
+    assert (
+        API_KEY not in text and API_KEY not in repr(routing.plan) and API_KEY not in repr(controller.view())
+    )
 
 
 def test_oauth_authorization_comes_after_the_secret_headers():
@@ -246,7 +266,11 @@ def test_oauth_authorization_comes_after_the_secret_headers():
     assert routing.plan.remote is None
     assert "no OAuth access token" in controller.view().remote_unavailable
     controller.set_authorization("Bearer t")
-    assert routing.plan.remote.headers == (("X-Static", "s"), ("X-Api-Key", API_KEY), ("Authorization", "Bearer t"))
+    assert routing.plan.remote.headers == (
+        ("X-Static", "s"),
+        ("X-Api-Key", API_KEY),
+        ("Authorization", "Bearer t"),
+    )
 
 
 # --- RBAC ----------------------------------------------------------------------------------------
