@@ -19,6 +19,7 @@ import re
 import ssl
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from crds.quantity import parse_quantity
@@ -88,7 +89,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line; in a pod the injector passes the addresses by environment
+    (OFFLOAD_UPSTREAM, OFFLOAD_PROXY_PORT, OFFLOAD_ADMIN_PORT), which flags override."""
+    env = os.environ if env is None else env
+    upstream = env.get("OFFLOAD_UPSTREAM")
+    listen = f"0.0.0.0:{env['OFFLOAD_PROXY_PORT']}" if env.get("OFFLOAD_PROXY_PORT") else "0.0.0.0:8080"
+    admin = f"0.0.0.0:{env['OFFLOAD_ADMIN_PORT']}" if env.get("OFFLOAD_ADMIN_PORT") else "0.0.0.0:9090"
     p = argparse.ArgumentParser(
         prog="offload-sidecar",
         description="Reverse proxy in front of a model server that offloads a share of the "
@@ -117,15 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--upstream",
         type=address("127.0.0.1"),
-        required=True,
-        help="the local model server, host:port or a port on 127.0.0.1",
+        required=upstream is None,
+        default=upstream,
+        help="the local model server, host:port or a port on 127.0.0.1 (env OFFLOAD_UPSTREAM)",
     )
-    p.add_argument("--listen", type=address("0.0.0.0"), default="0.0.0.0:8080", help="the proxy port")
+    p.add_argument(
+        "--listen", type=address("0.0.0.0"), default=listen, help="the proxy port (env OFFLOAD_PROXY_PORT)"
+    )
     p.add_argument(
         "--admin-listen",
         type=address("0.0.0.0"),
-        default="0.0.0.0:9090",
-        help="the admin port: /healthz /readyz /metrics /status",
+        default=admin,
+        help="the admin port: /healthz /readyz /metrics /status (env OFFLOAD_ADMIN_PORT)",
     )
     p.add_argument(
         "--poll-interval",
