@@ -288,8 +288,9 @@ _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 
 
 def _check_secret_key(path: str, key: str) -> Iterator[Finding]:
-    if len(key) > 253 or not _SECRET_KEY.fullmatch(key):
-        yield FieldError(path, f"must be a Secret key (letters, digits, '-', '_', '.'), got {key!r}")
+    # Kubernetes refuses ".", ".." and "..x" too: they would climb out of a mounted Secret.
+    if len(key) > 253 or not _SECRET_KEY.fullmatch(key) or key.startswith(".."):
+        yield FieldError(path, f"must be a Secret key (letters, digits, '-', '_', '.', not '..'), got {key!r}")
 
 
 def _check_ca_bundle(path: str, pem: str, scheme: str) -> Iterator[Finding]:

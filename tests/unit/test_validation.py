@@ -117,6 +117,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("secret header bad name", {f"{RBK}__headersFromSecrets": [{"name": "X Key", "secretKeyRef": {"name": "k", "key": "v"}}]}, f"{RB}.headersFromSecrets[0].name"),
     ("secret header twice", {f"{RBK}__headersToAdd": {"X-Api-Key": "a"}, f"{RBK}__headersFromSecrets": [{"name": "x-api-key", "secretKeyRef": {"name": "k", "key": "v"}}]}, f"{RB}.headersFromSecrets[0].name"),
     ("secret header bad key", {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k", "key": "a/b"}}]}, f"{RB}.headersFromSecrets[0].secretKeyRef.key"),
+    ("secret header key dot-dot", {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k", "key": ".."}}]}, f"{RB}.headersFromSecrets[0].secretKeyRef.key"),
     ("secret header without key", {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k"}}]}, f"{RB}.headersFromSecrets[0].secretKeyRef.key"),
     ("caBundle not PEM", {f"{RBK}__scheme": "https", f"{RBK}__caBundle": "hello"}, f"{RB}.caBundle"),
     ("caBundle garbage PEM", {f"{RBK}__scheme": "https", f"{RBK}__caBundle": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}, f"{RB}.caBundle"),
