@@ -289,7 +289,7 @@ _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 
 def _check_secret_key(path: str, key: str) -> Iterator[Finding]:
     # Kubernetes refuses ".", ".." and "..x" too: they would climb out of a mounted Secret.
-    if len(key) > 253 or not _SECRET_KEY.fullmatch(key) or key.startswith(".."):
+    if len(key) > 253 or not _SECRET_KEY.fullmatch(key) or key == "." or key.startswith(".."):
         yield FieldError(path, f"must be a Secret key (letters, digits, '-', '_', '.', not '..'), got {key!r}")
 
 
