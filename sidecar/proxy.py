@@ -100,8 +100,10 @@ class ProxyServer:
             local[0], local[1], clock=self.clock, label="local", max_idle=settings.max_idle_per_upstream
         )
         self._routes: dict[RemoteTarget, _RemoteRoute] = {}
-        self._pools: dict[tuple[str, str, int], UpstreamPool] = {}
-        self._breakers: dict[tuple[str, str, int], CircuitBreaker] = {}
+        # Keyed by the TLS context too: a changed caBundle must not reuse connections
+        # verified with the old one, nor inherit its breaker.
+        self._pools: dict[tuple[str, str, int, ssl.SSLContext | None], UpstreamPool] = {}
+        self._breakers: dict[tuple[str, str, int, ssl.SSLContext | None], CircuitBreaker] = {}
         self._last_target: RemoteTarget | None = None
         self._last_route: _RemoteRoute | None = None
         self._ssl_context = settings.remote_ssl_context
@@ -198,14 +200,14 @@ class ProxyServer:
             return self._last_route  # type: ignore[return-value]
         route = self._routes.get(target)
         if route is None:
-            key = (target.scheme, target.host, target.port)
+            key = (target.scheme, target.host, target.port, target.ssl_context)
             pool = self._pools.get(key)
             if pool is None:
                 context = None
                 if target.scheme == "https":
                     if self._ssl_context is None:
                         self._ssl_context = ssl.create_default_context()
-                    context = self._ssl_context
+                    context = target.ssl_context or self._ssl_context
                 pool = UpstreamPool(
                     target.host,
                     target.port,
