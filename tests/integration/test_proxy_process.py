@@ -104,18 +104,28 @@ def test_sigterm_during_load_and_open_streams_loses_nothing(local):
             results["streams"].append((data.count(b"data: "), data.endswith(b"0\r\n\r\n")))
 
     def load(port: int, stop: threading.Event) -> None:
+        # Like a load balancer's client: it sends until the proxy says it is draining
+        # (Connection: close), then stops using this endpoint. A connection opened right
+        # as the listener closes would be reset by the kernel from the accept backlog,
+        # which no server can prevent, so refusal is probed separately below.
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as c:
+                while not stop.is_set():
+                    r = c.get("/slow?delay_ms=20")
+                    results["statuses"].append(r.status_code)
+                    if r.headers.get("connection") == "close":
+                        return
+        except httpx.HTTPError as exc:  # a request lost
+            results["lost"].append(repr(exc))
+
+    def probe_refusal(port: int) -> None:
         while not stop.is_set():
             try:
-                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as c:
-                    while not stop.is_set():
-                        r = c.get("/slow?delay_ms=20")
-                        results["statuses"].append(r.status_code)
-            except httpx.ConnectError:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
                 results["refused"].append(time.monotonic())
                 return
-            except httpx.HTTPError as exc:  # anything else is a request lost
-                results["lost"].append(repr(exc))
-                return
+            time.sleep(0.05)
 
     with ProxyProcess("--local", f"127.0.0.1:{local.port}", "--shutdown-grace", "0.5",
                       "--shutdown-deadline", "10") as proxy:
@@ -128,6 +138,9 @@ def test_sigterm_during_load_and_open_streams_loses_nothing(local):
         time.sleep(0.2)
         sent_at = time.monotonic()
         proxy.terminate()
+        prober = threading.Thread(target=probe_refusal, args=(proxy.port,))
+        prober.start()
+        threads.append(prober)
         code = proxy.wait(15)
         exited_after = time.monotonic() - sent_at
         stop.set()
