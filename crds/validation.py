@@ -273,6 +273,10 @@ def _check_path_prefix(path: str, prefix: str) -> Iterator[Finding]:
         yield FieldError(path, f"must not contain a query or fragment, got {prefix!r}")
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
         yield FieldError(path, f"must not contain whitespace or control characters, got {prefix!r}")
+    elif not prefix.isascii():
+        yield FieldError(path, f"must be ASCII (percent-encode other characters), got {prefix!r}")
+    if "\\" in prefix or any(segment in (".", "..") for segment in prefix.split("/")):
+        yield FieldError(path, f"must not contain '.' or '..' segments or backslashes, got {prefix!r}")
 
 
 def _check_header(path: str, name: str, value: str) -> Iterator[Finding]:
@@ -282,6 +286,9 @@ def _check_header(path: str, name: str, value: str) -> Iterator[Finding]:
         yield FieldError(path, f"{name} is managed by the proxy and cannot be set")
     if any(c in value for c in "\r\n\0"):
         yield FieldError(path, "value must not contain CR, LF or NUL")
+    elif any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F or ord(c) > 0xFF for c in value):
+        # RFC 9110 field values: visible characters, spaces, tabs and obs-text (latin-1).
+        yield FieldError(path, "value must hold only visible characters, spaces and tabs (latin-1)")
 
 
 _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
