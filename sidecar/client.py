@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.proxy")
 
 LINGER_SECONDS = 2.0  # how long a refused client may still send before the close
+# Client bytes after a WebSocket upgrade request are held back until the upstream
+# answers 101 (before it, they'd be read by the upstream as further requests);
+# reading is paused meanwhile, so this bounds what one read may carry.
+MAX_HELD_UPGRADE_BYTES = 64 * 1024
 
 
 class _Reject(Exception):
@@ -44,7 +48,9 @@ class ClientConnection(asyncio.Protocol):
         "feed_completed",
         "feeding",
         "headers",
+        "held",
         "in_head",
+        "held_size",
         "ip",
         "last_activity",
         "max_header_count",
@@ -88,6 +94,8 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False
         self.replaying = False
         self.upgrading: Exchange | None = None
+        self.held: list[bytes] | None = None  # client bytes after an upgrade request, before its 101
+        self.held_size = 0
         self.eof = False  # the client half-closed: answer what was asked, then close
         self.feed_completed = False  # a request ended during the current read
         self.feeding = False  # a read is being parsed: upstream writes wait for its end
@@ -111,7 +119,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closing or self.rejection is not None:
             return
         if self.upgrading is not None:  # bytes after a WebSocket request, before the 101
-            self.upgrading.request_body(data)
+            self.hold(data)
             return
         self.feeding = True
         self.feed(data)
@@ -279,8 +287,10 @@ class ClientConnection(asyncio.Protocol):
         if exchange.head.websocket:
             self.upgrading = exchange
             self.pause(PAUSE_UPGRADE)
+            self.held = []
+            self.held_size = 0
             if rest:
-                exchange.request_body(rest)
+                self.hold(rest)
             return
         # Another protocol (h2c, ...): its Upgrade was dropped and the request goes
         # on as plain HTTP/1.1. llhttp skipped its body, so parse that body (and
@@ -296,9 +306,26 @@ class ClientConnection(asyncio.Protocol):
         if rest:
             self.feed(rest)
 
+    def hold(self, data: bytes) -> None:
+        """Keep bytes sent after an upgrade request until the upstream switches."""
+        held = self.held
+        if held is None:
+            return
+        self.held_size += len(data)
+        if self.held_size > MAX_HELD_UPGRADE_BYTES:
+            self.held = None
+            log.debug("client sent more than %d bytes before a WebSocket 101; closing", MAX_HELD_UPGRADE_BYTES)
+            self.close()
+            return
+        held.append(data)
+
     def open_tunnel(self, conn: UpstreamConnection) -> None:
         self.current = None
         self.upgrading = None
+        held = self.held
+        self.held = None
+        if held:  # sent after the upgrade request: the upstream reads them as WebSocket frames now
+            conn.transport.writelines(held)
         self.tunnel_conn = conn
         self.tunnel = conn.transport
         conn.tunnel = self.transport
@@ -325,6 +352,13 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not self.current:
             return
         self.current = None
+        if exchange is self.upgrading:
+            # Refused (no 101): what the client sent after its upgrade request is
+            # dropped unread, and the connection ends with this answer.
+            self.upgrading = None
+            self.held = None
+            self.linger_close()  # the client may have sent more than was read: no RST
+            return
         if not exchange.keep_alive or self.closing or self.server.draining:
             if exchange.request_complete:
                 self.close()

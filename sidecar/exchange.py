@@ -281,7 +281,8 @@ class Exchange(ResponseRelay):
         if conn is not None:
             self.upstream = None
             conn.exchange = None
-            if reusable and self.request_complete:
+            # Never after an upgrade attempt: what the upstream did with it is unknown.
+            if reusable and self.request_complete and not self.head.websocket:
                 self.pool.put(conn)  # type: ignore[union-attr]
             else:
                 conn.close()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from sidecar.proxy import ProxySettings
-from tests.integration.servers import LoopThread, ProxyHarness, ResponseReader, read_response
+from tests.integration.servers import LoopThread, ProxyHarness, ResponseReader, exchange_raw, read_response
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +264,31 @@ def test_websocket_upgrade_becomes_a_byte_tunnel(h, percentage):
                 got += sock.recv(65536)
             assert got == payload
     assert (h.remote if percentage else h.local).count("ws") == 1
+
+
+@pytest.mark.parametrize("percentage", [0, 100], ids=["local", "remote"])
+def test_bytes_after_a_refused_websocket_upgrade_reach_no_upstream(h, percentage):
+    """A request smuggled behind an upgrade the upstream refuses (no 101) is dropped,
+    and the upstream connection used for the attempt is not reused for anyone."""
+    h.set_percentage(percentage)
+    upstream = h.remote if percentage else h.local
+    before = upstream.count()
+    answer = exchange_raw(
+        h.port,
+        b"GET /echo HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"GET /../secret HTTP/1.1\r\nHost: evil\r\n\r\n"
+        b"GET /slow?delay_ms=300&smuggled HTTP/1.1\r\nHost: evil\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close\r\n" in answer
+    assert answer.count(b"HTTP/1.1 ") == 1  # one answer, then the proxy closed
+    # A following client on a new connection gets its own response.
+    with connect(h) as sock:
+        sock.sendall(b"GET /echo?mine HTTP/1.1\r\nHost: svc\r\n\r\n")
+        status, _, body = read_response(sock)
+    assert status == 200 and json.loads(body)["target"].endswith("/echo?mine")
+    targets = [r.target for r in upstream.requests[before:]]
+    assert len(targets) == 2, targets
+    assert not any(b"secret" in t or b"smuggled" in t for t in targets)
 
 
 def test_an_upgrade_to_anything_else_is_served_as_plain_http_with_its_body(h):
