@@ -7,8 +7,10 @@ through but a reverse proxy must not forward is decided here:
 
 - request targets other than origin-form (``/path?query``): absolute-form would
   make an open proxy, authority-form is CONNECT, ``*`` has no path to prefix;
-- dot segments (``/../``, also percent-encoded) that could climb out of the
-  remote's pathPrefix while carrying its headersToAdd;
+- dot segments (``/../``, also percent-encoded or with ``;params``: ``/..;x/``)
+  and separators a remote may decode or normalise into ``/`` (a backslash,
+  ``%2F``, ``%5C``) that could climb out of the remote's pathPrefix while
+  carrying its headersToAdd;
 - a missing (HTTP/1.1), repeated or malformed Host;
 - Transfer-Encoding other than exactly ``chunked``; Expect other than 100-continue;
 - CONNECT and TRACE (TRACE would echo headersToAdd credentials back to the client).
@@ -125,12 +127,29 @@ def _tokens(value: bytes) -> list[bytes]:
 
 
 def has_dot_segment(path: bytes) -> bool:
-    """True for ``/a/../b``, ``/./x``, ``/%2E%2e/`` and friends."""
+    """True for ``/a/../b``, ``/./x``, ``/%2E%2e/``, ``/..;x/`` and friends."""
     # find(), not `in`: bytes.__contains__ first tries the operand as an int and
     # pays for a TypeError, ten times the cost of the search itself.
     if path.find(b".") < 0 and path.find(b"%") < 0:
         return False
-    return any(seg.lower() in _DOT_SEGMENTS for seg in path.split(b"/"))
+    for seg in path.split(b"/"):
+        params = seg.find(b";")  # Tomcat/Spring drop ;params before resolving dots
+        if params >= 0:
+            seg = seg[:params]
+        if seg.lower() in _DOT_SEGMENTS:
+            return True
+    return False
+
+
+def has_ambiguous_separator(path: bytes) -> bool:
+    """True for a backslash or an encoded ``/`` or ``\\`` (``%2F``, ``%5c``): some
+    remotes (IIS, Tomcat, Spring) turn them into ``/`` before resolving dots."""
+    if path.find(b"\\") >= 0:
+        return True
+    if path.find(b"%") < 0:
+        return False
+    lowered = path.lower()
+    return lowered.find(b"%2f") >= 0 or lowered.find(b"%5c") >= 0
 
 
 def inspect_request(
@@ -151,8 +170,12 @@ def inspect_request(
         if b"://" in target:
             return Rejection(400, "absolute-form request target refused: this is not a forward proxy")
         return Rejection(400, "request target must be origin-form: /path?query")
-    if (target.find(b".") >= 0 or target.find(b"%") >= 0) and has_dot_segment(target.split(b"?", 1)[0]):
-        return Rejection(400, "request path must not contain dot segments (. or ..)")
+    if target.find(b".") >= 0 or target.find(b"%") >= 0 or target.find(b"\\") >= 0:
+        path = target.split(b"?", 1)[0]
+        if has_ambiguous_separator(path):
+            return Rejection(400, "request path must not contain a backslash or an encoded / or \\ (%2F, %5C)")
+        if has_dot_segment(path):
+            return Rejection(400, "request path must not contain dot segments (. or ..)")
 
     head = RequestHead(method, target, http11)
     lines, names = head.lines, head.names

@@ -34,6 +34,11 @@ CASES = {
     "asterisk-form": (b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n", 400),
     "dot segments": (b"GET /v1/../../admin HTTP/1.1\r\n" + H + b"\r\n", 400),
     "encoded dot segments": (b"GET /v1/%2e%2E/admin HTTP/1.1\r\n" + H + b"\r\n", 400),
+    "dot segment with ;params": (b"GET /v1/..;/admin HTTP/1.1\r\n" + H + b"\r\n", 400),
+    "dot segment, encoded slash": (b"GET /v1/..%2Fadmin HTTP/1.1\r\n" + H + b"\r\n", 400),
+    "encoded dots and slash": (b"GET /v1/%2e%2e%2fadmin HTTP/1.1\r\n" + H + b"\r\n", 400),
+    "dot segment, encoded backslash": (b"GET /v1/..%5cadmin HTTP/1.1\r\n" + H + b"\r\n", 400),
+    "dot segment, backslash": (b"GET /v1/..\\admin HTTP/1.1\r\n" + H + b"\r\n", 400),
     "TRACE": (b"TRACE /echo HTTP/1.1\r\n" + H + b"\r\n", 405),
     # Host
     "no Host on HTTP/1.1": (b"GET /echo HTTP/1.1\r\n\r\n", 400),

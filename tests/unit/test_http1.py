@@ -13,6 +13,7 @@ from sidecar.http1 import (
     FRAME_NONE,
     Rejection,
     RequestHead,
+    has_ambiguous_separator,
     has_dot_segment,
     inspect_request,
     render_error,
@@ -46,6 +47,14 @@ def ok(headers, **kw) -> RequestHead:
         ([("Host", "a")], {"target": b"/v1/../admin"}, 400, "dot segments"),
         ([("Host", "a")], {"target": b"/v1/%2E%2e/admin?x"}, 400, "dot segments"),
         ([("Host", "a")], {"target": b"/v1/."}, 400, "dot segments"),
+        ([("Host", "a")], {"target": b"/v1/..;/admin"}, 400, "dot segments"),
+        ([("Host", "a")], {"target": b"/v1/..;x=1/admin"}, 400, "dot segments"),
+        ([("Host", "a")], {"target": b"/v1/%2e%2E;/admin"}, 400, "dot segments"),
+        ([("Host", "a")], {"target": b"/v1/..%2Fadmin"}, 400, "encoded /"),
+        ([("Host", "a")], {"target": b"/v1/%2e%2e%2fadmin"}, 400, "encoded /"),
+        ([("Host", "a")], {"target": b"/v1/..%5cadmin"}, 400, "encoded /"),
+        ([("Host", "a")], {"target": b"/v1/..\\admin"}, 400, "backslash"),
+        ([("Host", "a")], {"target": b"/v1/models%2Fx?q=1"}, 400, "encoded /"),
         ([], {}, 400, "missing Host"),
         ([("Host", "a"), ("Host", "b")], {}, 400, "more than one Host"),
         ([("Host", "a b")], {}, 400, "malformed Host"),
@@ -87,6 +96,15 @@ def test_framing_is_taken_from_the_head():
 def test_dot_segment_detection():
     assert has_dot_segment(b"/a/../b") and has_dot_segment(b"/./") and has_dot_segment(b"/x/%2e")
     assert not has_dot_segment(b"/a/b.c/..d/...") and not has_dot_segment(b"/v1/models%2Fx")
+    assert has_dot_segment(b"/..;/admin") and has_dot_segment(b"/x/.;jsessionid=1/y")
+    assert not has_dot_segment(b"/a;b/c..;d/e") and not has_dot_segment(b"/v1/a;..")
+
+
+def test_ambiguous_separator_detection():
+    for path in (b"/..\\admin", b"/a%2Fb", b"/a%2fb", b"/a%5Cb", b"/a%5cb", b"/x\\"):
+        assert has_ambiguous_separator(path), path
+    for path in (b"/a/b", b"/a%20b", b"/a%252Fb", b"/a.b/c"):
+        assert not has_ambiguous_separator(path), path
 
 
 def test_request_head_drops_hop_by_hop_and_sets_forwarding_fields():
