@@ -25,7 +25,8 @@ import logging
 import signal
 import ssl
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,53 @@ def plan_for(
         remote=RemoteTarget.from_backend(config.remote_backend, ssl_context_for),
         percentage=config.behavior.percentage,
         offloading=offloading,
+    )
+
+
+async def supervised(
+    what: str,
+    run: Callable[[], Awaitable[None]],
+    on_failure: Callable[[], None],
+    *,
+    retry_min: float = 1.0,
+    retry_max: float = 30.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Runs ``run()`` for ever: whenever it ends (a bug, an unexpected error), logs it,
+    calls ``on_failure`` (which withdraws what it published) and starts it again,
+    backing off from ``retry_min`` to ``retry_max``; a run that lasted longer than
+    ``retry_max`` starts the backoff afresh. Cancelling stops it.
+
+    Only the exception's type and where it was raised are logged: its message may
+    quote what a remote sent, a token for instance.
+    """
+    failures = 0
+    while True:
+        started = clock()
+        try:
+            await run()
+            why = "it ended"
+        except Exception as exc:  # noqa: BLE001 - a dead task must not leave its last output published
+            why = _where_raised(exc)
+        if clock() - started > retry_max:
+            failures = 0
+        delay = min(retry_max, retry_min * 2**failures)
+        failures += 1
+        log.error("%s stopped (%s): restarting in %.1f s", what, why, delay)
+        on_failure()
+        await sleep(delay)
+
+
+def _where_raised(exc: BaseException) -> str:
+    """``Type at file:line in function`` of the innermost cause, without the message."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    return (
+        f"{type(exc).__name__} at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}"
     )
 
 
@@ -314,6 +362,7 @@ class Sidecar:
         self._first_config = asyncio.Event()
         self._auth_task: asyncio.Task[None] | None = None
         self._auth_key: Any = None
+        self.auth_retry_min = 1.0  # seconds before a crashed token refresher first restarts
         self._headers_task: asyncio.Task[None] | None = None
         self._headers_key: Any = None
 
@@ -376,15 +425,21 @@ class Sidecar:
             return
 
         async def keep() -> None:
-            if reader is not None:
-                await asyncio.gather(
-                    reader.follow(oauth.set_secret, self.settings.secret_refresh),
-                    oauth.run_refresher(self.controller.set_authorization),
-                )
-            else:
-                await oauth.run_refresher(self.controller.set_authorization)
+            if reader is None:
+                return await oauth.run_refresher(self.controller.set_authorization)
+            # A TaskGroup: when one of the two fails the other is cancelled, not left running twice.
+            async with asyncio.TaskGroup() as group:
+                group.create_task(reader.follow(oauth.set_secret, self.settings.secret_refresh))
+                group.create_task(oauth.run_refresher(self.controller.set_authorization))
 
-        self._auth_task = asyncio.create_task(keep())
+        self._auth_task = asyncio.create_task(
+            supervised(
+                "the OAuth token refresher (requests stay local meanwhile)",
+                keep,
+                lambda: self.controller.set_authorization(None),
+                retry_min=self.auth_retry_min,
+            )
+        )
 
     def _configure_secret_headers(self, model: ModelDeployment | None) -> None:
         """Keep the remote's headersFromSecrets read while the configuration has any."""

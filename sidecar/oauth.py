@@ -24,6 +24,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,9 @@ from sidecar.routing import RemoteTarget
 
 log = logging.getLogger("sidecar.oauth")
 
-MAX_TOKEN_RESPONSE_BYTES = 256 * 1024
+MAX_TOKEN_RESPONSE_BYTES = 64 * 1024  # a token response is a few hundred bytes; JWTs a few KiB
+# RFC 6750 2.1 b64token: what can follow "Bearer " in a header as it is.
+ACCESS_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 DEFAULT_EXPIRES_IN = 300.0  # when the endpoint does not say (RFC 6749 makes expires_in optional)
 
 
@@ -59,7 +62,7 @@ def parse_token_response(status: int, body: bytes, now: float) -> AccessToken:
     """A token endpoint's answer -> the token, or TokenError naming what is wrong."""
     try:
         doc = json.loads(body) if body else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
         doc = None
     if status != 200:
         code = doc.get("error") if isinstance(doc, dict) else None
@@ -68,8 +71,13 @@ def parse_token_response(status: int, body: bytes, now: float) -> AccessToken:
     if not isinstance(doc, dict):
         raise TokenError("the token endpoint's answer is not a JSON object")
     token = doc.get("access_token")
-    if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
+    if not isinstance(token, str) or not token:
         raise TokenError("the token endpoint's answer has no usable access_token")
+    if ACCESS_TOKEN_RE.fullmatch(token) is None:
+        raise TokenError(
+            "the token endpoint's access_token is not usable in a header "
+            "(RFC 6750 allows only ASCII letters, digits and -._~+/ then =)"
+        )
     token_type = doc.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise TokenError(f"token_type must be Bearer, got {str(token_type)[:20]!r}")
@@ -285,7 +293,7 @@ class OAuthClient:
             self.fetches += 1
             status, body = await self._post(request, self.ssl_context, self.timeout)
             token = parse_token_response(status, body, self._clock())
-        except (TokenError, OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the endpoint sent, no token is a failed fetch
             delay = min(self.retry_max, self.retry_min * 2**self._failures)
             self._failures += 1
             self._retry_at = self._clock() + delay
@@ -309,6 +317,7 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, TokenError):
         return str(exc)
+    # Only the type: the message of an unexpected error may quote the body or the token.
     return type(exc).__name__ + (f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else "")
 
 

@@ -19,6 +19,7 @@ import pytest
 from sidecar.oauth import OAuthClient, with_authorization
 from sidecar.routing import RemoteTarget
 from tests.integration.fake_apiserver import LoopbackPKI
+from tests.integration.token_endpoint import EURO_TOKEN
 
 CLIENT_ID = "offloader"
 SECRET = "s3cret-with/odd:chars"
@@ -85,6 +86,10 @@ class TokenEndpoint:
 
     def set_secret(self, secret: str) -> None:
         self._call("POST", "/admin/secret", secret.encode())
+
+    def set_mode(self, mode: str) -> None:
+        """How /token answers: ok, nested, huge, garbage or euro (see token_endpoint.py)."""
+        self._call("POST", "/admin/mode", mode.encode())
 
 
 @pytest.fixture
@@ -246,3 +251,70 @@ def test_the_refresher_publishes_each_new_header_for_the_remote_target(pki: Loop
     assert first.headers[0] == ("X-Team", "a") and first.headers[1][0] == "Authorization"
     assert first.headers[1] != second.headers[1]
     assert len(second.headers) == 2
+
+
+BROKEN_ANSWERS = {
+    "nested": "not a JSON object",  # 30,000-deep arrays: RecursionError in the JSON parser
+    "huge": "too large",  # 400 KB: not read past 64 KiB
+    "garbage": "not a JSON object",
+    "euro": "not usable in a header",
+}
+
+
+@pytest.mark.parametrize("mode", sorted(BROKEN_ANSWERS))
+def test_a_token_endpoint_answering_nonsense_means_serving_locally_until_it_is_fixed(
+    endpoint: TokenEndpoint, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    clock = ManualClock()
+    oauth = client(endpoint, clock, retry_min=5.0)
+
+    async def scenario() -> None:
+        [held] = await many(oauth, 1)
+        assert held is not None
+        endpoint.set_mode(mode)
+        clock.now += 95  # the refresh fails; the held token still works: kept
+        assert set(await many(oauth, 10)) == {held}
+        clock.now += 10  # expired, and the endpoint still answers nonsense: no token
+        assert set(await many(oauth, 10)) == {None}
+        assert oauth.current() is None
+        endpoint.set_mode("ok")
+        clock.now += 30
+        fresh = await oauth.authorization()
+        assert fresh is not None and fresh != held
+
+    asyncio.run(scenario())
+    assert BROKEN_ANSWERS[mode] in caplog.text and "serving locally" in caplog.text
+    assert EURO_TOKEN not in caplog.text and "Bearer" not in caplog.text and "[[[" not in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["nested", "euro"])
+def test_the_refresher_survives_nonsense_withdraws_the_expired_header_and_recovers(
+    pki: LoopbackPKI, mode: str
+) -> None:
+    short = TokenEndpoint(pki, **{"expires-in": 1, "delay": 0}).start()
+    published: list[str | None] = []
+    try:
+        oauth = client(short, retry_min=0.05, retry_max=0.2)
+
+        async def until(condition: Any) -> None:
+            async with asyncio.timeout(10):
+                while not condition():
+                    await asyncio.sleep(0.02)
+
+        async def scenario() -> None:
+            task = asyncio.ensure_future(oauth.run_refresher(published.append))
+            await until(lambda: published and published[-1] is not None)
+            short.set_mode(mode)
+            await until(lambda: published[-1] is None)  # the token expired: requests stay local
+            assert not task.done()
+            short.set_mode("ok")
+            await until(lambda: published[-1] is not None)
+            assert not task.done()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        asyncio.run(scenario())
+    finally:
+        short.stop()
+    assert published[0] is not None and published[-1] is not None and published[-1] != published[0]
+    assert None in published

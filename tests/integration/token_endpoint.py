@@ -5,7 +5,15 @@
 
 POST /token issues opaque random tokens to a client that authenticates with
 HTTP Basic (or client_secret_post); GET /stats says how many were issued and
-which are valid; POST /admin/secret sets a new client secret (the body).
+which are valid; POST /admin/secret sets a new client secret (the body);
+POST /admin/mode sets how /token answers (the body, or ``--mode``):
+
+- ``ok``: a token, as above;
+- ``nested``: a 200 whose body is JSON arrays nested 30,000 deep (under 64 KiB,
+  deeper than a JSON parser recurses);
+- ``huge``: a 200 with arrays nested 200,000 deep (400 KB);
+- ``garbage``: a 200 with random bytes that are not JSON;
+- ``euro``: a 200 with an access_token holding a non-ASCII character.
 Listens on 127.0.0.1 only and prints "listening <port>" once ready.
 """
 
@@ -22,9 +30,25 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote
 
+MODES = ("ok", "nested", "huge", "garbage", "euro")
+EURO_TOKEN = "tok€n-abc"
+
+
+def broken_body(mode: str) -> bytes:
+    """What a broken token endpoint answers with a 200, per mode."""
+    if mode == "nested":
+        return b"[" * 30_000 + b"]" * 30_000
+    if mode == "huge":
+        return b"[" * 200_000 + b"]" * 200_000
+    if mode == "garbage":
+        return b"\xff\xfe{" + secrets.token_bytes(512)
+    assert mode == "euro"
+    return json.dumps({"access_token": EURO_TOKEN, "token_type": "Bearer", "expires_in": 60}).encode()
+
 
 class State:
-    def __init__(self, client_id: str, secret: str, expires_in: int, delay: float):
+    def __init__(self, client_id: str, secret: str, expires_in: int, delay: float, mode: str = "ok"):
+        self.mode = mode
         self.client_id = client_id
         self.secret = secret
         self.expires_in = expires_in
@@ -50,6 +74,16 @@ def handler_for(state: State) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
+        def _send_raw(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:  # a client that stops reading a huge answer hangs up: expected
+                self.close_connection = True
+
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
@@ -67,6 +101,12 @@ def handler_for(state: State) -> type[BaseHTTPRequestHandler]:
                 with state.lock:
                     state.secret = body.decode()
                 return self._send(200, {})
+            if self.path == "/admin/mode":
+                if body.decode() not in MODES:
+                    return self._send(400, {"error": "unknown mode"})
+                with state.lock:
+                    state.mode = body.decode()
+                return self._send(200, {})
             if self.path != "/token":
                 return self._send(404, {"error": "not_found"})
             with state.lock:
@@ -83,6 +123,10 @@ def handler_for(state: State) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 if client_id != state.client_id or secret != state.secret:
                     return self._send(401, {"error": "invalid_client"})
+                mode = state.mode
+            if mode != "ok":
+                return self._send_raw(broken_body(mode))
+            with state.lock:
                 token = secrets.token_urlsafe(24)
                 state.issued.append((token, time.time() + state.expires_in))
                 expires_in = state.expires_in
@@ -100,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secret", required=True)
     parser.add_argument("--expires-in", type=int, default=3600)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--mode", choices=MODES, default="ok")
     args = parser.parse_args(argv)
-    state = State(args.client_id, args.secret, args.expires_in, args.delay)
+    state = State(args.client_id, args.secret, args.expires_in, args.delay, args.mode)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), handler_for(state))
     server.daemon_threads = True
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -45,8 +45,14 @@ def test_a_token_response_gives_the_token_and_its_expiry() -> None:
         ),
         (500, b"<html>oops</html>", "answered 500"),
         (200, b"not json", "not a JSON object"),
+        (200, b"[" * 30_000 + b"]" * 30_000, "not a JSON object"),  # deeper than json recurses
+        (200, body(access_token="tok\u20acn"), "access_token is not usable in a header"),
+        (200, body(access_token="caf\u00e9"), "access_token is not usable in a header"),  # latin-1, not ASCII
+        (200, body(access_token="a\tb"), "access_token is not usable in a header"),
+        (200, body(access_token="a=b"), "access_token is not usable in a header"),  # '=' only at the end
+        (200, body(access_token="==="), "access_token is not usable in a header"),
         (200, body(token_type="Bearer"), "no usable access_token"),
-        (200, body(access_token="a b"), "no usable access_token"),
+        (200, body(access_token="a b"), "access_token is not usable in a header"),
         (200, body(access_token="abc", token_type="mac"), "token_type must be Bearer"),
         (200, body(access_token="abc", expires_in=0), "expires_in must be a positive number"),
         (200, body(access_token="abc", expires_in=True), "expires_in must be a positive number"),
@@ -58,6 +64,46 @@ def test_bad_token_responses_say_what_is_wrong_without_echoing_the_body(
     with pytest.raises(TokenError, match=re.escape(message)) as caught:
         parse_token_response(status, raw, now=0)
     assert "secret abc" not in str(caught.value)
+    for token in ("tok\u20acn", "caf\u00e9"):
+        assert token not in str(caught.value)
+
+
+def test_an_rfc6750_b64token_is_accepted_as_it_is() -> None:
+    for value in ("abc", "A-Za.z_0~9+/==", "eyJhbGciOi.eyJzdWIi.c2lnbmF0dXJl", "x="):
+        assert parse_token_response(200, body(access_token=value), now=0).value == value
+
+
+def test_an_unexpected_error_while_fetching_is_a_failed_fetch_logged_by_type_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever goes wrong (a bug, an odd answer), the caller gets no token and a backoff,
+    never an exception; the message, which may quote the body, is not logged."""
+    now = [0.0]
+    calls = 0
+
+    async def post(request: TokenRequest, context: object, timeout: float) -> tuple[int, bytes]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return 200, body(access_token="good", expires_in=100)
+        raise KeyError("body held tok-secret-1")
+
+    oauth = OAuthClient(
+        "https://auth.example/token", "id", "sec", clock=lambda: now[0], post=post, retry_min=2
+    )
+
+    async def scenario() -> None:
+        assert await oauth.authorization() == "Bearer good"
+        now[0] = 95.0  # refresh fails, the token is still valid: kept
+        assert await oauth.authorization() == "Bearer good"
+        now[0] = 101.0  # expired, and the refresh fails again: no token, serve locally
+        assert await oauth.authorization() is None
+        assert oauth.current() is None
+        assert calls == 3
+
+    asyncio.run(scenario())
+    assert "KeyError; serving locally" in caplog.text
+    assert "tok-secret-1" not in caplog.text and "good" not in caplog.text
 
 
 def test_client_credentials_are_form_encoded_then_basic() -> None:
