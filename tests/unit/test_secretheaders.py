@@ -102,6 +102,11 @@ def test_a_missing_value_makes_the_headers_unusable_and_says_which_and_why():
         ("a\0b", "holds CR, LF or NUL"),
         ("a\x1bb", "holds characters not allowed in a header value"),
         ("clé-€", "holds characters not allowed in a header value"),  # € is not latin-1
+        ("key-\u4e2d", "holds characters not allowed in a header value"),  # not latin-1
+        ("a\x01b", "holds characters not allowed in a header value"),
+        ("a\x7fb", "holds characters not allowed in a header value"),  # DEL
+        ("a\x0bb", "holds characters not allowed in a header value"),  # vertical tab: only \t is allowed
+        ("café", None),  # latin-1 (obs-text): sent as it is
         ("Bearer abc.def", None),
         ("tab\there", None),
     ],
