@@ -197,7 +197,7 @@ def test_remote_requests_get_the_prefix_the_remote_host_and_headers_to_add(h):
 @pytest.mark.parametrize("percentage", [0, 100], ids=["local", "remote"])
 def test_path_and_query_are_forwarded_byte_for_byte(h, percentage):
     h.set_percentage(percentage)
-    target = b"/v1/a%20b/%2F%2e%2Fx/caf%C3%A9/echo?q=%E2%9C%93&a=1&a=2&empty=&plus=a+b&sl=/x?y&pct=%25"
+    target = b"/v1/a%20b/%2e%41x/caf%C3%A9/echo?q=%E2%9C%93&a=1&a=2&empty=&plus=a+b&sl=/x?y&pct=%25&enc=%2F%5c"
     with connect(h) as sock:
         sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: svc\r\n\r\n")
         seen = json.loads(read_response(sock)[2])["target"].encode("latin-1")
