@@ -101,9 +101,11 @@ class Exchange(ResponseRelay):
         self.t_start = server.loop.time()
         server.stats.in_flight += 1
         target = server.routing.choose()
-        if target is not None and not server.remote_allowed(target):
-            server.stats.count_fallback("remote", "local", "breaker_open")
-            target = None
+        if target is not None:
+            refusal = server.remote_refusal(target)
+            if refusal is not None:
+                server.stats.count_fallback("remote", "local", refusal)
+                target = None
         self.attempt(target, fresh=False)
 
     def attempt(self, target: RemoteTarget | None, *, fresh: bool) -> None:
@@ -116,7 +118,7 @@ class Exchange(ResponseRelay):
         else:
             self.backend = "remote"
             self.tried_remote = True
-            pool = self.server.remote_route(target).pool
+            pool = self.server.remote_route(target).pool  # type: ignore[union-attr]
         self.pool = pool
         conn = None if fresh else pool.take()
         if conn is not None:
@@ -166,6 +168,7 @@ class Exchange(ResponseRelay):
             data = render_request_head(head, authority=None, client_ip=client.ip)
         else:
             route = server.remote_route(target)
+            assert route is not None  # checked by remote_refusal before this attempt
             data = render_request_head(
                 head,
                 authority=route.authority,
@@ -244,7 +247,7 @@ class Exchange(ResponseRelay):
                     return
             else:
                 remote = server.routing.plan.remote
-                if remote is not None and not self.tried_remote and server.remote_allowed(remote):
+                if remote is not None and not self.tried_remote and server.remote_refusal(remote) is None:
                     server.stats.count_fallback("local", "remote", kind)
                     self.attempt(remote, fresh=False)
                     return

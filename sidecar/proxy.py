@@ -26,6 +26,7 @@ import logging
 import signal
 import ssl
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,6 +40,13 @@ from sidecar.stats import ProxyStats
 from sidecar.upstream import CoarseClock, UpstreamPool
 
 log = logging.getLogger("sidecar.proxy")
+
+# Remote routes kept besides the current one: a token refresh or a caBundle change
+# makes a new RemoteTarget, and the old one (holding an old token, a pool, a
+# breaker) must not be kept forever. A few are kept for requests still in flight.
+MAX_KEPT_ROUTES = 4
+
+PoolKey = tuple[str, str, int, "ssl.SSLContext | None"]
 
 
 @dataclass(frozen=True)
@@ -61,16 +69,22 @@ class ProxySettings:
 
 
 class _RemoteRoute:
-    """Everything per remote target the data path needs, computed once."""
+    """Everything per remote target the data path needs, computed once.
 
-    __slots__ = ("authority", "breaker", "extra", "extra_names", "pool", "prefix")
+    Raises UnicodeEncodeError (a ValueError) for a target that cannot be sent as is.
+    """
 
-    def __init__(self, target: RemoteTarget, pool: UpstreamPool, breaker: CircuitBreaker):
-        self.pool = pool
+    __slots__ = ("authority", "breaker", "extra", "extra_names", "key", "pool", "prefix")
+
+    def __init__(self, target: RemoteTarget):
         self.authority = target.authority.encode("latin-1")
         self.prefix = target.path_prefix.encode("latin-1")
         self.extra, self.extra_names = render_extra(target.headers)
-        self.breaker = breaker
+        # Pools and breakers are shared by the targets of one address and TLS context
+        # (a token refresh keeps them); set by ProxyServer.
+        self.key: PoolKey = (target.scheme, target.host, target.port, target.ssl_context)
+        self.pool: UpstreamPool = None  # type: ignore[assignment]
+        self.breaker: CircuitBreaker = None  # type: ignore[assignment]
 
 
 
@@ -99,13 +113,15 @@ class ProxyServer:
         self.local_pool = UpstreamPool(
             local[0], local[1], clock=self.clock, label="local", max_idle=settings.max_idle_per_upstream
         )
-        self._routes: dict[RemoteTarget, _RemoteRoute] = {}
+        # The most recently used last; bounded (see MAX_KEPT_ROUTES).
+        self._routes: OrderedDict[RemoteTarget, _RemoteRoute] = OrderedDict()
         # Keyed by the TLS context too: a changed caBundle must not reuse connections
-        # verified with the old one, nor inherit its breaker.
-        self._pools: dict[tuple[str, str, int, ssl.SSLContext | None], UpstreamPool] = {}
-        self._breakers: dict[tuple[str, str, int, ssl.SSLContext | None], CircuitBreaker] = {}
+        # verified with the old one, nor inherit its breaker. Only those of kept routes.
+        self._pools: dict[PoolKey, UpstreamPool] = {}
+        self._breakers: dict[PoolKey, CircuitBreaker] = {}
         self._last_target: RemoteTarget | None = None
-        self._last_route: _RemoteRoute | None = None
+        self._last_route: _RemoteRoute | None = None  # None with a target: it can't be sent
+        self._bad_target_logged: RemoteTarget | None = None
         self._ssl_context = settings.remote_ssl_context
         self.connections: set[ClientConnection] = set()
         self.draining = False
@@ -195,12 +211,29 @@ class ProxyServer:
 
     # --- the remote --------------------------------------------------------------------
 
-    def remote_route(self, target: RemoteTarget) -> _RemoteRoute:
+    def remote_route(self, target: RemoteTarget) -> _RemoteRoute | None:
+        """The route to ``target``; None when the target cannot be sent as is (a
+        header value or path prefix that is not latin-1): such requests stay local."""
         if target is self._last_target:
-            return self._last_route  # type: ignore[return-value]
-        route = self._routes.get(target)
+            return self._last_route
+        routes = self._routes
+        route = routes.get(target)
         if route is None:
-            key = (target.scheme, target.host, target.port, target.ssl_context)
+            try:
+                route = _RemoteRoute(target)
+            except ValueError:  # UnicodeEncodeError is one
+                if target != self._bad_target_logged:
+                    self._bad_target_logged = target
+                    log.error(
+                        "remote %s:%s cannot be used: a header value or the path prefix is not latin-1;"
+                        " serving requests locally",
+                        target.host,
+                        target.port,
+                    )
+                self._last_target = target
+                self._last_route = None
+                return None
+            key = route.key
             pool = self._pools.get(key)
             if pool is None:
                 context = None
@@ -221,21 +254,47 @@ class ProxyServer:
             breaker = self._breakers.get(key)
             if breaker is None:
                 breaker = self._breakers[key] = CircuitBreaker(self.settings.breaker)
-            route = self._routes[target] = _RemoteRoute(target, pool, breaker)
+            route.pool = pool
+            route.breaker = breaker
+            routes[target] = route
+            if len(routes) > MAX_KEPT_ROUTES + 1:
+                self._forget_old_routes()
+        else:
+            routes.move_to_end(target)
         self._last_target = target
         self._last_route = route
         return route
 
-    def remote_allowed(self, target: RemoteTarget) -> bool:
-        breaker = self.remote_route(target).breaker
+    def _forget_old_routes(self) -> None:
+        """Drop the least recently used routes beyond the bound (never the plan's
+        current remote), then close the pools and drop the breakers no kept route uses."""
+        routes = self._routes
+        current = self.routing.plan.remote
+        for target in list(routes):
+            if len(routes) <= MAX_KEPT_ROUTES + 1:
+                break
+            if target is not current and target != current:
+                del routes[target]
+        used = {route.key for route in routes.values()}
+        for key in [k for k in self._pools if k not in used]:
+            self._pools.pop(key).close()  # an exchange still using it closes its connection after
+        for key in [k for k in self._breakers if k not in used]:
+            del self._breakers[key]
+
+    def remote_refusal(self, target: RemoteTarget) -> str | None:
+        """Why a request may not go to ``target`` now (a fallback reason), or None."""
+        route = self.remote_route(target)
+        if route is None:
+            return "bad-remote-config"
+        breaker = route.breaker
         if breaker.state == "closed":
-            return True
+            return None
         allowed = breaker.allow(self.loop.time())
         self.stats.breaker_state = breaker.state
-        return allowed
+        return None if allowed else "breaker_open"
 
     def remote_failed(self, target: RemoteTarget) -> None:
-        breaker = self.remote_route(target).breaker
+        breaker = self.remote_route(target).breaker  # type: ignore[union-attr]
         before = breaker.state
         breaker.record_failure(self.loop.time())
         if breaker.state != before:
@@ -243,7 +302,7 @@ class ProxyServer:
         self.stats.breaker_state = breaker.state
 
     def remote_succeeded(self, target: RemoteTarget) -> None:
-        breaker = self.remote_route(target).breaker
+        breaker = self.remote_route(target).breaker  # type: ignore[union-attr]
         if breaker.failures or breaker.state != "closed":
             if breaker.state != "closed":
                 log.warning("remote %s:%s circuit breaker closed", target.host, target.port)

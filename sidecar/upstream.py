@@ -142,7 +142,7 @@ class CoarseClock:
 class UpstreamPool:
     """Idle keep-alive connections to one upstream address."""
 
-    __slots__ = ("clock", "host", "idle", "label", "max_idle", "port", "server_hostname", "ssl")
+    __slots__ = ("clock", "closed", "host", "idle", "label", "max_idle", "port", "server_hostname", "ssl")
 
     def __init__(
         self,
@@ -163,6 +163,7 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.clock = clock
         self.label = label  # "local" or "remote"
+        self.closed = False  # dropped (its remote target is gone): nothing is kept any more
 
     def take(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -175,7 +176,7 @@ class UpstreamPool:
     def put(self, conn: UpstreamConnection) -> None:
         if conn.closed:
             return
-        if len(self.idle) >= self.max_idle:
+        if len(self.idle) >= self.max_idle or self.closed:
             conn.close()
             return
         conn.resume_reading()
@@ -210,6 +211,7 @@ class UpstreamPool:
             self.idle = keep
 
     def close(self) -> None:
+        self.closed = True
         for c in self.idle:
             c.close()
         self.idle = []

@@ -234,3 +234,53 @@ def test_an_https_remote_with_an_untrusted_certificate_is_not_used(harnesses, tl
     assert r.status_code == 200 and r.headers["x-upstream"] == "local"
     assert h.proxy.stats.upstream_failures_total[("remote", "tls")] == 1
     assert h.remote.count() == 0
+
+
+# --- remote targets changing over time ---------------------------------------------
+
+
+def test_old_remote_targets_are_forgotten_and_requests_follow_the_newest(harnesses, lt):
+    """A token refresh or caBundle change makes a new RemoteTarget: old ones (and
+    their tokens, pools, breakers) are dropped beyond a few, the newest serves."""
+    from sidecar.proxy import MAX_KEPT_ROUTES
+    from sidecar.routing import RemoteTarget, RoutePlan
+
+    h = harnesses(percentage=100)
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        for i in range(100):
+            # Every tenth target a new TLS context (a caBundle change): a new pool key.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if i % 10 == 0 else None
+            target = RemoteTarget(
+                scheme="http", host="127.0.0.1", port=h.remote.port, authority=f"127.0.0.1:{h.remote.port}",
+                headers=(("Authorization", f"Bearer token-{i}"),), ssl_context=context,
+            )
+            lt.call(lambda t=target: h.routing.update(RoutePlan(remote=t, percentage=100, offloading=True)))
+            r = c.get("/echo")
+            assert r.status_code == 200 and r.json()["server"] == "remote"
+            assert {n.lower(): v for n, v in r.json()["headers"]}["authorization"] == f"Bearer token-{i}"
+            pools = lt.call(lambda: list(h.proxy._pools.values()))
+            assert len(h.proxy._routes) <= MAX_KEPT_ROUTES + 1
+            assert len(pools) <= MAX_KEPT_ROUTES + 1 and len(h.proxy._breakers) <= MAX_KEPT_ROUTES + 1
+            if i == 0:
+                first_pool = pools[0]
+    kept_tokens = {dict(t.headers)["Authorization"] for t in h.proxy._routes}
+    assert "Bearer token-99" in kept_tokens and "Bearer token-0" not in kept_tokens
+    assert first_pool.closed and not first_pool.idle  # its connections were closed with it
+    assert h.remote.count() == 100 and h.local.count() == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"headers": (("X-Api-Key", "key-\u20ac"),)}, {"path_prefix": "/v1-\u20ac"}],
+    ids=["header value not latin-1", "path prefix not latin-1"],
+)
+def test_a_remote_that_cannot_be_encoded_is_never_a_500_but_served_locally(harnesses, bad, caplog):
+    h = harnesses(percentage=100, **bad)
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        for _ in range(3):
+            r = c.get("/echo")
+            assert r.status_code == 200 and r.json()["server"] == "local"
+    assert h.proxy.stats.fallbacks_total[("remote", "local", "bad-remote-config")] == 3
+    assert h.remote.count() == 0
+    said = [rec for rec in caplog.records if "cannot be used" in rec.getMessage()]
+    assert len(said) == 1 and "\u20ac" not in said[0].getMessage() and "key-" not in said[0].getMessage()
