@@ -56,7 +56,9 @@ class ClientSide(asyncio.Protocol):
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            upstream, _ = await loop.create_connection(lambda: UpstreamSide(self.transport), *self.upstream_address)
+            upstream, _ = await loop.create_connection(
+                lambda: UpstreamSide(self.transport), *self.upstream_address
+            )
         except OSError:
             self.transport.close()
             return

@@ -50,7 +50,8 @@ NAMESPACES = 100
 PER_NAMESPACE = 10
 CLIENTS = 50
 CONFIG = InjectorConfig(
-    image="ghcr.io/model-offloading/offload:0.1.0", config_version="bench",
+    image="ghcr.io/model-offloading/offload:0.1.0",
+    config_version="bench",
     resources={"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
 )
 
@@ -64,26 +65,53 @@ def filled_cache() -> ClusterCache:
         ns = f"team-{n:03d}"
         for i in range(PER_NAMESPACE):
             name = f"model-{i}"
-            deployments.append({"metadata": {"name": name, "namespace": ns}, "spec": {"selector": {
-                "matchLabels": {"app": name},
-                "matchExpressions": [{"key": "tier", "operator": "In", "values": ["serving", "canary"]}],
-            }}})
-            services.append({"metadata": {"name": name, "namespace": ns}, "spec": {
-                "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
-            mds.append({
-                "apiVersion": "deployment.beamlit.com/v1alpha1", "kind": "ModelDeployment",
-                "metadata": {"name": name, "namespace": ns, "creationTimestamp": f"2026-01-01T00:00:{i:02d}Z"},
-                "spec": {
-                    "model": name,
-                    "modelSourceRef": {"kind": "Deployment", "name": name},
-                    "serviceRef": {"name": name, "targetPort": 80},
-                    "offloadingConfig": {
-                        "remoteBackend": {"host": f"{name}.remote.example:443", "scheme": "https"},
-                        "metrics": [{"type": "Resource", "resource": {
-                            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}],
+            deployments.append(
+                {
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {
+                        "selector": {
+                            "matchLabels": {"app": name},
+                            "matchExpressions": [
+                                {"key": "tier", "operator": "In", "values": ["serving", "canary"]}
+                            ],
+                        }
                     },
-                },
-            })
+                }
+            )
+            services.append(
+                {
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+                }
+            )
+            mds.append(
+                {
+                    "apiVersion": "deployment.beamlit.com/v1alpha1",
+                    "kind": "ModelDeployment",
+                    "metadata": {
+                        "name": name,
+                        "namespace": ns,
+                        "creationTimestamp": f"2026-01-01T00:00:{i:02d}Z",
+                    },
+                    "spec": {
+                        "model": name,
+                        "modelSourceRef": {"kind": "Deployment", "name": name},
+                        "serviceRef": {"name": name, "targetPort": 80},
+                        "offloadingConfig": {
+                            "remoteBackend": {"host": f"{name}.remote.example:443", "scheme": "https"},
+                            "metrics": [
+                                {
+                                    "type": "Resource",
+                                    "resource": {
+                                        "name": "cpu",
+                                        "target": {"type": "Utilization", "averageUtilization": 60},
+                                    },
+                                }
+                            ],
+                        },
+                    },
+                }
+            )
     cache = ClusterCache()
     cache.replace(MODELDEPLOYMENTS, mds)
     cache.replace(DEPLOYMENTS, deployments)
@@ -97,39 +125,65 @@ def filled_cache() -> ClusterCache:
 def review(uid: str) -> dict:
     """A ReplicaSet's pod of team-042/model-7, as the API server sends it."""
     pod = {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {
             "generateName": "model-7-6d8f9c7b5-",
             "labels": {"app": "model-7", "tier": "serving", "pod-template-hash": "6d8f9c7b5"},
             "annotations": {"prometheus.io/scrape": "true"},
-            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "model-7-6d8f9c7b5",
-                                 "uid": "0b4e2a52-1b1f-4c1e-9d55-5f2b5a4f0a01", "controller": True,
-                                 "blockOwnerDeletion": True}],
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": "model-7-6d8f9c7b5",
+                    "uid": "0b4e2a52-1b1f-4c1e-9d55-5f2b5a4f0a01",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
         },
         "spec": {
-            "containers": [{
-                "name": "model", "image": "vllm/vllm-openai:v0.6.0",
-                "args": ["--model", "meta-llama/Llama-3-8B", "--port", "8080"],
-                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
-                "resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}},
-                "env": [{"name": f"VAR_{i}", "value": "x" * 20} for i in range(10)],
-                "volumeMounts": [{"name": "models", "mountPath": "/models"}],
-                "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
-                "imagePullPolicy": "IfNotPresent",
-            }],
-            "volumes": [{"name": "models", "emptyDir": {}},
-                        {"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {
-                            "expirationSeconds": 3607, "path": "token"}}]}}],
-            "restartPolicy": "Always", "dnsPolicy": "ClusterFirst", "schedulerName": "default-scheduler",
-            "serviceAccountName": "default", "terminationGracePeriodSeconds": 30,
+            "containers": [
+                {
+                    "name": "model",
+                    "image": "vllm/vllm-openai:v0.6.0",
+                    "args": ["--model", "meta-llama/Llama-3-8B", "--port", "8080"],
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                    "resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}},
+                    "env": [{"name": f"VAR_{i}", "value": "x" * 20} for i in range(10)],
+                    "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+                    "terminationMessagePath": "/dev/termination-log",
+                    "terminationMessagePolicy": "File",
+                    "imagePullPolicy": "IfNotPresent",
+                }
+            ],
+            "volumes": [
+                {"name": "models", "emptyDir": {}},
+                {
+                    "name": "kube-api-access",
+                    "projected": {
+                        "sources": [{"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}}]
+                    },
+                },
+            ],
+            "restartPolicy": "Always",
+            "dnsPolicy": "ClusterFirst",
+            "schedulerName": "default-scheduler",
+            "serviceAccountName": "default",
+            "terminationGracePeriodSeconds": 30,
         },
     }
     return {
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
         "request": {
-            "uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
             "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "operation": "CREATE", "namespace": "team-042", "name": "", "object": pod,
+            "operation": "CREATE",
+            "namespace": "team-042",
+            "name": "",
+            "object": pod,
             "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
         },
     }
@@ -146,10 +200,19 @@ def serve(port: int, cert_dir: Path) -> None:
     def allow_pods(request: AdmissionRequest) -> dict:
         return allow(request.uid)
 
-    app = build_app({"/mutate-pods": partial(review_pod, view=cache, config=CONFIG), "/allow-pods": allow_pods},
-                    ready=cache.synced)
-    uvicorn.run(app, host="127.0.0.1", port=port, ssl_certfile=str(cert_dir / "tls.crt"),
-                ssl_keyfile=str(cert_dir / "tls.key"), log_level="warning", access_log=False)
+    app = build_app(
+        {"/mutate-pods": partial(review_pod, view=cache, config=CONFIG), "/allow-pods": allow_pods},
+        ready=cache.synced,
+    )
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        ssl_certfile=str(cert_dir / "tls.crt"),
+        ssl_keyfile=str(cert_dir / "tls.key"),
+        log_level="warning",
+        access_log=False,
+    )
 
 
 # --- the clients --------------------------------------------------------------------------------
@@ -175,8 +238,15 @@ async def read_response(reader: asyncio.StreamReader) -> bytes:
     return body
 
 
-async def client(port: int, ctx: ssl.SSLContext, payload: bytes, stop_at: float, interval: float | None,
-                 latencies: list[float], check) -> None:
+async def client(
+    port: int,
+    ctx: ssl.SSLContext,
+    payload: bytes,
+    stop_at: float,
+    interval: float | None,
+    latencies: list[float],
+    check,
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
     # perf_counter, not loop.time(): uvloop's clock has millisecond resolution.
     clock = time.perf_counter
@@ -201,12 +271,15 @@ async def client(port: int, ctx: ssl.SSLContext, payload: bytes, stop_at: float,
         writer.close()
 
 
-async def measure(port: int, ctx: ssl.SSLContext, payload: bytes, seconds: float, rate: float | None, check) -> dict:
+async def measure(
+    port: int, ctx: ssl.SSLContext, payload: bytes, seconds: float, rate: float | None, check
+) -> dict:
     latencies: list[float] = []
     began = time.perf_counter()
     interval = CLIENTS / rate if rate else None
-    await asyncio.gather(*(client(port, ctx, payload, began + seconds, interval, latencies, check)
-                           for _ in range(CLIENTS)))
+    await asyncio.gather(
+        *(client(port, ctx, payload, began + seconds, interval, latencies, check) for _ in range(CLIENTS))
+    )
     elapsed = time.perf_counter() - began
     latencies.sort()
     return {
@@ -237,8 +310,11 @@ async def run_clients(port: int, ca: Path, seconds: float, rate: float) -> None:
     mutate = request_bytes("POST", "/mutate-pods", json.dumps(review("bench-uid")).encode())
     allow_ = request_bytes("POST", "/allow-pods", json.dumps(review("bench-uid")).encode())
     healthz = request_bytes("GET", "/healthz")
-    endpoints = [("/mutate-pods", mutate, check_patched), ("/allow-pods (reference)", allow_, check_allowed),
-                 ("/healthz (baseline)", healthz, check_ok)]
+    endpoints = [
+        ("/mutate-pods", mutate, check_patched),
+        ("/allow-pods (reference)", allow_, check_allowed),
+        ("/healthz (baseline)", healthz, check_ok),
+    ]
     for _, payload, check in endpoints:  # warm-up: connections, caches, allocator
         await measure(port, ctx, payload, 1.0, None, check)
     results: dict[tuple[str, str], dict] = {}
@@ -246,17 +322,23 @@ async def run_clients(port: int, ca: Path, seconds: float, rate: float) -> None:
         for name, payload, check in endpoints:
             results[(shape, name)] = await measure(port, ctx, payload, seconds, shape_rate, check)
 
-    print(f"\n{CLIENTS} keep-alive TLS clients, {NAMESPACES * PER_NAMESPACE} ModelDeployments cached "
-          f"({NAMESPACES} namespaces x {PER_NAMESPACE}), {seconds:.0f} s per measurement, {os.cpu_count()} CPUs")
+    print(
+        f"\n{CLIENTS} keep-alive TLS clients, {NAMESPACES * PER_NAMESPACE} ModelDeployments cached "
+        f"({NAMESPACES} namespaces x {PER_NAMESPACE}), {seconds:.0f} s per measurement, {os.cpu_count()} CPUs"
+    )
     print(f"{'load':<16} {'endpoint':<24} {'requests':>9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for (shape, name), r in results.items():
-        print(f"{shape:<16} {name:<24} {r['requests']:>9} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+        print(
+            f"{shape:<16} {name:<24} {r['requests']:>9} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+        )
     for shape in ("saturation", f"paced {rate:.0f}/s"):
         m, b = results[(shape, "/mutate-pods")], results[(shape, "/healthz (baseline)")]
         a = results[(shape, "/allow-pods (reference)")]
-        print(f"{shape}: /mutate-pods vs /healthz: throughput x{m['rps'] / b['rps']:.2f}, "
-              f"p50 x{m['p50_ms'] / b['p50_ms']:.2f}, p99 x{m['p99_ms'] / b['p99_ms']:.2f}; "
-              f"vs /allow-pods: throughput x{m['rps'] / a['rps']:.2f}, p99 x{m['p99_ms'] / a['p99_ms']:.2f}")
+        print(
+            f"{shape}: /mutate-pods vs /healthz: throughput x{m['rps'] / b['rps']:.2f}, "
+            f"p50 x{m['p50_ms'] / b['p50_ms']:.2f}, p99 x{m['p99_ms'] / b['p99_ms']:.2f}; "
+            f"vs /allow-pods: throughput x{m['rps'] / a['rps']:.2f}, p99 x{m['p99_ms'] / a['p99_ms']:.2f}"
+        )
     paced = results[(f"paced {rate:.0f}/s", "/mutate-pods")]
     verdict = "met" if paced["p99_ms"] <= 5.0 else "NOT met"
     print(f"goal p99 <= 5 ms at {rate:.0f}/s: {verdict} ({paced['p99_ms']:.2f} ms)")
@@ -273,7 +355,9 @@ def decision_cost() -> None:
         outcome = decide(request, cache, CONFIG)
     per = (time.perf_counter() - began) / n * 1e6
     assert outcome.injected
-    print(f"pure decision (selection among the namespace's {PER_NAMESPACE} + copy + jsonpatch): {per:.0f} us per pod")
+    print(
+        f"pure decision (selection among the namespace's {PER_NAMESPACE} + copy + jsonpatch): {per:.0f} us per pod"
+    )
 
 
 def main() -> int:
@@ -302,7 +386,9 @@ def main() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port), "--cert-dir", tmp])
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve", "--port", str(port), "--cert-dir", tmp]
+        )
         try:
             ctx = ssl.create_default_context(cafile=str(cert_dir / "ca.crt"))
             deadline = time.monotonic() + 30

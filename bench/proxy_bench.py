@@ -69,8 +69,9 @@ def wait_port(port: int, timeout: float = 10) -> None:
 
 class Proc:
     def __init__(self, args: list[str], core: str, **kw):
-        self.popen = subprocess.Popen(["taskset", "-c", core, *args], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, **kw)
+        self.popen = subprocess.Popen(
+            ["taskset", "-c", core, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw
+        )
 
     @property
     def pid(self) -> int:
@@ -157,15 +158,36 @@ backend be
 
 
 def start_bare_relay(port: int, upstream: int) -> Proc:
-    proc = Proc([sys.executable, str(HERE / "bare_relay.py"), "--listen", f"127.0.0.1:{port}",
-                 "--local", f"127.0.0.1:{upstream}"], PROXY_CORE, cwd=REPO)
+    proc = Proc(
+        [
+            sys.executable,
+            str(HERE / "bare_relay.py"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--local",
+            f"127.0.0.1:{upstream}",
+        ],
+        PROXY_CORE,
+        cwd=REPO,
+    )
     wait_port(port)
     return proc
 
 
 def start_sidecar(port: int, upstream: int) -> Proc:
-    proc = Proc([sys.executable, "-m", "sidecar.proxy", "--listen", f"127.0.0.1:{port}",
-                 "--local", f"127.0.0.1:{upstream}"], PROXY_CORE, cwd=REPO)
+    proc = Proc(
+        [
+            sys.executable,
+            "-m",
+            "sidecar.proxy",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--local",
+            f"127.0.0.1:{upstream}",
+        ],
+        PROXY_CORE,
+        cwd=REPO,
+    )
     wait_port(port)
     return proc
 
@@ -175,8 +197,19 @@ def start_sidecar(port: int, upstream: int) -> Proc:
 
 def wrk(port: int, *, seconds: float, connections: int, rate: float | None = None) -> dict:
     script = HERE / ("wrk_rate.lua" if rate else "wrk_report.lua")
-    args = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-            "-s", str(script), f"http://127.0.0.1:{port}/1k"]
+    args = [
+        "taskset",
+        "-c",
+        LOAD_CORE,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}/1k",
+    ]
     if rate:
         args += ["--", f"{connections * 1000.0 / rate:.3f}"]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
@@ -196,8 +229,10 @@ async def sse_server(port: int, events: int, interval: float) -> None:
         try:
             while True:  # keep-alive: proxies reuse their upstream connections
                 await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                )
                 await writer.drain()
                 for i in range(events):
                     if i:
@@ -263,7 +298,9 @@ async def sse_client(port: int, streams: int, events: int, interval: float) -> d
     async def one(offset: float):
         await asyncio.sleep(offset)
         finished = loop.create_future()
-        _, proto = await loop.create_connection(lambda: _SseStream(events, delays, finished), "127.0.0.1", port)
+        _, proto = await loop.create_connection(
+            lambda: _SseStream(events, delays, finished), "127.0.0.1", port
+        )
         protocols.append(proto)
         try:
             await asyncio.wait_for(finished, 10 + events * interval)
@@ -288,8 +325,21 @@ async def sse_client(port: int, streams: int, events: int, interval: float) -> d
 
 def run_sse_client(port: int, streams: int, proxy: Proc | None, events: int, interval: float) -> dict:
     client = subprocess.Popen(
-        ["taskset", "-c", LOAD_CORE, sys.executable, __file__, "--sse-client", str(port), str(streams), str(events),
-         str(interval)], stdout=subprocess.PIPE, text=True)
+        [
+            "taskset",
+            "-c",
+            LOAD_CORE,
+            sys.executable,
+            __file__,
+            "--sse-client",
+            str(port),
+            str(streams),
+            str(events),
+            str(interval),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     rss = 0
     time.sleep(min(0.5 + events * interval / 2, 3))  # mid-run: every stream open
     if proxy is not None:
@@ -306,7 +356,10 @@ def run_sse_client(port: int, streams: int, proxy: Proc | None, events: int, int
 def check_tools() -> None:
     missing = [t for t in ("haproxy", "nginx", "wrk", "taskset") if shutil.which(t) is None]
     if missing:
-        print(f"missing: {', '.join(missing)}. Install with: apt-get install -y haproxy nginx wrk", file=sys.stderr)
+        print(
+            f"missing: {', '.join(missing)}. Install with: apt-get install -y haproxy nginx wrk",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if (os.cpu_count() or 1) < 2:
         print("needs 2 cores: the proxy on core 0, load on core 1", file=sys.stderr)
@@ -367,8 +420,12 @@ def request_runs(tmp: Path, seconds: float, repeats: int, bare: bool) -> dict:
 
                 for name in targets:
                     out[f"{name}.{rate}.rps"] = median(name, "rps")
-                    out[f"{name}.{rate}.p50_added"] = (median(name, "p50_us") - median("direct", "p50_us")) / 1000
-                    out[f"{name}.{rate}.p99_added"] = (median(name, "p99_us") - median("direct", "p99_us")) / 1000
+                    out[f"{name}.{rate}.p50_added"] = (
+                        median(name, "p50_us") - median("direct", "p50_us")
+                    ) / 1000
+                    out[f"{name}.{rate}.p99_added"] = (
+                        median(name, "p99_us") - median("direct", "p99_us")
+                    ) / 1000
                     out[f"{name}.{rate}.cpu_per_10k"] = (
                         sum(r["cpu"] for r in seen[name]) / sum(r["requests"] for r in seen[name]) * 10_000
                     )
@@ -380,7 +437,9 @@ def request_runs(tmp: Path, seconds: float, repeats: int, bare: bool) -> dict:
 
 def streaming_runs(tmp: Path, events: int, interval: float, bare: bool) -> dict:
     sse_port = free_port()
-    server = Proc([sys.executable, __file__, "--sse-server", str(sse_port), str(events), str(interval)], LOAD_CORE)
+    server = Proc(
+        [sys.executable, __file__, "--sse-server", str(sse_port), str(events), str(interval)], LOAD_CORE
+    )
     wait_port(sse_port)
     out: dict = {}
     try:
@@ -405,22 +464,52 @@ ROWS = [
     ("errors at max throughput", "max_errors", "", "0", lambda s, h: s == 0),
     ("added latency p50 @ 500 req/s", "500.p50_added", "ms", "", None),
     ("added latency p99 @ 500 req/s", "500.p99_added", "ms", "", None),
-    ("added latency p50 @ 2,000 req/s", "2000.p50_added", "ms", "<= 1.5x HAProxy", lambda s, h: s <= 1.5 * max(h, 0.01)),
-    ("added latency p99 @ 2,000 req/s", "2000.p99_added", "ms", "<= 2x HAProxy", lambda s, h: s <= 2 * max(h, 0.01)),
+    (
+        "added latency p50 @ 2,000 req/s",
+        "2000.p50_added",
+        "ms",
+        "<= 1.5x HAProxy",
+        lambda s, h: s <= 1.5 * max(h, 0.01),
+    ),
+    (
+        "added latency p99 @ 2,000 req/s",
+        "2000.p99_added",
+        "ms",
+        "<= 2x HAProxy",
+        lambda s, h: s <= 2 * max(h, 0.01),
+    ),
     ("achieved rate (2,000 req/s target)", "2000.rps", "req/s", "", None),
     ("CPU s per 10k requests @ max", "cpu_per_10k_max", "s", "<= 2x HAProxy", lambda s, h: s <= 2 * h),
-    ("CPU s per 10k requests @ 2,000 req/s", "2000.cpu_per_10k", "s", "<= 2x HAProxy", lambda s, h: s <= 2 * h),
+    (
+        "CPU s per 10k requests @ 2,000 req/s",
+        "2000.cpu_per_10k",
+        "s",
+        "<= 2x HAProxy",
+        lambda s, h: s <= 2 * h,
+    ),
     ("RSS idle", "rss_idle", "MiB", "<= 40 MiB", lambda s, h: s <= 40),
     ("RSS peak under load", "rss_load", "MiB", "", None),
     ("SSE 10: added per-event delay p50", "sse10.delay_p50", "ms", "", None),
     ("SSE 10: added per-event delay p99", "sse10.delay_p99", "ms", "<= 1 ms", lambda s, h: s <= 1.0),
     ("SSE 10: added time to first byte", "sse10.ttfb", "ms", "", None),
-    ("SSE 10: streams complete", "sse10.complete", "", "all", lambda s, h: s.split("/")[0] == s.split("/")[1]),
+    (
+        "SSE 10: streams complete",
+        "sse10.complete",
+        "",
+        "all",
+        lambda s, h: s.split("/")[0] == s.split("/")[1],
+    ),
     ("SSE 1,000: added per-event delay p50", "sse1000.delay_p50", "ms", "", None),
     ("SSE 1,000: added per-event delay p99", "sse1000.delay_p99", "ms", "", None),
     ("SSE 1,000: added time to first byte", "sse1000.ttfb", "ms", "", None),
     ("SSE 1,000: RSS with the streams open", "sse1000.rss", "MiB", "<= 60 MiB", lambda s, h: s <= 60),
-    ("SSE 1,000: streams complete", "sse1000.complete", "", "all", lambda s, h: s.split("/")[0] == s.split("/")[1]),
+    (
+        "SSE 1,000: streams complete",
+        "sse1000.complete",
+        "",
+        "all",
+        lambda s, h: s.split("/")[0] == s.split("/")[1],
+    ),
 ]
 
 
@@ -440,7 +529,15 @@ def ratio(reference, value) -> str:
 
 def print_table(results: dict) -> None:
     bare = any(k.startswith("bare.") for k in results)
-    header = ("figure", "sidecar", "HAProxy", "ratio", "goal", "met", *(("bare relay", "ratio") if bare else ()))
+    header = (
+        "figure",
+        "sidecar",
+        "HAProxy",
+        "ratio",
+        "goal",
+        "met",
+        *(("bare relay", "ratio") if bare else ()),
+    )
     rows = []
     for label, key, unit, goal, check in ROWS:
         s, h = results.get(f"sidecar.{key}"), results.get(f"haproxy.{key}")
@@ -468,7 +565,12 @@ def main() -> int:
         uvloop.run(sse_server(port, events, interval))
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--sse-client":
-        port, streams, events, interval = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+        port, streams, events, interval = (
+            int(sys.argv[2]),
+            int(sys.argv[3]),
+            int(sys.argv[4]),
+            float(sys.argv[5]),
+        )
         import uvloop
 
         print(json.dumps(uvloop.run(sse_client(port, streams, events, interval))))
@@ -476,19 +578,27 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3, help="length of each wrk run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure, alternating targets; medians kept")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per figure, alternating targets; medians kept"
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
-    parser.add_argument("--no-bare", dest="bare", action="store_false",
-                        help="skip bench/bare_relay.py, the floor any Python relay on this machine stays above")
+    parser.add_argument(
+        "--no-bare",
+        dest="bare",
+        action="store_false",
+        help="skip bench/bare_relay.py, the floor any Python relay on this machine stays above",
+    )
     args = parser.parse_args()
     check_tools()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp:
         results = request_runs(Path(tmp), args.seconds, args.repeats, args.bare)
         results.update(streaming_runs(Path(tmp), events=50, interval=0.02, bare=args.bare))
-    print(f"\nsidecar proxy vs HAProxy 1 thread, each pinned to core {PROXY_CORE}; nginx 1 KiB / SSE upstream "
-          f"and the load on core {LOAD_CORE}; {args.seconds:g} s per run, median of {args.repeats}; "
-          f"{time.monotonic() - started:.0f} s in all\n")
+    print(
+        f"\nsidecar proxy vs HAProxy 1 thread, each pinned to core {PROXY_CORE}; nginx 1 KiB / SSE upstream "
+        f"and the load on core {LOAD_CORE}; {args.seconds:g} s per run, median of {args.repeats}; "
+        f"{time.monotonic() - started:.0f} s in all\n"
+    )
     print_table(results)
     if args.json:
         print(json.dumps(results, indent=1, sort_keys=True))

@@ -92,33 +92,53 @@ def callgrind_total(path: Path) -> int:
     raise RuntimeError(f"no totals in {path}")
 
 
-def measure(tmp: Path, upstream: int, workload: str, requests: int, annotate: bool, bare: bool = False) -> float:
+def measure(
+    tmp: Path, upstream: int, workload: str, requests: int, annotate: bool, bare: bool = False
+) -> float:
     request = {"post": POST, "minimal": GET_MINIMAL}.get(workload, GET)
     connections = 4 if workload == "get4" else 1
     port = free_port()
     out = tmp / f"callgrind.{workload}"
     proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", sys.executable,
-         *([str(HERE / "bare_relay.py")] if bare else ["-m", "sidecar.proxy"]),
-         "--listen", f"127.0.0.1:{port}", "--local", f"127.0.0.1:{upstream}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}.%p",
+            sys.executable,
+            *([str(HERE / "bare_relay.py")] if bare else ["-m", "sidecar.proxy"]),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--local",
+            f"127.0.0.1:{upstream}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         wait_port(port, timeout=120)
         drive(port, request, 200, connections)  # warm-up: pools, code paths, allocator
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
         drive(port, request, requests, connections)
-        subprocess.run(["callgrind_control", "-d", f"{workload}", str(proc.pid)], check=True, capture_output=True)
+        subprocess.run(
+            ["callgrind_control", "-d", f"{workload}", str(proc.pid)], check=True, capture_output=True
+        )
         time.sleep(0.5)
         dumps = sorted(tmp.glob(f"callgrind.{workload}.{proc.pid}.*"))
         if not dumps:
             raise RuntimeError("callgrind wrote no dump")
         if annotate:
             shutil.copy(dumps[-1], f"/tmp/callgrind.{workload}.out")
-            text = subprocess.run(["callgrind_annotate", "--threshold=100", "--auto=no", str(dumps[-1])],
-                                  capture_output=True, text=True, check=True).stdout
+            text = subprocess.run(
+                ["callgrind_annotate", "--threshold=100", "--auto=no", str(dumps[-1])],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             # Skip the frames every instruction runs under (main, the loop, ...).
-            own = [line for line in text.splitlines() if "%)" in line and not re.search(r"\((?:100|9\d)\.", line)]
+            own = [
+                line for line in text.splitlines() if "%)" in line and not re.search(r"\((?:100|9\d)\.", line)
+            ]
             print("\n".join(own[:60]))
         return callgrind_total(dumps[-1]) / requests
     finally:

@@ -31,12 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes ca.crt, tls.crt and tls.key (mode 0600) into --out-dir.",
     )
     parser.add_argument("--out-dir", required=True, type=Path, help="directory to write the PEM files into")
-    parser.add_argument("--dns-name", action="append", default=[], help="a DNS name for the certificate (repeatable)")
-    parser.add_argument("--ip-address", action="append", default=[], help="an IP address for the certificate (repeatable)")
+    parser.add_argument(
+        "--dns-name", action="append", default=[], help="a DNS name for the certificate (repeatable)"
+    )
+    parser.add_argument(
+        "--ip-address", action="append", default=[], help="an IP address for the certificate (repeatable)"
+    )
     parser.add_argument("--service", help="add the in-cluster DNS names of this Service (needs --namespace)")
     parser.add_argument("--namespace", help="namespace of --service")
-    parser.add_argument("--cluster-domain", default="cluster.local", help="cluster DNS domain (default: %(default)s)")
-    parser.add_argument("--days", type=int, default=365, help="validity of the serving certificate (default: %(default)s)")
+    parser.add_argument(
+        "--cluster-domain", default="cluster.local", help="cluster DNS domain (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--days", type=int, default=365, help="validity of the serving certificate (default: %(default)s)"
+    )
     parser.add_argument("--ca-days", type=int, default=3650, help="validity of the CA (default: %(default)s)")
     return parser
 
@@ -56,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now(dt.timezone.utc)
     ca = issue_ca("offloading-webhook-ca", now=now, days=args.ca_days)
     try:
-        serving = issue_serving_cert(ca, dns_names=dns_names, ip_addresses=args.ip_address, now=now, days=args.days)
+        serving = issue_serving_cert(
+            ca, dns_names=dns_names, ip_addresses=args.ip_address, now=now, days=args.days
+        )
     except ValueError as exc:
         parser.error(str(exc))
     args.out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

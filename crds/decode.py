@@ -48,9 +48,7 @@ def json_name(python_name: str) -> str:
 @cache
 def _fields(cls: type) -> tuple[tuple[str, str, Any, dataclasses.Field[Any]], ...]:
     hints = typing.get_type_hints(cls)
-    return tuple(
-        (f.name, json_name(f.name), hints[f.name], f) for f in dataclasses.fields(cls)
-    )
+    return tuple((f.name, json_name(f.name), hints[f.name], f) for f in dataclasses.fields(cls))
 
 
 def json_fields(cls: type) -> dict[str, Any]:

@@ -94,7 +94,9 @@ def _check_spec(spec: ModelDeploymentSpec, namespace: str, settings: ValidationS
         yield from _check_name("spec.serviceRef.name", service.name)
         yield from _check_same_namespace("spec.serviceRef.namespace", service.namespace, namespace)
         if service.target_port is not None and not 1 <= service.target_port <= 65535:
-            yield FieldError("spec.serviceRef.targetPort", f"must be between 1 and 65535, got {service.target_port}")
+            yield FieldError(
+                "spec.serviceRef.targetPort", f"must be between 1 and 65535, got {service.target_port}"
+            )
 
     config = spec.offloading_config
     if config is None:
@@ -136,7 +138,10 @@ def _check_behavior(path: str, behavior: OffloadingBehavior) -> Iterator[Finding
         yield FieldError(f"{path}.percentage", f"must be between 0 and 100, got {behavior.percentage}")
     elif behavior.percentage == 0:
         yield f"{path}.percentage is 0: no request will ever be offloaded"
-    for name, value in (("sustainSeconds", behavior.sustain_seconds), ("cooldownSeconds", behavior.cooldown_seconds)):
+    for name, value in (
+        ("sustainSeconds", behavior.sustain_seconds),
+        ("cooldownSeconds", behavior.cooldown_seconds),
+    ):
         if not 0 <= value <= 3600:
             yield FieldError(f"{path}.{name}", f"must be between 0 and 3600, got {value}")
     if not 0 <= behavior.tolerance <= 1:
@@ -172,8 +177,10 @@ def _check_remote_backend(
     host_errors = list(check_host(backend.host))
     for message in host_errors:
         yield FieldError(f"{path}.host", message)
-    if not host_errors and spec.service_ref is not None and _is_same_service(
-        backend.host, spec.service_ref.name, spec.service_ref.namespace or namespace
+    if (
+        not host_errors
+        and spec.service_ref is not None
+        and _is_same_service(backend.host, spec.service_ref.name, spec.service_ref.namespace or namespace)
     ):
         yield FieldError(
             f"{path}.host",
@@ -212,7 +219,12 @@ def check_host(host: str) -> Iterator[str]:
     if "://" in host:
         yield f"must be host[:port] without a scheme (set scheme instead), got {host!r}"
         return
-    for char, what in (("@", "userinfo"), ("/", "a path (set pathPrefix instead)"), ("?", "a query"), ("#", "a fragment")):
+    for char, what in (
+        ("@", "userinfo"),
+        ("/", "a path (set pathPrefix instead)"),
+        ("?", "a query"),
+        ("#", "a fragment"),
+    ):
         if char in host:
             yield f"must be host[:port] without {what}, got {host!r}"
             return
@@ -297,7 +309,9 @@ _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 def _check_secret_key(path: str, key: str) -> Iterator[Finding]:
     # Kubernetes refuses ".", ".." and "..x" too: they would climb out of a mounted Secret.
     if len(key) > 253 or not _SECRET_KEY.fullmatch(key) or key == "." or key.startswith(".."):
-        yield FieldError(path, f"must be a Secret key (letters, digits, '-', '_', '.', not '..'), got {key!r}")
+        yield FieldError(
+            path, f"must be a Secret key (letters, digits, '-', '_', '.', not '..'), got {key!r}"
+        )
 
 
 def _check_ca_bundle(path: str, pem: str, scheme: str) -> Iterator[Finding]:
@@ -403,14 +417,18 @@ def _check_resource_name(path: str, name: str) -> Iterator[Finding]:
 
 def _check_target(path: str, target: MetricTarget, allowed: tuple[str, ...]) -> Iterator[Finding]:
     if target.type not in allowed:
-        yield FieldError(f"{path}.type", f"must be one of {', '.join(allowed)} for this metric, got {target.type!r}")
+        yield FieldError(
+            f"{path}.type", f"must be one of {', '.join(allowed)} for this metric, got {target.type!r}"
+        )
         return
     values = {
         "averageUtilization": target.average_utilization,
         "averageValue": target.average_value,
         "value": target.value,
     }
-    wanted = {"Utilization": "averageUtilization", "AverageValue": "averageValue", "Value": "value"}[target.type]
+    wanted = {"Utilization": "averageUtilization", "AverageValue": "averageValue", "Value": "value"}[
+        target.type
+    ]
     for name, value in values.items():
         if name != wanted and value is not None:
             yield FieldError(f"{path}.{name}", f"must not be set when type is {target.type}")
@@ -442,7 +460,9 @@ def _check_selector(path: str, selector: LabelSelector) -> Iterator[Finding]:
         elif req.operator in ("Exists", "DoesNotExist") and req.values:
             yield FieldError(f"{sub}.values", f"must be empty when operator is {req.operator}")
         elif req.operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
-            yield FieldError(f"{sub}.operator", f"must be one of In, NotIn, Exists, DoesNotExist, got {req.operator!r}")
+            yield FieldError(
+                f"{sub}.operator", f"must be one of In, NotIn, Exists, DoesNotExist, got {req.operator!r}"
+            )
     for key, value in selector.match_labels.items():
         if len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
             yield FieldError(f"{path}.matchLabels[{key}]", f"{value!r} is not a valid label value")

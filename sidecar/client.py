@@ -36,8 +36,6 @@ class _Reject(Exception):
     """Raised inside a parser callback to stop parsing a refused request."""
 
 
-
-
 class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests, runs their exchanges in order."""
 
@@ -242,7 +240,9 @@ class ClientConnection(asyncio.Protocol):
                 self.rejection = Rejection(431, "request target too long")
                 raise _Reject
             if len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > settings.max_header_bytes:
-                self.rejection = Rejection(431, f"header section larger than {settings.max_header_bytes} bytes")
+                self.rejection = Rejection(
+                    431, f"header section larger than {settings.max_header_bytes} bytes"
+                )
                 raise _Reject
         parser = self.parser
         head = inspect_request(parser.get_method(), self.url, parser.get_http_version(), headers)
@@ -314,7 +314,9 @@ class ClientConnection(asyncio.Protocol):
         self.held_size += len(data)
         if self.held_size > MAX_HELD_UPGRADE_BYTES:
             self.held = None
-            log.debug("client sent more than %d bytes before a WebSocket 101; closing", MAX_HELD_UPGRADE_BYTES)
+            log.debug(
+                "client sent more than %d bytes before a WebSocket 101; closing", MAX_HELD_UPGRADE_BYTES
+            )
             self.close()
             return
         held.append(data)
@@ -448,4 +450,3 @@ class ClientConnection(asyncio.Protocol):
             if self.in_head:
                 self.transport.write(render_error(408, "request head not received in time"))
             self.close()
-

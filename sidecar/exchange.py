@@ -252,7 +252,9 @@ class Exchange(ResponseRelay):
                     self.attempt(remote, fresh=False)
                     return
         if server.draining:
-            self.respond_error(503, f"{self.backend} model unavailable ({kind}); shutting down", retry_after=5)
+            self.respond_error(
+                503, f"{self.backend} model unavailable ({kind}); shutting down", retry_after=5
+            )
         elif kind == "timeout":
             self.respond_error(504, f"{self.backend} model did not answer in time")
         else:
@@ -272,6 +274,7 @@ class Exchange(ResponseRelay):
         self.request_complete = True
         if self.upstream is not None and self.head.body == BODY_CHUNKED:
             self.up_out.append(b"0\r\n\r\n")
+
     # --- endings -------------------------------------------------------------------
 
     def finish(self, reusable: bool) -> None:
@@ -354,4 +357,3 @@ class Exchange(ResponseRelay):
         if conn is not None:  # cancel the upstream request: it has no one to answer to
             self.upstream = None
             conn.close()
-

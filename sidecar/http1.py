@@ -41,7 +41,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Fields the proxy sets itself on the way to an upstream.
-_REPLACED = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+_REPLACED = frozenset(
+    {b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+)
 _REQUEST_DROP = HOP_BY_HOP | _REPLACED
 # Fields re-done on the way back to the client.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
@@ -173,7 +175,9 @@ def inspect_request(
     if target.find(b".") >= 0 or target.find(b"%") >= 0 or target.find(b"\\") >= 0:
         path = target.split(b"?", 1)[0]
         if has_ambiguous_separator(path):
-            return Rejection(400, "request path must not contain a backslash or an encoded / or \\ (%2F, %5C)")
+            return Rejection(
+                400, "request path must not contain a backslash or an encoded / or \\ (%2F, %5C)"
+            )
         if has_dot_segment(path):
             return Rejection(400, "request path must not contain dot segments (. or ..)")
 
@@ -429,10 +433,13 @@ def render_error(status: int, reason: str, *, retry_after: int | None = None) ->
     """A short plain-text answer made by the proxy itself; always closes."""
     body = reason.encode("ascii", "replace") + b"\n"
     extra = b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b""
-    return b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%bConnection: close\r\n\r\n%b" % (
-        status,
-        REASONS.get(status, b"Error"),
-        len(body),
-        extra,
-        body,
+    return (
+        b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%bConnection: close\r\n\r\n%b"
+        % (
+            status,
+            REASONS.get(status, b"Error"),
+            len(body),
+            extra,
+            body,
+        )
     )

@@ -87,8 +87,6 @@ class _RemoteRoute:
         self.breaker: CircuitBreaker = None  # type: ignore[assignment]
 
 
-
-
 class ProxyServer:
     """The proxy port. ``start`` listens; ``shutdown`` drains and stops.
 
@@ -173,7 +171,9 @@ class ProxyServer:
                 async with asyncio.timeout(max(0.0, end - loop.time())):
                     await self._idle.wait()
             except TimeoutError:
-                log.warning("shutdown deadline reached with %d connections open; closing them", len(self.connections))
+                log.warning(
+                    "shutdown deadline reached with %d connections open; closing them", len(self.connections)
+                )
         for conn in list(self.connections):
             conn.abort()
         if self._ticker is not None:
@@ -335,7 +335,9 @@ def remote_target_from_url(url: str, headers: tuple[tuple[str, str], ...] = ()) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sidecar.proxy", description="The sidecar's data path alone.")
+    parser = argparse.ArgumentParser(
+        prog="python -m sidecar.proxy", description="The sidecar's data path alone."
+    )
     parser.add_argument("--listen", default="127.0.0.1:8080", help="host:port to serve on")
     parser.add_argument("--local", required=True, help="host:port of the local model")
     parser.add_argument("--remote", help="http(s)://host[:port][/prefix] of the remote backend")
@@ -357,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_grace=args.shutdown_grace,
         remote_ssl_context=context,
     )
-    routing = RoutingTable(RoutePlan(remote=remote, percentage=args.percentage, offloading=remote is not None))
+    routing = RoutingTable(
+        RoutePlan(remote=remote, percentage=args.percentage, offloading=remote is not None)
+    )
 
     async def serve() -> None:
         server = ProxyServer(routing, _host_port(args.local), settings)

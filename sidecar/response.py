@@ -104,7 +104,13 @@ class ResponseRelay:
                 self.final = True
                 self.head_buf = b""
                 data, _, _, _ = render_response_head(
-                    101, status_text, block, has_body=False, client_http11=True, keep_alive=False, websocket=True
+                    101,
+                    status_text,
+                    block,
+                    has_body=False,
+                    client_http11=True,
+                    keep_alive=False,
+                    websocket=True,
                 )
                 self.out.append(data)
                 return
@@ -190,7 +196,6 @@ class ResponseRelay:
         if self.out:
             self.flush()
         client.open_tunnel(conn)
-
 
     # --- endings, supplied by Exchange ---------------------------------------------
 

@@ -11,7 +11,23 @@ from bisect import bisect_left
 
 # Seconds. Spans a loopback hit (~100 us) to a long generation (minutes).
 LATENCY_BUCKETS: tuple[float, ...] = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
 )
 
 BACKENDS = ("local", "remote")
@@ -106,7 +122,11 @@ class ProxyStats:
 
     def count_response(self, backend: str, status: int) -> None:
         keys = _KEYS.get(backend)
-        key = keys[status // 100] if keys is not None and 100 <= status < 600 else (backend, status_class(status))
+        key = (
+            keys[status // 100]
+            if keys is not None and 100 <= status < 600
+            else (backend, status_class(status))
+        )
         total = self.requests_total
         total[key] = total.get(key, 0) + 1
 

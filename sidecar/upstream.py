@@ -35,7 +35,16 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("closed", "exchange", "idle_since", "last_activity", "pool", "reading_paused", "transport", "tunnel")
+    __slots__ = (
+        "closed",
+        "exchange",
+        "idle_since",
+        "last_activity",
+        "pool",
+        "reading_paused",
+        "transport",
+        "tunnel",
+    )
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool

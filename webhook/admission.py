@@ -68,7 +68,9 @@ def _review(response: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": ADMISSION_API_VERSION, "kind": "AdmissionReview", "response": response}
 
 
-def allow(uid: str, *, warnings: list[str] | tuple[str, ...] = (), patch: str | None = None) -> dict[str, Any]:
+def allow(
+    uid: str, *, warnings: list[str] | tuple[str, ...] = (), patch: str | None = None
+) -> dict[str, Any]:
     """An allowing AdmissionReview; ``patch`` is a base64-encoded JSONPatch."""
     response: dict[str, Any] = {"uid": uid, "allowed": True}
     if warnings:
@@ -79,8 +81,14 @@ def allow(uid: str, *, warnings: list[str] | tuple[str, ...] = (), patch: str | 
     return _review(response)
 
 
-def deny(uid: str, message: str, *, code: int = 422, reason: str = "Invalid",
-         warnings: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def deny(
+    uid: str,
+    message: str,
+    *,
+    code: int = 422,
+    reason: str = "Invalid",
+    warnings: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
     response: dict[str, Any] = {
         "uid": uid,
         "allowed": False,

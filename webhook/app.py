@@ -74,7 +74,11 @@ def review_endpoint(handler: ReviewHandler, *, max_body_bytes: int = MAX_BODY_BY
         verdict = answer["response"]
         log.info(
             "admission uid=%s %s %s/%s allowed=%s",
-            admission.uid, admission.operation, admission.namespace, admission.name, verdict["allowed"],
+            admission.uid,
+            admission.operation,
+            admission.namespace,
+            admission.name,
+            verdict["allowed"],
         )
         return JSONResponse(answer)
 

@@ -54,8 +54,12 @@ def modeldeployment_from(obj: Any, settings: ValidationSettings) -> CachedModelD
     result = validate_object(obj, settings)
     if result.model is None:
         meta = _meta(obj)
-        log.warning("ModelDeployment %s/%s is invalid, ignored: %s", meta.get("namespace"), meta.get("name"),
-                    result.message())
+        log.warning(
+            "ModelDeployment %s/%s is invalid, ignored: %s",
+            meta.get("namespace"),
+            meta.get("name"),
+            result.message(),
+        )
         return None
     return CachedModelDeployment(result.model, str(_meta(obj).get("creationTimestamp") or ""))
 
@@ -66,7 +70,9 @@ def workload_from(kind: str, obj: Any) -> Workload:
     try:
         selector = parse_label_selector((spec or {}).get("selector"), "spec.selector")
     except ValueError as exc:
-        log.warning("%s %s/%s has an unusable selector: %s", kind, meta.get("namespace"), meta.get("name"), exc)
+        log.warning(
+            "%s %s/%s has an unusable selector: %s", kind, meta.get("namespace"), meta.get("name"), exc
+        )
         selector = None
     return Workload(kind, str(meta.get("namespace") or ""), str(meta.get("name") or ""), selector)
 
@@ -85,7 +91,9 @@ def service_from(obj: Any) -> ServiceInfo:
     ports = []
     for port in (spec or {}).get("ports") or []:
         if isinstance(port, dict) and isinstance(port.get("port"), int):
-            ports.append(ServicePort(port["port"], _port_value(port.get("targetPort")), str(port.get("name") or "")))
+            ports.append(
+                ServicePort(port["port"], _port_value(port.get("targetPort")), str(port.get("name") or ""))
+            )
     annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
     return ServiceInfo(
         str(meta.get("namespace") or ""),
@@ -283,7 +291,9 @@ class CacheSync:
 
     def start(self) -> None:
         for resource in RESOURCES:
-            thread = threading.Thread(target=self._run, args=(resource,), name=f"watch-{resource}", daemon=True)
+            thread = threading.Thread(
+                target=self._run, args=(resource,), name=f"watch-{resource}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 
@@ -323,8 +333,13 @@ class CacheSync:
                 self.cache.mark_failing(resource)
                 delay = self._backoff.delay(attempt)
                 attempt += 1
-                log.warning("watch of %s failed (%s: %s); retrying in %.1fs", resource, type(exc).__name__,
-                            _short(exc), delay)
+                log.warning(
+                    "watch of %s failed (%s: %s); retrying in %.1fs",
+                    resource,
+                    type(exc).__name__,
+                    _short(exc),
+                    delay,
+                )
                 self._stop.wait(delay)
 
     def _list(self, resource: str) -> str:
@@ -345,7 +360,9 @@ class CacheSync:
             token = meta.get("continue")
             if not token:
                 self.cache.replace(resource, items)
-                log.info("listed %d %s (resourceVersion %s)", len(items), resource, meta.get("resourceVersion"))
+                log.info(
+                    "listed %d %s (resourceVersion %s)", len(items), resource, meta.get("resourceVersion")
+                )
                 return str(meta.get("resourceVersion") or "")
 
     def _watch(self, resource: str, version: str) -> None:

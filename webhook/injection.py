@@ -186,7 +186,7 @@ class Settings:
 def _bool(value: str, key: str) -> bool:
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise ConfigError(f"{key}: must be \"true\" or \"false\", got {value!r}")
+    raise ConfigError(f'{key}: must be "true" or "false", got {value!r}')
 
 
 def apply_overrides(config: InjectorConfig, annotations: Mapping[str, str]) -> Settings:
@@ -230,7 +230,9 @@ def _port_name(value: str) -> str:
     # IANA_SVC_NAME: 1-15 lowercase alphanumerics and '-', at least one letter.
     ok = 1 <= len(value) <= 15 and value.replace("-", "").isalnum() and value == value.lower()
     if not ok or not any(ch.isalpha() for ch in value) or value.startswith("-") or value.endswith("-"):
-        raise ConfigError(f"{OVERRIDE_MODEL_PORT}: must be a port number or a container port name, got {value!r}")
+        raise ConfigError(
+            f"{OVERRIDE_MODEL_PORT}: must be a port number or a container port name, got {value!r}"
+        )
     return value
 
 
@@ -272,7 +274,10 @@ def _against_pod(spec: Mapping[str, Any], target: int | str, how: str) -> ModelP
 
 
 def resolve_model_port(
-    pod: Mapping[str, Any], service_ref_name: str | None, target_port: int | None, service: ServiceInfo | None,
+    pod: Mapping[str, Any],
+    service_ref_name: str | None,
+    target_port: int | None,
+    service: ServiceInfo | None,
     override: int | str | None = None,
 ) -> ModelPort:
     spec = pod.get("spec") or {}
@@ -287,7 +292,9 @@ def resolve_model_port(
         port = _first_container_port(spec)
         if port is None:
             return ModelPort(None, f"{why} and the first container declares no containerPort")
-        note = f"offload: {why}; the model's port is taken as the first container's first containerPort, {port}"
+        note = (
+            f"offload: {why}; the model's port is taken as the first container's first containerPort, {port}"
+        )
         return ModelPort(port, note, (note,))
     if not service.ports:
         return ModelPort(None, f"Service {service.name!r} has no ports")
@@ -299,13 +306,17 @@ def resolve_model_port(
             (p for p in service.ports if p.target_port == target_port), None
         )
         if chosen is None:
-            return ModelPort(None, f"Service {service.name!r} has no port {target_port} (serviceRef.targetPort)")
+            return ModelPort(
+                None, f"Service {service.name!r} has no port {target_port} (serviceRef.targetPort)"
+            )
     target = chosen.port if chosen.target_port is None else chosen.target_port
     how = f"Service {service.name!r} port {chosen.port}"
     if target == PROXY_PORT_NAME:
         # The controller already points this port at the proxy; the model is where it pointed before.
         if service.original_target_port is None:
-            return ModelPort(None, f"{how} targets {PROXY_PORT_NAME!r} and has no {ORIGINAL_TARGET_PORT_ANNOTATION}")
+            return ModelPort(
+                None, f"{how} targets {PROXY_PORT_NAME!r} and has no {ORIGINAL_TARGET_PORT_ANNOTATION}"
+            )
         return _against_pod(spec, service.original_target_port, f"{how} (original target)")
     return _against_pod(spec, target, how)
 
@@ -421,7 +432,9 @@ def inject(
     """Decide about one pod and, when it gets the sidecar, return the patch and the patched copy."""
     annotations = annotations_of(pod)
     if already_injected(pod):
-        return not_injected(Reason.ALREADY_INJECTED, f"a container named {CONTAINER_NAME!r} is already present")
+        return not_injected(
+            Reason.ALREADY_INJECTED, f"a container named {CONTAINER_NAME!r} is already present"
+        )
     opt = annotations.get(INJECT_ANNOTATION)
     if opt is not None and opt.lower() == "false":
         return not_injected(Reason.OPTED_OUT, f'annotation {INJECT_ANNOTATION}: "false"')
@@ -430,8 +443,12 @@ def inject(
     md = selection.chosen.model
     warnings = selection.warnings
     if opt is not None and opt.lower() != "true":
-        return not_injected(Reason.BAD_OVERRIDE, f'{INJECT_ANNOTATION}: must be "true" or "false", got {opt!r}', warnings,
-                     md.name)
+        return not_injected(
+            Reason.BAD_OVERRIDE,
+            f'{INJECT_ANNOTATION}: must be "true" or "false", got {opt!r}',
+            warnings,
+            md.name,
+        )
     spec = pod.get("spec")
     if not isinstance(spec, dict) or not _list(spec, "containers"):
         return not_injected(Reason.NO_MODEL_PORT, "the pod has no containers", warnings, md.name)
@@ -473,7 +490,9 @@ def inject(
     }
     # Diff only the changed paths (the rest is shared, hence equal): the same patch as a
     # diff of the whole pods, at a fraction of the cost for a large pod.
-    patch = in_stable_order(jsonpatch.make_patch(_changed_paths(pod, key), _changed_paths(mutated, key)).patch)
+    patch = in_stable_order(
+        jsonpatch.make_patch(_changed_paths(pod, key), _changed_paths(mutated, key)).patch
+    )
     return Outcome(
         Reason.INJECTED,
         f"injected for ModelDeployment {md.name} ({resolved.how})",
@@ -482,4 +501,3 @@ def inject(
         warnings=warnings + resolved.warnings,
         modeldeployment=md.name,
     )
-

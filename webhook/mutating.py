@@ -58,11 +58,17 @@ def decide(request: AdmissionRequest, view: ClusterView, config: InjectorConfig)
         return outcome
     pod = request.object
     if not isinstance(pod, dict):
-        return Outcome(Reason.NOT_A_POD_CREATE, "request.object: not a Pod", warnings=("offload: request.object is not a Pod",))
+        return Outcome(
+            Reason.NOT_A_POD_CREATE,
+            "request.object: not a Pod",
+            warnings=("offload: request.object is not a Pod",),
+        )
     # On CREATE the pod may not carry its namespace yet; the request always does.
     namespace = request.namespace or str((pod.get("metadata") or {}).get("namespace") or "")
     if not view.synced():
-        return not_injected(Reason.CACHE_NOT_SYNCED, "the webhook has not synced its view of ModelDeployments yet")
+        return not_injected(
+            Reason.CACHE_NOT_SYNCED, "the webhook has not synced its view of ModelDeployments yet"
+        )
     selection = select(
         namespace, labels_of(pod), pod_controller(pod), view.modeldeployments(namespace), view.workload
     )
@@ -82,8 +88,19 @@ def review_pod(request: AdmissionRequest, *, view: ClusterView, config: Injector
     """The AdmissionReview answering /mutate-pods: always allowed, patched when injected."""
     outcome = decide(request, view, config)
     where = pod_label(request.object, request.namespace)
-    level = logging.INFO if outcome.reason not in (Reason.NO_MATCHING_MODELDEPLOYMENT, Reason.NOT_A_POD_CREATE) else logging.DEBUG
-    log.log(level, "pod %s reason=%s modeldeployment=%s uid=%s: %s", where, outcome.reason.value,
-            outcome.modeldeployment or "-", request.uid, outcome.message)
+    level = (
+        logging.INFO
+        if outcome.reason not in (Reason.NO_MATCHING_MODELDEPLOYMENT, Reason.NOT_A_POD_CREATE)
+        else logging.DEBUG
+    )
+    log.log(
+        level,
+        "pod %s reason=%s modeldeployment=%s uid=%s: %s",
+        where,
+        outcome.reason.value,
+        outcome.modeldeployment or "-",
+        request.uid,
+        outcome.message,
+    )
     patch = encode_patch(outcome.patch) if outcome.patch else None
     return allow(request.uid, warnings=outcome.warnings, patch=patch)

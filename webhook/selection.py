@@ -134,8 +134,13 @@ def controlled_by_workload(owner: Owner | None, workload: Workload) -> bool:
         # The Deployment's ReplicaSets are named <deployment>-<pod-template-hash>, the hash
         # without dashes (so ReplicaSet "llm-twin-5d4c" is not Deployment "llm"'s).
         prefix = workload.name + "-"
-        suffix = owner.name[len(prefix):]
-        return owner.kind == "ReplicaSet" and owner.name.startswith(prefix) and bool(suffix) and "-" not in suffix
+        suffix = owner.name[len(prefix) :]
+        return (
+            owner.kind == "ReplicaSet"
+            and owner.name.startswith(prefix)
+            and bool(suffix)
+            and "-" not in suffix
+        )
     return owner.kind == workload.kind and owner.name == workload.name
 
 
@@ -201,7 +206,9 @@ def select(
                     f"{chosen.model.name!r} (also: {others})"
                 ),
             )
-        return Selection(SELECTED, chosen, workload, f"selected by ModelDeployment {chosen.model.name}", warnings)
+        return Selection(
+            SELECTED, chosen, workload, f"selected by ModelDeployment {chosen.model.name}", warnings
+        )
     if disabled:
         names = ", ".join(sorted(c.model.name for c in disabled))
         return Selection(DISABLED, message=f"ModelDeployment {names} selects this pod but is disabled")

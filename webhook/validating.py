@@ -12,12 +12,20 @@ from webhook.admission import AdmissionRequest, allow, deny
 def review_modeldeployment(request: AdmissionRequest, settings: ValidationSettings) -> dict[str, Any]:
     """Allow a good ModelDeployment, deny a bad one listing every error with its path."""
     if request.resource.get("group") != GROUP or request.resource.get("resource") != PLURAL:
-        return deny(request.uid, f"this webhook validates {PLURAL}.{GROUP}, got {request.resource}", code=400,
-                    reason="BadRequest")
+        return deny(
+            request.uid,
+            f"this webhook validates {PLURAL}.{GROUP}, got {request.resource}",
+            code=400,
+            reason="BadRequest",
+        )
     if request.operation not in ("CREATE", "UPDATE") or request.sub_resource == "status":
         return allow(request.uid)
     # A status-only update never changes the spec: never block the controller.
-    if request.operation == "UPDATE" and isinstance(request.old_object, dict) and isinstance(request.object, dict):
+    if (
+        request.operation == "UPDATE"
+        and isinstance(request.old_object, dict)
+        and isinstance(request.object, dict)
+    ):
         if request.old_object.get("spec") == request.object.get("spec"):
             return allow(request.uid)
     obj = request.object

@@ -52,15 +52,24 @@ def mutating_webhook_configuration(name: str, url: str, ca_bundle: str, namespac
                 "timeoutSeconds": 5,
                 "reinvocationPolicy": "IfNeeded",
                 "matchPolicy": "Equivalent",
-                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
-                           "resources": ["pods"], "scope": "Namespaced"}],
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE"],
+                        "resources": ["pods"],
+                        "scope": "Namespaced",
+                    }
+                ],
                 # Only this test's namespace: other tests' pods on the shared control plane are
                 # none of this webhook's business (the chart excludes kube-system and its own).
                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
                 # Pods that opt out are never even sent.
-                "objectSelector": {"matchExpressions": [
-                    {"key": "offload.beamlit.com/inject", "operator": "NotIn", "values": ["false"]},
-                ]},
+                "objectSelector": {
+                    "matchExpressions": [
+                        {"key": "offload.beamlit.com/inject", "operator": "NotIn", "values": ["false"]},
+                    ]
+                },
                 "clientConfig": {"url": url, "caBundle": ca_bundle},
             }
         ],
@@ -72,10 +81,15 @@ def injector(kube, namespace, modeldeployment_crd, run_webhook, tmp_path) -> Ite
     """offload-webhook --injector-config, ready (cache synced), registered for `namespace`."""
     config = tmp_path / "injector.yaml"
     config.write_text(INJECTOR_CONFIG)
-    server = run_webhook("--injector-config", str(config), "--log-level", "debug",
-                         env={"KUBECONFIG": str(kube.kubeconfig)})
-    wait_until("the webhook's cache to sync (/readyz 200)", lambda: server.get("/readyz") == 200, 60,
-               alive=[server.process, *kube.processes])
+    server = run_webhook(
+        "--injector-config", str(config), "--log-level", "debug", env={"KUBECONFIG": str(kube.kubeconfig)}
+    )
+    wait_until(
+        "the webhook's cache to sync (/readyz 200)",
+        lambda: server.get("/readyz") == 200,
+        60,
+        alive=[server.process, *kube.processes],
+    )
     name = f"offload-e2e-inject-{namespace}"[:63]
     admission = kubernetes.client.AdmissionregistrationV1Api(kube.api_client)
     admission.create_mutating_webhook_configuration(
@@ -115,7 +129,9 @@ def unrelated_deployment(name: str, replicas: int) -> dict:
             "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{"name": "web", "image": "nginx:1.27", "ports": [{"containerPort": 80}]}]},
+                "spec": {
+                    "containers": [{"name": "web", "image": "nginx:1.27", "ports": [{"containerPort": 80}]}]
+                },
             },
         },
     }
@@ -133,17 +149,32 @@ def running_pods(kube, namespace: str, selector: str, count: int) -> list:
         items = core.list_namespaced_pod(namespace, label_selector=selector).items
         return [p for p in items if p.metadata.deletion_timestamp is None]
 
-    wait_until(f"{count} running pods {selector}",
-               lambda: len([p for p in pods() if p.status.phase == "Running"]) == count, 90, alive=kube.processes)
+    wait_until(
+        f"{count} running pods {selector}",
+        lambda: len([p for p in pods() if p.status.phase == "Running"]) == count,
+        90,
+        alive=kube.processes,
+    )
     return pods()
 
 
 def dry_run_injects(kube, namespace: str) -> bool:
     """Does the webhook inject a pod of php-apache now? (Server-side dry run: nothing stored.)"""
     core = kubernetes.client.CoreV1Api(kube.api_client)
-    probe = {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "probe-", "labels": {"run": "php-apache"}},
-             "spec": {"containers": [{"name": "php-apache", "image": "registry.k8s.io/hpa-example",
-                                      "ports": [{"containerPort": 80}]}]}}
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "probe-", "labels": {"run": "php-apache"}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "php-apache",
+                    "image": "registry.k8s.io/hpa-example",
+                    "ports": [{"containerPort": 80}],
+                }
+            ]
+        },
+    }
     created = core.create_namespaced_pod(namespace, probe, dry_run="All")
     return len(sidecars(created)) == 1
 
@@ -151,8 +182,12 @@ def dry_run_injects(kube, namespace: str) -> bool:
 def test_pods_of_a_referenced_deployment_get_the_sidecar_once_and_others_do_not(kube, namespace, injector):
     create_modeldeployment(kube, namespace)
     apply_tutorial(kube, namespace, replicas=0)
-    wait_until("the webhook to see the ModelDeployment, Deployment and Service",
-               lambda: dry_run_injects(kube, namespace), 30, alive=[injector.process, *kube.processes])
+    wait_until(
+        "the webhook to see the ModelDeployment, Deployment and Service",
+        lambda: dry_run_injects(kube, namespace),
+        30,
+        alive=[injector.process, *kube.processes],
+    )
 
     apps = kubernetes.client.AppsV1Api(kube.api_client)
     apps.patch_namespaced_deployment_scale("php-apache", namespace, {"spec": {"replicas": 2}})
@@ -162,7 +197,10 @@ def test_pods_of_a_referenced_deployment_get_the_sidecar_once_and_others_do_not(
         [sidecar] = sidecars(pod)
         assert pod.spec.init_containers[-1].name == SIDECAR and sidecar.restart_policy == "Always"
         assert sidecar.image == "ghcr.io/model-offloading/offload:e2e"
-        assert {p.name: p.container_port for p in sidecar.ports} == {"offload-proxy": 15080, "offload-admin": 15090}
+        assert {p.name: p.container_port for p in sidecar.ports} == {
+            "offload-proxy": 15080,
+            "offload-admin": 15090,
+        }
         env = {e.name: e.value for e in sidecar.env}
         assert env["MODELDEPLOYMENT_NAME"] == "my-model" and env["OFFLOAD_UPSTREAM"] == "127.0.0.1:80"
         assert sidecar.security_context.run_as_non_root and sidecar.security_context.read_only_root_filesystem
@@ -181,8 +219,12 @@ def test_pods_of_a_referenced_deployment_get_the_sidecar_once_and_others_do_not(
 def test_with_the_webhook_stopped_pods_are_still_created(kube, namespace, injector):
     create_modeldeployment(kube, namespace)
     apply_tutorial(kube, namespace, replicas=0)
-    wait_until("the webhook to see the ModelDeployment", lambda: dry_run_injects(kube, namespace), 30,
-               alive=[injector.process, *kube.processes])
+    wait_until(
+        "the webhook to see the ModelDeployment",
+        lambda: dry_run_injects(kube, namespace),
+        30,
+        alive=[injector.process, *kube.processes],
+    )
     apps = kubernetes.client.AppsV1Api(kube.api_client)
     apps.patch_namespaced_deployment_scale("php-apache", namespace, {"spec": {"replicas": 1}})
     [injected] = running_pods(kube, namespace, "run=php-apache", 1)
@@ -196,14 +238,21 @@ def test_with_the_webhook_stopped_pods_are_still_created(kube, namespace, inject
     # failurePolicy Ignore: the new pod was admitted without the sidecar; the old one keeps it.
     assert sorted(len(sidecars(p)) for p in pods) == [0, 1]
     core = kubernetes.client.CoreV1Api(kube.api_client)
-    direct = core.create_namespaced_pod(namespace, {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "while-down", "labels": {"run": "php-apache"}},
-        "spec": {"containers": [{"name": "php-apache", "image": "registry.k8s.io/hpa-example"}]},
-    })
+    direct = core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "while-down", "labels": {"run": "php-apache"}},
+            "spec": {"containers": [{"name": "php-apache", "image": "registry.k8s.io/hpa-example"}]},
+        },
+    )
     assert sidecars(direct) == []
 
 
-@pytest.mark.parametrize("case", sorted(p.name[: -len(".patched.yaml")] for p in GOLDEN.glob("*.patched.yaml")))
+@pytest.mark.parametrize(
+    "case", sorted(p.name[: -len(".patched.yaml")] for p in GOLDEN.glob("*.patched.yaml"))
+)
 def test_the_api_server_accepts_every_golden_patched_pod(kube, namespace, case):
     """Server-side dry run of each patched pod: the API server's Pod validation, for real."""
     pod = yaml.safe_load((GOLDEN / f"{case}.patched.yaml").read_text())
@@ -212,5 +261,6 @@ def test_the_api_server_accepts_every_golden_patched_pod(kube, namespace, case):
     pod["metadata"].pop("ownerReferences", None)  # their owners do not exist here
     core = kubernetes.client.CoreV1Api(kube.api_client)
     created = core.create_namespaced_pod(namespace, pod, dry_run="All")
-    assert len(sidecars(created)) == int(Path(GOLDEN / f"{case}.patch.json").read_text().strip() != "[]"
-                                         or case == "already-injected")
+    assert len(sidecars(created)) == int(
+        Path(GOLDEN / f"{case}.patch.json").read_text().strip() != "[]" or case == "already-injected"
+    )

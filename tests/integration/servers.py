@@ -164,7 +164,9 @@ class Upstream:
         return ("127.0.0.1", self.port)
 
     async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port, ssl=ssl_context, reuse_address=True)
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", port, ssl=ssl_context, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -209,8 +211,10 @@ class Upstream:
                 if not keep_going:
                     break
         except (BadRequest, ValueError) as exc:
-            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
-                         % (len(str(exc)), str(exc).encode()))
+            writer.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
+                % (len(str(exc)), str(exc).encode())
+            )
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
@@ -242,8 +246,13 @@ class Upstream:
         if route == "ws" and (seen.header("upgrade") or "").lower() == "websocket":
             key = (seen.header("sec-websocket-key") or "").encode()
             accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest()).decode()
-            writer.write(self._head(101, "Switching Protocols", [
-                ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]))
+            writer.write(
+                self._head(
+                    101,
+                    "Switching Protocols",
+                    [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)],
+                )
+            )
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
@@ -253,8 +262,17 @@ class Upstream:
             await asyncio.sleep(self.delay_s)
         if route == "sse":
             n, interval = int(query.get("n", "10")), float(query.get("interval_ms", "50")) / 1000
-            writer.write(self._head(200, "OK", [
-                ("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked")]))
+            writer.write(
+                self._head(
+                    200,
+                    "OK",
+                    [
+                        ("Content-Type", "text/event-stream"),
+                        ("Cache-Control", "no-cache"),
+                        ("Transfer-Encoding", "chunked"),
+                    ],
+                )
+            )
             await writer.drain()
             for i in range(n):
                 if i:
@@ -301,20 +319,32 @@ class Upstream:
             return False
         if route == "slow":
             await asyncio.sleep(float(query.get("delay_ms", "100")) / 1000)
-        payload = json.dumps({
-            "server": self.name,
-            "method": seen.method,
-            "target": seen.target.decode("latin-1"),
-            "headers": seen.headers,
-            "body_size": seen.body_size,
-            "body": body.decode("latin-1") if seen.body_size <= len(body) else None,
-            "body_head": body.decode("latin-1"),
-        }).encode()
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
-                   ("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/")]
+        payload = json.dumps(
+            {
+                "server": self.name,
+                "method": seen.method,
+                "target": seen.target.decode("latin-1"),
+                "headers": seen.headers,
+                "body_size": seen.body_size,
+                "body": body.decode("latin-1") if seen.body_size <= len(body) else None,
+                "body_head": body.decode("latin-1"),
+            }
+        ).encode()
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload))),
+            ("Set-Cookie", "a=1; Path=/"),
+            ("Set-Cookie", "b=2; Path=/"),
+        ]
         if query.get("hop") == "1":
-            headers += [("Connection", "X-Private"), ("X-Private", "secret"), ("Keep-Alive", "timeout=5"),
-                        ("Proxy-Connection", "keep-alive"), ("Trailer", "X-Checksum"), ("X-End-To-End", "kept")]
+            headers += [
+                ("Connection", "X-Private"),
+                ("X-Private", "secret"),
+                ("Keep-Alive", "timeout=5"),
+                ("Proxy-Connection", "keep-alive"),
+                ("Trailer", "X-Checksum"),
+                ("X-End-To-End", "kept"),
+            ]
         # One write: a kill() lands before or after a response, never inside one.
         writer.write(self._head(200, "OK", headers) + (payload if seen.method != "HEAD" else b""))
         return not close
@@ -527,13 +557,22 @@ class ProxyHarness:
             from sidecar.routing import RemoteTarget
 
             self.target = RemoteTarget(
-                scheme=remote_scheme, host="127.0.0.1", port=self.remote.port,
-                authority=f"127.0.0.1:{self.remote.port}", path_prefix=path_prefix, headers=headers,
+                scheme=remote_scheme,
+                host="127.0.0.1",
+                port=self.remote.port,
+                authority=f"127.0.0.1:{self.remote.port}",
+                path_prefix=path_prefix,
+                headers=headers,
             )
-        self.routing = RoutingTable(RoutePlan(remote=self.target, percentage=percentage, offloading=percentage > 0))
+        self.routing = RoutingTable(
+            RoutePlan(remote=self.target, percentage=percentage, offloading=percentage > 0)
+        )
         self.ready_changes: list[bool] = []
         self.proxy = ProxyServer(
-            self.routing, self.local.address, settings or ProxySettings(), on_ready_change=self.ready_changes.append
+            self.routing,
+            self.local.address,
+            settings or ProxySettings(),
+            on_ready_change=self.ready_changes.append,
         )
         self.port = lt.run(self.proxy.start("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.port}"
@@ -541,8 +580,11 @@ class ProxyHarness:
     def set_percentage(self, percentage: int) -> None:
         from sidecar.routing import RoutePlan
 
-        self.lt.call(lambda: self.routing.update(
-            RoutePlan(remote=self.target, percentage=percentage, offloading=percentage > 0)))
+        self.lt.call(
+            lambda: self.routing.update(
+                RoutePlan(remote=self.target, percentage=percentage, offloading=percentage > 0)
+            )
+        )
 
     def close(self) -> None:
         if self.proxy.ready or not self.proxy.draining:

@@ -36,18 +36,33 @@ COLLECTIONS = {
 
 def md(name, workload="llm"):
     return {
-        "apiVersion": "deployment.beamlit.com/v1alpha1", "kind": "ModelDeployment",
+        "apiVersion": "deployment.beamlit.com/v1alpha1",
+        "kind": "ModelDeployment",
         "metadata": {"name": name, "namespace": "models", "creationTimestamp": "2026-01-01T00:00:00Z"},
-        "spec": {"model": "m", "modelSourceRef": {"kind": "Deployment", "name": workload},
-                 "offloadingConfig": {"remoteBackend": {"host": "remote.example:80"}, "metrics": [
-                     {"type": "Resource", "resource": {"name": "cpu", "target": {
-                         "type": "Utilization", "averageUtilization": 50}}}]}},
+        "spec": {
+            "model": "m",
+            "modelSourceRef": {"kind": "Deployment", "name": workload},
+            "offloadingConfig": {
+                "remoteBackend": {"host": "remote.example:80"},
+                "metrics": [
+                    {
+                        "type": "Resource",
+                        "resource": {
+                            "name": "cpu",
+                            "target": {"type": "Utilization", "averageUtilization": 50},
+                        },
+                    }
+                ],
+            },
+        },
     }
 
 
 def api_client(server: FakeApiServer, path: Path) -> kubernetes.client.ApiClient:
     configuration = kubernetes.client.Configuration()
-    kubernetes.config.load_kube_config(config_file=str(server.kubeconfig(path)), client_configuration=configuration)
+    kubernetes.config.load_kube_config(
+        config_file=str(server.kubeconfig(path)), client_configuration=configuration
+    )
     configuration.retries = 0
     return kubernetes.client.ApiClient(configuration)
 
@@ -56,7 +71,9 @@ def list_functions(clients: dict[str, kubernetes.client.ApiClient]) -> dict:
     custom = kubernetes.client.CustomObjectsApi(clients[MODELDEPLOYMENTS])
 
     def list_modeldeployments(**kwargs):
-        return custom.list_cluster_custom_object("deployment.beamlit.com", "v1alpha1", "modeldeployments", **kwargs)
+        return custom.list_cluster_custom_object(
+            "deployment.beamlit.com", "v1alpha1", "modeldeployments", **kwargs
+        )
 
     return {
         MODELDEPLOYMENTS: list_modeldeployments,
@@ -77,8 +94,13 @@ def cluster(tmp_path):
             servers[resource] = server
         clients = {r: api_client(s, tmp_path / f"{r}.kubeconfig") for r, s in servers.items()}
         cache = ClusterCache(stale_after=0.5)
-        sync = CacheSync(cache, None, watch_timeout=30, backoff=Backoff(base=0.05, cap=0.2),
-                         list_functions_=list_functions(clients))
+        sync = CacheSync(
+            cache,
+            None,
+            watch_timeout=30,
+            backoff=Backoff(base=0.05, cap=0.2),
+            list_functions_=list_functions(clients),
+        )
         try:
             yield loop, servers, cache, sync
         finally:
@@ -97,8 +119,14 @@ def names(cache):
 def test_lists_then_follows_events(cluster):
     loop, servers, cache, sync = cluster
     loop.run(servers[MODELDEPLOYMENTS].put(md("a")))
-    loop.run(servers[DEPLOYMENTS].put({"metadata": {"name": "llm", "namespace": "models"},
-                                       "spec": {"selector": {"matchLabels": {"app": "llm"}}}}))
+    loop.run(
+        servers[DEPLOYMENTS].put(
+            {
+                "metadata": {"name": "llm", "namespace": "models"},
+                "spec": {"selector": {"matchLabels": {"app": "llm"}}},
+            }
+        )
+    )
     assert not cache.synced()
     sync.start()
     assert sync.wait_synced(10)
@@ -109,8 +137,14 @@ def test_lists_then_follows_events(cluster):
     loop.run(servers[MODELDEPLOYMENTS].delete("a"))
     wait_until("the DELETED event", lambda: names(cache) == ["b"], 10)
     loop.run(servers[MODELDEPLOYMENTS].bookmark())
-    loop.run(servers[SERVICES].put({"metadata": {"name": "llm", "namespace": "models"},
-                                    "spec": {"ports": [{"port": 80, "targetPort": 8080}]}}))
+    loop.run(
+        servers[SERVICES].put(
+            {
+                "metadata": {"name": "llm", "namespace": "models"},
+                "spec": {"ports": [{"port": 80, "targetPort": 8080}]},
+            }
+        )
+    )
     wait_until("the Service", lambda: cache.service("models", "llm") is not None, 10)
     assert sync.relists[MODELDEPLOYMENTS] == 1  # no relist while the watch is healthy
 

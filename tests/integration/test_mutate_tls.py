@@ -26,7 +26,9 @@ from webhook.app import build_app
 from webhook.cache import ClusterCache
 from webhook.mutating import review_pod
 
-TUTORIAL = yaml.safe_load((Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text())
+TUTORIAL = yaml.safe_load(
+    (Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text()
+)
 
 
 class InProcessWebhook:
@@ -35,8 +37,14 @@ class InProcessWebhook:
     def __init__(self, app, cert_dir: Path) -> None:
         self.cert_dir = cert_dir
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, ssl_certfile=str(cert_dir / "tls.crt"),
-            ssl_keyfile=str(cert_dir / "tls.key"), log_level="warning", access_log=False, lifespan="off",
+            app,
+            host="127.0.0.1",
+            port=0,
+            ssl_certfile=str(cert_dir / "tls.crt"),
+            ssl_keyfile=str(cert_dir / "tls.key"),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
@@ -109,7 +117,9 @@ def test_one_keep_alive_connection_serves_many_reviews(webhook):
 
     with webhook.client() as c:
         for i in range(50):
-            response = c.post("/mutate-pods", json=review_for(f"k{i}", namespace, pod), extensions={"trace": trace})
+            response = c.post(
+                "/mutate-pods", json=review_for(f"k{i}", namespace, pod), extensions={"trace": trace}
+            )
             assert response.json()["response"]["uid"] == f"uid-k{i}"
             assert "patch" in response.json()["response"]
     assert connects == ["connection.connect_tcp.complete"]
@@ -121,10 +131,20 @@ def test_one_keep_alive_connection_serves_many_reviews(webhook):
         ("text/plain", b"{}", 415, "Content-Type: must be application/json"),
         ("application/json", b"{not json", 400, "body: not valid JSON"),
         ("application/json", b"[]", 400, "body must be a JSON object"),
-        ("application/json", json.dumps({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}).encode(),
-         400, "apiVersion must be admission.k8s.io/v1"),
-        ("application/json", json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                                         "request": {"uid": "u"}}).encode(), 400, "request.kind: required"),
+        (
+            "application/json",
+            json.dumps({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}).encode(),
+            400,
+            "apiVersion must be admission.k8s.io/v1",
+        ),
+        (
+            "application/json",
+            json.dumps(
+                {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u"}}
+            ).encode(),
+            400,
+            "request.kind: required",
+        ),
     ],
 )
 def test_bad_requests_get_a_4xx_naming_the_fault(client, content_type, body, status, message):
@@ -137,8 +157,10 @@ def test_an_oversized_body_is_refused_before_it_is_read(webhook):
     with socket.create_connection(("127.0.0.1", webhook.port)) as raw:
         ctx = ssl.create_default_context(cafile=str(webhook.cert_dir / "ca.crt"))
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            tls.sendall(b"POST /mutate-pods HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: 99999999\r\n\r\n")
+            tls.sendall(
+                b"POST /mutate-pods HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 99999999\r\n\r\n"
+            )
             assert tls.recv(100).startswith(b"HTTP/1.1 413")
 
 
@@ -147,7 +169,9 @@ def test_a_review_of_something_else_is_allowed_untouched_with_a_warning(client):
     review["request"]["resource"] = {"group": "apps", "version": "v1", "resource": "deployments"}
     response = client.post("/mutate-pods", json=review).json()["response"]
     assert response["allowed"] is True and "patch" not in response
-    assert response["warnings"] == ["offload: this webhook injects pods on CREATE; CREATE of deployments is left alone"]
+    assert response["warnings"] == [
+        "offload: this webhook injects pods on CREATE; CREATE of deployments is left alone"
+    ]
     update = review_for("upd", "models", load_case("one-container")[1])
     update["request"]["operation"] = "UPDATE"
     assert client.post("/mutate-pods", json=update).json()["response"] == {"uid": "uid-upd", "allowed": True}
@@ -181,8 +205,15 @@ def unreachable_kubeconfig(path: Path, ca: Path) -> Path:
     doc = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{port}",
-                                              "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode()}}],
+        "clusters": [
+            {
+                "name": "c",
+                "cluster": {
+                    "server": f"https://127.0.0.1:{port}",
+                    "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode(),
+                },
+            }
+        ],
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
         "current-context": "c",
@@ -193,7 +224,9 @@ def unreachable_kubeconfig(path: Path, ca: Path) -> Path:
 
 def test_the_process_serves_both_webhooks_and_is_not_ready_until_its_cache_syncs(tmp_path, certs):
     kubeconfig = unreachable_kubeconfig(tmp_path / "kubeconfig", certs / "ca.crt")
-    server = start_webhook(tmp_path, "--injector-config", str(DIR / "_injector.yaml"), "--kubeconfig", str(kubeconfig))
+    server = start_webhook(
+        tmp_path, "--injector-config", str(DIR / "_injector.yaml"), "--kubeconfig", str(kubeconfig)
+    )
     try:
         ctx = ssl.create_default_context(cafile=str(server.cert_dir / "ca.crt"))
         with httpx.Client(base_url=server.url(""), verify=ctx, timeout=10) as c:
@@ -203,12 +236,31 @@ def test_the_process_serves_both_webhooks_and_is_not_ready_until_its_cache_syncs
             answer = c.post("/mutate-pods", json=review_for("p", namespace, pod)).json()["response"]
             assert answer["allowed"] is True and "patch" not in answer
             assert "(CacheNotSynced)" in answer["warnings"][0]
-            review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
-                "uid": "v", "operation": "CREATE", "namespace": "default", "name": "my-model", "object": TUTORIAL,
-                "kind": {"group": "deployment.beamlit.com", "version": "v1alpha1", "kind": "ModelDeployment"},
-                "resource": {"group": "deployment.beamlit.com", "version": "v1alpha1", "resource": "modeldeployments"},
-            }}
-            assert c.post("/validate-modeldeployments", json=review).json()["response"] == {"uid": "v", "allowed": True}
+            review = {
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "request": {
+                    "uid": "v",
+                    "operation": "CREATE",
+                    "namespace": "default",
+                    "name": "my-model",
+                    "object": TUTORIAL,
+                    "kind": {
+                        "group": "deployment.beamlit.com",
+                        "version": "v1alpha1",
+                        "kind": "ModelDeployment",
+                    },
+                    "resource": {
+                        "group": "deployment.beamlit.com",
+                        "version": "v1alpha1",
+                        "resource": "modeldeployments",
+                    },
+                },
+            }
+            assert c.post("/validate-modeldeployments", json=review).json()["response"] == {
+                "uid": "v",
+                "allowed": True,
+            }
     finally:
         server.stop()
     log = server.process.log_path.read_text()
@@ -217,8 +269,13 @@ def test_the_process_serves_both_webhooks_and_is_not_ready_until_its_cache_syncs
 
 
 def test_validation_only_serves_no_mutation_and_needs_no_credentials(tmp_path):
-    server = start_webhook(tmp_path, "--validation-only", "--injector-config", str(DIR / "_injector.yaml"),
-                           env={"KUBECONFIG": str(tmp_path / "absent")})
+    server = start_webhook(
+        tmp_path,
+        "--validation-only",
+        "--injector-config",
+        str(DIR / "_injector.yaml"),
+        env={"KUBECONFIG": str(tmp_path / "absent")},
+    )
     try:
         ctx = ssl.create_default_context(cafile=str(server.cert_dir / "ca.crt"))
         with httpx.Client(base_url=server.url(""), verify=ctx, timeout=10) as c:
@@ -235,9 +292,24 @@ def test_a_bad_injector_config_stops_the_process_with_the_key_named(tmp_path, ce
     bad = tmp_path / "injector.yaml"
     bad.write_text("image: offload:1\nproxyPort: 0\n")
     result = subprocess.run(
-        [sys.executable, "-m", "webhook.cli", "--tls-cert-file", str(certs / "tls.crt"), "--tls-private-key-file",
-         str(certs / "tls.key"), "--injector-config", str(bad)],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "webhook.cli",
+            "--tls-cert-file",
+            str(certs / "tls.crt"),
+            "--tls-private-key-file",
+            str(certs / "tls.key"),
+            "--injector-config",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
-    assert f"--injector-config: {bad}: proxyPort: must be a port number between 1 and 65535, got 0" in result.stderr
+    assert (
+        f"--injector-config: {bad}: proxyPort: must be a port number between 1 and 65535, got 0"
+        in result.stderr
+    )

@@ -89,8 +89,9 @@ def test_the_share_follows_the_percentage(harnesses, percentage):
 
 def test_with_the_remote_killed_mid_load_every_request_still_succeeds(harnesses, lt):
     h = harnesses(percentage=50)
-    statuses, servers, errors = load(h.url, threads=8, per_thread=60, after=120,
-                                     during=lambda: lt.run(h.remote.kill()))
+    statuses, servers, errors = load(
+        h.url, threads=8, per_thread=60, after=120, during=lambda: lt.run(h.remote.kill())
+    )
     assert errors == [] and len(statuses) == 480
     assert set(statuses) == {200}
     remote_before_kill = h.remote.count()
@@ -100,7 +101,9 @@ def test_with_the_remote_killed_mid_load_every_request_still_succeeds(harnesses,
 
 
 def test_a_remote_that_refuses_connections_is_skipped_by_the_breaker(harnesses, lt):
-    settings = ProxySettings(breaker=BreakerSettings(failure_threshold=3, backoff_seconds=60, max_backoff_seconds=60))
+    settings = ProxySettings(
+        breaker=BreakerSettings(failure_threshold=3, backoff_seconds=60, max_backoff_seconds=60)
+    )
     h = harnesses(percentage=50, settings=settings)
     lt.run(h.remote.kill())
     with httpx.Client(base_url=h.url, timeout=10) as c:
@@ -115,7 +118,9 @@ def test_a_remote_that_refuses_connections_is_skipped_by_the_breaker(harnesses, 
 
 
 def test_the_breaker_probes_again_and_closes_when_the_remote_is_back(harnesses, lt):
-    settings = ProxySettings(breaker=BreakerSettings(failure_threshold=2, backoff_seconds=0.2, max_backoff_seconds=0.2))
+    settings = ProxySettings(
+        breaker=BreakerSettings(failure_threshold=2, backoff_seconds=0.2, max_backoff_seconds=0.2)
+    )
     h = harnesses(percentage=100, settings=settings)
     port = h.remote.port
     lt.run(h.remote.kill())
@@ -165,12 +170,16 @@ def test_with_the_local_model_down_requests_go_to_the_remote(harnesses, lt):
     lt.run(h.local.kill())
     with httpx.Client(base_url=h.url, timeout=10) as c:
         answers = [c.post("/echo", content=b"abc") for _ in range(10)]
-    assert [(r.status_code, r.headers["x-upstream"], r.json()["body_size"]) for r in answers] == [(200, "remote", 3)] * 10
+    assert [(r.status_code, r.headers["x-upstream"], r.json()["body_size"]) for r in answers] == [
+        (200, "remote", 3)
+    ] * 10
 
 
 def test_with_the_local_model_killed_mid_load_every_request_still_succeeds(harnesses, lt):
     h = harnesses(percentage=50)
-    statuses, servers, errors = load(h.url, threads=8, per_thread=40, after=80, during=lambda: lt.run(h.local.kill()))
+    statuses, servers, errors = load(
+        h.url, threads=8, per_thread=40, after=80, during=lambda: lt.run(h.local.kill())
+    )
     assert errors == [] and set(statuses) == {200} and len(statuses) == 320
     assert servers.count("remote") > 160
 
@@ -218,8 +227,12 @@ def server_context(pair, tmp_path):
 def test_an_https_remote_is_verified_and_used(harnesses, tls, tmp_path):
     ca, pair = tls
     client_context = ssl.create_default_context(cadata=ca.cert_pem.decode())
-    h = harnesses(percentage=100, remote_scheme="https", remote_ssl=server_context(pair, tmp_path),
-                  settings=ProxySettings(remote_ssl_context=client_context))
+    h = harnesses(
+        percentage=100,
+        remote_scheme="https",
+        remote_ssl=server_context(pair, tmp_path),
+        settings=ProxySettings(remote_ssl_context=client_context),
+    )
     with httpx.Client(base_url=h.url, timeout=10) as c:
         r = c.get("/echo")
     assert r.status_code == 200 and r.headers["x-upstream"] == "remote"
@@ -228,7 +241,9 @@ def test_an_https_remote_is_verified_and_used(harnesses, tls, tmp_path):
 
 def test_an_https_remote_with_an_untrusted_certificate_is_not_used(harnesses, tls, tmp_path):
     ca, pair = tls
-    h = harnesses(percentage=100, remote_scheme="https", remote_ssl=server_context(pair, tmp_path))  # system CAs
+    h = harnesses(
+        percentage=100, remote_scheme="https", remote_ssl=server_context(pair, tmp_path)
+    )  # system CAs
     with httpx.Client(base_url=h.url, timeout=10) as c:
         r = c.get("/echo")
     assert r.status_code == 200 and r.headers["x-upstream"] == "local"
@@ -251,8 +266,12 @@ def test_old_remote_targets_are_forgotten_and_requests_follow_the_newest(harness
             # Every tenth target a new TLS context (a caBundle change): a new pool key.
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if i % 10 == 0 else None
             target = RemoteTarget(
-                scheme="http", host="127.0.0.1", port=h.remote.port, authority=f"127.0.0.1:{h.remote.port}",
-                headers=(("Authorization", f"Bearer token-{i}"),), ssl_context=context,
+                scheme="http",
+                host="127.0.0.1",
+                port=h.remote.port,
+                authority=f"127.0.0.1:{h.remote.port}",
+                headers=(("Authorization", f"Bearer token-{i}"),),
+                ssl_context=context,
             )
             lt.call(lambda t=target: h.routing.update(RoutePlan(remote=t, percentage=100, offloading=True)))
             r = c.get("/echo")

@@ -68,7 +68,9 @@ def read_sse(sock: socket.socket, n: int) -> list[tuple[dict, float]]:
 def test_sse_events_are_forwarded_one_by_one_as_they_are_sent(h, percentage):
     h.set_percentage(percentage)
     with connect(h) as sock:
-        sock.sendall(b"GET /v1/sse?n=10&interval_ms=50 HTTP/1.1\r\nHost: svc\r\nAccept: text/event-stream\r\n\r\n")
+        sock.sendall(
+            b"GET /v1/sse?n=10&interval_ms=50 HTTP/1.1\r\nHost: svc\r\nAccept: text/event-stream\r\n\r\n"
+        )
         events = read_sse(sock, 10)
     assert [e["i"] for e, _ in events] == list(range(10))
     # Each event arrives soon after it was sent (the servers share this clock),
@@ -166,16 +168,34 @@ def test_hop_by_hop_fields_are_dropped_both_ways(h):
         )
         status, headers, body = read_response(sock)
     sent = {n.lower() for n, _ in json.loads(body)["headers"]}
-    assert sent.isdisjoint({"connection", "x-conn-named", "keep-alive", "proxy-connection", "te", "trailer",
-                            "upgrade", "proxy-authorization"})
+    assert sent.isdisjoint(
+        {
+            "connection",
+            "x-conn-named",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "proxy-authorization",
+        }
+    )
     assert "x-kept" in sent
     assert set(headers).isdisjoint({"connection", "x-private", "keep-alive", "proxy-connection", "trailer"})
     assert headers["x-end-to-end"] == ["kept"]
 
 
 def test_forwarding_fields_host_and_repeated_set_cookie(h):
-    r, sent = get_json(h, "/echo", headers={"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https",
-                                            "X-Forwarded-Host": "spoofed", "Host": "svc.ns:8080"})
+    r, sent = get_json(
+        h,
+        "/echo",
+        headers={
+            "X-Forwarded-For": "203.0.113.7",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "spoofed",
+            "Host": "svc.ns:8080",
+        },
+    )
     fields = sent["headers"]
     assert ["Host", "svc.ns:8080"] in fields
     assert ["X-Forwarded-For", "203.0.113.7, 127.0.0.1"] in fields
@@ -197,7 +217,9 @@ def test_remote_requests_get_the_prefix_the_remote_host_and_headers_to_add(h):
 @pytest.mark.parametrize("percentage", [0, 100], ids=["local", "remote"])
 def test_path_and_query_are_forwarded_byte_for_byte(h, percentage):
     h.set_percentage(percentage)
-    target = b"/v1/a%20b/%2e%41x/caf%C3%A9/echo?q=%E2%9C%93&a=1&a=2&empty=&plus=a+b&sl=/x?y&pct=%25&enc=%2F%5c"
+    target = (
+        b"/v1/a%20b/%2e%41x/caf%C3%A9/echo?q=%E2%9C%93&a=1&a=2&empty=&plus=a+b&sl=/x?y&pct=%25&enc=%2F%5c"
+    )
     with connect(h) as sock:
         sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: svc\r\n\r\n")
         seen = json.loads(read_response(sock)[2])["target"].encode("latin-1")
@@ -240,7 +262,9 @@ def test_early_hints_reach_the_client_before_the_response(h):
         data = b""
         while b"ok" not in data:
             data += sock.recv(65536)
-    assert data.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert data.startswith(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\n"
+    )
 
 
 # --- upgrades --------------------------------------------------------------------------
@@ -250,8 +274,10 @@ def test_early_hints_reach_the_client_before_the_response(h):
 def test_websocket_upgrade_becomes_a_byte_tunnel(h, percentage):
     h.set_percentage(percentage)
     with connect(h) as sock:
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
         status, headers, rest = read_response(sock)
         assert status == 101
         assert headers["sec-websocket-accept"] == ["s3pPLMBiTxaQ9kYGzzhZRbK+xOo="]
@@ -293,9 +319,11 @@ def test_bytes_after_a_refused_websocket_upgrade_reach_no_upstream(h, percentage
 
 def test_an_upgrade_to_anything_else_is_served_as_plain_http_with_its_body(h):
     with connect(h) as sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-                     b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\nhello"
-                     b"GET /echo?second HTTP/1.1\r\nHost: svc\r\n\r\n")
+        sock.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /echo?second HTTP/1.1\r\nHost: svc\r\n\r\n"
+        )
         reader = ResponseReader(sock)
         status, headers, body = reader.response()
         sent = json.loads(body)

@@ -127,8 +127,9 @@ def test_sigterm_during_load_and_open_streams_loses_nothing(local):
                 return
             time.sleep(0.05)
 
-    with ProxyProcess("--local", f"127.0.0.1:{local.port}", "--shutdown-grace", "0.5",
-                      "--shutdown-deadline", "10") as proxy:
+    with ProxyProcess(
+        "--local", f"127.0.0.1:{local.port}", "--shutdown-grace", "0.5", "--shutdown-deadline", "10"
+    ) as proxy:
         stop = threading.Event()
         threads = [threading.Thread(target=stream, args=(proxy.port,)) for _ in range(5)]
         threads += [threading.Thread(target=load, args=(proxy.port, stop)) for _ in range(4)]

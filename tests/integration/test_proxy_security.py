@@ -18,7 +18,9 @@ from tests.integration.servers import LoopThread, ProxyHarness, exchange_raw
 @pytest.fixture(scope="module")
 def h():
     with LoopThread() as lt:
-        harness = ProxyHarness(lt, percentage=50, settings=ProxySettings(max_header_bytes=32 * 1024, max_header_count=100))
+        harness = ProxyHarness(
+            lt, percentage=50, settings=ProxySettings(max_header_bytes=32 * 1024, max_header_count=100)
+        )
         yield harness
         harness.close()
 
@@ -49,15 +51,25 @@ CASES = {
     "empty Host": (b"GET /echo HTTP/1.1\r\nHost: \r\n\r\n", 400),
     # smuggling shapes
     "Content-Length and Transfer-Encoding": (
-        b"POST /echo HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n" + H + b"\r\n",
+        b"POST /echo HTTP/1.1\r\n"
+        + H
+        + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n"
+        + H
+        + b"\r\n",
         400,
     ),
     "Transfer-Encoding and Content-Length": (
         b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
         400,
     ),
-    "differing Content-Lengths": (b"POST /echo HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
-    "equal Content-Lengths": (b"POST /echo HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello", 400),
+    "differing Content-Lengths": (
+        b"POST /echo HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        400,
+    ),
+    "equal Content-Lengths": (
+        b"POST /echo HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        400,
+    ),
     "Content-Length list": (b"POST /echo HTTP/1.1\r\n" + H + b"Content-Length: 5, 5\r\n\r\nhello", 400),
     "negative Content-Length": (b"POST /echo HTTP/1.1\r\n" + H + b"Content-Length: -1\r\n\r\n", 400),
     "Transfer-Encoding gzip": (b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\nxx", 501),
@@ -66,30 +78,49 @@ CASES = {
         501,
     ),
     "Transfer-Encoding twice": (
-        b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         400,
     ),
-    "Transfer-Encoding xchunked": (b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding: xchunked\r\n\r\n", 501),
+    "Transfer-Encoding xchunked": (
+        b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding: xchunked\r\n\r\n",
+        501,
+    ),
     "obs-fold": (b"GET /echo HTTP/1.1\r\n" + H + b"X-A: b\r\n c\r\n\r\n", 400),
     "space before colon": (b"GET /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding : chunked\r\n\r\n", 400),
     "bare LF line ends": (b"GET /echo HTTP/1.1\nHost: svc\n\n", 400),
     "NUL in a field": (b"GET /echo HTTP/1.1\r\n" + H + b"X-A: a\x00b\r\n\r\n", 400),
     # sizes
-    "header section over 32 KiB": (b"GET /echo HTTP/1.1\r\n" + H + b"X-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
-    "many medium fields over 32 KiB": (
-        b"GET /echo HTTP/1.1\r\n" + H + b"".join(b"X-F%d: %b\r\n" % (i, b"v" * 500) for i in range(70)) + b"\r\n",
+    "header section over 32 KiB": (
+        b"GET /echo HTTP/1.1\r\n" + H + b"X-Big: " + b"a" * 40000 + b"\r\n\r\n",
         431,
     ),
-    "101 fields": (b"GET /echo HTTP/1.1\r\n" + H + b"".join(b"X-F%d: v\r\n" % i for i in range(100)) + b"\r\n", 431),
+    "many medium fields over 32 KiB": (
+        b"GET /echo HTTP/1.1\r\n"
+        + H
+        + b"".join(b"X-F%d: %b\r\n" % (i, b"v" * 500) for i in range(70))
+        + b"\r\n",
+        431,
+    ),
+    "101 fields": (
+        b"GET /echo HTTP/1.1\r\n" + H + b"".join(b"X-F%d: v\r\n" % i for i in range(100)) + b"\r\n",
+        431,
+    ),
     "request target over 32 KiB": (b"GET /echo?" + b"q" * 40000 + b" HTTP/1.1\r\n" + H + b"\r\n", 431),
     # versions and methods
     "HTTP/2 preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
     "HTTP/1.2": (b"GET /echo HTTP/1.2\r\n" + H + b"\r\n", 400),
     "HTTP/0.9 style": (b"GET /echo\r\n\r\n", 505),
     "unknown method": (b"FROB /echo HTTP/1.1\r\n" + H + b"\r\n", 501),
-    "Expect other than 100-continue": (b"POST /echo HTTP/1.1\r\n" + H + b"Expect: 200-ok\r\nContent-Length: 0\r\n\r\n", 417),
+    "Expect other than 100-continue": (
+        b"POST /echo HTTP/1.1\r\n" + H + b"Expect: 200-ok\r\nContent-Length: 0\r\n\r\n",
+        417,
+    ),
     "WebSocket upgrade with a body": (
-        b"POST /ws HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST /ws HTTP/1.1\r\n"
+        + H
+        + b"Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 3\r\n\r\nabc",
         400,
     ),
 }
@@ -111,7 +142,10 @@ def test_a_refusal_after_a_good_pipelined_request_comes_after_its_answer(h):
     before = h.local.count() + h.remote.count()
     answer = exchange_raw(
         h.port,
-        b"GET /echo HTTP/1.1\r\n" + H + b"\r\n" + b"GET http://evil.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\n"
+        + H
+        + b"\r\n"
+        + b"GET http://evil.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n",
     )
     first, _, second = answer.partition(b"HTTP/1.1 400 ")
     assert first.startswith(b"HTTP/1.1 200 OK") and b"absolute-form" in second
@@ -120,7 +154,9 @@ def test_a_refusal_after_a_good_pipelined_request_comes_after_its_answer(h):
 
 def test_a_malformed_chunked_body_cancels_the_upstream_request_and_gets_a_400(h):
     before = h.local.count() + h.remote.count()
-    answer = exchange_raw(h.port, b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+    answer = exchange_raw(
+        h.port, b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+    )
     assert answer.startswith(b"HTTP/1.1 400 ") and b"chunk" in answer
     # The head may have gone on (bodies stream), the request never completed there:
     # the upstream connection was cut, so no upstream answered anything.

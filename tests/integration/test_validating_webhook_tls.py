@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 
 from tests.e2e.controlplane.webhook_process import start_webhook
 
-TUTORIAL = yaml.safe_load((Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text())
+TUTORIAL = yaml.safe_load(
+    (Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text()
+)
 PATH = "/validate-modeldeployments"
 
 
@@ -27,7 +29,11 @@ def review_body(obj, uid="uid-1"):
         "request": {
             "uid": uid,
             "kind": {"group": "deployment.beamlit.com", "version": "v1alpha1", "kind": "ModelDeployment"},
-            "resource": {"group": "deployment.beamlit.com", "version": "v1alpha1", "resource": "modeldeployments"},
+            "resource": {
+                "group": "deployment.beamlit.com",
+                "version": "v1alpha1",
+                "resource": "modeldeployments",
+            },
             "operation": "CREATE",
             "namespace": "default",
             "name": "my-model",
@@ -76,7 +82,10 @@ def test_a_bad_object_is_denied_with_the_field_path(client):
     bad["spec"]["offloadingConfig"]["remoteBackend"]["host"] = "http://remote/v1"
     answer = client.post(PATH, json=review_body(bad)).json()["response"]
     assert answer["allowed"] is False
-    assert "spec.offloadingConfig.remoteBackend.host: must be host[:port] without a scheme" in answer["status"]["message"]
+    assert (
+        "spec.offloadingConfig.remoteBackend.host: must be host[:port] without a scheme"
+        in answer["status"]["message"]
+    )
 
 
 def test_health_and_readiness(client):
@@ -89,9 +98,24 @@ def test_health_and_readiness(client):
     [
         (b"not json", {"content-type": "application/json"}, 400, "not valid JSON"),
         (b"[]", {"content-type": "application/json"}, 400, "AdmissionReview"),
-        (b'{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}', {"content-type": "application/json"}, 400, "apiVersion"),
-        (b'{"apiVersion":"admission.k8s.io/v1","kind":"Pod"}', {"content-type": "application/json"}, 400, "kind"),
-        (b'{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}', {"content-type": "application/json"}, 400, "request"),
+        (
+            b'{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}',
+            {"content-type": "application/json"},
+            400,
+            "apiVersion",
+        ),
+        (
+            b'{"apiVersion":"admission.k8s.io/v1","kind":"Pod"}',
+            {"content-type": "application/json"},
+            400,
+            "kind",
+        ),
+        (
+            b'{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}',
+            {"content-type": "application/json"},
+            400,
+            "request",
+        ),
         (b"{}", {"content-type": "text/plain"}, 415, "Content-Type"),
         (b"{}", {}, 415, "Content-Type"),
         (b"[" * 100_000 + b"]" * 100_000, {"content-type": "application/json"}, 400, "JSON"),
@@ -104,7 +128,9 @@ def test_malformed_requests_get_a_4xx_with_a_reason(client, content, headers, st
 
 
 def test_an_oversized_body_is_refused_without_reading_it_all(client):
-    response = client.post(PATH, content=b" " * (9 * 1024 * 1024), headers={"content-type": "application/json"})
+    response = client.post(
+        PATH, content=b" " * (9 * 1024 * 1024), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
 
 
@@ -116,24 +142,35 @@ def test_wrong_method_and_unknown_path(client):
 def test_the_server_survives_a_client_that_hangs_up_mid_body(webhook, client):
     with socket.create_connection(address(webhook)) as raw:
         with tls_context(webhook).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            tls.sendall(b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: 1000\r\n\r\n{\"apiVersion\"")
+            tls.sendall(
+                b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"apiVersion"'
+            )
     assert client.post(PATH, json=review_body(TUTORIAL)).json()["response"]["allowed"] is True
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
 def _mutations():
     paths = [
-        ("request",), ("request", "uid"), ("request", "object"), ("request", "object", "spec"),
-        ("request", "object", "spec", "offloadingConfig"), ("request", "object", "spec", "offloadingConfig", "metrics"),
-        ("request", "object", "spec", "offloadingConfig", "remoteBackend"), ("request", "object", "metadata"),
-        ("request", "operation"), ("request", "kind"), ("request", "oldObject"),
+        ("request",),
+        ("request", "uid"),
+        ("request", "object"),
+        ("request", "object", "spec"),
+        ("request", "object", "spec", "offloadingConfig"),
+        ("request", "object", "spec", "offloadingConfig", "metrics"),
+        ("request", "object", "spec", "offloadingConfig", "remoteBackend"),
+        ("request", "object", "metadata"),
+        ("request", "operation"),
+        ("request", "kind"),
+        ("request", "oldObject"),
         ("request", "object", "spec", "offloadingConfig", "behavior", "percentage"),
         ("request", "object", "spec", "serviceRef", "targetPort"),
     ]
@@ -152,7 +189,9 @@ def test_mutated_admission_reviews_never_get_a_5xx(client, mutation, operation):
             node[key] = {}
         node = node[key]
     node[path[-1]] = value
-    response = client.post(PATH, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    response = client.post(
+        PATH, content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
     assert response.status_code < 500
     if response.status_code == 200:
         assert response.json()["response"]["uid"] == body["request"]["uid"]

@@ -83,5 +83,7 @@ def pod_problems(pod: Any) -> list[str]:
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 target = (container.get(probe) or {}).get("httpGet", {}).get("port")
                 if isinstance(target, str) and target not in port_names:
-                    problems.append(f"{path}.{probe}.httpGet.port: {target!r} is not a port of this container")
+                    problems.append(
+                        f"{path}.{probe}.httpGet.port: {target!r} is not a port of this container"
+                    )
     return problems

@@ -8,8 +8,9 @@ from sidecar.breaker import BreakerSettings, CircuitBreaker
 
 
 def tripped(threshold=3, backoff=1.0, max_backoff=8.0, at=0.0):
-    breaker = CircuitBreaker(BreakerSettings(failure_threshold=threshold, backoff_seconds=backoff,
-                                             max_backoff_seconds=max_backoff))
+    breaker = CircuitBreaker(
+        BreakerSettings(failure_threshold=threshold, backoff_seconds=backoff, max_backoff_seconds=max_backoff)
+    )
     for _ in range(threshold):
         breaker.record_failure(at)
     return breaker
@@ -88,7 +89,10 @@ def test_a_success_after_recovery_restores_the_initial_backoff():
     assert breaker.allow(5.0)
 
 
-@pytest.mark.parametrize("kwargs", [{"failure_threshold": 0}, {"backoff_seconds": 0}, {"backoff_seconds": 5, "max_backoff_seconds": 1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"failure_threshold": 0}, {"backoff_seconds": 0}, {"backoff_seconds": 5, "max_backoff_seconds": 1}],
+)
 def test_nonsense_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         BreakerSettings(**kwargs)

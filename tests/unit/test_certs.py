@@ -51,7 +51,10 @@ def test_a_certificate_without_names_is_refused():
 
 def test_the_cli_writes_pem_files_with_a_private_key_only_the_owner_can_read(tmp_path, capsys):
     out = tmp_path / "tls"
-    assert main(["--out-dir", str(out), "--service", "wh", "--namespace", "ns", "--ip-address", "127.0.0.1"]) == 0
+    assert (
+        main(["--out-dir", str(out), "--service", "wh", "--namespace", "ns", "--ip-address", "127.0.0.1"])
+        == 0
+    )
     assert stat.S_IMODE((out / "tls.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((out / "tls.crt").stat().st_mode) == 0o644
     cert = x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())

@@ -59,7 +59,9 @@ def _compare(cls: type, schema: dict[str, Any], path: str, problems: list[str]) 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     py = json_fields(cls)
     if set(py) != set(props):
-        problems.append(f"{path}: python has {sorted(set(py) - set(props))}, CRD has {sorted(set(props) - set(py))}")
+        problems.append(
+            f"{path}: python has {sorted(set(py) - set(props))}, CRD has {sorted(set(props) - set(py))}"
+        )
     required_crd = set(schema.get("required", []))
     for pname, field in fields.items():
         jname = json_name(pname)
@@ -68,7 +70,9 @@ def _compare(cls: type, schema: dict[str, Any], path: str, problems: list[str]) 
         sub = props[jname]
         child = f"{path}.{jname}"
         if is_required(field) != (jname in required_crd):
-            problems.append(f"{child}: required in python={is_required(field)}, in CRD={jname in required_crd}")
+            problems.append(
+                f"{child}: required in python={is_required(field)}, in CRD={jname in required_crd}"
+            )
         hint = py[jname]
         kind = _schema_kind(hint)
         crd_kind = "int-or-string" if sub.get("x-kubernetes-int-or-string") else sub.get("type")
@@ -95,7 +99,12 @@ def _compare(cls: type, schema: dict[str, Any], path: str, problems: list[str]) 
 
 def test_the_python_spec_and_the_crd_schema_agree_on_every_field_type_and_default(version):
     problems: list[str] = []
-    _compare(model.ModelDeploymentSpec, version["schema"]["openAPIV3Schema"]["properties"]["spec"], "spec", problems)
+    _compare(
+        model.ModelDeploymentSpec,
+        version["schema"]["openAPIV3Schema"]["properties"]["spec"],
+        "spec",
+        problems,
+    )
     assert problems == []
 
 

@@ -38,8 +38,12 @@ CASES = sorted(
     for p in DIR.glob("*.yaml")
     if not p.name.startswith("_") and not p.name.endswith(".patched.yaml")
 )
-KINDS = {"ModelDeployment": MODELDEPLOYMENTS, "Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS,
-         "Service": SERVICES}
+KINDS = {
+    "ModelDeployment": MODELDEPLOYMENTS,
+    "Deployment": DEPLOYMENTS,
+    "StatefulSet": STATEFULSETS,
+    "Service": SERVICES,
+}
 
 
 def cluster() -> ClusterCache:
@@ -99,9 +103,19 @@ def check_golden(path: Path, text: str) -> None:
 
 def test_there_are_cases_for_every_required_pod_shape():
     required = {
-        "one-container", "several-containers", "existing-init-containers", "existing-native-sidecar",
-        "numeric-port", "no-resources", "host-network", "opted-out", "already-injected",
-        "statefulset-pod", "unrelated-workload", "other-namespace", "job-pod",
+        "one-container",
+        "several-containers",
+        "existing-init-containers",
+        "existing-native-sidecar",
+        "numeric-port",
+        "no-resources",
+        "host-network",
+        "opted-out",
+        "already-injected",
+        "statefulset-pod",
+        "unrelated-workload",
+        "other-namespace",
+        "job-pod",
     }
     assert required <= set(CASES), required - set(CASES)
 

@@ -65,7 +65,12 @@ def ok(headers, **kw) -> RequestHead:
         ([("Host", "a"), ("Transfer-Encoding", "gzip, chunked")], {}, 501, "Transfer-Encoding"),
         ([("Host", "a"), ("Transfer-Encoding", "identity")], {}, 501, "Transfer-Encoding"),
         ([("Host", "a"), ("Expect", "200-ok")], {}, 417, "Expect"),
-        ([("Host", "a"), ("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Content-Length", "3")], {}, 400, "WebSocket"),
+        (
+            [("Host", "a"), ("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Content-Length", "3")],
+            {},
+            400,
+            "WebSocket",
+        ),
         ([("Host", "a")], {"version": "0.9"}, 505, "HTTP/0.9"),
     ],
 )
@@ -76,7 +81,9 @@ def test_refused_heads(headers, kw, status, fragment):
     assert fragment in result.reason
 
 
-@pytest.mark.parametrize("host", ["example.com", "example.com:8080", "10.0.0.1:80", "[::1]:8080", "[fe80::1]", "a-b.c_d"])
+@pytest.mark.parametrize(
+    "host", ["example.com", "example.com:8080", "10.0.0.1:80", "[::1]:8080", "[fe80::1]", "a-b.c_d"]
+)
 def test_well_formed_hosts_pass(host):
     assert ok([("Host", host)]).host == host.encode()
 
@@ -108,25 +115,29 @@ def test_ambiguous_separator_detection():
 
 
 def test_request_head_drops_hop_by_hop_and_sets_forwarding_fields():
-    head = ok([
-        ("Host", "svc:80"),
-        ("Connection", "keep-alive, X-Secret"),
-        ("X-Secret", "s"),
-        ("Keep-Alive", "timeout=5"),
-        ("Proxy-Connection", "keep-alive"),
-        ("TE", "trailers"),
-        ("Trailer", "X-T"),
-        ("Upgrade", "h2c"),
-        ("Proxy-Authorization", "Basic x"),
-        ("X-Forwarded-For", "1.1.1.1"),
-        ("X-Forwarded-For", "2.2.2.2"),
-        ("X-Forwarded-Proto", "https"),
-        ("X-Forwarded-Host", "spoofed"),
-        ("Cookie", "a=1"),
-        ("Accept", "*/*"),
-        ("Accept", "text/plain"),
-        ("Content-Length", "3"),
-    ], method=b"POST", target=b"/a%20b?q=%2F&x")
+    head = ok(
+        [
+            ("Host", "svc:80"),
+            ("Connection", "keep-alive, X-Secret"),
+            ("X-Secret", "s"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("TE", "trailers"),
+            ("Trailer", "X-T"),
+            ("Upgrade", "h2c"),
+            ("Proxy-Authorization", "Basic x"),
+            ("X-Forwarded-For", "1.1.1.1"),
+            ("X-Forwarded-For", "2.2.2.2"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "spoofed"),
+            ("Cookie", "a=1"),
+            ("Accept", "*/*"),
+            ("Accept", "text/plain"),
+            ("Content-Length", "3"),
+        ],
+        method=b"POST",
+        target=b"/a%20b?q=%2F&x",
+    )
     out = render_request_head(head, authority=None, client_ip=b"127.0.0.9")
     assert out == (
         b"POST /a%20b?q=%2F&x HTTP/1.1\r\n"
@@ -145,8 +156,14 @@ def test_request_head_drops_hop_by_hop_and_sets_forwarding_fields():
 def test_remote_head_has_prefix_authority_and_added_headers_replacing_the_clients():
     head = ok([("Host", "svc"), ("Authorization", "Bearer client"), ("X-Keep", "1")])
     extra, names = render_extra((("authorization", "Bearer remote"), ("X-Tenant", "t1")))
-    out = render_request_head(head, authority=b"remote.example:8443", client_ip=b"10.0.0.1",
-                              path_prefix=b"/models/m", extra=extra, extra_names=names)
+    out = render_request_head(
+        head,
+        authority=b"remote.example:8443",
+        client_ip=b"10.0.0.1",
+        path_prefix=b"/models/m",
+        extra=extra,
+        extra_names=names,
+    )
     assert out.startswith(b"GET /models/m/x HTTP/1.1\r\nHost: remote.example:8443\r\n")
     assert b"Bearer client" not in out
     assert b"authorization: Bearer remote\r\nX-Tenant: t1\r\n" in out
@@ -154,8 +171,14 @@ def test_remote_head_has_prefix_authority_and_added_headers_replacing_the_client
 
 
 def test_websocket_upgrade_keeps_its_upgrade_fields():
-    head = ok([("Host", "a"), ("Connection", "keep-alive, Upgrade"), ("Upgrade", "websocket"),
-               ("Sec-WebSocket-Key", "k")])
+    head = ok(
+        [
+            ("Host", "a"),
+            ("Connection", "keep-alive, Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Key", "k"),
+        ]
+    )
     assert head.websocket
     out = render_request_head(head, authority=None, client_ip=b"1")
     assert b"Connection: Upgrade\r\nUpgrade: websocket\r\n" in out and b"Sec-WebSocket-Key: k" in out
@@ -168,39 +191,69 @@ def hdrs(*pairs):
 
 def test_response_head_keeps_repeated_fields_and_drops_hop_by_hop():
     data, frame, keep, _ = render_response_head(
-        200, b"200 OK",
-        hdrs(("Set-Cookie", "a=1"), ("Connection", "X-P"), ("X-P", "1"), ("Keep-Alive", "t=1"),
-             ("Set-Cookie", "b=2"), ("Content-Length", "5")),
-        has_body=True, client_http11=True, keep_alive=True,
+        200,
+        b"200 OK",
+        hdrs(
+            ("Set-Cookie", "a=1"),
+            ("Connection", "X-P"),
+            ("X-P", "1"),
+            ("Keep-Alive", "t=1"),
+            ("Set-Cookie", "b=2"),
+            ("Content-Length", "5"),
+        ),
+        has_body=True,
+        client_http11=True,
+        keep_alive=True,
     )
     assert data == b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 5\r\n\r\n"
     assert (frame, keep) == (FRAME_LENGTH, True)
 
 
 def test_response_without_length_is_rechunked_for_http11_and_closes_for_http10():
-    data, frame, keep, until_close = render_response_head(200, b"200 OK", hdrs(("Transfer-Encoding", "chunked")),
-                                                          has_body=True, client_http11=True, keep_alive=True)
+    data, frame, keep, until_close = render_response_head(
+        200,
+        b"200 OK",
+        hdrs(("Transfer-Encoding", "chunked")),
+        has_body=True,
+        client_http11=True,
+        keep_alive=True,
+    )
     assert (frame, keep, until_close) == (FRAME_CHUNKED, True, False)
     assert data == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    data, frame, keep, until_close = render_response_head(200, b"200 OK", b"", has_body=True, client_http11=False,
-                                                          keep_alive=True)
+    data, frame, keep, until_close = render_response_head(
+        200, b"200 OK", b"", has_body=True, client_http11=False, keep_alive=True
+    )
     assert (frame, keep, until_close) == (FRAME_CLOSE, False, True) and b"Connection: close" in data
 
 
 def test_bodiless_responses_get_no_framing_added():
-    data, frame, _, _ = render_response_head(204, b"204 No Content", hdrs(("Content-Length", "0")),
-                                             has_body=False, client_http11=True, keep_alive=True)
+    data, frame, _, _ = render_response_head(
+        204,
+        b"204 No Content",
+        hdrs(("Content-Length", "0")),
+        has_body=False,
+        client_http11=True,
+        keep_alive=True,
+    )
     assert frame == FRAME_NONE and b"Content-Length" not in data and b"Transfer-Encoding" not in data
-    data, frame, _, _ = render_response_head(200, b"200 OK", hdrs(("Content-Length", "42")),
-                                             has_body=False, client_http11=True, keep_alive=True)
+    data, frame, _, _ = render_response_head(
+        200, b"200 OK", hdrs(("Content-Length", "42")), has_body=False, client_http11=True, keep_alive=True
+    )
     assert frame == FRAME_NONE and b"Content-Length: 42" in data  # HEAD keeps the length
 
 
 def test_response_fields_are_matched_by_name_in_any_case_and_kept_byte_for_byte():
-    block = hdrs(("CONTENT-length", "3 "), ("connection", "keep-alive"), ("Tea", "x"), ("TE-x", "y"),
-                 ("x-odd", "a:b\t"), ("Keep-Alive", "timeout=5"))
-    data, frame, keep, _ = render_response_head(200, b"200 OK", block, has_body=True, client_http11=True,
-                                                keep_alive=True)
+    block = hdrs(
+        ("CONTENT-length", "3 "),
+        ("connection", "keep-alive"),
+        ("Tea", "x"),
+        ("TE-x", "y"),
+        ("x-odd", "a:b\t"),
+        ("Keep-Alive", "timeout=5"),
+    )
+    data, frame, keep, _ = render_response_head(
+        200, b"200 OK", block, has_body=True, client_http11=True, keep_alive=True
+    )
     assert data == b"HTTP/1.1 200 OK\r\nCONTENT-length: 3 \r\nTea: x\r\nTE-x: y\r\nx-odd: a:b\t\r\n\r\n"
     assert (frame, keep) == (FRAME_LENGTH, True)
 
@@ -211,19 +264,31 @@ def test_response_head_is_split_after_the_version_and_a_missing_reason_keeps_its
 
 
 def test_interim_responses_drop_hop_by_hop_fields_and_lengths():
-    data = render_interim(b"103 Early Hints", hdrs(("Link", "</a>; rel=preload"), ("Connection", "x"),
-                                                     ("Content-Length", "0")))
+    data = render_interim(
+        b"103 Early Hints", hdrs(("Link", "</a>; rel=preload"), ("Connection", "x"), ("Content-Length", "0"))
+    )
     assert data == b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
 
 
 def test_websocket_101_keeps_upgrade_and_drops_length():
     data, frame, keep, _ = render_response_head(
-        101, b"101 Switching Protocols",
-        hdrs(("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", "k"), ("Content-Length", "0")),
-        has_body=False, client_http11=True, keep_alive=False, websocket=True,
+        101,
+        b"101 Switching Protocols",
+        hdrs(
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", "k"),
+            ("Content-Length", "0"),
+        ),
+        has_body=False,
+        client_http11=True,
+        keep_alive=False,
+        websocket=True,
     )
-    assert data == (b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: k\r\n"
-                    b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert data == (
+        b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: k\r\n"
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
     assert (frame, keep) == (FRAME_NONE, False)
 
 
@@ -240,7 +305,14 @@ def test_histogram_and_status_classes():
         h.observe(v)
     assert h.cumulative() == [(0.1, 2), (1.0, 3), (float("inf"), 4)]
     assert h.count == 4 and h.sum == pytest.approx(3.65)
-    assert [status_class(s) for s in (101, 200, 302, 404, 503, 700)] == ["1xx", "2xx", "3xx", "4xx", "5xx", "5xx"]
+    assert [status_class(s) for s in (101, 200, 302, 404, 503, 700)] == [
+        "1xx",
+        "2xx",
+        "3xx",
+        "4xx",
+        "5xx",
+        "5xx",
+    ]
     stats = ProxyStats()
     stats.count_response("local", 200)
     stats.count_response("remote", 201)

@@ -25,7 +25,8 @@ from webhook.injector_config import ConfigError, InjectorConfig
 from webhook.selection import SELECTED, CachedModelDeployment, Selection, Workload
 
 CONFIG = InjectorConfig(
-    image="reg.example/offload:1", config_version="v1",
+    image="reg.example/offload:1",
+    config_version="v1",
     resources={"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
 )
 
@@ -46,7 +47,9 @@ LLM_SERVICE_REF = ServiceReference(name="llm", target_port=80)
 
 
 def selection(service_ref=LLM_SERVICE_REF):
-    spec = ModelDeploymentSpec(model="m", model_source_ref=ObjectReference(name="llm"), service_ref=service_ref)
+    spec = ModelDeploymentSpec(
+        model="m", model_source_ref=ObjectReference(name="llm"), service_ref=service_ref
+    )
     chosen = CachedModelDeployment(ModelDeployment(name="my-md", namespace="models", spec=spec))
     return Selection(SELECTED, chosen, Workload("Deployment", "models", "llm", None), "selected")
 
@@ -81,8 +84,13 @@ def test_the_injected_sidecar_is_a_hardened_native_sidecar_with_its_environment(
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "offload-admin", "scheme": "HTTP"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "offload-admin", "scheme": "HTTP"}
     assert c["securityContext"] == {
-        "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "readOnlyRootFilesystem": True,
-        "allowPrivilegeEscalation": False, "privileged": False, "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert env_of(c) == {
@@ -95,7 +103,10 @@ def test_the_injected_sidecar_is_a_hardened_native_sidecar_with_its_environment(
         "OFFLOAD_ADMIN_PORT": "15090",
     }
     assert c["resources"] == CONFIG.resources
-    assert outcome.pod["metadata"]["annotations"] == {INJECTED_ANNOTATION: "my-md", CONFIG_VERSION_ANNOTATION: "v1"}
+    assert outcome.pod["metadata"]["annotations"] == {
+        INJECTED_ANNOTATION: "my-md",
+        CONFIG_VERSION_ANNOTATION: "v1",
+    }
     assert pod_problems(outcome.pod) == []
 
 
@@ -110,7 +121,9 @@ def test_the_patch_turns_the_original_into_the_mutated_copy_and_the_input_is_unt
 
 
 def test_without_native_sidecars_the_proxy_is_the_last_regular_container():
-    outcome = inject(pod(), selection(), SERVICE, InjectorConfig(image="reg.example/offload:1", native_sidecar=False))
+    outcome = inject(
+        pod(), selection(), SERVICE, InjectorConfig(image="reg.example/offload:1", native_sidecar=False)
+    )
     assert [c["name"] for c in outcome.pod["spec"]["containers"]] == ["model", "offload-proxy"]
     assert "restartPolicy" not in sidecar_of(outcome) and "initContainers" not in outcome.pod["spec"]
     assert "resources" not in sidecar_of(outcome)  # none configured, none invented
@@ -136,7 +149,12 @@ def svc(*ports, original=None):
         (80, svc(ServicePort(80, "http")), [{"name": "api", "containerPort": 8080}], None),
         (80, svc(), [], None),
         # Already captured by the controller: the original target is in the annotation.
-        (80, svc(ServicePort(80, "offload-proxy"), original="http"), [{"name": "http", "containerPort": 7070}], 7070),
+        (
+            80,
+            svc(ServicePort(80, "offload-proxy"), original="http"),
+            [{"name": "http", "containerPort": 7070}],
+            7070,
+        ),
         (80, svc(ServicePort(80, "offload-proxy"), original=8000), [], 8000),
         (80, svc(ServicePort(80, "offload-proxy")), [], None),
     ],
@@ -148,9 +166,14 @@ def test_model_port_resolution(ref_port, service, containers_ports, expected):
 
 def test_a_named_port_resolves_in_any_app_container_but_not_in_init_containers():
     p = pod(ports=[])
-    p["spec"]["containers"].append({"name": "b", "image": "b", "ports": [{"name": "http", "containerPort": 9}]})
+    p["spec"]["containers"].append(
+        {"name": "b", "image": "b", "ports": [{"name": "http", "containerPort": 9}]}
+    )
     assert resolve_model_port(p, "llm", 80, svc(ServicePort(80, "http"))).port == 9
-    q = pod(ports=[], initContainers=[{"name": "i", "image": "i", "ports": [{"name": "http", "containerPort": 9}]}])
+    q = pod(
+        ports=[],
+        initContainers=[{"name": "i", "image": "i", "ports": [{"name": "http", "containerPort": 9}]}],
+    )
     assert resolve_model_port(q, "llm", 80, svc(ServicePort(80, "http"))).port is None
 
 
@@ -173,18 +196,22 @@ def test_the_model_port_annotation_wins():
 
 
 def test_overrides_apply_and_keep_what_they_do_not_name():
-    settings = apply_overrides(CONFIG, {
-        "offload.beamlit.com/proxy-image": "other.example/x@sha256:" + "a" * 64,
-        "offload.beamlit.com/proxy-cpu-limit": "1",
-        "offload.beamlit.com/proxy-memory-request": "100Mi",
-        "offload.beamlit.com/native-sidecar": "False",
-        "offload.beamlit.com/proxy-port": "18080",
-        "offload.beamlit.com/model-port": "http",
-        "unrelated.example/x": "y",
-    })
+    settings = apply_overrides(
+        CONFIG,
+        {
+            "offload.beamlit.com/proxy-image": "other.example/x@sha256:" + "a" * 64,
+            "offload.beamlit.com/proxy-cpu-limit": "1",
+            "offload.beamlit.com/proxy-memory-request": "100Mi",
+            "offload.beamlit.com/native-sidecar": "False",
+            "offload.beamlit.com/proxy-port": "18080",
+            "offload.beamlit.com/model-port": "http",
+            "unrelated.example/x": "y",
+        },
+    )
     assert settings.config.image.startswith("other.example/x@sha256:")
     assert settings.config.resources == {
-        "requests": {"cpu": "50m", "memory": "100Mi"}, "limits": {"memory": "128Mi", "cpu": "1"},
+        "requests": {"cpu": "50m", "memory": "100Mi"},
+        "limits": {"memory": "128Mi", "cpu": "1"},
     }
     assert settings.config.native_sidecar is False and settings.config.proxy_port == 18080
     assert settings.model_port == "http"
@@ -204,16 +231,26 @@ def test_overrides_apply_and_keep_what_they_do_not_name():
         ("proxy-port", "15090", "offload.beamlit.com/admin-port: must differ from the proxy port 15090"),
         ("admin-port", "x", "offload.beamlit.com/admin-port: must be a port number"),
         ("native-sidecar", "yes", 'offload.beamlit.com/native-sidecar: must be "true" or "false"'),
-        ("model-port", "Not_A_Name", "offload.beamlit.com/model-port: must be a port number or a container port"),
+        (
+            "model-port",
+            "Not_A_Name",
+            "offload.beamlit.com/model-port: must be a port number or a container port",
+        ),
     ],
 )
 def test_a_bad_override_is_not_injected_with_a_warning_naming_it(annotation, value, message):
     with pytest.raises(ConfigError) as caught:
         apply_overrides(CONFIG, {f"offload.beamlit.com/{annotation}": value})
     assert message in str(caught.value)
-    outcome = inject(pod(annotations={f"offload.beamlit.com/{annotation}": value}), selection(), SERVICE, CONFIG)
+    outcome = inject(
+        pod(annotations={f"offload.beamlit.com/{annotation}": value}), selection(), SERVICE, CONFIG
+    )
     assert outcome.reason is Reason.BAD_OVERRIDE and outcome.patch == ()
-    assert len(outcome.warnings) == 1 and message in outcome.warnings[0] and "(BadOverride)" in outcome.warnings[0]
+    assert (
+        len(outcome.warnings) == 1
+        and message in outcome.warnings[0]
+        and "(BadOverride)" in outcome.warnings[0]
+    )
 
 
 # --- reasons -----------------------------------------------------------------------------------
@@ -229,10 +266,20 @@ def test_a_bad_override_is_not_injected_with_a_warning_naming_it(annotation, val
         (pod(hostNetwork=True), Reason.HOST_NETWORK),
         (pod(hostNetwork=False), Reason.INJECTED),
         (pod(ports=[{"name": "web", "containerPort": 8080}]), Reason.NO_MODEL_PORT),
-        (pod(ports=[{"name": "http", "containerPort": 15080}]), Reason.PORT_CONFLICT),  # the model is on our port
-        (pod(ports=[{"name": "http", "containerPort": 8080}, {"containerPort": 15090}]), Reason.PORT_CONFLICT),
-        (pod(ports=[{"name": "http", "containerPort": 8080}, {"name": "offload-admin", "containerPort": 1}]),
-         Reason.PORT_CONFLICT),
+        (
+            pod(ports=[{"name": "http", "containerPort": 15080}]),
+            Reason.PORT_CONFLICT,
+        ),  # the model is on our port
+        (
+            pod(ports=[{"name": "http", "containerPort": 8080}, {"containerPort": 15090}]),
+            Reason.PORT_CONFLICT,
+        ),
+        (
+            pod(
+                ports=[{"name": "http", "containerPort": 8080}, {"name": "offload-admin", "containerPort": 1}]
+            ),
+            Reason.PORT_CONFLICT,
+        ),
         (pod(initContainers=[{"name": "offload-proxy", "image": "x"}]), Reason.ALREADY_INJECTED),
         ({"apiVersion": "v1", "kind": "Pod", "metadata": {}, "spec": {}}, Reason.NO_MODEL_PORT),
     ],
@@ -252,8 +299,10 @@ def test_already_injected_wins_over_everything_else():
 
 
 def test_a_port_conflict_can_be_resolved_by_annotation():
-    p = pod(ports=[{"name": "http", "containerPort": 8080}, {"containerPort": 15080}],
-            annotations={"offload.beamlit.com/proxy-port": "16080"})
+    p = pod(
+        ports=[{"name": "http", "containerPort": 8080}, {"containerPort": 15080}],
+        annotations={"offload.beamlit.com/proxy-port": "16080"},
+    )
     outcome = inject(p, selection(), SERVICE, CONFIG)
     assert outcome.reason is Reason.INJECTED and sidecar_of(outcome)["ports"][0]["containerPort"] == 16080
     assert pod_problems(outcome.pod) == []
@@ -287,8 +336,11 @@ def test_the_patch_equals_a_diff_of_the_whole_pods_for_every_golden_case():
 def test_only_independent_adds_are_reordered():
     adds = [{"op": "add", "path": "/b", "value": 1}, {"op": "add", "path": "/a", "value": 2}]
     assert in_stable_order(adds) == (adds[1], adds[0])
-    nested = [{"op": "add", "path": "/b", "value": {}}, {"op": "add", "path": "/b/c", "value": 1},
-              {"op": "add", "path": "/a", "value": 2}]
+    nested = [
+        {"op": "add", "path": "/b", "value": {}},
+        {"op": "add", "path": "/b/c", "value": 1},
+        {"op": "add", "path": "/a", "value": 2},
+    ]
     assert in_stable_order(nested) == tuple(nested)
     mixed = [{"op": "remove", "path": "/b"}, {"op": "add", "path": "/a", "value": 2}]
     assert in_stable_order(mixed) == tuple(mixed)

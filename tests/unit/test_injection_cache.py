@@ -29,16 +29,27 @@ def md(name, namespace="models", workload="llm", host="remote.example:80", creat
         "spec": {
             "model": "m",
             "modelSourceRef": {"kind": "Deployment", "name": workload},
-            "offloadingConfig": {"remoteBackend": {"host": host}, "metrics": [
-                {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization",
-                                                                           "averageUtilization": 50}}}]},
+            "offloadingConfig": {
+                "remoteBackend": {"host": host},
+                "metrics": [
+                    {
+                        "type": "Resource",
+                        "resource": {
+                            "name": "cpu",
+                            "target": {"type": "Utilization", "averageUtilization": 50},
+                        },
+                    }
+                ],
+            },
         },
     }
 
 
 def deployment(name, namespace="models", labels=None):
-    return {"metadata": {"name": name, "namespace": namespace},
-            "spec": {"selector": {"matchLabels": labels or {"app": name}}}}
+    return {
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"selector": {"matchLabels": labels or {"app": name}}},
+    }
 
 
 class Clock:
@@ -78,7 +89,10 @@ def test_events_add_modify_and_delete():
     cache.apply(MODELDEPLOYMENTS, "ADDED", md("a"))
     cache.apply(MODELDEPLOYMENTS, "MODIFIED", md("a", workload="llm2"))
     [entry] = cache.modeldeployments("models")
-    assert entry.model.spec.model_source_ref.name == "llm2" and entry.creation_timestamp == "2026-01-01T00:00:00Z"
+    assert (
+        entry.model.spec.model_source_ref.name == "llm2"
+        and entry.creation_timestamp == "2026-01-01T00:00:00Z"
+    )
     cache.apply(MODELDEPLOYMENTS, "DELETED", md("a"))
     assert names(cache, "models") == []
 
@@ -112,13 +126,28 @@ def test_a_reader_keeps_a_consistent_snapshot_while_events_arrive():
 
 
 def test_services_keep_their_ports_and_the_original_target_annotation():
-    svc = {"metadata": {"name": "s", "namespace": "models",
-                        "annotations": {"offload.beamlit.com/original-target-port": "http"}},
-           "spec": {"ports": [{"port": 80, "targetPort": "offload-proxy", "name": "web"},
-                              {"port": 81, "targetPort": 8081}, {"port": 82}, {"port": 83, "targetPort": "8083"}]}}
+    svc = {
+        "metadata": {
+            "name": "s",
+            "namespace": "models",
+            "annotations": {"offload.beamlit.com/original-target-port": "http"},
+        },
+        "spec": {
+            "ports": [
+                {"port": 80, "targetPort": "offload-proxy", "name": "web"},
+                {"port": 81, "targetPort": 8081},
+                {"port": 82},
+                {"port": 83, "targetPort": "8083"},
+            ]
+        },
+    }
     info = service_from(svc)
-    assert info.ports == (ServicePort(80, "offload-proxy", "web"), ServicePort(81, 8081), ServicePort(82),
-                          ServicePort(83, 8083))
+    assert info.ports == (
+        ServicePort(80, "offload-proxy", "web"),
+        ServicePort(81, 8081),
+        ServicePort(82),
+        ServicePort(83, 8083),
+    )
     assert info.original_target_port == "http"
     cache = ClusterCache()
     cache.apply(SERVICES, "ADDED", svc)
@@ -126,8 +155,13 @@ def test_services_keep_their_ports_and_the_original_target_annotation():
 
 
 def test_a_workload_with_an_unusable_selector_matches_nothing():
-    broken = workload_from("Deployment", {"metadata": {"name": "x", "namespace": "n"},
-                                          "spec": {"selector": {"matchExpressions": [{"key": "a", "operator": "Gt"}]}}})
+    broken = workload_from(
+        "Deployment",
+        {
+            "metadata": {"name": "x", "namespace": "n"},
+            "spec": {"selector": {"matchExpressions": [{"key": "a", "operator": "Gt"}]}},
+        },
+    )
     assert broken.selector is None
 
 

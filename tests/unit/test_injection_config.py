@@ -42,8 +42,14 @@ def test_the_charts_configuration_loads(tmp_path):
 
 def test_defaults():
     config = parse_config({"image": "offload:1"})
-    assert (config.proxy_port, config.admin_port) == (DEFAULT_PROXY_PORT, DEFAULT_ADMIN_PORT) == (15080, 15090)
-    assert config.native_sidecar is True and config.resources == {} and config.image_pull_policy == "IfNotPresent"
+    assert (
+        (config.proxy_port, config.admin_port) == (DEFAULT_PROXY_PORT, DEFAULT_ADMIN_PORT) == (15080, 15090)
+    )
+    assert (
+        config.native_sidecar is True
+        and config.resources == {}
+        and config.image_pull_policy == "IfNotPresent"
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,8 +62,10 @@ def test_defaults():
         ({"nativeSidecar": "yes"}, "nativeSidecar: must be true or false"),
         ({"resources": {"requests": {"cpu": "fast"}}}, "resources.requests.cpu: not a valid quantity"),
         ({"resources": {"requets": {}}}, "resources.requets: unknown key"),
-        ({"resources": {"requests": {"memory": "1Gi"}, "limits": {"memory": "1Mi"}}},
-         "resources.requests.memory: 1Gi is above the limit 1Mi"),
+        (
+            {"resources": {"requests": {"memory": "1Gi"}, "limits": {"memory": "1Mi"}}},
+            "resources.requests.memory: 1Gi is above the limit 1Mi",
+        ),
         ({"proxyport": 1}, "proxyport: unknown key"),
     ],
 )

@@ -25,7 +25,9 @@ def test_quantities_parse_to_exact_decimals(text, value):
     assert parse_quantity(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "lots", "1.2.3", "1 Gi", "1Gi\n", "Gi", "1gi", "1e999", True, None, 1.5])
+@pytest.mark.parametrize(
+    "text", ["", "lots", "1.2.3", "1 Gi", "1Gi\n", "Gi", "1gi", "1e999", True, None, 1.5]
+)
 def test_malformed_quantities_are_refused(text):
     with pytest.raises(ValueError):
         parse_quantity(text)

@@ -74,12 +74,18 @@ def test_label_selector_semantics(selector, matches):
         ("app=llm", "selector: must be an object"),
         ({"matchLabels": ["app"]}, "selector.matchLabels: must be an object"),
         ({"matchLabels": {"app": 1}}, "selector.matchLabels[app]: must be a string"),
-        ({"matchExpressions": [{"key": "a", "operator": "Gt", "values": ["1"]}]},
-         "selector.matchExpressions[0].operator: must be one of In, NotIn, Exists, DoesNotExist, got 'Gt'"),
-        ({"matchExpressions": [{"key": "a", "operator": "In"}]},
-         "selector.matchExpressions[0].values: must be non-empty for In"),
-        ({"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]},
-         "selector.matchExpressions[0].values: must be empty for Exists"),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "Gt", "values": ["1"]}]},
+            "selector.matchExpressions[0].operator: must be one of In, NotIn, Exists, DoesNotExist, got 'Gt'",
+        ),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "In"}]},
+            "selector.matchExpressions[0].values: must be non-empty for In",
+        ),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]},
+            "selector.matchExpressions[0].values: must be empty for Exists",
+        ),
         ({"matchExpressions": [{"operator": "Exists"}]}, "selector.matchExpressions[0].key: required string"),
     ],
 )
@@ -113,10 +119,14 @@ def test_match_labels_is_a_subset_test(labels, wanted):
 
 
 def test_the_controller_owner_reference_is_the_one_with_controller_true():
-    pod = {"metadata": {"ownerReferences": [
-        {"kind": "ConfigMap", "name": "x"},
-        {"kind": "ReplicaSet", "name": "llm-5d4c", "controller": True},
-    ]}}
+    pod = {
+        "metadata": {
+            "ownerReferences": [
+                {"kind": "ConfigMap", "name": "x"},
+                {"kind": "ReplicaSet", "name": "llm-5d4c", "controller": True},
+            ]
+        }
+    }
     assert pod_controller(pod) == Owner("ReplicaSet", "llm-5d4c")
     assert pod_controller({"metadata": {}}) is None
 
@@ -142,22 +152,34 @@ def test_which_controllers_can_be_the_workloads(owner, workload, expected):
 # --- choosing ----------------------------------------------------------------------------------
 
 
-def md(name, workload="llm", *, kind="Deployment", namespace="models", created="2026-01-01T00:00:00Z",
-       enabled=True, workload_namespace=None):
+def md(
+    name,
+    workload="llm",
+    *,
+    kind="Deployment",
+    namespace="models",
+    created="2026-01-01T00:00:00Z",
+    enabled=True,
+    workload_namespace=None,
+):
     spec = ModelDeploymentSpec(
-        model="m", model_source_ref=ObjectReference(name=workload, kind=kind, namespace=workload_namespace),
+        model="m",
+        model_source_ref=ObjectReference(name=workload, kind=kind, namespace=workload_namespace),
         enabled=enabled,
     )
     return CachedModelDeployment(ModelDeployment(name=name, namespace=namespace, spec=spec), created)
 
 
 WORKLOADS = {
-    ("Deployment", "models", "llm"): Workload("Deployment", "models", "llm", parse_label_selector(
-        {"matchLabels": {"app": "llm"}})),
-    ("Deployment", "models", "llm2"): Workload("Deployment", "models", "llm2", parse_label_selector(
-        {"matchLabels": {"app": "llm"}})),
-    ("StatefulSet", "models", "llm"): Workload("StatefulSet", "models", "llm", parse_label_selector(
-        {"matchLabels": {"app": "sts"}})),
+    ("Deployment", "models", "llm"): Workload(
+        "Deployment", "models", "llm", parse_label_selector({"matchLabels": {"app": "llm"}})
+    ),
+    ("Deployment", "models", "llm2"): Workload(
+        "Deployment", "models", "llm2", parse_label_selector({"matchLabels": {"app": "llm"}})
+    ),
+    ("StatefulSet", "models", "llm"): Workload(
+        "StatefulSet", "models", "llm", parse_label_selector({"matchLabels": {"app": "sts"}})
+    ),
     ("Deployment", "models", "broken"): Workload("Deployment", "models", "broken", None),
 }
 
@@ -207,7 +229,9 @@ def test_several_matches_pick_the_oldest_then_the_name_and_warn():
 def test_a_disabled_match_is_reported_as_such_and_an_enabled_one_wins_over_it():
     off = md("off", enabled=False)
     assert select("models", {"app": "llm"}, None, [off], lookup).reason == DISABLED
-    chosen = select("models", {"app": "llm"}, None, [off, md("on", "llm2", created="2027-01-01T00:00:00Z")], lookup)
+    chosen = select(
+        "models", {"app": "llm"}, None, [off, md("on", "llm2", created="2027-01-01T00:00:00Z")], lookup
+    )
     assert chosen.reason == SELECTED and chosen.chosen.model.name == "on" and chosen.warnings == ()
 
 
@@ -219,8 +243,9 @@ def test_a_pod_controlled_by_something_else_is_not_the_workloads():
         "labels match Deployment 'llm' of ModelDeployment 'a', but the pod is controlled by Job 'llm-bench'"
     )
     rs = Owner("ReplicaSet", "llm2-7f8e9d")
-    chosen = select("models", {"app": "llm"}, rs, [md("a"), md("b", "llm2", created="2027-01-01T00:00:00Z")],
-                    lookup)
+    chosen = select(
+        "models", {"app": "llm"}, rs, [md("a"), md("b", "llm2", created="2027-01-01T00:00:00Z")], lookup
+    )
     assert chosen.chosen.model.name == "b" and chosen.warnings == ()
 
 

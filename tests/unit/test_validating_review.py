@@ -11,7 +11,9 @@ from crds.validation import ValidationSettings
 from webhook.admission import parse_review
 from webhook.validating import review_modeldeployment
 
-TUTORIAL = yaml.safe_load((Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text())
+TUTORIAL = yaml.safe_load(
+    (Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text()
+)
 SETTINGS = ValidationSettings()
 
 
@@ -19,7 +21,11 @@ def review(obj, *, operation="CREATE", old=None, sub_resource=None, uid="7f0e-ui
     request = {
         "uid": uid,
         "kind": {"group": "deployment.beamlit.com", "version": "v1alpha1", "kind": "ModelDeployment"},
-        "resource": {"group": "deployment.beamlit.com", "version": "v1alpha1", "resource": "modeldeployments"},
+        "resource": {
+            "group": "deployment.beamlit.com",
+            "version": "v1alpha1",
+            "resource": "modeldeployments",
+        },
         "operation": operation,
         "namespace": "default",
         "name": "my-model",
@@ -76,14 +82,18 @@ def test_a_status_only_update_is_never_blocked_even_for_an_object_that_became_in
     bad = copy.deepcopy(TUTORIAL)
     bad["spec"]["offloadingConfig"]["behavior"]["percentage"] = 150
     with_status = {**bad, "status": {"offloadingStatus": False}}
-    assert review_modeldeployment(review(with_status, operation="UPDATE", old=bad), SETTINGS)["response"]["allowed"]
-    assert review_modeldeployment(review(with_status, operation="UPDATE", old=bad, sub_resource="status"), SETTINGS)[
-        "response"
-    ]["allowed"]
+    assert review_modeldeployment(review(with_status, operation="UPDATE", old=bad), SETTINGS)["response"][
+        "allowed"
+    ]
+    assert review_modeldeployment(
+        review(with_status, operation="UPDATE", old=bad, sub_resource="status"), SETTINGS
+    )["response"]["allowed"]
 
 
 def test_a_delete_is_allowed():
-    assert review_modeldeployment(review(None, operation="DELETE", old=TUTORIAL), SETTINGS)["response"]["allowed"]
+    assert review_modeldeployment(review(None, operation="DELETE", old=TUTORIAL), SETTINGS)["response"][
+        "allowed"
+    ]
 
 
 def test_the_namespace_of_the_request_is_used_when_the_object_has_none():
@@ -92,4 +102,6 @@ def test_the_namespace_of_the_request_is_used_when_the_object_has_none():
     obj["spec"]["serviceRef"]["namespace"] = "team-a"
     answer = review_modeldeployment(review(obj), SETTINGS)["response"]
     assert answer["allowed"] is False
-    assert "must be the ModelDeployment's own namespace 'default', got 'team-a'" in answer["status"]["message"]
+    assert (
+        "must be the ModelDeployment's own namespace 'default', got 'team-a'" in answer["status"]["message"]
+    )

@@ -69,7 +69,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("unknown spec field", {f"{SPEC}__replicas": 3}, "spec.replicas"),
     ("modelSourceRef missing", {f"{SPEC}__modelSourceRef": None}, "spec.modelSourceRef"),
     ("workload kind", {f"{SPEC}__modelSourceRef__kind": "DaemonSet"}, "spec.modelSourceRef.kind"),
-    ("workload apiVersion", {f"{SPEC}__modelSourceRef__apiVersion": "apps/v1beta1"}, "spec.modelSourceRef.apiVersion"),
+    (
+        "workload apiVersion",
+        {f"{SPEC}__modelSourceRef__apiVersion": "apps/v1beta1"},
+        "spec.modelSourceRef.apiVersion",
+    ),
     ("workload name", {f"{SPEC}__modelSourceRef__name": "Php_Apache"}, "spec.modelSourceRef.name"),
     ("workload elsewhere", {f"{SPEC}__modelSourceRef__namespace": "other"}, "spec.modelSourceRef.namespace"),
     ("service elsewhere", {f"{SPEC}__serviceRef__namespace": "other"}, "spec.serviceRef.namespace"),
@@ -79,8 +83,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("percentage 150", {f"{OC}__behavior__percentage": 150}, "spec.offloadingConfig.behavior.percentage"),
     ("percentage -1", {f"{OC}__behavior__percentage": -1}, "spec.offloadingConfig.behavior.percentage"),
     ("percentage 50.5", {f"{OC}__behavior__percentage": 50.5}, "spec.offloadingConfig.behavior.percentage"),
-    ("sustain too long", {f"{OC}__behavior__sustainSeconds": 86400}, "spec.offloadingConfig.behavior.sustainSeconds"),
-    ("cooldown negative", {f"{OC}__behavior__cooldownSeconds": -5}, "spec.offloadingConfig.behavior.cooldownSeconds"),
+    (
+        "sustain too long",
+        {f"{OC}__behavior__sustainSeconds": 86400},
+        "spec.offloadingConfig.behavior.sustainSeconds",
+    ),
+    (
+        "cooldown negative",
+        {f"{OC}__behavior__cooldownSeconds": -5},
+        "spec.offloadingConfig.behavior.cooldownSeconds",
+    ),
     ("tolerance 2", {f"{OC}__behavior__tolerance": 2}, "spec.offloadingConfig.behavior.tolerance"),
     ("host with scheme", {f"{RBK}__host": "http://remote:80"}, f"{RB}.host"),
     ("host with path", {f"{RBK}__host": "remote:80/v1"}, f"{RB}.host"),
@@ -102,46 +114,223 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("pathPrefix with query", {f"{RBK}__pathPrefix": "/v1?a=b"}, f"{RB}.pathPrefix"),
     ("pathPrefix with fragment", {f"{RBK}__pathPrefix": "/v1#x"}, f"{RB}.pathPrefix"),
     ("header bad name", {f"{RBK}__headersToAdd": {"X Bad": "1"}}, f"{RB}.headersToAdd[X Bad]"),
-    ("header CRLF value", {f"{RBK}__headersToAdd": {"X-Team": "a\r\nHost: evil"}}, f"{RB}.headersToAdd[X-Team]"),
-    ("header value beyond latin-1", {f"{RBK}__headersToAdd": {"X-Key": "tök€n"}}, f"{RB}.headersToAdd[X-Key]"),
-    ("header value with a control character", {f"{RBK}__headersToAdd": {"X-Key": "a\x01b"}}, f"{RB}.headersToAdd[X-Key]"),
+    (
+        "header CRLF value",
+        {f"{RBK}__headersToAdd": {"X-Team": "a\r\nHost: evil"}},
+        f"{RB}.headersToAdd[X-Team]",
+    ),
+    (
+        "header value beyond latin-1",
+        {f"{RBK}__headersToAdd": {"X-Key": "tök€n"}},
+        f"{RB}.headersToAdd[X-Key]",
+    ),
+    (
+        "header value with a control character",
+        {f"{RBK}__headersToAdd": {"X-Key": "a\x01b"}},
+        f"{RB}.headersToAdd[X-Key]",
+    ),
     ("pathPrefix not ASCII", {f"{RBK}__pathPrefix": "/模型"}, f"{RB}.pathPrefix"),
     ("pathPrefix with dot segment", {f"{RBK}__pathPrefix": "/v1/../admin"}, f"{RB}.pathPrefix"),
     ("pathPrefix with backslash", {f"{RBK}__pathPrefix": "/v1\\admin"}, f"{RB}.pathPrefix"),
     ("header Host", {f"{RBK}__headersToAdd": {"Host": "evil"}}, f"{RB}.headersToAdd[Host]"),
-    ("header Content-Length", {f"{RBK}__headersToAdd": {"content-length": "0"}}, f"{RB}.headersToAdd[content-length]"),
-    ("header Transfer-Encoding", {f"{RBK}__headersToAdd": {"Transfer-Encoding": "chunked"}}, f"{RB}.headersToAdd[Transfer-Encoding]"),
-    ("header Connection", {f"{RBK}__headersToAdd": {"Connection": "close"}}, f"{RB}.headersToAdd[Connection]"),
+    (
+        "header Content-Length",
+        {f"{RBK}__headersToAdd": {"content-length": "0"}},
+        f"{RB}.headersToAdd[content-length]",
+    ),
+    (
+        "header Transfer-Encoding",
+        {f"{RBK}__headersToAdd": {"Transfer-Encoding": "chunked"}},
+        f"{RB}.headersToAdd[Transfer-Encoding]",
+    ),
+    (
+        "header Connection",
+        {f"{RBK}__headersToAdd": {"Connection": "close"}},
+        f"{RB}.headersToAdd[Connection]",
+    ),
     ("header value not a string", {f"{RBK}__headersToAdd": {"X-N": 1}}, f"{RB}.headersToAdd[X-N]"),
     ("auth type basic", {f"{RBK}__authConfig": {"type": "basic"}}, f"{RB}.authConfig.type"),
     ("oauth without config", {f"{RBK}__authConfig": {"type": "oauth"}}, f"{RB}.authConfig.oauthConfig"),
-    ("oauth http tokenUrl", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {**OAUTH_OK["oauthConfig"], "tokenUrl": "http://auth/token"}}}, f"{RB}.authConfig.oauthConfig.tokenUrl"),
-    ("oauth no clientId", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientId"}}}, f"{RB}.authConfig.oauthConfig.clientId"),
-    ("oauth no secret", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientSecretRef"}}}, f"{RB}.authConfig.oauthConfig.clientSecretRef"),
-    ("oauth both secret forms", {f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {**OAUTH_OK["oauthConfig"], "clientSecret": "s3cr3t"}}}, f"{RB}.authConfig.oauthConfig.clientSecret"),
-    ("secret header bad name", {f"{RBK}__headersFromSecrets": [{"name": "X Key", "secretKeyRef": {"name": "k", "key": "v"}}]}, f"{RB}.headersFromSecrets[0].name"),
-    ("secret header twice", {f"{RBK}__headersToAdd": {"X-Api-Key": "a"}, f"{RBK}__headersFromSecrets": [{"name": "x-api-key", "secretKeyRef": {"name": "k", "key": "v"}}]}, f"{RB}.headersFromSecrets[0].name"),
-    ("secret header bad key", {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k", "key": "a/b"}}]}, f"{RB}.headersFromSecrets[0].secretKeyRef.key"),
-    ("secret header key dot-dot", {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k", "key": ".."}}]}, f"{RB}.headersFromSecrets[0].secretKeyRef.key"),
-    ("secret header without key", {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k"}}]}, f"{RB}.headersFromSecrets[0].secretKeyRef.key"),
+    (
+        "oauth http tokenUrl",
+        {
+            f"{RBK}__authConfig": {
+                **OAUTH_OK,
+                "oauthConfig": {**OAUTH_OK["oauthConfig"], "tokenUrl": "http://auth/token"},
+            }
+        },
+        f"{RB}.authConfig.oauthConfig.tokenUrl",
+    ),
+    (
+        "oauth no clientId",
+        {
+            f"{RBK}__authConfig": {
+                **OAUTH_OK,
+                "oauthConfig": {k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientId"},
+            }
+        },
+        f"{RB}.authConfig.oauthConfig.clientId",
+    ),
+    (
+        "oauth no secret",
+        {
+            f"{RBK}__authConfig": {
+                **OAUTH_OK,
+                "oauthConfig": {k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientSecretRef"},
+            }
+        },
+        f"{RB}.authConfig.oauthConfig.clientSecretRef",
+    ),
+    (
+        "oauth both secret forms",
+        {
+            f"{RBK}__authConfig": {
+                **OAUTH_OK,
+                "oauthConfig": {**OAUTH_OK["oauthConfig"], "clientSecret": "s3cr3t"},
+            }
+        },
+        f"{RB}.authConfig.oauthConfig.clientSecret",
+    ),
+    (
+        "secret header bad name",
+        {f"{RBK}__headersFromSecrets": [{"name": "X Key", "secretKeyRef": {"name": "k", "key": "v"}}]},
+        f"{RB}.headersFromSecrets[0].name",
+    ),
+    (
+        "secret header twice",
+        {
+            f"{RBK}__headersToAdd": {"X-Api-Key": "a"},
+            f"{RBK}__headersFromSecrets": [{"name": "x-api-key", "secretKeyRef": {"name": "k", "key": "v"}}],
+        },
+        f"{RB}.headersFromSecrets[0].name",
+    ),
+    (
+        "secret header bad key",
+        {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k", "key": "a/b"}}]},
+        f"{RB}.headersFromSecrets[0].secretKeyRef.key",
+    ),
+    (
+        "secret header key dot-dot",
+        {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k", "key": ".."}}]},
+        f"{RB}.headersFromSecrets[0].secretKeyRef.key",
+    ),
+    (
+        "secret header without key",
+        {f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k"}}]},
+        f"{RB}.headersFromSecrets[0].secretKeyRef.key",
+    ),
     ("caBundle not PEM", {f"{RBK}__scheme": "https", f"{RBK}__caBundle": "hello"}, f"{RB}.caBundle"),
-    ("caBundle garbage PEM", {f"{RBK}__scheme": "https", f"{RBK}__caBundle": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}, f"{RB}.caBundle"),
+    (
+        "caBundle garbage PEM",
+        {
+            f"{RBK}__scheme": "https",
+            f"{RBK}__caBundle": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        },
+        f"{RB}.caBundle",
+    ),
     ("caBundle for http", {f"{RBK}__caBundle": CA_PEM}, f"{RB}.caBundle"),
     ("metrics without remote", {f"{RBK}": None}, "spec.offloadingConfig.remoteBackend"),
     ("metric type unknown", {f"{OC}__metrics": [{"type": "Queue", "resource": CPU_50}]}, f"{MET}.type"),
     ("metric type mismatch", {f"{OC}__metrics": metric("resource", CPU_50, "External")}, f"{MET}.external"),
-    ("metric two members", {f"{OC}__metrics": [{"type": "Resource", "resource": CPU_50, "external": EXTERNAL}]}, f"{MET}.external"),
-    ("resource gpu", {f"{OC}__metrics": metric("resource", {**CPU_50, "name": "nvidia.com/gpu"})}, f"{MET}.resource.name"),
-    ("utilization zero", {f"{OC}__metrics": metric("resource", {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 0}})}, f"{MET}.resource.target.averageUtilization"),
-    ("utilization missing", {f"{OC}__metrics": metric("resource", {"name": "cpu", "target": {"type": "Utilization", "averageValue": "1"}})}, f"{MET}.resource.target.averageUtilization"),
-    ("averageValue bad quantity", {f"{OC}__metrics": metric("resource", {"name": "memory", "target": {"type": "AverageValue", "averageValue": "lots"}})}, f"{MET}.resource.target.averageValue"),
-    ("averageValue negative", {f"{OC}__metrics": metric("resource", {"name": "memory", "target": {"type": "AverageValue", "averageValue": "-1Gi"}})}, f"{MET}.resource.target.averageValue"),
-    ("value zero", {f"{OC}__metrics": metric("external", {**EXTERNAL, "target": {"type": "Value", "value": "0"}})}, f"{MET}.external.target.value"),
-    ("utilization for external", {f"{OC}__metrics": metric("external", {**EXTERNAL, "target": {"type": "Utilization", "averageUtilization": 50}})}, f"{MET}.external.target.type"),
-    ("pods metric with Value", {f"{OC}__metrics": metric("pods", {"metric": {"name": "rps"}, "target": {"type": "Value", "value": "10"}})}, f"{MET}.pods.target.type"),
-    ("container missing", {f"{OC}__metrics": metric("containerResource", {"name": "cpu", "target": CPU_50["target"]})}, f"{MET}.containerResource.container"),
-    ("selector In without values", {f"{OC}__metrics": metric("external", {**EXTERNAL, "metric": {"name": "q", "selector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}})}, f"{MET}.external.metric.selector.matchExpressions[0].values"),
-    ("target type unknown", {f"{OC}__metrics": metric("resource", {"name": "cpu", "target": {"type": "Percent", "averageUtilization": 50}})}, f"{MET}.resource.target.type"),
+    (
+        "metric two members",
+        {f"{OC}__metrics": [{"type": "Resource", "resource": CPU_50, "external": EXTERNAL}]},
+        f"{MET}.external",
+    ),
+    (
+        "resource gpu",
+        {f"{OC}__metrics": metric("resource", {**CPU_50, "name": "nvidia.com/gpu"})},
+        f"{MET}.resource.name",
+    ),
+    (
+        "utilization zero",
+        {
+            f"{OC}__metrics": metric(
+                "resource", {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 0}}
+            )
+        },
+        f"{MET}.resource.target.averageUtilization",
+    ),
+    (
+        "utilization missing",
+        {
+            f"{OC}__metrics": metric(
+                "resource", {"name": "cpu", "target": {"type": "Utilization", "averageValue": "1"}}
+            )
+        },
+        f"{MET}.resource.target.averageUtilization",
+    ),
+    (
+        "averageValue bad quantity",
+        {
+            f"{OC}__metrics": metric(
+                "resource", {"name": "memory", "target": {"type": "AverageValue", "averageValue": "lots"}}
+            )
+        },
+        f"{MET}.resource.target.averageValue",
+    ),
+    (
+        "averageValue negative",
+        {
+            f"{OC}__metrics": metric(
+                "resource", {"name": "memory", "target": {"type": "AverageValue", "averageValue": "-1Gi"}}
+            )
+        },
+        f"{MET}.resource.target.averageValue",
+    ),
+    (
+        "value zero",
+        {f"{OC}__metrics": metric("external", {**EXTERNAL, "target": {"type": "Value", "value": "0"}})},
+        f"{MET}.external.target.value",
+    ),
+    (
+        "utilization for external",
+        {
+            f"{OC}__metrics": metric(
+                "external", {**EXTERNAL, "target": {"type": "Utilization", "averageUtilization": 50}}
+            )
+        },
+        f"{MET}.external.target.type",
+    ),
+    (
+        "pods metric with Value",
+        {
+            f"{OC}__metrics": metric(
+                "pods", {"metric": {"name": "rps"}, "target": {"type": "Value", "value": "10"}}
+            )
+        },
+        f"{MET}.pods.target.type",
+    ),
+    (
+        "container missing",
+        {f"{OC}__metrics": metric("containerResource", {"name": "cpu", "target": CPU_50["target"]})},
+        f"{MET}.containerResource.container",
+    ),
+    (
+        "selector In without values",
+        {
+            f"{OC}__metrics": metric(
+                "external",
+                {
+                    **EXTERNAL,
+                    "metric": {
+                        "name": "q",
+                        "selector": {"matchExpressions": [{"key": "a", "operator": "In"}]},
+                    },
+                },
+            )
+        },
+        f"{MET}.external.metric.selector.matchExpressions[0].values",
+    ),
+    (
+        "target type unknown",
+        {
+            f"{OC}__metrics": metric(
+                "resource", {"name": "cpu", "target": {"type": "Percent", "averageUtilization": 50}}
+            )
+        },
+        f"{MET}.resource.target.type",
+    ),
     ("metrics not a list", {f"{OC}__metrics": {"type": "Resource"}}, "spec.offloadingConfig.metrics"),
 ]
 
@@ -161,23 +350,93 @@ def test_the_table_has_at_least_forty_cases():
 
 VALID: list[tuple[str, dict[str, Any]]] = [
     ("the tutorial as written", {}),
-    ("https remote with prefix and headers", {f"{RBK}__scheme": "https", f"{RBK}__pathPrefix": "/v1/models", f"{RBK}__headersToAdd": {"X-Team": "ml", "Authorization": "Bearer abc"}}),
-    ("latin-1 header value and encoded prefix", {f"{RBK}__pathPrefix": "/mod%C3%A8les", f"{RBK}__headersToAdd": {"X-Team": "équipe\tA"}}),
+    (
+        "https remote with prefix and headers",
+        {
+            f"{RBK}__scheme": "https",
+            f"{RBK}__pathPrefix": "/v1/models",
+            f"{RBK}__headersToAdd": {"X-Team": "ml", "Authorization": "Bearer abc"},
+        },
+    ),
+    (
+        "latin-1 header value and encoded prefix",
+        {f"{RBK}__pathPrefix": "/mod%C3%A8les", f"{RBK}__headersToAdd": {"X-Team": "équipe\tA"}},
+    ),
     ("IPv6 remote", {f"{RBK}__host": "[fd00::10]:8443"}),
     ("IPv4 remote without port", {f"{RBK}__host": "10.0.0.7"}),
     ("oauth with a secret reference", {f"{RBK}__scheme": "https", f"{RBK}__authConfig": OAUTH_OK}),
     ("StatefulSet workload", {f"{SPEC}__modelSourceRef__kind": "StatefulSet"}),
     ("no serviceRef", {f"{SPEC}__serviceRef": None}),
     ("disabled", {f"{SPEC}__enabled": False}),
-    ("memory average value", {f"{OC}__metrics": metric("resource", {"name": "memory", "target": {"type": "AverageValue", "averageValue": "1.5Gi"}})}),
-    ("container resource", {f"{OC}__metrics": metric("containerResource", {"name": "cpu", "container": "php-apache", "target": CPU_50["target"]})}),
-    ("pods metric", {f"{OC}__metrics": metric("pods", {"metric": {"name": "rps"}, "target": {"type": "AverageValue", "averageValue": 100}})}),
-    ("object metric", {f"{OC}__metrics": metric("object", {"describedObject": {"kind": "Ingress", "name": "main", "apiVersion": "networking.k8s.io/v1"}, "metric": {"name": "rps"}, "target": {"type": "Value", "value": "2k"}})}),
-    ("several metrics", {f"{OC}__metrics": [{"type": "Resource", "resource": CPU_50}, {"type": "External", "external": EXTERNAL}]}),
+    (
+        "memory average value",
+        {
+            f"{OC}__metrics": metric(
+                "resource", {"name": "memory", "target": {"type": "AverageValue", "averageValue": "1.5Gi"}}
+            )
+        },
+    ),
+    (
+        "container resource",
+        {
+            f"{OC}__metrics": metric(
+                "containerResource", {"name": "cpu", "container": "php-apache", "target": CPU_50["target"]}
+            )
+        },
+    ),
+    (
+        "pods metric",
+        {
+            f"{OC}__metrics": metric(
+                "pods", {"metric": {"name": "rps"}, "target": {"type": "AverageValue", "averageValue": 100}}
+            )
+        },
+    ),
+    (
+        "object metric",
+        {
+            f"{OC}__metrics": metric(
+                "object",
+                {
+                    "describedObject": {
+                        "kind": "Ingress",
+                        "name": "main",
+                        "apiVersion": "networking.k8s.io/v1",
+                    },
+                    "metric": {"name": "rps"},
+                    "target": {"type": "Value", "value": "2k"},
+                },
+            )
+        },
+    ),
+    (
+        "several metrics",
+        {
+            f"{OC}__metrics": [
+                {"type": "Resource", "resource": CPU_50},
+                {"type": "External", "external": EXTERNAL},
+            ]
+        },
+    ),
     ("no offloadingConfig", {f"{SPEC}__offloadingConfig": None}),
     ("remote named like another service", {f"{RBK}__host": "php-apache.other-ns.svc:80"}),
-    ("API key from a Secret and a private CA", {f"{RBK}__scheme": "https", f"{RBK}__caBundle": CA_PEM, f"{RBK}__headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "remote-key", "key": "apiKey"}}]}),
-    ("Beamlit compatibility fields", {f"{SPEC}__policies": [{"refType": "remotePolicy", "name": "p"}], f"{SPEC}__serverlessConfig": {"minNumReplicas": 0}}),
+    (
+        "API key from a Secret and a private CA",
+        {
+            f"{RBK}__scheme": "https",
+            f"{RBK}__caBundle": CA_PEM,
+            f"{RBK}__headersFromSecrets": [
+                {"name": "X-Api-Key", "secretKeyRef": {"name": "remote-key", "key": "apiKey"}}
+            ],
+        },
+    ),
+    (
+        "Beamlit compatibility fields",
+        {
+            f"{SPEC}__policies": [{"refType": "remotePolicy", "name": "p"}],
+            f"{SPEC}__serverlessConfig": {"minNumReplicas": 0},
+        },
+    ),
 ]
 
 
@@ -234,7 +493,18 @@ def test_every_error_of_an_object_is_reported_at_once():
     [
         ({f"{OC}__behavior__percentage": 0}, "percentage is 0"),
         ({f"{OC}__metrics": []}, "offloaded at all times"),
-        ({f"{RBK}__authConfig": {**OAUTH_OK, "oauthConfig": {**{k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientSecretRef"}, "clientSecret": "s3cr3t"}}}, "clientSecretRef"),
+        (
+            {
+                f"{RBK}__authConfig": {
+                    **OAUTH_OK,
+                    "oauthConfig": {
+                        **{k: v for k, v in OAUTH_OK["oauthConfig"].items() if k != "clientSecretRef"},
+                        "clientSecret": "s3cr3t",
+                    },
+                }
+            },
+            "clientSecretRef",
+        ),
     ],
 )
 def test_legal_but_suspicious_input_is_allowed_with_a_warning(edits, fragment):
@@ -249,7 +519,9 @@ def test_an_inline_client_secret_never_appears_in_messages():
     assert "hunter2" not in result.message() and not any("hunter2" in w for w in result.warnings)
 
 
-@pytest.mark.parametrize("obj", [None, [], "spec", 3, {"spec": None}, {"spec": []}, {"metadata": "x", "spec": {}}])
+@pytest.mark.parametrize(
+    "obj", [None, [], "spec", 3, {"spec": None}, {"spec": []}, {"metadata": "x", "spec": {}}]
+)
 def test_objects_of_the_wrong_shape_are_refused_not_crashed_on(obj):
     assert not validate_object(obj).ok
 
