@@ -24,40 +24,23 @@ import pytest
 from certs.issue import issue_ca, issue_serving_cert
 from tests.integration.servers import LoopThread, Upstream
 from tests.integration.test_standalone import SidecarProcess
+from tests.modeldeployments import as_yaml, standalone
 
 API_KEY = "ak-3d9f1c27e5b0"
 ROTATED_KEY = "ak-rotated-88e1"
 
 
-def modeldeployment(remote_port: int, *, scheme: str = "http", extra: str = "") -> str:
-    return f"""\
-apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: my-model
-spec:
-  model: my-model
-  modelSourceRef:
-    name: model
-  offloadingConfig:
-    remoteBackend:
-      host: 127.0.0.1:{remote_port}
-      scheme: {scheme}
-{extra}    behavior:
-      percentage: 100
-"""
+def modeldeployment(remote_port: int, *, scheme: str = "http", remote: dict | None = None) -> str:
+    return as_yaml(standalone(remote_port, scheme=scheme, remote=remote))
 
 
-HEADERS_FROM_SECRETS = """\
-      headersFromSecrets:
-        - name: X-Api-Key
-          secretKeyRef: {name: remote-api, key: apiKey}
-"""
+HEADERS_FROM_SECRETS = {
+    "headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "remote-api", "key": "apiKey"}}]
+}
 
 
-def ca_bundle_yaml(pem: bytes) -> str:
-    lines = "".join(f"        {line}\n" for line in pem.decode().splitlines())
-    return f"      caBundle: |\n{lines}"
+def ca_bundle(pem: bytes) -> dict:
+    return {"caBundle": pem.decode()}
 
 
 class MountedSecret:
@@ -100,7 +83,7 @@ def upstreams():
 def test_headers_from_a_secrets_dir_reach_the_remote_and_follow_the_mounted_files(tmp_path, upstreams):
     local, remote = upstreams
     config = tmp_path / "md.yaml"
-    config.write_text(modeldeployment(remote.port, extra=HEADERS_FROM_SECRETS))
+    config.write_text(modeldeployment(remote.port, remote=HEADERS_FROM_SECRETS))
     secrets = tmp_path / "secrets"
     mounted = MountedSecret(secrets, "remote-api")
     sidecar = SidecarProcess(
@@ -150,7 +133,7 @@ def test_headers_from_a_secrets_dir_reach_the_remote_and_follow_the_mounted_file
 def test_without_a_secrets_dir_the_remote_is_unused_with_the_reason_logged(tmp_path, upstreams):
     local, remote = upstreams
     config = tmp_path / "md.yaml"
-    config.write_text(modeldeployment(remote.port, extra=HEADERS_FROM_SECRETS))
+    config.write_text(modeldeployment(remote.port, remote=HEADERS_FROM_SECRETS))
     sidecar = SidecarProcess(tmp_path, "--config", str(config), "--upstream", str(local.port))
     try:
         status = sidecar.wait_for(lambda s: s["decision"]["offloading"], what="the static split")
@@ -173,7 +156,7 @@ def test_a_secrets_dir_that_does_not_exist_is_refused_at_start(tmp_path):
     from tests.integration.servers import REPO
 
     config = tmp_path / "md.yaml"
-    config.write_text(modeldeployment(1, extra=HEADERS_FROM_SECRETS))
+    config.write_text(modeldeployment(1, remote=HEADERS_FROM_SECRETS))
     done = subprocess.run(
         [sys.executable, "-m", "sidecar.cli", "--config", str(config), "--upstream", "1",
          "--secrets-dir", str(tmp_path / "nowhere")],
@@ -208,9 +191,9 @@ def tls_remote(tmp_path):
 def test_a_remote_with_a_private_ca_is_not_trusted_without_its_ca_bundle(tmp_path, tls_remote):
     local, remote, _ = tls_remote
     other_ca = issue_ca("some-other-ca", now=dt.datetime.now(dt.UTC), days=1).cert_pem
-    for name, extra in (("none", ""), ("another CA's", ca_bundle_yaml(other_ca))):
-        config = tmp_path / f"md-{len(extra)}.yaml"
-        config.write_text(modeldeployment(remote.port, scheme="https", extra=extra))
+    for i, (name, remote_fields) in enumerate((("none", None), ("another CA's", ca_bundle(other_ca)))):
+        config = tmp_path / f"md-{i}.yaml"
+        config.write_text(modeldeployment(remote.port, scheme="https", remote=remote_fields))
         sidecar = SidecarProcess(tmp_path, "--config", str(config), "--upstream", str(local.port))
         try:
             status = sidecar.wait_for(lambda s: s["routing"]["activePercentage"] == 100, what="offloading")
@@ -227,7 +210,7 @@ def test_the_ca_bundle_verifies_a_remote_with_a_private_ca(tmp_path, tls_remote)
     """Needs the proxy to connect with ``target.ssl_context or settings.remote_ssl_context``."""
     local, remote, ca_pem = tls_remote
     config = tmp_path / "md.yaml"
-    config.write_text(modeldeployment(remote.port, scheme="https", extra=ca_bundle_yaml(ca_pem)))
+    config.write_text(modeldeployment(remote.port, scheme="https", remote=ca_bundle(ca_pem)))
     sidecar = SidecarProcess(tmp_path, "--config", str(config), "--upstream", str(local.port))
     try:
         status = sidecar.wait_for(lambda s: s["routing"]["activePercentage"] == 100, what="offloading")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.servers import REPO, LoopThread, Upstream
+from tests.modeldeployments import as_yaml, standalone
 
 SPINNER = """
 import os, sys, time
@@ -37,36 +38,9 @@ while True:
 def modeldeployment(
     remote_port: int, *, percentage: int = 50, metrics: bool = True, enabled: bool = True
 ) -> str:
-    text = f"""\
-apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: my-model
-spec:
-  model: my-model
-  enabled: {str(enabled).lower()}
-  modelSourceRef:
-    name: model
-  offloadingConfig:
-    remoteBackend:
-      host: 127.0.0.1:{remote_port}
-      scheme: http
-    behavior:
-      percentage: {percentage}
-      sustainSeconds: 1
-      cooldownSeconds: 1
-"""
-    if metrics:
-        text += """\
-    metrics:
-      - type: Resource
-        resource:
-          name: cpu
-          target:
-            type: Utilization
-            averageUtilization: 50
-"""
-    return text
+    behavior = {"sustainSeconds": 1, "cooldownSeconds": 1}
+    doc = standalone(remote_port, percentage=percentage, enabled=enabled, behavior=behavior, metrics=metrics)
+    return as_yaml(doc)
 
 
 class SidecarProcess:

@@ -9,31 +9,11 @@ from tests.integration.fake_apiserver import LoopbackPKI
 from tests.integration.servers import LoopThread, Upstream
 from tests.integration.test_oauth import CLIENT_ID, SECRET, TokenEndpoint
 from tests.integration.test_standalone import SidecarProcess
+from tests.modeldeployments import as_yaml, oauth_remote, standalone
 
 
 def oauth_modeldeployment(remote_port: int, token_url: str, secret: str) -> str:
-    return f"""\
-apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: my-model
-spec:
-  model: my-model
-  modelSourceRef:
-    name: model
-  offloadingConfig:
-    remoteBackend:
-      host: 127.0.0.1:{remote_port}
-      scheme: http
-      authConfig:
-        type: oauth
-        oauthConfig:
-          clientId: {CLIENT_ID}
-          tokenUrl: {token_url}
-          clientSecret: "{secret}"
-    behavior:
-      percentage: 100
-"""
+    return as_yaml(standalone(remote_port, remote=oauth_remote(CLIENT_ID, token_url, secret)))
 
 
 @pytest.fixture

@@ -10,31 +10,11 @@ import pytest
 from sidecar.app import Sidecar, SidecarSettings, supervised
 from sidecar.filesource import parse_document
 from sidecar.oauth import OAuthClient
+from tests.modeldeployments import as_yaml, oauth_remote, standalone
 
 TOKEN_IN_MESSAGE = "tok-9f8e7d"  # what an exception's message might quote; never logged
 
-MODEL = """\
-apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: my-model
-spec:
-  model: my-model
-  modelSourceRef:
-    name: model
-  offloadingConfig:
-    remoteBackend:
-      host: 127.0.0.1:9
-      scheme: http
-      authConfig:
-        type: oauth
-        oauthConfig:
-          clientId: offloader
-          tokenUrl: https://127.0.0.1:9/token
-          clientSecret: "s3cret"
-    behavior:
-      percentage: 100
-"""
+MODEL = as_yaml(standalone(9, remote=oauth_remote("offloader", "https://127.0.0.1:9/token", "s3cret")))
 
 
 class NoMetrics:

@@ -31,6 +31,7 @@ from sidecar.secretheaders import (
     with_secret_headers,
 )
 from sidecar.stats import ProxyStats
+from tests.modeldeployments import as_yaml, standalone
 
 API_KEY = "k-7f3a9c1e"  # the value that must never be logged or shown
 
@@ -40,27 +41,15 @@ SPECS = (
     HeaderFromSecret("X-Other", SecretKeyReference("other", "apiKey")),
 )
 
-MODEL = """\
-apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: my-model
-spec:
-  model: my-model
-  modelSourceRef:
-    name: model
-  offloadingConfig:
-    remoteBackend:
-      host: remote.example:8443
-      scheme: https
-      headersToAdd:
-        X-Static: s
-      headersFromSecrets:
-        - name: X-Api-Key
-          secretKeyRef: {name: remote-api, key: apiKey}
-    behavior:
-      percentage: 100
-"""
+API_KEY_FROM_SECRET = {"name": "X-Api-Key", "secretKeyRef": {"name": "remote-api", "key": "apiKey"}}
+
+
+def model_text(**remote) -> str:
+    fields = {"headersToAdd": {"X-Static": "s"}, "headersFromSecrets": [API_KEY_FROM_SECRET], **remote}
+    return as_yaml(standalone(host="remote.example:8443", scheme="https", remote=fields))
+
+
+MODEL = model_text()
 
 
 def model(text: str = MODEL):
@@ -282,13 +271,20 @@ def test_oauth_authorization_comes_after_the_secret_headers():
 
 
 def test_the_role_gets_each_referenced_secret_by_name_once():
-    text = MODEL.replace(
-        "      headersFromSecrets:\n",
-        "      authConfig:\n        type: oauth\n        oauthConfig:\n          clientId: c\n"
-        "          tokenUrl: https://auth.example/token\n          clientSecretRef: {name: oauth-secret}\n"
-        "      headersFromSecrets:\n"
-        "        - name: X-Tenant\n          secretKeyRef: {name: remote-api, key: tenant}\n"
-        "        - name: X-Other\n          secretKeyRef: {name: other, key: k}\n",
+    text = model_text(
+        authConfig={
+            "type": "oauth",
+            "oauthConfig": {
+                "clientId": "c",
+                "tokenUrl": "https://auth.example/token",
+                "clientSecretRef": {"name": "oauth-secret"},
+            },
+        },
+        headersFromSecrets=[
+            {"name": "X-Tenant", "secretKeyRef": {"name": "remote-api", "key": "tenant"}},
+            {"name": "X-Other", "secretKeyRef": {"name": "other", "key": "k"}},
+            API_KEY_FROM_SECRET,
+        ],
     )
     assert sidecar_rules_for(model(text)) == [
         {
