@@ -180,6 +180,26 @@ def test_the_cluster_source_follows_edits_through_its_watch(
         )
 
 
+def two_ready_php_apache_pods(kube, namespace: str) -> list[str]:
+    """The names of the (scaled to 2) php-apache pods once both are Running and Ready."""
+    core = kubernetes.client.CoreV1Api(kube.api_client)
+
+    def ready_pods() -> list[str]:
+        pods = core.list_namespaced_pod(namespace, label_selector="run=php-apache").items
+        ready = [
+            p.metadata.name
+            for p in pods
+            if p.status.phase == "Running"
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]
+        return ready if len(ready) == 2 else []
+
+    wait_until("two Running, Ready php-apache pods", ready_pods, 60, alive=kube.processes)
+    pods = ready_pods()
+    time.sleep(2)  # a sample must postdate readiness by its window (1 s), as the HPA requires for cpu
+    return pods
+
+
 @pytest.fixture
 def fake_metrics_server(kube, tmp_path) -> Iterator[FakeMetricsServer]:
     with FakeMetricsServer(tmp_path / "fake-metrics") as server:
@@ -203,21 +223,7 @@ def test_pod_metrics_through_the_aggregation_layer_cross_the_target_both_ways(
 ) -> None:
     apply(kube, list(yaml.safe_load_all(TUTORIAL_CLUSTER_A.read_text())), namespace)
     kube.kubectl("scale", "deployment/php-apache", "--replicas=2", "-n", namespace)
-    core = kubernetes.client.CoreV1Api(kube.api_client)
-
-    def ready_pods() -> list[str]:
-        pods = core.list_namespaced_pod(namespace, label_selector="run=php-apache").items
-        ready = [
-            p.metadata.name
-            for p in pods
-            if p.status.phase == "Running"
-            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-        ]
-        return ready if len(ready) == 2 else []
-
-    wait_until("two Running, Ready php-apache pods", ready_pods, 60, alive=kube.processes)
-    pods = ready_pods()
-    time.sleep(2)  # a sample must postdate readiness by its window (1 s), as the HPA requires for cpu
+    pods = two_ready_php_apache_pods(kube, namespace)
     model = ClusterConfigSource(None, namespace, "my-model").model_of(modeldeployment(namespace))  # type: ignore[arg-type]
     assert model is not None
 
@@ -382,21 +388,7 @@ def test_a_sidecar_process_follows_its_modeldeployment_and_offloads_while_the_wo
                 },
             ),
         )
-        core = kubernetes.client.CoreV1Api(kube.api_client)
-
-        def pods() -> list[str]:
-            items = core.list_namespaced_pod(namespace, label_selector="run=php-apache").items
-            ready = [
-                p.metadata.name
-                for p in items
-                if p.status.phase == "Running"
-                and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-            ]
-            return ready if len(ready) == 2 else []
-
-        wait_until("two Running, Ready php-apache pods", pods, 60, alive=kube.processes)
-        ready_pods = pods()
-        time.sleep(2)  # samples must postdate readiness by their window (the HPA's cpu rule)
+        ready_pods = two_ready_php_apache_pods(kube, namespace)
 
         def usage(cpu: str) -> None:
             for pod in ready_pods:
