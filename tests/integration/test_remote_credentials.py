@@ -70,16 +70,6 @@ class MountedSecret:
         (self.dir / key).unlink()
 
 
-@pytest.fixture
-def upstreams():
-    with LoopThread() as lt:
-        local = lt.run(Upstream.started("local"))
-        remote = lt.run(Upstream.started("remote"))
-        yield local, remote
-        lt.run(local.kill())
-        lt.run(remote.kill())
-
-
 def test_headers_from_a_secrets_dir_reach_the_remote_and_follow_the_mounted_files(tmp_path, upstreams):
     local, remote = upstreams
     config = tmp_path / "md.yaml"

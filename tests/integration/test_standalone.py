@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.servers import REPO, LoopThread, Upstream
+from tests.integration.servers import REPO
 from tests.modeldeployments import as_yaml, standalone
 
 SPINNER = """
@@ -121,16 +121,6 @@ class SidecarProcess:
     def log_text(self) -> str:
         self.log.flush()
         return self.log_path.read_text()
-
-
-@pytest.fixture
-def upstreams():
-    with LoopThread() as lt:
-        local = lt.run(Upstream.started("local"))
-        remote = lt.run(Upstream.started("remote"))
-        yield local, remote
-        lt.run(local.kill())
-        lt.run(remote.kill())
 
 
 @pytest.fixture
