@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from certs.issue import CA_KEY_USAGE, key_pem, new_key
+
 _VALIDITY = dt.timedelta(days=2)
 
 
@@ -26,16 +28,6 @@ class CertPair:
 class _Issuer:
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
-
-
-def _new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 def _name(common_name: str, organization: str | None = None) -> x509.Name:
@@ -63,7 +55,7 @@ def _builder(
 def _write(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> CertPair:
     pair = CertPair(directory / f"{stem}.crt", directory / f"{stem}.key")
     pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pair.key.write_bytes(_key_pem(key))
+    pair.key.write_bytes(key_pem(key))
     pair.key.chmod(0o600)
     return pair
 
@@ -74,25 +66,12 @@ class ClusterPKI:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        key = _new_key()
+        key = new_key()
         name = _name("offload-e2e-ca")
         cert = (
             _builder(name, name, key)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(CA_KEY_USAGE, critical=True)
             .sign(key, hashes.SHA256())
         )
         self._ca = _Issuer(cert, key)
@@ -105,7 +84,7 @@ class ClusterPKI:
         usage: x509.ObjectIdentifier,
         san: list[x509.GeneralName] | None = None,
     ) -> CertPair:
-        key = _new_key()
+        key = new_key()
         builder = (
             _builder(subject, self._ca.cert.subject, key)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -125,13 +104,13 @@ class ClusterPKI:
 
     def service_account_keys(self) -> CertPair:
         """The key pair the API server signs service-account tokens with (cert = public key)."""
-        key = _new_key()
+        key = new_key()
         pair = CertPair(self.directory / "sa.pub", self.directory / "sa.key")
         pair.cert.write_bytes(
             key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
-        pair.key.write_bytes(_key_pem(key))
+        pair.key.write_bytes(key_pem(key))
         pair.key.chmod(0o600)
         return pair
