@@ -157,39 +157,23 @@ backend be
     return proc
 
 
-def start_bare_relay(port: int, upstream: int) -> Proc:
+def _start_python_relay(command: list[str], port: int, upstream: int) -> Proc:
+    """A Python proxy (the sidecar or the bare relay) on the proxy core, in front of upstream."""
     proc = Proc(
-        [
-            sys.executable,
-            str(HERE / "bare_relay.py"),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--local",
-            f"127.0.0.1:{upstream}",
-        ],
+        [sys.executable, *command, "--listen", f"127.0.0.1:{port}", "--local", f"127.0.0.1:{upstream}"],
         PROXY_CORE,
         cwd=REPO,
     )
     wait_port(port)
     return proc
+
+
+def start_bare_relay(port: int, upstream: int) -> Proc:
+    return _start_python_relay([str(HERE / "bare_relay.py")], port, upstream)
 
 
 def start_sidecar(port: int, upstream: int) -> Proc:
-    proc = Proc(
-        [
-            sys.executable,
-            "-m",
-            "sidecar.proxy",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--local",
-            f"127.0.0.1:{upstream}",
-        ],
-        PROXY_CORE,
-        cwd=REPO,
-    )
-    wait_port(port)
-    return proc
+    return _start_python_relay(["-m", "sidecar.proxy"], port, upstream)
 
 
 # --- wrk -----------------------------------------------------------------------------------
