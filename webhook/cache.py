@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from crds.model import GROUP, PLURAL, VERSION
 from crds.validation import ValidationSettings, validate_object
@@ -38,6 +38,11 @@ DEPLOYMENTS = "deployments"
 STATEFULSETS = "statefulsets"
 SERVICES = "services"
 RESOURCES = (MODELDEPLOYMENTS, DEPLOYMENTS, STATEFULSETS, SERVICES)
+# Watched for the controller only (webhook.controller.store).
+PODS = "pods"
+REPLICASETS = "replicasets"
+ROLEBINDINGS = "rolebindings"
+CONTROLLER_RESOURCES = (*RESOURCES, PODS, REPLICASETS, ROLEBINDINGS)
 WORKLOAD_KINDS = {DEPLOYMENTS: "Deployment", STATEFULSETS: "StatefulSet"}
 
 
@@ -252,6 +257,7 @@ def list_functions(api_client: Any) -> dict[str, Callable[..., Any]]:
     apps = kubernetes.client.AppsV1Api(api_client)
     core = kubernetes.client.CoreV1Api(api_client)
     custom = kubernetes.client.CustomObjectsApi(api_client)
+    rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
 
     def list_modeldeployments(**kwargs: Any) -> Any:
         return custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
@@ -263,7 +269,20 @@ def list_functions(api_client: Any) -> dict[str, Callable[..., Any]]:
         DEPLOYMENTS: apps.list_deployment_for_all_namespaces,
         STATEFULSETS: apps.list_stateful_set_for_all_namespaces,
         SERVICES: core.list_service_for_all_namespaces,
+        PODS: core.list_pod_for_all_namespaces,
+        REPLICASETS: apps.list_replica_set_for_all_namespaces,
+        ROLEBINDINGS: rbac.list_role_binding_for_all_namespaces,
     }
+
+
+class WatchSink(Protocol):
+    """What the watches write into: ``ClusterCache``, the controller's store, or both."""
+
+    def replace(self, resource: str, objects: Iterable[Any]) -> None: ...
+    def apply(self, resource: str, event_type: str, obj: Any) -> None: ...
+    def mark_listed(self, resource: str) -> None: ...
+    def mark_failing(self, resource: str) -> None: ...
+    def synced(self) -> bool: ...
 
 
 class CacheSync:
@@ -271,9 +290,10 @@ class CacheSync:
 
     def __init__(
         self,
-        cache: ClusterCache,
+        cache: WatchSink,
         api_client: Any,
         *,
+        resources: Sequence[str] = RESOURCES,
         watch_timeout: int = 300,
         page_size: int = 500,
         backoff: Backoff = Backoff(),
@@ -287,10 +307,11 @@ class CacheSync:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._watches: dict[str, Any] = {}
-        self.relists: dict[str, int] = {r: 0 for r in RESOURCES}
+        self._resources = tuple(resources)
+        self.relists: dict[str, int] = {r: 0 for r in self._resources}
 
     def start(self) -> None:
-        for resource in RESOURCES:
+        for resource in self._resources:
             thread = threading.Thread(
                 target=self._run, args=(resource,), name=f"watch-{resource}", daemon=True
             )

@@ -7,12 +7,15 @@ import logging
 import ssl
 import sys
 from functools import partial
+from typing import Any
 
 import uvicorn
 
 from crds.validation import ValidationSettings
 from webhook.app import build_app
 from webhook.cache import CacheSync, ClusterCache
+from webhook.controller import main as controller_main
+from webhook.controller.store import Store
 from webhook.injector_config import ConfigError, load_config
 from webhook.mutating import review_pod
 from webhook.validating import review_modeldeployment
@@ -26,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the ModelDeployment validating webhook (/validate-modeldeployments) "
         "and the sidecar-injecting webhook over HTTPS, with /healthz and /readyz.",
     )
-    parser.add_argument("--tls-cert-file", required=True, help="PEM serving certificate (chain)")
-    parser.add_argument("--tls-private-key-file", required=True, help="PEM private key of the certificate")
+    parser.add_argument(
+        "--tls-cert-file", help="PEM serving certificate (chain); required unless --release-all"
+    )
+    parser.add_argument(
+        "--tls-private-key-file", help="PEM private key of the certificate; required unless --release-all"
+    )
     parser.add_argument("--port", type=int, default=9443, help="HTTPS port (default: %(default)s)")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     parser.add_argument(
@@ -62,16 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="report not ready once a watch has been failing this long (default: %(default)s)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    controller_main.add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.release_all and not (args.tls_cert_file and args.tls_private_key_file):
+        parser.error("--tls-cert-file and --tls-private-key-file are required")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = ValidationSettings(default_remote_backend=args.default_remote_backend)
+    if args.release_all:
+        return controller_main.release_all(args, _api_client(args), settings)
     reviews = {"/validate-modeldeployments": partial(review_modeldeployment, settings=settings)}
     ready = _always_ready
     sync = None
+    controller = None
     if args.injector_config and not args.validation_only:
         try:
             config = load_config(args.injector_config)
@@ -79,12 +93,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"offload-webhook: --injector-config: {exc}", file=sys.stderr)
             return 2
         try:
-            sync = _start_cache(args, settings)
+            api_client = _api_client(args)
         except Exception as exc:  # noqa: BLE001 - kubernetes.config raises several kinds
             print(f"offload-webhook: no cluster credentials for /mutate-pods: {exc}", file=sys.stderr)
             return 2
-        reviews["/mutate-pods"] = partial(review_pod, view=sync.cache, config=config)
-        ready = sync.cache.synced
+        cache = ClusterCache(settings, stale_after=args.stale_after)
+        store = Store(controller_main.CONTROLLER_RESOURCES)
+        sink, resources = controller_main.watch_sink(cache, store)
+        sync = CacheSync(sink, api_client, resources=resources)
+        sync.start()
+        controller = controller_main.start(args, api_client, store, settings)
+        reviews["/mutate-pods"] = partial(review_pod, view=cache, config=config)
+        ready = cache.synced  # admission readiness: the controller's resources do not gate it
         log.info("serving /mutate-pods (injector config version %r)", config.config_version)
     app = build_app(reviews, ready=ready)
     uvicorn.run(
@@ -100,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if sync is not None:
         sync.stop()
+    if controller is not None:
+        controller.stop()
     return 0
 
 
@@ -107,8 +129,8 @@ def _always_ready() -> bool:
     return True
 
 
-def _start_cache(args: argparse.Namespace, settings: ValidationSettings) -> CacheSync:
-    """Credentials from --kubeconfig, $KUBECONFIG or the service account; watches started.
+def _api_client(args: argparse.Namespace) -> Any:
+    """Credentials from --kubeconfig, $KUBECONFIG or the service account.
 
     The watches connect in the background: the server starts at once and reports ready
     when they have synced; failing to reach the API server is retried, never fatal.
@@ -124,11 +146,7 @@ def _start_cache(args: argparse.Namespace, settings: ValidationSettings) -> Cach
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     # The watches retry with their own backoff; urllib3's silent retries would only add noise.
     configuration.retries = 0
-    api_client = kubernetes.client.ApiClient(configuration)
-    cache = ClusterCache(settings, stale_after=args.stale_after)
-    sync = CacheSync(cache, api_client)
-    sync.start()
-    return sync
+    return kubernetes.client.ApiClient(configuration)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,383 @@
+"""The controller's shell: turn store changes into reconciles and carry out their plans.
+
+``Controller`` owns a work queue of ModelDeployment keys ``(namespace, name)``. A change to
+any watched object enqueues the ModelDeployments of its namespace; every key is also
+re-enqueued each evaluation period. One worker thread takes keys while this replica leads:
+it builds the ``World`` from the store, asks ``reconcile.plan`` what to do, does it (the
+finalizer first when adding, last when removing), evaluates the offloading decision when
+due, writes the status only when it differs, and records an Event per condition change.
+
+A failed API call requeues the key with backoff; a conflict (the object changed under us)
+requeues at once: the next attempt reads the new version. Nothing is kept in memory that
+the objects do not also say, except the decision windows (a successor continues from the
+published decision) and when each key was last evaluated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from crds.model import GROUP, PLURAL, VERSION
+from crds.validation import ValidationSettings, validate_object
+from webhook.cache import (
+    DEPLOYMENTS,
+    MODELDEPLOYMENTS,
+    PODS,
+    REPLICASETS,
+    ROLEBINDINGS,
+    SERVICES,
+    STATEFULSETS,
+)
+from webhook.controller import pods as podq
+from webhook.controller import rbac, reconcile
+from webhook.controller.conditions import Condition, merge, transitions
+from webhook.controller.store import Store
+from webhook.controller.workqueue import WorkQueue
+
+log = logging.getLogger("webhook.controller")
+
+Key = tuple[str, str]
+KINDS = {"Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS}
+
+
+class Evaluation(Protocol):
+    """The offloading decision for one ModelDeployment (``webhook.controller.decide``)."""
+
+    def evaluate(
+        self, key: Key, model: Any, pods: list[Mapping[str, Any]], status: Mapping[str, Any], generation: int
+    ) -> tuple[dict[str, Any], Condition]:
+        """(status fields: offloading, offloadingStatus, utilization, decision; the Offloading condition)."""
+        ...
+
+    def forget(self, key: Key) -> None: ...
+
+
+@dataclass(frozen=True)
+class Options:
+    sidecar_cluster_role: str
+    release: bool = False
+    period: float = 15.0  # seconds between evaluations of one ModelDeployment
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+
+def _rfc3339(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Controller:
+    def __init__(
+        self,
+        api_client: Any,
+        store: Store,
+        options: Options,
+        *,
+        evaluation: Evaluation | None = None,
+        leading: Callable[[], bool] = lambda: True,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], float] = time.monotonic,
+        metrics: Any = None,
+    ) -> None:
+        import kubernetes
+
+        self._core = kubernetes.client.CoreV1Api(api_client)
+        self._custom = kubernetes.client.CustomObjectsApi(api_client)
+        self._rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
+        self._api_exception = kubernetes.client.ApiException
+        self.store = store
+        self.options = options
+        self._evaluation = evaluation
+        self._leading = leading
+        self._wall = wall_clock
+        self._clock = clock
+        self._metrics = metrics
+        self.queue = WorkQueue(clock)
+        self._failures: dict[Key, int] = {}
+        self._evaluated_at: dict[Key, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        store.set_on_change(self._changed)
+
+    # -- wiring --
+
+    def _changed(self, resource: str, namespace: str) -> None:
+        for md in self.store.list(MODELDEPLOYMENTS, namespace):
+            self.queue.add((namespace, podq.name_of(md)))
+
+    def enqueue_all(self) -> None:
+        for namespace in self.store.namespaces(MODELDEPLOYMENTS):
+            for md in self.store.list(MODELDEPLOYMENTS, namespace):
+                self.queue.add((namespace, podq.name_of(md)))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="controller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.close()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            key = self.queue.get(timeout=1.0)
+            if key is None:
+                continue
+            try:
+                if not self._leading() or not self.store.synced():
+                    # Followers keep the key for when they lead; nothing is written meanwhile.
+                    self.queue.add_after(key, 1.0)
+                    continue
+                self._reconcile_timed(key)  # type: ignore[arg-type]
+            finally:
+                self.queue.done(key)
+
+    def _reconcile_timed(self, key: Key) -> None:
+        started = self._clock()
+        result = "success"
+        try:
+            requeue = self.reconcile(key)
+            self._failures.pop(key, None)
+            if requeue is not None:
+                self.queue.add_after(key, requeue)
+        except self._api_exception as exc:
+            result = "requeue" if exc.status in (409, 422) else "error"
+            attempt = self._failures.get(key, 0)
+            self._failures[key] = attempt + 1
+            delay = 0.2 if result == "requeue" else min(30.0, 0.5 * 2**attempt)
+            log.warning("reconcile %s/%s: API %s %s; again in %.1fs", *key, exc.status, exc.reason, delay)
+            self.queue.add_after(key, delay)
+        except Exception:
+            result = "error"
+            attempt = self._failures.get(key, 0)
+            self._failures[key] = attempt + 1
+            log.exception("reconcile %s/%s failed", *key)
+            self.queue.add_after(key, min(30.0, 0.5 * 2**attempt))
+        finally:
+            if self._metrics is not None:
+                self._metrics.reconciled(result, self._clock() - started)
+
+    # -- one ModelDeployment --
+
+    def world(self, md: Mapping[str, Any]) -> reconcile.World:
+        """What the store shows for ``md``."""
+        namespace = str((md.get("metadata") or {}).get("namespace"))
+        result = validate_object(md, self.options.validation)
+        model = result.model
+        binding = self.store.get(ROLEBINDINGS, namespace, rbac.binding_name(podq.name_of(md)))
+        if model is None:
+            return reconcile.World(md, None, result.message(), rolebinding=binding)
+        ref = model.spec.model_source_ref
+        workload = self.store.get(KINDS.get(ref.kind, DEPLOYMENTS), model.workload_namespace, ref.name)
+        workload_pods: list[Mapping[str, Any]] = []
+        if workload is not None:
+            workload_pods = podq.owned_pods(
+                workload,
+                ref.kind,
+                self.store.list(REPLICASETS, model.workload_namespace),
+                self.store.list(PODS, model.workload_namespace),
+            )
+        service = service_pods = None
+        sref = model.spec.service_ref
+        if sref is not None and model.service_namespace == namespace:
+            service = self.store.get(SERVICES, namespace, sref.name)
+            if service is not None:
+                selector = (service.get("spec") or {}).get("selector")
+                service_pods = podq.selected_by(selector, self.store.list(PODS, namespace))
+        return reconcile.World(
+            md,
+            model,
+            workload=workload,
+            workload_pods=workload_pods,
+            service=service,
+            service_pods=service_pods or (),
+            rolebinding=binding,
+        )
+
+    def reconcile(self, key: Key) -> float | None:
+        """Converge one ModelDeployment; the delay before it is looked at again, if any."""
+        namespace, name = key
+        md = self.store.get(MODELDEPLOYMENTS, namespace, name)
+        if md is None:
+            self._evaluated_at.pop(key, None)
+            self._failures.pop(key, None)
+            if self._evaluation is not None:
+                self._evaluation.forget(key)
+            return None
+        world = self.world(md)
+        settings = reconcile.Settings(self.options.sidecar_cluster_role, release=self.options.release)
+        status = md.get("status") or {}
+        decided: dict[str, Any] = {}
+        due = self._evaluation is not None and world.model is not None and not self.options.release
+        due = due and not (md.get("metadata") or {}).get("deletionTimestamp")
+        if due and self._clock() - self._evaluated_at.get(key, -1e18) >= self.options.period:
+            assert self._evaluation is not None
+            decided, offloading = self._evaluation.evaluate(
+                key,
+                world.model,
+                list(world.workload_pods),
+                status,
+                int((md.get("metadata") or {}).get("generation") or 0),
+            )
+            self._evaluated_at[key] = self._clock()
+            world = reconcile.World(**{**world.__dict__, "offloading": offloading})
+        elif due and status.get("conditions"):
+            previous = next((c for c in status["conditions"] if c.get("type") == "Offloading"), None)
+            if previous is not None:
+                world = reconcile.World(
+                    **{
+                        **world.__dict__,
+                        "offloading": Condition(
+                            "Offloading",
+                            {"True": True, "False": False}.get(previous.get("status")),
+                            str(previous.get("reason") or ""),
+                            str(previous.get("message") or ""),
+                        ),
+                    }
+                )
+        plan = reconcile.plan(world, settings)
+        self._carry_out(md, plan)
+        if plan.remove_finalizer or (md.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        self._write_status(md, plan, decided)
+        return self.options.period if not self.options.release else None
+
+    def _carry_out(self, md: Mapping[str, Any], plan: reconcile.Plan) -> None:
+        meta = md.get("metadata") or {}
+        namespace, name = str(meta.get("namespace")), str(meta.get("name"))
+        if plan.add_finalizer:
+            self._patch_md(md, self._finalizer_patch(md, add=True))
+        if plan.service_patch:
+            service_name = str(((md.get("spec") or {}).get("serviceRef") or {}).get("name"))
+            patch = plan.service_patch
+            self._ignore_missing(lambda: self._core.patch_namespaced_service(service_name, namespace, patch))
+            verb = "Captured" if plan.service_patch_why == "capture" else "Restored"
+            message = (
+                f"Service {service_name} now points at the sidecars' offload-proxy port"
+                if verb == "Captured"
+                else f"Service {service_name} points at the model's own port again"
+            )
+            self.event(md, "Normal", f"Service{verb}", message)
+            log.info("%s/%s: %s", namespace, name, message)
+        action = plan.rolebinding
+        if action is not None:
+            binding = rbac.binding_name(name)
+            if action.verb in ("delete", "recreate"):
+                self._ignore_missing(lambda: self._rbac.delete_namespaced_role_binding(binding, namespace))
+            if action.verb in ("create", "recreate"):
+                self._rbac.create_namespaced_role_binding(namespace, action.body)
+            if action.verb == "patch-subjects":
+                assert action.body is not None
+                self._rbac.patch_namespaced_role_binding(
+                    binding, namespace, {"subjects": action.body["subjects"]}
+                )
+        if plan.remove_finalizer:
+            self._ignore_missing(lambda: self._patch_md(md, self._finalizer_patch(md, add=False)))
+            log.info("%s/%s: cleaned up, finalizer removed", namespace, name)
+
+    def _ignore_missing(self, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except self._api_exception as exc:
+            if exc.status != 404:  # already gone counts as done
+                raise
+
+    def _finalizer_patch(self, md: Mapping[str, Any], *, add: bool) -> list[dict[str, Any]]:
+        meta = md.get("metadata") or {}
+        finalizers = list(meta.get("finalizers") or [])
+        test = {"op": "test", "path": "/metadata/resourceVersion", "value": meta.get("resourceVersion")}
+        if add:
+            if not finalizers:
+                return [test, {"op": "add", "path": "/metadata/finalizers", "value": [reconcile.FINALIZER]}]
+            return [test, {"op": "add", "path": "/metadata/finalizers/-", "value": reconcile.FINALIZER}]
+        index = finalizers.index(reconcile.FINALIZER)
+        return [test, {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
+
+    def _patch_md(self, md: Mapping[str, Any], patch: list[dict[str, Any]]) -> None:
+        meta = md.get("metadata") or {}
+        self._custom.api_client.call_api(
+            f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}",
+            "PATCH",
+            path_params={"namespace": meta.get("namespace"), "name": meta.get("name")},
+            header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
+            body=patch,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+        )
+
+    def _write_status(self, md: Mapping[str, Any], plan: reconcile.Plan, decided: Mapping[str, Any]) -> None:
+        meta = md.get("metadata") or {}
+        status = md.get("status") or {}
+        generation = int(meta.get("generation") or 0)
+        now = _rfc3339(self._wall())
+        conditions = merge(status.get("conditions"), plan.conditions, generation=generation, now=now)
+        wanted: dict[str, Any] = {
+            "observedGeneration": generation,
+            "conditions": conditions,
+            "injected": plan.injected,
+            "captured": plan.captured,
+            **decided,
+        }
+        if all(status.get(k) == v for k, v in wanted.items()):
+            return
+        for cond in transitions(status.get("conditions"), plan.conditions):
+            if cond.type in ("Ready", "Valid") and cond.status is not False:
+                continue
+            if cond.type == "Offloading":
+                reason = "OffloadingStarted" if cond.status else "OffloadingStopped"
+                was = next((c for c in status.get("conditions") or [] if c.get("type") == "Offloading"), None)
+                if was is not None and was.get("status") == cond.status_text:
+                    continue  # same state, another reason: no Event
+                if was is None and not cond.status:
+                    continue
+                self.event(md, "Normal", reason, cond.message)
+                continue
+            if cond.status is False:
+                self.event(md, "Warning", cond.reason, cond.message)
+        self._custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, str(meta.get("namespace")), PLURAL, str(meta.get("name")), {"status": wanted}
+        )
+
+    # -- Events --
+
+    def event(self, md: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the ModelDeployment (what ``kubectl describe`` shows)."""
+        import kubernetes
+
+        meta = md.get("metadata") or {}
+        namespace = str(meta.get("namespace"))
+        now = datetime.now(UTC)
+        body = kubernetes.client.CoreV1Event(
+            metadata=kubernetes.client.V1ObjectMeta(
+                name=f"{meta.get('name')}.{uuid.uuid4().hex[:16]}", namespace=namespace
+            ),
+            involved_object=kubernetes.client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}",
+                kind="ModelDeployment",
+                name=meta.get("name"),
+                namespace=namespace,
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            reason=reason,
+            message=message[:1024],
+            type=type_,
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=kubernetes.client.V1EventSource(component="offload-controller"),
+            reporting_component="offload.beamlit.com/controller",
+            reporting_instance="offload-webhook",
+        )
+        try:
+            self._core.create_namespaced_event(namespace, body)
+        except self._api_exception as exc:
+            # A namespace being deleted refuses new objects; an Event is never worth a retry.
+            log.info("event %s on %s/%s not recorded: %s", reason, namespace, meta.get("name"), exc.reason)
