@@ -163,6 +163,8 @@ def test_names_group_scope_and_status_subresource(crd, version):
         "Model": ".spec.model",
         "Offloading": ".status.offloadingStatus",
         "Utilization": ".status.utilization",
+        "Captured": ".status.captured",
+        "Injected": ".status.injected",
         "Age": ".metadata.creationTimestamp",
     }
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
