@@ -18,6 +18,7 @@ import kubernetes
 import modeldeployments as md
 import pytest
 import yaml
+from controlplane.admission import mutating_webhook_configuration
 from controlplane.process import wait_until
 from controlplane.webhook_process import WebhookServer
 from paths import REPO_ROOT, TUTORIAL_CLUSTER_A
@@ -38,51 +39,22 @@ resources:
 """
 
 
-def mutating_webhook_configuration(name: str, url: str, ca_bundle: str, namespace: str) -> dict:
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": name},
-        "webhooks": [
-            {
-                "name": "inject.pods.deployment.beamlit.com",
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
-                "failurePolicy": "Ignore",
-                "timeoutSeconds": 5,
-                "reinvocationPolicy": "IfNeeded",
-                "matchPolicy": "Equivalent",
-                "rules": [
-                    {
-                        "apiGroups": [""],
-                        "apiVersions": ["v1"],
-                        "operations": ["CREATE"],
-                        "resources": ["pods"],
-                        "scope": "Namespaced",
-                    }
-                ],
-                # Only this test's namespace: other tests' pods on the shared control plane are
-                # none of this webhook's business (the chart excludes kube-system and its own).
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-                # Pods that opt out are never even sent.
-                "objectSelector": {
-                    "matchExpressions": [
-                        {"key": "offload.beamlit.com/inject", "operator": "NotIn", "values": ["false"]},
-                    ]
-                },
-                "clientConfig": {"url": url, "caBundle": ca_bundle},
-            }
-        ],
-    }
-
-
 @pytest.fixture
 def injector(kube, namespace, modeldeployment_crd, run_webhook, tmp_path) -> Iterator[WebhookServer]:
     """offload-webhook --injector-config, ready (cache synced), registered for `namespace`."""
     config = tmp_path / "injector.yaml"
     config.write_text(INJECTOR_CONFIG)
     server = run_webhook(
-        "--injector-config", str(config), "--log-level", "debug", env={"KUBECONFIG": str(kube.kubeconfig)}
+        "--injector-config",
+        str(config),
+        "--log-level",
+        "debug",
+        # Injection alone: the controller has tests of its own (test_controller.py).
+        "--controller",
+        "off",
+        "--leader-election-namespace",
+        namespace,
+        env={"KUBECONFIG": str(kube.kubeconfig)},
     )
     wait_until(
         "the webhook's cache to sync (/readyz 200)",

@@ -173,6 +173,24 @@ class LeaderElector:
         # replace carries metadata.resourceVersion: a concurrent writer makes this a 409.
         self._api.replace_namespaced_lease(self.name, self.namespace, lease)
 
+    def take_over(self) -> float:
+        """Hold the Lease now, whoever holds it (``--release-all`` on uninstall); returns the
+        previous holder's lease duration: it stops acting within that time."""
+        while True:
+            lease = self._read()
+            try:
+                if lease is None:
+                    self._create()
+                    return 0.0
+                previous = (
+                    float(lease.spec.lease_duration_seconds or 0) if lease.spec.holder_identity else 0.0
+                )
+                self._update(lease, acquiring=True)
+                return previous
+            except self._exception as exc:
+                if exc.status != 409:
+                    raise
+
     def _release(self) -> None:
         try:
             lease = self._api.read_namespaced_lease(self.name, self.namespace)

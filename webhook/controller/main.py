@@ -152,28 +152,45 @@ def release_all(
     timeout: float = 120.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    """``--release-all``: lead, undo every ModelDeployment, exit holding the Lease.
+    """``--release-all``: hold the Lease, undo every ModelDeployment, exit still holding it.
 
-    The Lease is left held with a long duration so that webhook replicas still running
-    until Helm deletes them stay followers and capture nothing again.
+    The Lease is taken over whoever holds it, with an hour's duration: the previous leader
+    cannot renew and stops acting within its renew deadline (shorter than its lease
+    duration, which is waited out before anything is done), and the webhook replicas that
+    run until Helm deletes them stay followers and capture nothing again.
     """
-    args.leader_election_lease_duration = max(args.leader_election_lease_duration, 3600.0)
+    elector = LeaderElector(
+        api_client,
+        args.leader_election_namespace,
+        args.leader_election_lease,
+        identity() + "-release",
+        timing=Timing(lease_duration=3600.0),
+    )
+    previous = elector.take_over()
+    log.info(
+        "holding Lease %s/%s; waiting %.0fs for the previous leader to stop",
+        elector.namespace,
+        elector.name,
+        previous,
+    )
+    sleep(previous)
     store = Store(CONTROLLER_RESOURCES)
+    options = Options(sidecar_cluster_role=args.sidecar_cluster_role, release=True, validation=settings)
+    controller = Controller(api_client, store, options)
     sync = CacheSync(store, api_client, resources=CONTROLLER_RESOURCES)
+    controller.start()
     sync.start()
-    running = start(args, api_client, store, settings, release=True)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            if running.elector.leading() and store.synced() and _released(store):
+            if store.synced() and _released(store):
                 log.info("every ModelDeployment released")
                 return 0
             sleep(0.5)
         log.error("not every ModelDeployment was released within %.0fs", timeout)
         return 1
     finally:
-        running.controller.stop()
-        running.elector.stop(release=False)
+        controller.stop()
         sync.stop()
 
 

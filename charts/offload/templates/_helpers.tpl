@@ -49,6 +49,11 @@ read what it needs (files/sidecar-role.yaml). */}}
 {{- printf "%s-sidecar" (include "offload.fullname" . | trunc 55 | trimSuffix "-") }}
 {{- end }}
 
+{{/* The controller's leader Lease (created by the chart, so that uninstalling removes it). */}}
+{{- define "offload.controller.leaseName" -}}
+{{- printf "%s-controller" (include "offload.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "offload.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}

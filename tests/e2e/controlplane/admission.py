@@ -57,3 +57,41 @@ def delete_validating_webhook_configuration(api_client: kubernetes.client.ApiCli
     except kubernetes.client.ApiException as exc:
         if exc.status != 404:
             raise
+
+
+def mutating_webhook_configuration(name: str, url: str, ca_bundle: str, namespace: str) -> dict:
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            {
+                "name": "inject.pods.deployment.beamlit.com",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Ignore",
+                "timeoutSeconds": 5,
+                "reinvocationPolicy": "IfNeeded",
+                "matchPolicy": "Equivalent",
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE"],
+                        "resources": ["pods"],
+                        "scope": "Namespaced",
+                    }
+                ],
+                # Only this test's namespace: other tests' pods on the shared control plane are
+                # none of this webhook's business (the chart excludes kube-system and its own).
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                # Pods that opt out are never even sent.
+                "objectSelector": {
+                    "matchExpressions": [
+                        {"key": "offload.beamlit.com/inject", "operator": "NotIn", "values": ["false"]},
+                    ]
+                },
+                "clientConfig": {"url": url, "caBundle": ca_bundle},
+            }
+        ],
+    }

@@ -1,0 +1,537 @@
+"""The ModelDeployment controller on a real control plane (kwok pods, real EndpointSlices).
+
+offload-webhook runs as a local process with --injector-config (injection and the
+controller), registered as the pod webhook of the test's namespace, with its leader Lease
+in that namespace. The fixture of ``../shared/cases/controller.md``: ServiceAccount ``vllm``,
+Deployment ``vllm`` (labels app: vllm, container ``model`` port http: 8000), Service ``vllm``
+(port {http, 80 -> 8000}) and ModelDeployment ``vllm`` naming both (serviceRef.targetPort 80).
+"Captured" is reached by applying the fixture and restarting the Deployment.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import kubernetes
+import pytest
+from controlplane.admission import mutating_webhook_configuration
+from controlplane.process import wait_until
+from controlplane.webhook_process import WebhookServer
+
+pytestmark = pytest.mark.e2e
+
+GROUP, VERSION, PLURAL = "deployment.beamlit.com", "v1alpha1", "modeldeployments"
+FINALIZER = "offload.beamlit.com/controller"
+ORIGINAL = "offload.beamlit.com/original-target-port"
+SIDECAR_ROLE = "offload-e2e-sidecar"
+INJECTOR_CONFIG = """\
+configVersion: "e2e-controller"
+image: ghcr.io/model-offloading/offload:e2e
+proxyPort: 15080
+adminPort: 15090
+nativeSidecar: true
+resources:
+  requests: {cpu: 50m, memory: 64Mi}
+  limits: {memory: 128Mi}
+"""
+
+
+# --- objects ---------------------------------------------------------------------------------------
+
+
+def deployment(name="vllm", replicas=2, labels=None, service_account="vllm") -> dict[str, Any]:
+    labels = labels or {"app": "vllm"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": service_account,
+                    "containers": [
+                        {
+                            "name": "model",
+                            "image": "vllm/vllm-openai:latest",
+                            "ports": [{"name": "http", "containerPort": 8000}],
+                            "resources": {"requests": {"cpu": "2"}},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def service(ports=None, **spec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "vllm"},
+        "spec": {
+            "selector": {"app": "vllm"},
+            "ports": ports or [{"name": "http", "port": 80, "targetPort": 8000, "protocol": "TCP"}],
+            **spec,
+        },
+    }
+
+
+def modeldeployment(
+    name="vllm", target_port=80, service_name="vllm", workload="vllm", **spec
+) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": "llama-3-8b",
+            "modelSourceRef": {"kind": "Deployment", "name": workload},
+            "serviceRef": {"name": service_name, "targetPort": target_port},
+            "offloadingConfig": {
+                "remoteBackend": {"host": "remote.example:80", "scheme": "http"},
+                "behavior": {"percentage": 50},
+                "metrics": [
+                    {
+                        "type": "Resource",
+                        "resource": {
+                            "name": "cpu",
+                            "target": {"type": "Utilization", "averageUtilization": 50},
+                        },
+                    }
+                ],
+            },
+            **spec,
+        },
+    }
+
+
+# --- the cluster, as the tests see it -------------------------------------------------------------
+
+
+class Cluster:
+    def __init__(self, kube, namespace: str, webhook: WebhookServer) -> None:
+        self.kube, self.namespace, self.webhook = kube, namespace, webhook
+        self.core = kubernetes.client.CoreV1Api(kube.api_client)
+        self.apps = kubernetes.client.AppsV1Api(kube.api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+        self.rbac = kubernetes.client.RbacAuthorizationV1Api(kube.api_client)
+        self.alive = [webhook.process, *kube.processes]
+
+    def wait(self, what: str, condition: Callable[[], bool], timeout: float = 30) -> None:
+        wait_until(what, condition, timeout, alive=self.alive)
+
+    def create(self, obj: dict[str, Any]) -> None:
+        kind = obj["kind"]
+        if kind == "Deployment":
+            self.apps.create_namespaced_deployment(self.namespace, obj)
+        elif kind == "Service":
+            self.core.create_namespaced_service(self.namespace, obj)
+        elif kind == "ModelDeployment":
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, obj)
+        elif kind == "ServiceAccount":
+            self.core.create_namespaced_service_account(self.namespace, obj)
+        else:
+            raise ValueError(kind)
+
+    def md(self, name="vllm") -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_md(self, patch: dict[str, Any], name="vllm") -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, patch)
+
+    def condition(self, type_: str, name="vllm") -> dict[str, Any]:
+        md = self.md(name) or {}
+        return next((c for c in (md.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+
+    def service(self, name="vllm") -> dict[str, Any]:
+        return self.kube.api_client.sanitize_for_serialization(
+            self.core.read_namespaced_service(name, self.namespace)
+        )
+
+    def captured(self, name="vllm") -> bool:
+        return any(p.get("targetPort") == "offload-proxy" for p in self.service(name)["spec"]["ports"])
+
+    def pods(self, selector="app=vllm") -> list[Any]:
+        items = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+        return [p for p in items if p.metadata.deletion_timestamp is None]
+
+    def ready_pods(self, selector="app=vllm") -> list[Any]:
+        return [
+            p
+            for p in self.pods(selector)
+            if any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))
+        ]
+
+    def restart(self, name="vllm") -> None:
+        done = self.kube.kubectl("rollout", "restart", f"deployment/{name}", "-n", self.namespace)
+        assert done.returncode == 0, done.stderr
+
+    def events(self, reason: str, name="vllm") -> list[Any]:
+        items = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.kind=ModelDeployment,involvedObject.name={name}"
+        ).items
+        return [e for e in items if e.reason == reason]
+
+    def endpoint_ports(self, service="vllm") -> set[tuple[str, int]]:
+        discovery = kubernetes.client.DiscoveryV1Api(self.kube.api_client)
+        slices = discovery.list_namespaced_endpoint_slice(
+            self.namespace, label_selector=f"kubernetes.io/service-name={service}"
+        ).items
+        found = set()
+        for s in slices:
+            for endpoint in s.endpoints or []:
+                if endpoint.conditions and endpoint.conditions.ready and endpoint.target_ref:
+                    for port in s.ports or []:
+                        found.add((endpoint.target_ref.name, port.port))
+        return found
+
+    def with_sidecar(self, pods) -> list[Any]:
+        return [p for p in pods if any(c.name == "offload-proxy" for c in (p.spec.init_containers or []))]
+
+
+def start_controller(run_webhook, kube, namespace: str, tmp_path, *extra: str) -> WebhookServer:
+    config = tmp_path / "injector.yaml"
+    config.write_text(INJECTOR_CONFIG)
+    return run_webhook(
+        "--injector-config",
+        str(config),
+        "--leader-election-namespace",
+        namespace,
+        "--leader-election-lease-duration",
+        "6",
+        "--leader-election-renew-deadline",
+        "4",
+        "--leader-election-retry-period",
+        "1",
+        "--sidecar-cluster-role",
+        SIDECAR_ROLE,
+        "--evaluation-period",
+        "2",
+        *extra,
+        env={"KUBECONFIG": str(kube.kubeconfig)},
+    )
+
+
+@pytest.fixture
+def cluster(kube, namespace, modeldeployment_crd, run_webhook, tmp_path) -> Iterator[Cluster]:
+    """The controller running for `namespace`, the pod webhook registered for it; afterwards every
+    ModelDeployment is deleted and its finalizer seen removed (the controller cleans up)."""
+    server = start_controller(run_webhook, kube, namespace, tmp_path)
+    wait_until(
+        "the webhook's cache (/readyz)", lambda: server.get("/readyz") == 200, 60, alive=[server.process]
+    )
+    admission = kubernetes.client.AdmissionregistrationV1Api(kube.api_client)
+    name = f"offload-e2e-ctl-{namespace}"[:63]
+    admission.create_mutating_webhook_configuration(
+        mutating_webhook_configuration(name, server.url("/mutate-pods"), server.ca_bundle, namespace)
+    )
+    c = Cluster(kube, namespace, server)
+    c.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "vllm"}})
+    try:
+        yield c
+    finally:
+        admission.delete_mutating_webhook_configuration(name)
+        if server.process.exit_code is None:
+            for md in c.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+                c.custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, md["metadata"]["name"]
+                )
+            c.wait(
+                "every ModelDeployment gone (finalizers removed)",
+                lambda: (
+                    not c.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+                ),
+            )
+
+
+def captured_fixture(c: Cluster, svc: dict[str, Any] | None = None, md: dict[str, Any] | None = None) -> dict:
+    """Applies the base fixture, restarts the Deployment, waits until captured; returns the
+    Service's spec.ports as they were before the ModelDeployment existed."""
+    c.create(deployment())
+    c.create(svc or service())
+    c.wait("2 ready pods", lambda: len(c.ready_pods()) == 2)
+    before = copy.deepcopy(c.service()["spec"]["ports"])
+    c.create(md or modeldeployment())
+    c.restart()
+    c.wait("the Service captured", c.captured, 60)
+    return before
+
+
+# --- the tests -----------------------------------------------------------------------------------
+
+
+def test_capture_points_the_service_at_the_sidecars_and_only_injected_pods_serve(cluster):
+    c = cluster
+    c.create(deployment())
+    c.create(service())
+    c.wait("2 ready pods", lambda: len(c.ready_pods()) == 2)
+    c.create(modeldeployment())
+    # Before the restart no pod carries the sidecar: the Service is left alone, and says why.
+    c.wait("the capture condition", lambda: c.condition("TrafficCaptured").get("status") == "False")
+    assert c.condition("TrafficCaptured")["reason"] == "PodsWithoutSidecar"
+    assert not c.captured()
+    assert FINALIZER in c.md()["metadata"]["finalizers"]
+
+    c.restart()
+    c.wait("the Service captured", c.captured, 60)
+    svc = c.service()
+    assert svc["metadata"]["annotations"][ORIGINAL] == "8000"
+    assert svc["spec"]["ports"][0]["targetPort"] == "offload-proxy"
+    c.wait("2 injected ready pods", lambda: len(c.with_sidecar(c.ready_pods())) == 2 == len(c.ready_pods()))
+    injected = {p.metadata.name for p in c.with_sidecar(c.ready_pods())}
+    c.wait(
+        "the EndpointSlices on the sidecar port", lambda: c.endpoint_ports() == {(n, 15080) for n in injected}
+    )
+
+    c.wait("status Ready", lambda: c.condition("Ready").get("status") == "True")
+    status = c.md()["status"]
+    assert status["captured"] is True and status["injected"] == "2/2"
+    assert status["observedGeneration"] == c.md()["metadata"]["generation"]
+    assert c.condition("Injected")["reason"] == "AllPodsInjected"
+    binding = c.rbac.read_namespaced_role_binding("vllm-offload-sidecar", c.namespace)
+    assert binding.role_ref.name == SIDECAR_ROLE
+    assert [(s.kind, s.name) for s in binding.subjects] == [("ServiceAccount", "vllm")]
+    assert len(c.events("ServiceCaptured")) == 1
+    printed = c.kube.kubectl("get", "mdd", "-n", c.namespace)
+    assert printed.returncode == 0, printed.stderr
+    header, row = printed.stdout.splitlines()[:2]
+    assert header.split()[:6] == ["NAME", "MODEL", "OFFLOADING", "UTILIZATION", "CAPTURED", "INJECTED"]
+    assert "true" in row.split() and "2/2" in row.split()
+
+
+@pytest.mark.parametrize("original_target", ["http", 8000], ids=["named-target", "integer-target"])
+def test_deleting_restores_the_ports_byte_for_byte_and_removes_binding_and_finalizer(
+    cluster, original_target
+):
+    c = cluster
+    ports = [
+        {
+            "name": "http",
+            "port": 80,
+            "targetPort": original_target,
+            "nodePort": 30080,
+            "appProtocol": "http",
+            "protocol": "TCP",
+        },
+        {"name": "metrics", "port": 9090, "targetPort": 9090, "protocol": "TCP"},
+    ]
+    before = captured_fixture(c, service(ports, type="NodePort"))
+    captured_ports = c.service()["spec"]["ports"]
+    assert captured_ports[1] == before[1]  # the metrics port never changes
+    c.custom.delete_namespaced_custom_object(GROUP, VERSION, c.namespace, PLURAL, "vllm")
+    c.wait("the ModelDeployment gone", lambda: c.md() is None, 10)
+    assert c.service()["spec"]["ports"] == before
+    assert ORIGINAL not in (c.service()["metadata"].get("annotations") or {})
+    with pytest.raises(kubernetes.client.ApiException) as gone:
+        c.rbac.read_namespaced_role_binding("vllm-offload-sidecar", c.namespace)
+    assert gone.value.status == 404
+
+
+def test_enabled_false_restores_and_true_captures_again(cluster):
+    c = cluster
+    before = captured_fixture(c)
+    c.patch_md({"spec": {"enabled": False}})
+    c.wait("restored", lambda: c.service()["spec"]["ports"] == before, 10)
+    c.wait("Ready False Disabled", lambda: c.condition("Ready").get("reason") == "Disabled")
+    c.patch_md({"spec": {"enabled": True}})
+    c.wait("captured again", c.captured, 10)
+
+
+def test_a_hand_reverted_service_is_captured_again_unless_it_opts_out(cluster):
+    c = cluster
+    captured_fixture(c)
+    c.core.patch_namespaced_service(
+        "vllm", c.namespace, [{"op": "replace", "path": "/spec/ports/0/targetPort", "value": 8000}]
+    )
+    c.wait("captured again", c.captured, 10)
+
+    c.core.patch_namespaced_service(
+        "vllm",
+        c.namespace,
+        [
+            {"op": "add", "path": "/metadata/annotations/offload.beamlit.com~1capture", "value": "false"},
+            {"op": "replace", "path": "/spec/ports/0/targetPort", "value": 8000},
+        ],
+    )
+    c.wait("the opt-out seen", lambda: c.condition("TrafficCaptured").get("reason") == "CaptureOptedOut")
+    version = c.service()["metadata"]["resourceVersion"]
+    # Two evaluation periods later the controller has still not touched the Service.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert c.service()["metadata"]["resourceVersion"] == version
+        time.sleep(0.5)
+    assert not c.captured()
+
+
+def test_two_ports_with_the_same_number_never_collapse(cluster):
+    c = cluster
+    ports = [
+        {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"},
+        {"name": "h3", "port": 443, "targetPort": 8443, "protocol": "UDP"},
+    ]
+    watch = kubernetes.watch.Watch()
+    captured_fixture(c, service(ports), modeldeployment(target_port=443))
+    svc = c.service()
+    assert [(p["protocol"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
+        ("TCP", "offload-proxy"),
+        ("UDP", 8443),
+    ]
+    c.custom.delete_namespaced_custom_object(GROUP, VERSION, c.namespace, PLURAL, "vllm")
+    c.wait("restored", lambda: not c.captured(), 10)
+    seen = []
+    for event in watch.stream(
+        c.core.list_namespaced_service,
+        c.namespace,
+        field_selector="metadata.name=vllm",
+        resource_version="0",
+        timeout_seconds=2,
+    ):
+        seen.append(len(event["object"].spec.ports))
+    # Every version of the Service kept both ports (list from the watch cache, then none).
+    assert seen and all(n == 2 for n in seen)
+    assert [(p["protocol"], p["targetPort"]) for p in c.service()["spec"]["ports"]] == [
+        ("TCP", 8443),
+        ("UDP", 8443),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ({"clusterIP": "None"}, "HeadlessService"),
+        ({"type": "ExternalName", "externalName": "x.example"}, "ExternalNameService"),
+    ],
+)
+def test_a_service_that_cannot_be_captured_is_untouched_and_others_still_reconcile(cluster, spec, reason):
+    c = cluster
+    c.create(deployment())
+    odd = service(**spec)
+    if spec.get("type") == "ExternalName":
+        odd["spec"].pop("selector")
+        odd["spec"]["ports"] = [{"name": "http", "port": 80, "protocol": "TCP"}]
+    c.create(odd)
+    c.create(modeldeployment())
+    c.create(deployment("other", labels={"app": "other"}))
+    other_svc = service()
+    other_svc["metadata"]["name"] = "other"
+    other_svc["spec"]["selector"] = {"app": "other"}
+    c.create(other_svc)
+    c.create(modeldeployment("other", service_name="other", workload="other"))
+    c.restart("other")
+    c.wait("the other Service captured", lambda: c.captured("other"), 60)
+    c.wait(f"TrafficCaptured {reason}", lambda: c.condition("TrafficCaptured").get("reason") == reason)
+    version = c.service()["metadata"]["resourceVersion"]
+    time_budget = time.monotonic() + 4
+    while time.monotonic() < time_budget:  # two evaluation periods: no change, no hot loop
+        assert c.service()["metadata"]["resourceVersion"] == version
+        time.sleep(0.5)
+    assert len(c.events(reason)) == 1
+
+
+def test_pods_of_another_workload_behind_the_service_block_capture(cluster):
+    c = cluster
+    c.create(deployment(labels={"app": "vllm", "track": "stable"}))
+    c.create(deployment("vllm-canary", replicas=1, labels={"app": "vllm", "track": "canary"}))
+    c.create(service())
+    c.wait("3 ready pods", lambda: len(c.ready_pods()) == 3)
+    c.create(modeldeployment())
+    c.restart()
+    c.wait("the stable pods injected", lambda: len(c.with_sidecar(c.ready_pods("track=stable"))) == 2, 60)
+    c.wait(
+        "the capture condition names the canary",
+        lambda: "vllm-canary" in c.condition("TrafficCaptured").get("message", ""),
+    )
+    assert c.condition("TrafficCaptured")["reason"] == "PodsWithoutSidecar"
+    assert not c.captured()
+    # The workload's own pods are all injected: the canary is not the workload's.
+    c.wait("Injected 2/2", lambda: (c.md().get("status") or {}).get("injected") == "2/2")
+
+
+def test_pods_created_while_the_webhook_was_down_restore_until_they_are_gone(cluster):
+    c = cluster
+    captured_fixture(c)
+    admission = kubernetes.client.AdmissionregistrationV1Api(c.kube.api_client)
+    name = f"offload-e2e-ctl-{c.namespace}"[:63]
+    registered = admission.read_mutating_webhook_configuration(name)
+    admission.delete_mutating_webhook_configuration(name)  # as if the webhook were down
+    c.apps.patch_namespaced_deployment_scale("vllm", c.namespace, {"spec": {"replicas": 4}})
+    c.wait("restored while bare pods are ready", lambda: not c.captured(), 30)
+    assert c.condition("Injected")["reason"] == "PodsWithoutSidecar"
+    assert len(c.events("PodsWithoutSidecar")) >= 1
+    # Never zero ready endpoints because of the product: all 4 pods serve on the model's port.
+    c.wait("4 endpoints on port 8000", lambda: len({n for n, p in c.endpoint_ports() if p == 8000}) == 4)
+
+    registered.metadata = kubernetes.client.V1ObjectMeta(name=name)
+    admission.create_mutating_webhook_configuration(registered)
+    c.restart()
+    c.wait("captured again once every ready pod is injected", c.captured, 90)
+
+
+def test_deleting_the_namespace_finishes(cluster, kube):
+    c = cluster
+    captured_fixture(c)
+    c.create(modeldeployment("dangling", service_name="nonexistent"))
+    c.core.delete_namespace(c.namespace)
+
+    def gone() -> bool:
+        try:
+            c.core.read_namespace(c.namespace)
+            return False
+        except kubernetes.client.ApiException as exc:
+            return exc.status == 404
+
+    c.wait("the namespace gone", gone, 60)
+
+
+def test_rolebinding_of_another_owner_is_left_alone(cluster):
+    c = cluster
+    c.rbac.create_namespaced_role_binding(
+        c.namespace,
+        {
+            "metadata": {"name": "vllm-offload-sidecar"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+            "subjects": [{"kind": "ServiceAccount", "name": "someone", "namespace": c.namespace}],
+        },
+    )
+    c.create(deployment())
+    c.create(service())
+    c.create(modeldeployment())
+    c.wait(
+        "RoleBindingConflict", lambda: c.condition("SidecarRBACReady").get("reason") == "RoleBindingConflict"
+    )
+    binding = c.rbac.read_namespaced_role_binding("vllm-offload-sidecar", c.namespace)
+    assert binding.role_ref.name == "view" and binding.subjects[0].name == "someone"
+    c.custom.delete_namespaced_custom_object(GROUP, VERSION, c.namespace, PLURAL, "vllm")
+    c.wait("the ModelDeployment gone", lambda: c.md() is None, 10)
+    assert c.rbac.read_namespaced_role_binding("vllm-offload-sidecar", c.namespace).role_ref.name == "view"
+
+
+def test_rolebinding_subjects_follow_the_service_account(cluster):
+    c = cluster
+    c.create(deployment())
+    c.create(modeldeployment())
+    c.wait(
+        "the RoleBinding",
+        lambda: c.condition("SidecarRBACReady").get("status") == "True",
+    )
+    c.apps.patch_namespaced_deployment(
+        "vllm", c.namespace, {"spec": {"template": {"spec": {"serviceAccountName": "other"}}}}
+    )
+
+    def subjects() -> list[str]:
+        return [
+            s.name for s in c.rbac.read_namespaced_role_binding("vllm-offload-sidecar", c.namespace).subjects
+        ]
+
+    c.wait("subjects follow", lambda: subjects() == ["other"], 10)
