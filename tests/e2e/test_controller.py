@@ -11,6 +11,10 @@ Deployment ``vllm`` (labels app: vllm, container ``model`` port http: 8000), Ser
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +23,7 @@ import kubernetes
 import pytest
 from controlplane.admission import mutating_webhook_configuration
 from controlplane.process import wait_until
-from controlplane.webhook_process import WebhookServer
+from controlplane.webhook_process import WebhookServer, _console_script
 
 pytestmark = pytest.mark.e2e
 
@@ -535,3 +539,94 @@ def test_rolebinding_subjects_follow_the_service_account(cluster):
         ]
 
     c.wait("subjects follow", lambda: subjects() == ["other"], 10)
+
+
+def lease_holder(c: Cluster) -> str:
+    lease = kubernetes.client.CoordinationV1Api(c.kube.api_client).read_namespaced_lease(
+        "offload-controller", c.namespace
+    )
+    return lease.spec.holder_identity or ""
+
+
+def test_a_killed_leader_is_replaced_within_the_lease_duration_and_nothing_flaps(
+    cluster, kube, run_webhook, tmp_path
+):
+    c = cluster
+    second = start_controller(run_webhook, kube, c.namespace, tmp_path / "second")
+    wait_until("second webhook ready", lambda: second.get("/readyz") == 200, 60, alive=[second.process])
+    captured_fixture(c)
+    servers = {c.webhook, second}
+    holder = lease_holder(c)
+    [leader] = [s for s in servers if f"leading as {holder}" in s.process.log_path.read_text()]
+    [follower] = servers - {leader}
+    versions: list[Any] = []
+    watch = kubernetes.watch.Watch()
+
+    def record() -> None:
+        for event in watch.stream(
+            c.core.list_namespaced_service,
+            c.namespace,
+            field_selector="metadata.name=vllm",
+            timeout_seconds=30,
+        ):
+            versions.append(event["object"].spec.ports[0].target_port)
+
+    recorder = threading.Thread(target=record, daemon=True)
+    recorder.start()
+    leader.process._signal_group(signal.SIGKILL)
+    killed = time.monotonic()
+    c.alive = [follower.process, *kube.processes]
+    c.wait("the follower leads", lambda: lease_holder(c) not in ("", holder), 15)
+    took = time.monotonic() - killed
+    assert took <= 6 + 2, f"took over after {took:.1f}s (lease duration 6s, retry 1s)"
+    # The new leader keeps the capture: a restart of the workload is followed as before.
+    c.restart()
+    c.wait(
+        "new pods injected and ready",
+        lambda: len(c.with_sidecar(c.ready_pods())) == 2 == len(c.ready_pods()),
+        60,
+    )
+    watch.stop()
+    recorder.join(5)
+    assert versions and all(v == "offload-proxy" for v in versions), versions  # never restored by mistake
+    assert len(c.events("ServiceCaptured")) == 1  # never captured twice
+    c.webhook = follower  # the fixture's cleanup needs a running controller
+
+
+def test_release_all_restores_everything_and_keeps_the_lease(cluster, kube, run_webhook, tmp_path):
+    c = cluster
+    before = captured_fixture(c)
+
+    argv = _console_script("offload-webhook", "webhook.cli") + [
+        "--release-all",
+        "--leader-election-namespace",
+        c.namespace,
+        "--sidecar-cluster-role",
+        SIDECAR_ROLE,
+    ]
+    started = time.monotonic()
+    done = subprocess.run(
+        argv,
+        check=False,
+        env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert c.service()["spec"]["ports"] == before
+    assert FINALIZER not in (c.md()["metadata"].get("finalizers") or [])
+    assert (
+        c.rbac.list_namespaced_role_binding(
+            c.namespace, label_selector="app.kubernetes.io/managed-by=offload-controller"
+        ).items
+        == []
+    )
+    # The running controller stays a follower: nothing is captured again.
+    assert lease_holder(c).endswith("-release")
+    c.patch_md({"metadata": {"labels": {"poke": "1"}}})
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert not c.captured()
+        time.sleep(0.5)
+    assert time.monotonic() - started < 60
