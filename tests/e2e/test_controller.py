@@ -152,7 +152,9 @@ class Cluster:
             raise
 
     def patch_md(self, patch: dict[str, Any], name="vllm") -> None:
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, patch)
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, patch, _content_type="application/merge-patch+json"
+        )
 
     def condition(self, type_: str, name="vllm") -> dict[str, Any]:
         md = self.md(name) or {}
@@ -356,7 +358,10 @@ def test_a_hand_reverted_service_is_captured_again_unless_it_opts_out(cluster):
     c = cluster
     captured_fixture(c)
     c.core.patch_namespaced_service(
-        "vllm", c.namespace, [{"op": "replace", "path": "/spec/ports/0/targetPort", "value": 8000}]
+        "vllm",
+        c.namespace,
+        [{"op": "replace", "path": "/spec/ports/0/targetPort", "value": 8000}],
+        _content_type="application/json-patch+json",
     )
     c.wait("captured again", c.captured, 10)
 
@@ -367,6 +372,7 @@ def test_a_hand_reverted_service_is_captured_again_unless_it_opts_out(cluster):
             {"op": "add", "path": "/metadata/annotations/offload.beamlit.com~1capture", "value": "false"},
             {"op": "replace", "path": "/spec/ports/0/targetPort", "value": 8000},
         ],
+        _content_type="application/json-patch+json",
     )
     c.wait("the opt-out seen", lambda: c.condition("TrafficCaptured").get("reason") == "CaptureOptedOut")
     version = c.service()["metadata"]["resourceVersion"]
@@ -469,7 +475,9 @@ def test_pods_created_while_the_webhook_was_down_restore_until_they_are_gone(clu
     name = f"offload-e2e-ctl-{c.namespace}"[:63]
     registered = admission.read_mutating_webhook_configuration(name)
     admission.delete_mutating_webhook_configuration(name)  # as if the webhook were down
-    c.apps.patch_namespaced_deployment_scale("vllm", c.namespace, {"spec": {"replicas": 4}})
+    c.apps.patch_namespaced_deployment_scale(
+        "vllm", c.namespace, {"spec": {"replicas": 4}}, _content_type="application/merge-patch+json"
+    )
     c.wait("restored while bare pods are ready", lambda: not c.captured(), 30)
     assert c.condition("Injected")["reason"] == "PodsWithoutSidecar"
     assert len(c.events("PodsWithoutSidecar")) >= 1
@@ -530,7 +538,10 @@ def test_rolebinding_subjects_follow_the_service_account(cluster):
         lambda: c.condition("SidecarRBACReady").get("status") == "True",
     )
     c.apps.patch_namespaced_deployment(
-        "vllm", c.namespace, {"spec": {"template": {"spec": {"serviceAccountName": "other"}}}}
+        "vllm",
+        c.namespace,
+        {"spec": {"template": {"spec": {"serviceAccountName": "other"}}}},
+        _content_type="application/merge-patch+json",
     )
 
     def subjects() -> list[str]:

@@ -44,6 +44,8 @@ from webhook.controller.workqueue import WorkQueue
 log = logging.getLogger("webhook.controller")
 
 Key = tuple[str, str]
+JSON_PATCH = "application/json-patch+json"  # RFC 6902: lists of ops, with a test of resourceVersion
+MERGE_PATCH = "application/merge-patch+json"  # RFC 7386: the status subresource, RoleBinding subjects
 KINDS = {"Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS}
 
 
@@ -257,7 +259,11 @@ class Controller:
         if plan.service_patch:
             service_name = str(((md.get("spec") or {}).get("serviceRef") or {}).get("name"))
             patch = plan.service_patch
-            self._ignore_missing(lambda: self._core.patch_namespaced_service(service_name, namespace, patch))
+            self._ignore_missing(
+                lambda: self._core.patch_namespaced_service(
+                    service_name, namespace, patch, _content_type=JSON_PATCH
+                )
+            )
             verb = "Captured" if plan.service_patch_why == "capture" else "Restored"
             message = (
                 f"Service {service_name} now points at the sidecars' offload-proxy port"
@@ -302,14 +308,14 @@ class Controller:
 
     def _patch_md(self, md: Mapping[str, Any], patch: list[dict[str, Any]]) -> None:
         meta = md.get("metadata") or {}
-        self._custom.api_client.call_api(
-            f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}",
-            "PATCH",
-            path_params={"namespace": meta.get("namespace"), "name": meta.get("name")},
-            header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
-            body=patch,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
+        self._custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            str(meta.get("namespace")),
+            PLURAL,
+            str(meta.get("name")),
+            patch,
+            _content_type=JSON_PATCH,
         )
 
     def _write_status(self, md: Mapping[str, Any], plan: reconcile.Plan, decided: Mapping[str, Any]) -> None:
@@ -342,7 +348,13 @@ class Controller:
             if cond.status is False:
                 self.event(md, "Warning", cond.reason, cond.message)
         self._custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, str(meta.get("namespace")), PLURAL, str(meta.get("name")), {"status": wanted}
+            GROUP,
+            VERSION,
+            str(meta.get("namespace")),
+            PLURAL,
+            str(meta.get("name")),
+            {"status": wanted},
+            _content_type=MERGE_PATCH,
         )
 
     # -- Events --
