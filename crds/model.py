@@ -94,7 +94,11 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class RemoteBackend:
-    """Where offloaded requests go: ``scheme://host/pathPrefix`` + the original path."""
+    """Where offloaded requests go: ``scheme://host/pathPrefix`` + the original path.
+
+    ``path_prefix`` is as written: ``$model`` in it stands for ``spec.model``
+    (:func:`expand_path_prefix`).
+    """
 
     host: str
     scheme: str = DEFAULT_SCHEME
@@ -104,6 +108,21 @@ class RemoteBackend:
     auth_config: AuthConfig | None = None
     # PEM CA certificates that verify an https remote instead of the system's.
     ca_bundle: str | None = None
+
+
+# pathPrefix variables, as the Beamlit controller substitutes them (plain text
+# replacement, so "$models" is "<model>s" there too). Its "$workspace" is a Beamlit
+# platform workspace, which does not exist here: validation refuses it, saying so.
+PATH_PREFIX_MODEL = "$model"
+
+
+def expand_path_prefix(prefix: str, model: str) -> str:
+    """``pathPrefix`` with every ``$model`` replaced by ``model`` (``spec.model``).
+
+    >>> expand_path_prefix("/v1/models/$model", "llama-3-8b")
+    '/v1/models/llama-3-8b'
+    """
+    return prefix.replace(PATH_PREFIX_MODEL, model)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from crds.model import (
     ModelDeploymentSpec,
     OffloadingBehavior,
     RemoteBackend,
+    expand_path_prefix,
     parse_object,
 )
 from crds.quantity import parse_quantity
@@ -190,7 +191,7 @@ def _check_remote_backend(
     if backend.scheme not in ("http", "https"):
         yield FieldError(f"{path}.scheme", f"must be http or https, got {backend.scheme!r}")
     if backend.path_prefix is not None:
-        yield from _check_path_prefix(f"{path}.pathPrefix", backend.path_prefix)
+        yield from _check_path_prefix(f"{path}.pathPrefix", backend.path_prefix, spec.model)
     for name, value in backend.headers_to_add.items():
         yield from _check_header(f"{path}.headersToAdd[{name}]", name, value)
     seen = {name.lower() for name in backend.headers_to_add}
@@ -278,17 +279,38 @@ def _is_same_service(host: str, service: str, namespace: str) -> bool:
     return parts[1] == namespace and (len(parts) == 2 or parts[2] == "svc")
 
 
-def _check_path_prefix(path: str, prefix: str) -> Iterator[Finding]:
+_VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*|\{[^}]*\}?)?")
+
+
+def _check_path_prefix(path: str, written: str, model: str) -> Iterator[Finding]:
+    """``written`` is the pathPrefix as written; the rules apply once ``$model`` is
+    replaced by ``model`` (spec.model), as the proxy sends it."""
+    for match in _VARIABLE.finditer(written.replace("$model", "")):
+        name = match[0]
+        if name == "$workspace":
+            yield FieldError(
+                path,
+                "$workspace (the Beamlit platform's workspace) has no value here: write the "
+                f"workspace's name instead, got {written!r}",
+            )
+        else:
+            what = f"unknown variable {name!r}" if name != "$" else "a '$' without a variable name"
+            yield FieldError(
+                path,
+                f"{what}: only $model (spec.model) is replaced; write a literal $ as %24, got {written!r}",
+            )
+    prefix = expand_path_prefix(written, model)
+    got = f"{prefix!r} ($model replaced by spec.model)" if prefix != written else repr(prefix)
     if not prefix.startswith("/"):
-        yield FieldError(path, f"must start with '/', got {prefix!r}")
+        yield FieldError(path, f"must start with '/', got {got}")
     if "?" in prefix or "#" in prefix:
-        yield FieldError(path, f"must not contain a query or fragment, got {prefix!r}")
+        yield FieldError(path, f"must not contain a query or fragment, got {got}")
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
-        yield FieldError(path, f"must not contain whitespace or control characters, got {prefix!r}")
+        yield FieldError(path, f"must not contain whitespace or control characters, got {got}")
     elif not prefix.isascii():
-        yield FieldError(path, f"must be ASCII (percent-encode other characters), got {prefix!r}")
+        yield FieldError(path, f"must be ASCII (percent-encode other characters), got {got}")
     if "\\" in prefix or any(segment in (".", "..") for segment in prefix.split("/")):
-        yield FieldError(path, f"must not contain '.' or '..' segments or backslashes, got {prefix!r}")
+        yield FieldError(path, f"must not contain '.' or '..' segments or backslashes, got {got}")
 
 
 def _check_header(path: str, name: str, value: str) -> Iterator[Finding]:

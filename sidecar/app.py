@@ -96,7 +96,7 @@ def plan_for(
     config = model.spec.offloading_config
     assert config.remote_backend is not None
     return RoutePlan(
-        remote=RemoteTarget.from_backend(config.remote_backend, ssl_context_for),
+        remote=RemoteTarget.from_backend(config.remote_backend, ssl_context_for, model=model.spec.model),
         percentage=config.behavior.percentage,
         offloading=offloading,
     )

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from crds.model import RemoteBackend
+from crds.model import RemoteBackend, expand_path_prefix
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,14 @@ class RemoteTarget:
 
     @classmethod
     def from_backend(
-        cls, backend: RemoteBackend, ssl_context_for: Callable[[str], ssl.SSLContext] | None = None
+        cls,
+        backend: RemoteBackend,
+        ssl_context_for: Callable[[str], ssl.SSLContext] | None = None,
+        *,
+        model: str,
     ) -> RemoteTarget:
-        """From a *validated* RemoteBackend (``host`` is ``name[:port]``).
+        """From a *validated* RemoteBackend (``host`` is ``name[:port]``) of the
+        ModelDeployment whose ``spec.model`` is ``model`` (``$model`` in pathPrefix).
 
         ``ssl_context_for`` makes the context of a ``caBundle`` (default:
         :func:`ca_bundle_context`, a new one per call).
@@ -55,7 +60,7 @@ class RemoteTarget:
             host=name,
             port=port,
             authority=host,
-            path_prefix=(backend.path_prefix or "").rstrip("/"),
+            path_prefix=expand_path_prefix(backend.path_prefix or "", model).rstrip("/"),
             headers=tuple(backend.headers_to_add.items()),
             ssl_context=(
                 make_context(backend.ca_bundle)

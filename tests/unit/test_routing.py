@@ -103,16 +103,18 @@ def test_a_new_remote_with_the_same_share_keeps_the_spread_going():
         ),
         (RemoteBackend(host="[2001:db8::1]"), ("http", "2001:db8::1", 80, "[2001:db8::1]", "")),
         (RemoteBackend(host="m:1", path_prefix="/v1/models/"), ("http", "m", 1, "m:1", "/v1/models")),
+        # $model is spec.model, as the Beamlit controller replaces it.
+        (RemoteBackend(host="m:1", path_prefix="/v1/$model/"), ("http", "m", 1, "m:1", "/v1/m")),
     ],
 )
 def test_remote_target_from_backend(backend, expected):
-    target = RemoteTarget.from_backend(backend)
+    target = RemoteTarget.from_backend(backend, model="m")
     assert (target.scheme, target.host, target.port, target.authority, target.path_prefix) == expected
 
 
 def test_headers_to_add_travel_with_the_target():
     target = RemoteTarget.from_backend(
-        RemoteBackend(host="m", headers_to_add={"X-Api-Key": "k", "X-Tenant": "a"})
+        RemoteBackend(host="m", headers_to_add={"X-Api-Key": "k", "X-Tenant": "a"}), model="m"
     )
     assert target.headers == (("X-Api-Key", "k"), ("X-Tenant", "a"))
 
@@ -133,7 +135,9 @@ OTHER_CA_PEM = _ca_pem("other-ca")
 
 
 def test_a_ca_bundle_puts_a_verifying_context_trusting_only_that_ca_on_the_target():
-    target = RemoteTarget.from_backend(RemoteBackend(host="m.example", scheme="https", ca_bundle=CA_PEM))
+    target = RemoteTarget.from_backend(
+        RemoteBackend(host="m.example", scheme="https", ca_bundle=CA_PEM), model="m"
+    )
     context = target.ssl_context
     assert isinstance(context, ssl.SSLContext)
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname is True
@@ -142,18 +146,23 @@ def test_a_ca_bundle_puts_a_verifying_context_trusting_only_that_ca_on_the_targe
 
 
 def test_without_a_ca_bundle_the_target_has_no_context_of_its_own():
-    assert RemoteTarget.from_backend(RemoteBackend(host="m.example", scheme="https")).ssl_context is None
+    assert (
+        RemoteTarget.from_backend(RemoteBackend(host="m.example", scheme="https"), model="m").ssl_context
+        is None
+    )
     # caBundle only verifies https (validation refuses it with http): never a context for plain http.
-    assert RemoteTarget.from_backend(RemoteBackend(host="m", ca_bundle=CA_PEM)).ssl_context is None
+    assert RemoteTarget.from_backend(RemoteBackend(host="m", ca_bundle=CA_PEM), model="m").ssl_context is None
 
 
 def test_one_context_per_distinct_bundle_keeps_equal_targets_equal():
     contexts = CaBundleContexts(limit=2)
     backend = RemoteBackend(host="m.example", scheme="https", ca_bundle=CA_PEM)
-    first = RemoteTarget.from_backend(backend, contexts)
-    again = RemoteTarget.from_backend(backend, contexts)
+    first = RemoteTarget.from_backend(backend, contexts, model="m")
+    again = RemoteTarget.from_backend(backend, contexts, model="m")
     assert again.ssl_context is first.ssl_context and again == first and hash(again) == hash(first)
-    other = RemoteTarget.from_backend(dataclasses.replace(backend, ca_bundle=OTHER_CA_PEM), contexts)
+    other = RemoteTarget.from_backend(
+        dataclasses.replace(backend, ca_bundle=OTHER_CA_PEM), contexts, model="m"
+    )
     assert other.ssl_context is not first.ssl_context
     assert other != first  # a new bundle is a new target: the proxy opens new connections for it
     assert len(contexts) == 2
@@ -240,3 +249,9 @@ def test_no_remote_backend_is_pass_through():
     assert model is not None
     assert "no remoteBackend" in passthrough_reason(model)
     assert plan_for(model, True) == RoutePlan()
+
+
+def test_the_plan_sends_offloaded_requests_under_the_prefix_with_model_replaced():
+    text = TUTORIAL.replace("scheme: http", "scheme: http\n      pathPrefix: /v1/$model/")
+    plan = plan_for(model_of(text), True)
+    assert plan.remote is not None and plan.remote.path_prefix == "/v1/my-model"

@@ -488,6 +488,53 @@ def test_every_error_of_an_object_is_reported_at_once():
     assert "spec.offloadingConfig.behavior.percentage: must be between 0 and 100, got 150" in result.message()
 
 
+def test_dollar_model_in_the_path_prefix_is_spec_model_as_in_the_beamlit_controller():
+    from crds.model import expand_path_prefix
+
+    result = validate_object(edited(**{f"{RBK}__pathPrefix": "/v1/$model/models/$model"}))
+    assert result.ok, result.message()
+    backend = result.model.spec.offloading_config.remote_backend
+    assert backend.path_prefix == "/v1/$model/models/$model"  # kept as written
+    assert expand_path_prefix(backend.path_prefix, result.model.spec.model) == "/v1/my-model/models/my-model"
+    # Plain text replacement, as the Beamlit controller's: "$models" is "<model>s".
+    assert expand_path_prefix("/$models", "m") == "/ms"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "fragment"),
+    [
+        ("/ws/$workspace/$model", "$workspace (the Beamlit platform's workspace) has no value here"),
+        ("/v1/$modle", "unknown variable '$modle': only $model (spec.model) is replaced"),
+        ("/v1/${model}", "unknown variable '${model}'"),
+        ("/v1/$", "a '$' without a variable name"),
+        ("/price/$5", "a '$' without a variable name"),
+    ],
+)
+def test_unknown_dollar_variables_in_the_path_prefix_are_refused_with_the_field_path(prefix, fragment):
+    result = validate_object(edited(**{f"{RBK}__pathPrefix": prefix}))
+    assert [e.path for e in result.errors] == [f"{RB}.pathPrefix"], result.message()
+    assert fragment in result.message()
+    assert (
+        "write the workspace's name" if "workspace" in prefix else "write a literal $ as %24"
+    ) in result.message()
+
+
+@pytest.mark.parametrize(
+    ("model", "fragment"),
+    [
+        ("../other", "'.' or '..' segments"),
+        ("llama 3", "whitespace"),
+        ("modèle", "ASCII"),
+        ("m?x=1", "query"),
+    ],
+)
+def test_the_path_prefix_rules_hold_once_model_is_replaced(model, fragment):
+    result = validate_object(edited(**{"spec__model": model, f"{RBK}__pathPrefix": "/v1/$model"}))
+    errors = [e for e in result.errors if e.path == f"{RB}.pathPrefix"]
+    assert len(errors) == 1 and fragment in errors[0].message
+    assert "($model replaced by spec.model)" in errors[0].message
+
+
 @pytest.mark.parametrize(
     ("edits", "fragment"),
     [
