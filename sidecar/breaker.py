@@ -7,6 +7,13 @@ While open, the proxy serves the remote's share locally instead of paying a
 connect timeout per request. In half_open exactly one request probes the remote;
 if its outcome never arrives (the client left), another probe is allowed after
 the same backoff.
+
+Two more ways in: a remote that answers 503 or 429 with Retry-After opens it for
+that long at once (:meth:`CircuitBreaker.hold`, capped at the maximum backoff);
+and a request that has no other backend left goes to the remote whatever the
+state (:meth:`CircuitBreaker.probe`): the breaker saves clients a wait while
+another backend can serve them, never the last chance of an answer, and that
+request's outcome closes or reopens it like any probe's.
 """
 
 from __future__ import annotations
@@ -60,6 +67,24 @@ class CircuitBreaker:
             self.retry_at = now + self.backoff
             return True
         return False
+
+    def probe(self, now: float) -> None:
+        """A request goes to the remote regardless (no other backend is left): while
+        open it becomes the probe, so its outcome is recorded as a probe's."""
+        if self.state == OPEN:
+            self.state = HALF_OPEN
+            self.retry_at = now + self.backoff
+
+    def hold(self, now: float, seconds: float) -> None:
+        """The remote asked for ``seconds`` without requests (Retry-After on a 503
+        or 429): open until then, at most ``max_backoff_seconds``; never shortens a
+        wait already running. The backoff for failed probes is unchanged."""
+        self.failures += 1
+        until = now + min(max(seconds, 0.0), self.settings.max_backoff_seconds)
+        if self.state == OPEN and self.retry_at > until:
+            return
+        self.state = OPEN
+        self.retry_at = until
 
     def record_success(self, now: float) -> None:
         self.state = CLOSED

@@ -96,3 +96,54 @@ def test_a_success_after_recovery_restores_the_initial_backoff():
 def test_nonsense_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         BreakerSettings(**kwargs)
+
+
+def test_a_last_resort_request_passes_an_open_breaker_and_closes_it_on_success():
+    breaker = tripped(backoff=30.0, max_backoff=30.0, at=0.0)
+    assert not breaker.allow(1.0)
+    breaker.probe(1.0)  # the local model failed this request: the remote is all that is left
+    assert breaker.state == "half_open"
+    assert not breaker.allow(1.0)  # it is the probe: no other request goes along
+    breaker.record_success(1.2)
+    assert breaker.state == "closed" and breaker.allow(1.3)
+
+
+def test_a_failed_last_resort_counts_as_a_failed_probe():
+    breaker = tripped(backoff=1.0, max_backoff=8.0, at=0.0)
+    breaker.probe(0.5)
+    breaker.record_failure(0.6)
+    assert breaker.state == "open"
+    assert not breaker.allow(2.5) and breaker.allow(2.6)  # backoff doubled to 2 s from 0.6
+
+
+def test_a_last_resort_while_closed_or_probing_changes_nothing():
+    breaker = CircuitBreaker(BreakerSettings(failure_threshold=3))
+    breaker.probe(0.0)
+    assert breaker.state == "closed"
+    probing = tripped(backoff=1.0, at=0.0)
+    assert probing.allow(1.0)
+    probing.probe(1.5)
+    assert probing.state == "half_open" and probing.retry_at == 2.0
+
+
+def test_retry_after_opens_it_at_once_for_that_long_capped_at_the_maximum_backoff():
+    breaker = CircuitBreaker(
+        BreakerSettings(failure_threshold=5, backoff_seconds=1.0, max_backoff_seconds=30.0)
+    )
+    breaker.hold(10.0, 7.0)
+    assert breaker.state == "open"
+    assert not breaker.allow(16.9) and breaker.allow(17.0)
+    breaker.record_success(17.1)
+    breaker.hold(20.0, 3600.0)
+    assert not breaker.allow(49.9) and breaker.allow(50.0)
+
+
+def test_retry_after_never_shortens_a_wait_already_running_and_keeps_the_probe_backoff():
+    breaker = tripped(backoff=8.0, max_backoff=30.0, at=0.0)
+    breaker.hold(1.0, 2.0)  # ends at 3.0, before the breaker's own 8.0
+    assert not breaker.allow(7.9) and breaker.allow(8.0)
+    breaker.record_failure(8.1)  # a failed probe still doubles from the old backoff
+    assert not breaker.allow(24.0) and breaker.allow(24.1)
+    later = tripped(backoff=1.0, at=0.0)
+    later.hold(0.5, 0.0)  # Retry-After: 0 asks for no wait: the running one stays
+    assert not later.allow(0.9) and later.allow(1.0)
