@@ -3,21 +3,25 @@
 An Exchange asks the RoutingTable for a target, takes a pooled keep-alive
 connection to it (or opens one: the only Task on the path, and the request
 body is held back meanwhile), renders the request head and streams the body.
-Failure rules: a remote that cannot be connected (refused, TLS, timeout) or that
-drops the request before answering is replaced by the local model for that
-request (the body sent is kept for this retry while under
-``replay_buffer_bytes``); repeated remote failures open a circuit breaker. A
-local model that is down sends the request to the remote when one is
-configured, else the client gets a clear 502 (503 with Retry-After while
-shutting down). Once any byte of a response reached the client nothing is
-retried: a broken upstream then breaks the client's response. The response
-half lives in sidecar.response.
+Failure rules: a remote that cannot be connected (refused, TLS, timeout), that
+drops the request before answering, or that answers 503 or 429 is replaced by
+the local model for that request (the body sent is kept for this retry while
+under ``replay_buffer_bytes``); repeated remote failures open a circuit breaker,
+and a Retry-After opens it for that long. A local model that is down or answers
+503 sends the request to the remote when one is configured and the request may
+go there; as the last backend left, an open breaker does not stop it. Else the
+client gets a clear 502 (503 with Retry-After while shutting down, or the busy
+answer's status and Retry-After). Once any byte of a final response reached the
+client nothing is retried: a broken upstream then breaks the client's response.
+The response half lives in sidecar.response.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import ssl
+import time
 from typing import TYPE_CHECKING
 
 import httptools
@@ -28,9 +32,10 @@ from sidecar.http1 import (
     RequestHead,
     render_error,
     render_request_head,
+    retry_after_seconds,
 )
 from sidecar.response import ResponseRelay
-from sidecar.upstream import PAUSE_CONNECTING, UpstreamConnection, UpstreamPool
+from sidecar.upstream import PAUSE_CONNECTING, PAUSE_UPSTREAM_FULL, UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
     import asyncio
@@ -49,6 +54,7 @@ class Exchange(ResponseRelay):
     __slots__ = (
         "attempts",
         "backend",
+        "busy",
         "client",
         "connect_task",
         "done",
@@ -90,6 +96,8 @@ class Exchange(ResponseRelay):
         self.attempts = 0
         self.tried_local = False
         self.tried_remote = False
+        # (status, Retry-After seconds) of a 503/429 answer not relayed, for the end answer.
+        self.busy: tuple[int, float | None] | None = None
         # Bytes for the upstream, gathered while one client read is parsed and
         # written once after it: one send per read, like a C proxy.
         self.up_out: list[bytes] = []
@@ -102,7 +110,7 @@ class Exchange(ResponseRelay):
         server.stats.in_flight += 1
         target = server.routing.choose()
         if target is not None:
-            refusal = server.remote_refusal(target)
+            refusal = server.remote_refusal(target, self.head)
             if refusal is not None:
                 server.stats.count_fallback("remote", "local", refusal)
                 target = None
@@ -165,7 +173,8 @@ class Exchange(ResponseRelay):
         head = self.head
         target = self.target
         if target is None:
-            data = render_request_head(head, authority=None, client_ip=client.ip)
+            authority = None if head.host is not None else server.local_authority
+            data = render_request_head(head, authority=authority, client_ip=client.ip)
         else:
             route = server.remote_route(target)
             assert route is not None  # checked by remote_refusal before this attempt
@@ -224,11 +233,7 @@ class Exchange(ResponseRelay):
     def failed(self, kind: str) -> None:
         """The upstream failed before any of its response reached the client."""
         server = self.server
-        conn = self.upstream
-        if conn is not None:
-            self.upstream = None
-            conn.close()
-        self.up_out.clear()  # kept in self.sent for a retry
+        self.drop_upstream()
         server.stats.count_failure(self.backend, kind)
         if self.final:
             self.abort_client()
@@ -236,29 +241,92 @@ class Exchange(ResponseRelay):
         stale = kind == "reset" and self.reused  # the upstream closed an idle keep-alive
         if self.target is not None and not stale:
             server.remote_failed(self.target)
+        why = ""
         if self.sent is not None and self.attempts < MAX_ATTEMPTS:
             if stale:
                 self.attempt(self.target, fresh=True)
                 return
-            if self.target is not None:
-                if not self.tried_local:
-                    server.stats.count_fallback("remote", "local", kind)
-                    self.attempt(None, fresh=False)
-                    return
-            else:
-                remote = server.routing.plan.remote
-                if remote is not None and not self.tried_remote and server.remote_refusal(remote) is None:
-                    server.stats.count_fallback("local", "remote", kind)
-                    self.attempt(remote, fresh=False)
-                    return
+            found, remote, why = self.other_side()
+            if found:
+                self.fall_back(remote, kind)
+                return
+        self.give_up(kind, why)
+
+    def drop_upstream(self) -> None:
+        """Close the upstream connection for good; what was for it stays in self.sent."""
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.close()
+            self.client.unpause(PAUSE_UPSTREAM_FULL)  # its full buffer held the client back
+        self.up_out.clear()
+
+    def other_side(self) -> tuple[bool, RemoteTarget | None, str]:
+        """The backend this request can go to now that its own one failed it:
+        (True, None) for the local model, (True, target) for the remote, or
+        (False, None, why) when there is none (why: a fallback reason, or "")."""
+        if self.target is not None:
+            return not self.tried_local, None, ""
+        remote = self.server.routing.plan.remote
+        if remote is None or self.tried_remote:
+            return False, None, ""
+        # The last backend left: an open breaker doesn't stop it (this becomes its probe).
+        refusal = self.server.remote_refusal(remote, self.head, last_resort=True)
+        return refusal is None, remote, refusal or ""
+
+    def fall_back(self, remote: RemoteTarget | None, kind: str) -> None:
+        if remote is None:
+            self.server.stats.count_fallback("remote", "local", kind)
+        else:
+            self.server.stats.count_fallback("local", "remote", kind)
+        self.attempt(remote, fresh=False)
+
+    def give_up(self, kind: str, why: str = "") -> None:
+        """No backend is left to try: the client gets the proxy's own answer."""
+        server = self.server
+        note = f"; the remote cannot take this request ({why})" if why.startswith(("path", "trace")) else ""
         if server.draining:
             self.respond_error(
                 503, f"{self.backend} model unavailable ({kind}); shutting down", retry_after=5
             )
+        elif self.busy is not None:
+            status, retry_after = self.busy
+            other = "remote" if self.backend == "local" else "local"
+            self.respond_error(
+                status,
+                f"{other} model busy ({status}), {self.backend} model unavailable ({kind}){note}",
+                retry_after=None if retry_after is None else math.ceil(retry_after),
+            )
         elif kind == "timeout":
-            self.respond_error(504, f"{self.backend} model did not answer in time")
+            self.respond_error(504, f"{self.backend} model did not answer in time{note}")
         else:
-            self.respond_error(502, f"{self.backend} model unavailable ({kind})")
+            self.respond_error(502, f"{self.backend} model unavailable ({kind}){note}")
+
+    def busy_elsewhere(self, status: int, block: bytes) -> bool:
+        """A final 503 or 429 arrived and none of it was relayed yet. The remote's
+        breaker learns of it (its Retry-After holds the remote off). Then, when the
+        request is replayable and the other backend can take it (a remote 503 or
+        429, a local 503: a local 429 is about this client, not capacity), it goes
+        there and this returns True; else False: the answer is relayed as it is."""
+        server = self.server
+        retry_after = retry_after_seconds(block, time.time())
+        if self.target is not None:
+            server.remote_busy(self.target, retry_after)
+        elif status != 503:
+            return False
+        if self.sent is None or self.attempts >= MAX_ATTEMPTS:
+            return False  # the body sent on is no longer held: it can't be sent again
+        found, remote, _ = self.other_side()
+        if not found:
+            return False
+        kind = f"http_{status}"
+        if self.out:
+            self.flush()  # interim answers (100 Continue) read along with this head
+        self.drop_upstream()  # its answer is not read to the end: the connection goes
+        server.stats.count_failure(self.backend, kind)
+        self.busy = (status, retry_after)
+        self.fall_back(remote, kind)
+        return True
 
     # --- request body from the client ------------------------------------------
 

@@ -3,29 +3,37 @@
 The socket code (sidecar/client.py, sidecar/response.py) parses with httptools (llhttp, strict mode:
 it already refuses Content-Length together with Transfer-Encoding, duplicate
 Content-Length, obs-fold, bare LF, NUL and invalid tokens). What llhttp lets
-through but a reverse proxy must not forward is decided here:
+through but a reverse proxy must not forward anywhere is refused here:
 
-- request targets other than origin-form (``/path?query``): absolute-form would
-  make an open proxy, authority-form is CONNECT, ``*`` has no path to prefix;
-- dot segments (``/../``, also percent-encoded or with ``;params``: ``/..;x/``)
-  and separators a remote may decode or normalise into ``/`` (a backslash,
-  ``%2F``, ``%5C``) that could climb out of the remote's pathPrefix while
-  carrying its headersToAdd;
+- request targets other than origin-form (``/path?query``) and ``*``: absolute-form
+  would make an open proxy, authority-form is CONNECT;
 - a missing (HTTP/1.1), repeated or malformed Host;
-- Transfer-Encoding other than exactly ``chunked``; Expect other than 100-continue;
-- CONNECT and TRACE (TRACE would echo headersToAdd credentials back to the client).
+- Transfer-Encoding other than exactly ``chunked``;
+- CONNECT.
+
+A request the model itself would accept is refused nowhere else: what is only
+dangerous on one route is noted on the head (``remote_limits``) and keeps it off
+that route (sidecar.proxy), so it is served locally, byte for byte, instead:
+
+- ``LIMIT_PREFIX``: dot segments (``/../``, also percent-encoded or with
+  ``;params``: ``/..;x/``), separators a remote may decode or normalise into
+  ``/`` (a backslash, ``%2F``, ``%5C``) and ``*``: under a remote's pathPrefix
+  they could climb out of it while carrying its headersToAdd;
+- ``LIMIT_TRACE``: TRACE would echo a remote's added credentials back to the client.
 
 Then it renders the heads sent on: hop-by-hop fields dropped (Connection and the
 fields it names, Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade except for
 WebSocket, Proxy-Authorization/-Authenticate), framing re-done by the proxy,
-X-Forwarded-For appended, X-Forwarded-Proto/-Host set, every other field kept
-in order, repeated fields included, the target byte for byte.
+X-Forwarded-For appended, X-Forwarded-Proto/-Host kept as they arrived and set
+only where absent, every other field kept in order, repeated fields included,
+the target byte for byte.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 HOP_BY_HOP = frozenset(
     {
@@ -40,17 +48,23 @@ HOP_BY_HOP = frozenset(
         b"proxy-authenticate",
     }
 )
-# Fields the proxy sets itself on the way to an upstream.
-_REPLACED = frozenset(
-    {b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
-)
+# Fields the proxy sets itself on the way to an upstream (X-Forwarded-For: appended to).
+_REPLACED = frozenset({b"host", b"content-length", b"x-forwarded-for"})
 _REQUEST_DROP = HOP_BY_HOP | _REPLACED
+# Kept fields the proxy looks at: Expect, and the forwarding fields it sets only where absent.
+_NOTED = frozenset({b"expect", b"x-forwarded-proto", b"x-forwarded-host"})
 # Fields re-done on the way back to the client.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
-# reg-name / IPv4 / [IPv6], optional port. No userinfo, whitespace, path or empties.
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?")
+# RFC 9112 3.2: uri-host [":" port], where uri-host is [IPv6], IPv4 or a reg-name, which
+# may be empty (an empty Host is what a client sends for a target without authority).
+# No userinfo, whitespace or path.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?")
 _DOT_SEGMENTS = frozenset({b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e."})
+
+# Routes a request may not take (RequestHead.remote_limits, a bit mask).
+LIMIT_PREFIX = 1  # not under a remote's pathPrefix: the path could climb out of it
+LIMIT_TRACE = 2  # not to a remote adding headers: TRACE would echo them to the client
 
 BODY_NONE = 0
 BODY_LENGTH = 1
@@ -89,6 +103,8 @@ class RequestHead:
         "content_length",
         "expect_continue",
         "forwarded_for",
+        "forwarded_host",
+        "forwarded_proto",
         "host",
         "http11",
         "is_head",
@@ -96,6 +112,7 @@ class RequestHead:
         "lines",
         "method",
         "names",
+        "remote_limits",
         "target",
         "upgrade",
         "websocket",
@@ -109,6 +126,9 @@ class RequestHead:
         self.names: list[bytes] = []  # their lower-cased names, same order
         self.host: bytes | None = None
         self.forwarded_for: bytes | None = None
+        self.forwarded_proto = False  # an X-Forwarded-Proto arrived (and is kept)
+        self.forwarded_host = False  # an X-Forwarded-Host arrived (and is kept)
+        self.remote_limits = 0  # LIMIT_* bits: remotes this request may not go to
         self.body = BODY_NONE
         self.content_length = 0
         self.keep_alive = http11
@@ -157,7 +177,8 @@ def has_ambiguous_separator(path: bytes) -> bool:
 def inspect_request(
     method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]]
 ) -> RequestHead | Rejection:
-    """Decide whether a parsed request head may be forwarded; gather its framing."""
+    """Decide whether a parsed request head may be forwarded; gather its framing
+    and the routes it may not take (``remote_limits``)."""
     if version == "1.1":
         http11 = True
     elif version == "1.0":
@@ -166,33 +187,38 @@ def inspect_request(
         return Rejection(505, f"HTTP/{version} is not supported; use HTTP/1.1")
     if method == b"CONNECT":
         return Rejection(405, "CONNECT is not allowed: this is a reverse proxy")
-    if method == b"TRACE":
-        return Rejection(405, "TRACE is not allowed")
+    limits = 0
     if not target.startswith(b"/"):
         if b"://" in target:
             return Rejection(400, "absolute-form request target refused: this is not a forward proxy")
-        return Rejection(400, "request target must be origin-form: /path?query")
-    if target.find(b".") >= 0 or target.find(b"%") >= 0 or target.find(b"\\") >= 0:
+        if target != b"*" or method != b"OPTIONS":
+            return Rejection(400, "request target must be origin-form: /path?query (or * for OPTIONS)")
+        limits = LIMIT_PREFIX  # nothing to put a prefix in front of
+    elif target.find(b".") >= 0 or target.find(b"%") >= 0 or target.find(b"\\") >= 0:
         path = target.split(b"?", 1)[0]
-        if has_ambiguous_separator(path):
-            return Rejection(
-                400, "request path must not contain a backslash or an encoded / or \\ (%2F, %5C)"
-            )
-        if has_dot_segment(path):
-            return Rejection(400, "request path must not contain dot segments (. or ..)")
+        if has_ambiguous_separator(path) or has_dot_segment(path):
+            limits = LIMIT_PREFIX
+    if method == b"TRACE":
+        limits |= LIMIT_TRACE
 
     head = RequestHead(method, target, http11)
+    head.remote_limits = limits
     lines, names = head.lines, head.names
     connection: list[bytes] = []
     hosts = 0
     forwarded: list[bytes] = []
     transfer_encoding: bytes | None = None
-    expect: bytes | None = None
+    expect: list[bytes] | None = None
     for name, value in headers:
         lname = name.lower()
         if lname not in _REQUEST_DROP:
-            if lname == b"expect":
-                expect = value
+            if lname in _NOTED:
+                if lname == b"expect":
+                    expect = (expect or []) + _tokens(value)
+                elif lname == b"x-forwarded-proto":
+                    head.forwarded_proto = True
+                else:
+                    head.forwarded_host = True
             lines.append(b"%b: %b\r\n" % (name, value))
             names.append(lname)
         elif lname == b"host":
@@ -209,7 +235,7 @@ def inspect_request(
             head.upgrade = value
         elif lname == b"x-forwarded-for":
             forwarded.append(value.strip())
-        # Other hop-by-hop and X-Forwarded-Proto/-Host: replaced or dropped.
+        # Other hop-by-hop fields: dropped.
 
     if hosts > 1:
         return Rejection(400, "more than one Host header")
@@ -222,9 +248,8 @@ def inspect_request(
         if transfer_encoding.strip().lower() != b"chunked":
             return Rejection(501, "Transfer-Encoding other than chunked is not supported")
         head.body = BODY_CHUNKED
-    if expect is not None:
-        if expect.strip().lower() != b"100-continue":
-            return Rejection(417, "Expect supports only 100-continue")
+    # Other expectations go on as they are: the model decides (RFC 9110 10.1.1 lets it 417).
+    if expect is not None and b"100-continue" in expect:
         head.expect_continue = head.http11
     if forwarded:
         head.forwarded_for = b", ".join(forwarded)
@@ -239,6 +264,9 @@ def inspect_request(
             keep = [i for i, n in enumerate(names) if n not in named]
             head.lines = [lines[i] for i in keep]
             head.names = [names[i] for i in keep]
+            # A forwarding field named by Connection was meant for this hop only: set ours.
+            head.forwarded_proto = b"x-forwarded-proto" in head.names
+            head.forwarded_host = b"x-forwarded-host" in head.names
         if (
             head.upgrade is not None
             and b"upgrade" in connection
@@ -261,24 +289,39 @@ def render_request_head(
 ) -> bytes:
     """The head sent upstream (always HTTP/1.1, keep-alive).
 
-    ``authority`` replaces Host (the remote's); None keeps the client's Host.
+    ``authority`` replaces Host (the remote's, or the local model's address for an
+    HTTP/1.0 request without one); None keeps the client's Host.
     ``extra`` is pre-rendered ``Name: value\\r\\n`` lines replacing same-name fields.
+
+    Forwarding fields: X-Forwarded-For gets the client's address appended;
+    X-Forwarded-Proto (``http``: the proxy port is plain HTTP) and X-Forwarded-Host
+    (the client's Host) are added only when none arrived, so what a TLS-terminating
+    ingress in front says reaches the model unchanged; X-Forwarded-Port is never
+    added (a value arriving is kept). A name in ``extra`` is the remote's own setting.
     """
     host = authority if authority is not None else head.host
     parts = [head.method, b" ", path_prefix, head.target, b" HTTP/1.1\r\n"]
     if host is not None:
         parts += (b"Host: ", host, b"\r\n")
+    add_proto = not head.forwarded_proto
+    add_host = not head.forwarded_host and head.host  # none for a missing or empty Host
+    add_for = True
     if extra_names:
         parts += [line for line, n in zip(head.lines, head.names) if n not in extra_names]
         parts.append(extra)
+        add_proto = add_proto and b"x-forwarded-proto" not in extra_names
+        add_host = add_host and b"x-forwarded-host" not in extra_names
+        add_for = b"x-forwarded-for" not in extra_names
     else:
         parts += head.lines
-    if head.forwarded_for:
-        parts += (b"X-Forwarded-For: ", head.forwarded_for, b", ", client_ip, b"\r\n")
-    else:
-        parts += (b"X-Forwarded-For: ", client_ip, b"\r\n")
-    parts.append(b"X-Forwarded-Proto: http\r\n")
-    if head.host is not None:
+    if add_for:
+        if head.forwarded_for:
+            parts += (b"X-Forwarded-For: ", head.forwarded_for, b", ", client_ip, b"\r\n")
+        else:
+            parts += (b"X-Forwarded-For: ", client_ip, b"\r\n")
+    if add_proto:
+        parts.append(b"X-Forwarded-Proto: http\r\n")
+    if add_host:
         parts += (b"X-Forwarded-Host: ", head.host, b"\r\n")
     if head.body == BODY_LENGTH:
         parts.append(b"Content-Length: %d\r\n" % head.content_length)
@@ -421,6 +464,33 @@ def render_response_head(
     else:
         end = b"\r\n\r\n"
     return b"".join((b"HTTP/1.1 ", status_text, block, framing, end)), frame, keep_alive, close_delimited
+
+
+_RETRY_AFTER = re.compile(rb"\r\nretry-after:[ \t]*([^\r]*)")
+
+
+def retry_after_seconds(block: bytes, now: float) -> float | None:
+    """The wait a Retry-After field asks for, in seconds, from a raw field block.
+
+    Delta-seconds or an HTTP-date (``now``: the wall clock, epoch seconds; a date in
+    the past is 0). None when there is no Retry-After or it is neither.
+
+    >>> retry_after_seconds(b"\\r\\nRetry-After: 120", 0.0)
+    120.0
+    """
+    match = _RETRY_AFTER.search(block.lower())
+    if match is None:
+        return None
+    value = block[match.start(1) : match.end(1)].strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value.decode("latin-1"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a date without a zone is refused
+        return None
+    return max(0.0, when.timestamp() - now)
 
 
 def render_interim(status_text: bytes, block: bytes) -> bytes:

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from sidecar.breaker import BreakerSettings, CircuitBreaker
 from sidecar.client import ClientConnection
-from sidecar.http1 import render_extra
+from sidecar.http1 import LIMIT_PREFIX, LIMIT_TRACE, RequestHead, render_extra
 from sidecar.routing import RemoteTarget, RoutePlan, RoutingTable
 from sidecar.stats import ProxyStats
 from sidecar.upstream import CoarseClock, UpstreamPool
@@ -74,12 +74,14 @@ class _RemoteRoute:
     Raises UnicodeEncodeError (a ValueError) for a target that cannot be sent as is.
     """
 
-    __slots__ = ("authority", "breaker", "extra", "extra_names", "key", "pool", "prefix")
+    __slots__ = ("authority", "breaker", "extra", "extra_names", "key", "limits", "pool", "prefix")
 
     def __init__(self, target: RemoteTarget):
         self.authority = target.authority.encode("latin-1")
         self.prefix = target.path_prefix.encode("latin-1")
         self.extra, self.extra_names = render_extra(target.headers)
+        # The RequestHead.remote_limits that keep a request off this route.
+        self.limits = (LIMIT_PREFIX if self.prefix else 0) | (LIMIT_TRACE if self.extra else 0)
         # Pools and breakers are shared by the targets of one address and TLS context
         # (a token refresh keeps them); set by ProxyServer.
         self.key: PoolKey = (target.scheme, target.host, target.port, target.ssl_context)
@@ -104,6 +106,8 @@ class ProxyServer:
     ):
         self.routing = routing
         self.local = local
+        # Host for an HTTP/1.0 request that came without one (HTTP/1.1 requires it).
+        self.local_authority = (f"[{local[0]}]" if ":" in local[0] else local[0]).encode() + b":%d" % local[1]
         self.settings = settings
         self.stats = stats if stats is not None else ProxyStats()
         self.on_ready_change = on_ready_change
@@ -281,15 +285,29 @@ class ProxyServer:
         for key in [k for k in self._breakers if k not in used]:
             del self._breakers[key]
 
-    def remote_refusal(self, target: RemoteTarget) -> str | None:
-        """Why a request may not go to ``target`` now (a fallback reason), or None."""
+    def remote_refusal(
+        self, target: RemoteTarget, head: RequestHead, *, last_resort: bool = False
+    ) -> str | None:
+        """Why the request ``head`` may not go to ``target`` now (a fallback reason), or None.
+
+        ``last_resort``: no other backend is left for this request, so an open
+        breaker does not stand in the way (the request becomes its probe); a
+        remote that can't be sent to, or a route the request is unsafe on, still does.
+        """
         route = self.remote_route(target)
         if route is None:
             return "bad-remote-config"
+        limits = head.remote_limits & route.limits
+        if limits:
+            return "path-outside-prefix" if limits & LIMIT_PREFIX else "trace-with-credentials"
         breaker = route.breaker
         if breaker.state == "closed":
             return None
-        allowed = breaker.allow(self.loop.time())
+        if last_resort:
+            breaker.probe(self.loop.time())
+            allowed = True
+        else:
+            allowed = breaker.allow(self.loop.time())
         self.stats.breaker_state = breaker.state
         return None if allowed else "breaker_open"
 
@@ -299,6 +317,25 @@ class ProxyServer:
         breaker.record_failure(self.loop.time())
         if breaker.state != before:
             log.warning("remote %s:%s circuit breaker %s", target.host, target.port, breaker.state)
+        self.stats.breaker_state = breaker.state
+
+    def remote_busy(self, target: RemoteTarget, retry_after: float | None) -> None:
+        """The remote answered 503 or 429: with Retry-After its breaker holds it off
+        that long; without, it is one more consecutive failure."""
+        if retry_after is None:
+            self.remote_failed(target)
+            return
+        breaker = self.remote_route(target).breaker  # type: ignore[union-attr]
+        before = breaker.state
+        breaker.hold(self.loop.time(), retry_after)
+        if breaker.state != before:
+            log.warning(
+                "remote %s:%s asked for %.0f s without requests; circuit breaker %s",
+                target.host,
+                target.port,
+                retry_after,
+                breaker.state,
+            )
         self.stats.breaker_state = breaker.state
 
     def remote_succeeded(self, target: RemoteTarget) -> None:

@@ -29,10 +29,16 @@ class BadUpstream(Exception):
     """Raised inside a response parser callback for a response we can't relay."""
 
 
+class Retried(Exception):
+    """Raised inside a response parser callback once the request went to the other
+    backend (a 503/429 not relayed): the rest of this answer is not parsed."""
+
+
 class ResponseRelay:
     """The response parser's callbacks; the Exchange that extends it supplies
     client, server, head, target, backend, upstream, keep_alive, request_complete,
-    done, t_start and the endings (finish, failed, abort_client, respond_error)."""
+    done, t_start, the endings (finish, failed, abort_client, respond_error) and
+    busy_elsewhere (a 503/429 sent to the other backend instead)."""
 
     __slots__ = (
         "continue_sent",
@@ -119,11 +125,14 @@ class ResponseRelay:
                 self.continue_sent = self.continue_sent or status == 100
             return
         server = self.server
+        if status == 503 or status == 429:
+            if self.busy_elsewhere(status, block):
+                raise Retried
+        elif self.target is not None:
+            server.remote_succeeded(self.target)
         self.status = status
         self.final = True
         self.head_buf = b""
-        if self.target is not None:
-            server.remote_succeeded(self.target)
         has_body = not (head.is_head or status == 204 or status == 304)
         keep = self.keep_alive and self.request_complete and not server.draining and not head.websocket
         data, self.frame, self.keep_alive, self.eof_body = render_response_head(
@@ -209,4 +218,7 @@ class ResponseRelay:
         raise NotImplementedError
 
     def respond_error(self, status: int, reason: str, retry_after: int | None = None) -> None:
+        raise NotImplementedError
+
+    def busy_elsewhere(self, status: int, block: bytes) -> bool:
         raise NotImplementedError

@@ -78,7 +78,8 @@ class UpstreamConnection(asyncio.Protocol):
             exchange.upstream_upgraded(data[exc.args[0] :])
             return
         except httptools.HttpParserError as exc:
-            exchange.upstream_broken(f"invalid response from upstream: {exc}")
+            if not self.closed:  # closed: its exchange went to the other backend (Retried)
+                exchange.upstream_broken(f"invalid response from upstream: {exc}")
             return
         if exchange.out:
             exchange.flush()

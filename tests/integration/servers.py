@@ -20,7 +20,9 @@ segment of the path, so a remote path prefix doesn't change the behaviour:
     .../ws              WebSocket handshake (101), then echoes raw bytes
 
 A request with ``Expect: 100-continue`` gets ``100 Continue`` before its body is
-read. ``kill()`` aborts every connection at once, as a crashed server would.
+read. ``answer`` set to ``(status, fields)`` answers every request so (a busy
+model's 503 or 429). ``kill()`` aborts every connection at once, as a crashed
+server would.
 
 Use from synchronous tests through :class:`LoopThread`::
 
@@ -149,6 +151,8 @@ class Upstream:
         self.port = 0
         self.connections_accepted = 0
         self.delay_s = 0.0  # added before every answer: a slow or overloaded model
+        # (status, fields): every request gets this answer (a busy model: 503, 429), body read first.
+        self.answer: tuple[int, list[tuple[str, str]]] | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -260,6 +264,11 @@ class Upstream:
         body = await self._consume(seen, reader, writer)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.answer is not None:
+            status, fields = self.answer
+            text = f"{self.name} busy\n".encode()
+            writer.write(self._head(status, "Busy", [*fields, ("Content-Length", str(len(text)))]) + text)
+            return not close
         if route == "sse":
             n, interval = int(query.get("n", "10")), float(query.get("interval_ms", "50")) / 1000
             writer.write(

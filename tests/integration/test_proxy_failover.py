@@ -303,3 +303,147 @@ def test_a_remote_that_cannot_be_encoded_is_never_a_500_but_served_locally(harne
     assert h.remote.count() == 0
     said = [rec for rec in caplog.records if "cannot be used" in rec.getMessage()]
     assert len(said) == 1 and "\u20ac" not in said[0].getMessage() and "key-" not in said[0].getMessage()
+
+
+# --- the last resort and busy backends ---------------------------------------------------
+
+
+def remote_breaker(h):
+    (breaker,) = h.proxy._breakers.values()
+    return breaker
+
+
+def trip_the_breaker(h, lt, client: httpx.Client, requests: int = 4) -> None:
+    """The remote goes down and the breaker opens: every request is served locally."""
+    lt.run(h.remote.kill())
+    assert {client.get("/echo").headers["x-upstream"] for _ in range(requests)} == {"local"}
+    assert h.proxy.stats.breaker_state == "open"
+
+
+def revive_remote(h, lt) -> None:
+    revived = Upstream("remote")
+    lt.run(revived.start(h.remote.port))
+    h.remote = revived
+
+
+def test_an_open_breaker_never_vetoes_the_remote_when_the_local_model_fails(harnesses, lt):
+    """The issue's case: the remote is back, its breaker still open for 60 s; the
+    local model fails. The remote answers, and that answer closes the breaker."""
+    settings = ProxySettings(
+        breaker=BreakerSettings(failure_threshold=2, backoff_seconds=60, max_backoff_seconds=60)
+    )
+    h = harnesses(percentage=50, settings=settings)
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        trip_the_breaker(h, lt, c)
+        revive_remote(h, lt)
+        lt.run(h.local.kill())
+        answers = [c.post("/echo", content=b"abc") for _ in range(6)]
+    assert [(r.status_code, r.headers["x-upstream"], r.json()["body_size"]) for r in answers] == [
+        (200, "remote", 3)
+    ] * 6
+    assert h.proxy.stats.breaker_state == "closed"
+    assert h.proxy.stats.fallbacks_total[("local", "remote", "connect")] >= 1
+
+
+def test_a_failed_last_resort_counts_as_a_failed_probe(harnesses, lt):
+    settings = ProxySettings(
+        breaker=BreakerSettings(failure_threshold=2, backoff_seconds=60, max_backoff_seconds=600)
+    )
+    h = harnesses(percentage=100, settings=settings)
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        trip_the_breaker(h, lt, c)
+        lt.run(h.local.kill())
+        r = c.get("/echo")
+    assert r.status_code == 502 and r.text == "remote model unavailable (connect)\n"
+    breaker = remote_breaker(h)
+    assert breaker.state == "open" and breaker.backoff == 120  # doubled, as after any failed probe
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_busy_remote_is_replaced_by_the_local_model_and_its_retry_after_holds_it_off(harnesses, status):
+    h = harnesses(percentage=100)
+    h.remote.answer = (status, [("Retry-After", "1")])
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        started = time.monotonic()
+        r = c.post("/echo", content=b"x" * 5000)
+        assert (r.status_code, r.headers["x-upstream"], r.json()["body_size"]) == (200, "local", 5000)
+        assert h.remote.count() == 1 and remote_breaker(h).state == "open"
+        h.remote.answer = None
+        # While the Retry-After runs the remote gets nothing; then it serves again.
+        while (r := c.get("/echo")).headers["x-upstream"] == "local":
+            assert time.monotonic() - started < 5, "the remote was never tried again"
+            time.sleep(0.05)
+        assert time.monotonic() - started >= 1.0
+    assert h.remote.count() == 2 and h.proxy.stats.breaker_state == "closed"
+    stats = h.proxy.stats
+    assert stats.fallbacks_total[("remote", "local", f"http_{status}")] == 1
+    assert stats.upstream_failures_total[("remote", f"http_{status}")] == 1
+
+
+def test_a_busy_remote_without_retry_after_is_one_failure_towards_the_threshold(harnesses):
+    h = harnesses(percentage=100, settings=ProxySettings(breaker=BreakerSettings(failure_threshold=3)))
+    h.remote.answer = (429, [])
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        served = [c.get("/echo").headers["x-upstream"] for _ in range(5)]
+    assert served == ["local"] * 5
+    assert h.remote.count() == 3  # then the breaker held it off
+    assert h.proxy.stats.breaker_state == "open"
+
+
+def test_a_busy_answer_to_a_request_that_cannot_be_replayed_is_relayed_as_it_is(harnesses):
+    h = harnesses(percentage=100)  # replay_buffer_bytes: 64 KiB
+    h.remote.answer = (503, [("Retry-After", "7")])
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.post("/echo", content=b"x" * (256 * 1024))
+    assert (r.status_code, r.headers["x-upstream"], r.headers["retry-after"]) == (503, "remote", "7")
+    assert r.text == "remote busy\n"
+    assert h.local.count() == 0 and remote_breaker(h).state == "open"  # its Retry-After still counts
+
+
+def test_a_busy_local_model_sends_the_request_to_the_remote_even_past_an_open_breaker(harnesses, lt):
+    settings = ProxySettings(
+        breaker=BreakerSettings(failure_threshold=2, backoff_seconds=60, max_backoff_seconds=60)
+    )
+    h = harnesses(percentage=0, settings=settings)
+    h.local.answer = (503, [("Retry-After", "30")])
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.post("/echo", content=b"hello")
+        assert (r.status_code, r.headers["x-upstream"], r.json()["body"]) == (200, "remote", "hello")
+        h.local.answer = None
+        h.set_percentage(100)
+        trip_the_breaker(h, lt, c)
+        revive_remote(h, lt)
+        h.local.answer = (503, [])
+        r = c.get("/echo")
+    assert (r.status_code, r.headers["x-upstream"]) == (200, "remote")
+    assert h.proxy.stats.breaker_state == "closed"
+    assert h.proxy.stats.fallbacks_total[("local", "remote", "http_503")] == 2
+
+
+def test_a_local_429_concerns_the_client_and_is_relayed(harnesses):
+    h = harnesses(percentage=0)
+    h.local.answer = (429, [("Retry-After", "3")])
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.get("/echo")
+    assert (r.status_code, r.headers["x-upstream"], r.headers["retry-after"]) == (429, "local", "3")
+    assert h.remote.count() == 0
+
+
+def test_when_both_backends_are_busy_the_client_gets_the_second_answer(harnesses):
+    h = harnesses(percentage=0)
+    h.local.answer = (503, [("Retry-After", "30")])
+    h.remote.answer = (503, [("Retry-After", "5")])
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.get("/echo")
+    assert (r.status_code, r.headers["x-upstream"], r.headers["retry-after"]) == (503, "remote", "5")
+    assert h.local.count() == 1 and h.remote.count() == 1
+
+
+def test_a_busy_remote_then_a_dead_local_model_gives_the_busy_status_and_its_retry_after(harnesses, lt):
+    h = harnesses(percentage=100)
+    h.remote.answer = (503, [("Retry-After", "4")])
+    lt.run(h.local.kill())
+    with httpx.Client(base_url=h.url, timeout=10) as c:
+        r = c.get("/echo")
+    assert (r.status_code, r.headers["retry-after"]) == (503, "4")
+    assert r.text == "remote model busy (503), local model unavailable (connect)\n"

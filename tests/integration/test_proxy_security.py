@@ -2,7 +2,8 @@
 
 Each case sends exact bytes on a raw socket and checks three things: the status
 the proxy answers, that it closes the connection, and that neither the local
-nor the remote server saw any request at all.
+nor the remote server saw any request at all. (Requests dangerous on one route
+only are kept off that route instead: tests/integration/test_proxy_routes.py.)
 """
 
 from __future__ import annotations
@@ -33,22 +34,13 @@ CASES = {
     "absolute-form https": (b"GET https://127.0.0.1:1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
     "absolute-form to the local port": (b"GET http://127.0.0.1:9/echo HTTP/1.1\r\n" + H + b"\r\n", 400),
     "CONNECT": (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 405),
-    "asterisk-form": (b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n", 400),
-    "dot segments": (b"GET /v1/../../admin HTTP/1.1\r\n" + H + b"\r\n", 400),
-    "encoded dot segments": (b"GET /v1/%2e%2E/admin HTTP/1.1\r\n" + H + b"\r\n", 400),
-    "dot segment with ;params": (b"GET /v1/..;/admin HTTP/1.1\r\n" + H + b"\r\n", 400),
-    "dot segment, encoded slash": (b"GET /v1/..%2Fadmin HTTP/1.1\r\n" + H + b"\r\n", 400),
-    "encoded dots and slash": (b"GET /v1/%2e%2e%2fadmin HTTP/1.1\r\n" + H + b"\r\n", 400),
-    "dot segment, encoded backslash": (b"GET /v1/..%5cadmin HTTP/1.1\r\n" + H + b"\r\n", 400),
-    "dot segment, backslash": (b"GET /v1/..\\admin HTTP/1.1\r\n" + H + b"\r\n", 400),
-    "TRACE": (b"TRACE /echo HTTP/1.1\r\n" + H + b"\r\n", 405),
+    "asterisk-form other than OPTIONS": (b"GET * HTTP/1.1\r\n" + H + b"\r\n", 400),
     # Host
     "no Host on HTTP/1.1": (b"GET /echo HTTP/1.1\r\n\r\n", 400),
     "two Hosts": (b"GET /echo HTTP/1.1\r\nHost: svc\r\nHost: evil\r\n\r\n", 400),
     "Host with whitespace": (b"GET /echo HTTP/1.1\r\nHost: svc evil\r\n\r\n", 400),
     "Host with userinfo": (b"GET /echo HTTP/1.1\r\nHost: user@evil\r\n\r\n", 400),
     "Host with a path": (b"GET /echo HTTP/1.1\r\nHost: evil/x\r\n\r\n", 400),
-    "empty Host": (b"GET /echo HTTP/1.1\r\nHost: \r\n\r\n", 400),
     # smuggling shapes
     "Content-Length and Transfer-Encoding": (
         b"POST /echo HTTP/1.1\r\n"
@@ -113,10 +105,6 @@ CASES = {
     "HTTP/1.2": (b"GET /echo HTTP/1.2\r\n" + H + b"\r\n", 400),
     "HTTP/0.9 style": (b"GET /echo\r\n\r\n", 505),
     "unknown method": (b"FROB /echo HTTP/1.1\r\n" + H + b"\r\n", 501),
-    "Expect other than 100-continue": (
-        b"POST /echo HTTP/1.1\r\n" + H + b"Expect: 200-ok\r\nContent-Length: 0\r\n\r\n",
-        417,
-    ),
     "WebSocket upgrade with a body": (
         b"POST /ws HTTP/1.1\r\n"
         + H
