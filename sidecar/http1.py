@@ -202,7 +202,8 @@ def inspect_request(
         limits |= LIMIT_TRACE
 
     head = RequestHead(method, target, http11)
-    head.remote_limits = limits
+    if limits:
+        head.remote_limits = limits
     lines, names = head.lines, head.names
     connection: list[bytes] = []
     hosts = 0
@@ -303,25 +304,20 @@ def render_request_head(
     parts = [head.method, b" ", path_prefix, head.target, b" HTTP/1.1\r\n"]
     if host is not None:
         parts += (b"Host: ", host, b"\r\n")
-    add_proto = not head.forwarded_proto
-    add_host = not head.forwarded_host and head.host  # none for a missing or empty Host
-    add_for = True
     if extra_names:
         parts += [line for line, n in zip(head.lines, head.names) if n not in extra_names]
         parts.append(extra)
-        add_proto = add_proto and b"x-forwarded-proto" not in extra_names
-        add_host = add_host and b"x-forwarded-host" not in extra_names
-        add_for = b"x-forwarded-for" not in extra_names
     else:
         parts += head.lines
-    if add_for:
+    if not extra_names or b"x-forwarded-for" not in extra_names:
         if head.forwarded_for:
             parts += (b"X-Forwarded-For: ", head.forwarded_for, b", ", client_ip, b"\r\n")
         else:
             parts += (b"X-Forwarded-For: ", client_ip, b"\r\n")
-    if add_proto:
+    if not head.forwarded_proto and (not extra_names or b"x-forwarded-proto" not in extra_names):
         parts.append(b"X-Forwarded-Proto: http\r\n")
-    if add_host:
+    # None for a missing or empty Host.
+    if head.host and not head.forwarded_host and (not extra_names or b"x-forwarded-host" not in extra_names):
         parts += (b"X-Forwarded-Host: ", head.host, b"\r\n")
     if head.body == BODY_LENGTH:
         parts.append(b"Content-Length: %d\r\n" % head.content_length)

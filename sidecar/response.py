@@ -125,7 +125,7 @@ class ResponseRelay:
                 self.continue_sent = self.continue_sent or status == 100
             return
         server = self.server
-        if status == 503 or status == 429:
+        if status >= 429 and (status == 503 or status == 429):
             if self.busy_elsewhere(status, block):
                 raise Retried
         elif self.target is not None:
