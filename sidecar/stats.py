@@ -80,8 +80,11 @@ class ProxyStats:
       under backend ``"proxy"``.
     - ``response_head_seconds[backend]`` / ``response_seconds[backend]``: time from
       the request head to the response head, and to the end of the response.
-    - ``fallbacks_total[(from, to, reason)]``: requests retried on the other backend.
-    - ``upstream_failures_total[(backend, kind)]``: connect / tls / timeout / reset.
+    - ``fallbacks_total[(from, to, reason)]``: requests sent to the other backend (a
+      failure kind below, breaker_open, path-outside-prefix, trace-with-credentials,
+      bad-remote-config).
+    - ``upstream_failures_total[(backend, kind)]``: connect / tls / timeout / reset /
+      http_503 / http_429 (a busy answer not relayed, the request sent elsewhere).
     - ``rejected_total[status]``: requests refused by the proxy (4xx/5xx it made).
     - ``client_aborts_total``: clients gone before their response ended.
     - ``breaker_state``: "closed" | "open" | "half_open" for the remote backend.
