@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve_tls(app: Any, certificate: ReloadingCertificate, *, host: str, port: int, log_level: str) -> None:
-    """uvicorn over the reloading certificate's context, until SIGTERM.
+def tls_server(
+    app: Any, certificate: ReloadingCertificate, *, host: str, port: int, log_level: str = "info"
+) -> uvicorn.Server:
+    """uvicorn serving ``app`` with the reloading certificate's context.
 
     uvicorn builds its SSLContext from files once; the loaded config's context is replaced
     by ours (whose SNI callback serves the current certificate) before the server starts."""
@@ -148,9 +150,15 @@ def serve_tls(app: Any, certificate: ReloadingCertificate, *, host: str, port: i
     )
     config.load()
     config.ssl = certificate.context
+    return uvicorn.Server(config)
+
+
+def serve_tls(app: Any, certificate: ReloadingCertificate, *, host: str, port: int, log_level: str) -> None:
+    """Serve until SIGTERM, polling the certificate's files meanwhile."""
+    server = tls_server(app, certificate, host=host, port=port, log_level=log_level)
     certificate.start()
     try:
-        uvicorn.Server(config).run()
+        server.run()
     finally:
         certificate.stop()
 
