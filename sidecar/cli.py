@@ -12,9 +12,10 @@ missing token or CA, an unusable kubeconfig, incomplete or malformed environment
 variables, an unreachable API server or an RBAC refusal all leave the sidecar up as pure
 pass-through to the local model, with ``/status`` (``configurationErrors``) saying why. A
 sidecar that exited would, as a native sidecar, keep its pod from ever becoming Ready: it
-must never make a pod worse than it is without it. The one exception is a sidecar with no
-model address at all (OFFLOAD_UPSTREAM and OFFLOAD_MODEL_PORT both unusable and no
-``--upstream``), which has nothing to pass through to; the injector always sets both.
+must never make a pod worse than it is without it. The exceptions are command-line
+mistakes the injector never makes: no model address at all (OFFLOAD_UPSTREAM and
+OFFLOAD_MODEL_PORT both unusable and no ``--upstream``: nothing to pass through to) and an
+explicit ``--mode cluster`` without POD_NAMESPACE and MODELDEPLOYMENT_NAME.
 """
 
 from __future__ import annotations
@@ -394,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     for problem in env_problems:
         log.error("environment: %s", problem)
 
+    if args.mode == "cluster" and not (env.get("POD_NAMESPACE") and env.get("MODELDEPLOYMENT_NAME")):
+        # Asked for on a command line (the injector never does): a usage error, told at once.
+        parser.error("cluster mode needs POD_NAMESPACE and MODELDEPLOYMENT_NAME in the environment")
     if mode == "standalone":
         if args.config is None:
             parser.error("standalone mode needs --config FILE (the ModelDeployment to apply)")
