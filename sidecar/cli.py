@@ -349,7 +349,9 @@ def choose_mode(requested: str, env: Mapping[str, str], has_config: bool) -> str
     return "standalone"
 
 
-def build_cluster(settings: SidecarSettings, env: Mapping[str, str], problems: tuple[str, ...] = ()) -> Sidecar:
+def build_cluster(
+    settings: SidecarSettings, env: Mapping[str, str], problems: tuple[str, ...] = ()
+) -> Sidecar:
     """The cluster-mode sidecar; when its environment or credentials are unusable, one that
     passes everything through to the local model and says why in /status. Never raises."""
     from sidecar.clustersource import cluster_mode_from_env
@@ -368,7 +370,12 @@ def build_cluster(settings: SidecarSettings, env: Mapping[str, str], problems: t
         log.error("cluster mode: %s: every request goes to the local model", why)
         errors = (*problems, why)
         return Sidecar(
-            settings, PassThroughSource(), NoMetrics(), mode="cluster", source=source, config_errors=lambda: errors
+            settings,
+            PassThroughSource(),
+            NoMetrics(),
+            mode="cluster",
+            source=source,
+            config_errors=lambda: errors,
         )
     log.info("cluster mode: ModelDeployment %s", source)
     client = cluster.client

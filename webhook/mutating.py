@@ -109,8 +109,10 @@ def answer_pod(request: AdmissionRequest, *, view: ClusterView, config: Injector
     decision and counts a pod left without the sidecar."""
     try:
         outcome = decide(request, view, config)
-    except Exception:  # noqa: BLE001 - a bug must never block a pod, nor go unanswered
-        log.exception("pod review uid=%s: injection failed; admitting the pod without the sidecar", request.uid)
+    except Exception:  # a bug must never block a pod, nor go unanswered
+        log.exception(
+            "pod review uid=%s: injection failed; admitting the pod without the sidecar", request.uid
+        )
         outcome = not_injected(Reason.INTERNAL_ERROR, "the webhook failed on this pod (see its log)")
     where = pod_label(request.object, request.namespace)
     level = (

@@ -103,7 +103,6 @@ class ReloadingCertificate:
         current = self.current
         if current is not context:
             connection.context = current
-        return None
 
     def _snapshot(self) -> tuple[bytes, bytes]:
         return _read(self.cert_file), _read(self.key_file)

@@ -197,7 +197,9 @@ class FakeApiServer:
                 if seen.authorization != f"Bearer {self.token}":
                     await self._status(writer, 401, "Unauthorized", "Unauthorized")
                 elif self.forbidden:
-                    message = f'{url.path} is forbidden: User "system:serviceaccount:models:default" cannot list'
+                    message = (
+                        f'{url.path} is forbidden: User "system:serviceaccount:models:default" cannot list'
+                    )
                     await self._status(writer, 403, "Forbidden", message)
                 elif method != "GET" or url.path != self.collection:
                     await self._status(writer, 404, "NotFound", f"{url.path} not found")

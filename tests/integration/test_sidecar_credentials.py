@@ -53,7 +53,11 @@ class InjectedSidecar:
         self.log_path = tmp_path / "sidecar.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.cli"], env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "sidecar.cli"],
+            env=self.env,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def __enter__(self) -> InjectedSidecar:
@@ -144,7 +148,11 @@ def test_without_a_token_the_sidecar_passes_through_and_says_why(tmp_path, upstr
     local, _ = upstreams
     empty = tmp_path / "serviceaccount"
     empty.mkdir()
-    env = {SERVICE_ACCOUNT_DIR_ENV: str(empty), "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": "1"}
+    env = {
+        SERVICE_ACCOUNT_DIR_ENV: str(empty),
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": "1",
+    }
     with InjectedSidecar(tmp_path, local.port, **env) as sidecar:
         sidecar.wait_ready()
         passes_through(sidecar)
@@ -154,7 +162,9 @@ def test_without_a_token_the_sidecar_passes_through_and_says_why(tmp_path, upstr
         assert sidecar.stop() == 0
 
 
-def test_the_sidecar_reads_its_own_token_volume_even_without_the_pods_default_token(tmp_path, lt, api, upstreams):
+def test_the_sidecar_reads_its_own_token_volume_even_without_the_pods_default_token(
+    tmp_path, lt, api, upstreams
+):
     local, _ = upstreams
     volume = token_volume(tmp_path / "offload-token", api.pki, "projected-token")
     api.token = "projected-token"
@@ -165,29 +175,43 @@ def test_the_sidecar_reads_its_own_token_volume_even_without_the_pods_default_to
     }
     with InjectedSidecar(tmp_path, local.port, **env) as sidecar:
         sidecar.wait_ready()
-        sidecar.wait_for("the ModelDeployment", lambda: (sidecar.status()["configuration"] or {}).get("name") == "my-model")
+        sidecar.wait_for(
+            "the ModelDeployment", lambda: (sidecar.status()["configuration"] or {}).get("name") == "my-model"
+        )
         assert served_by(sidecar.send()) == "remote"  # a static 100% split
         assert sidecar.errors() == []
         assert sidecar.stop() == 0
     assert {s.authorization for s in api.seen} == {"Bearer projected-token"}
 
 
-def test_an_api_server_that_is_down_then_up_pass_through_first_then_the_configuration(tmp_path, lt, upstreams):
+def test_an_api_server_that_is_down_then_up_pass_through_first_then_the_configuration(
+    tmp_path, lt, upstreams
+):
     local, remote = upstreams
     pki = LoopbackPKI.create(tmp_path / "pki")
     port = free_port()  # nothing listens yet
     volume = token_volume(tmp_path / "offload-token", pki, "token-1")
-    env = {SERVICE_ACCOUNT_DIR_ENV: str(volume), "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(port)}
+    env = {
+        SERVICE_ACCOUNT_DIR_ENV: str(volume),
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": str(port),
+    }
     with InjectedSidecar(tmp_path, local.port, **env) as sidecar:
         sidecar.wait_ready()
         passes_through(sidecar)
-        sidecar.wait_for("the outage in /status", lambda: any("ConnectionRefusedError" in e for e in sidecar.errors()))
+        sidecar.wait_for(
+            "the outage in /status", lambda: any("ConnectionRefusedError" in e for e in sidecar.errors())
+        )
         assert all(e.startswith(f"API server: {COLLECTION}: ") for e in sidecar.errors())
 
         server = FakeApiServer(pki, COLLECTION)
         lt.run(server.start(port))
         try:
-            lt.run(server.put({**standalone(remote.port), "metadata": {"name": "my-model", "namespace": NAMESPACE}}))
+            lt.run(
+                server.put(
+                    {**standalone(remote.port), "metadata": {"name": "my-model", "namespace": NAMESPACE}}
+                )
+            )
             sidecar.wait_for("recovery", lambda: served_by(sidecar.send()) == "remote", timeout=60)
             sidecar.wait_for("the errors to clear", lambda: sidecar.errors() == [])
             assert sidecar.stop() == 0
@@ -195,7 +219,9 @@ def test_an_api_server_that_is_down_then_up_pass_through_first_then_the_configur
             lt.run(server.stop())
 
 
-def test_an_rbac_refusal_is_pass_through_with_the_403_in_status_until_the_role_is_bound(tmp_path, lt, api, upstreams):
+def test_an_rbac_refusal_is_pass_through_with_the_403_in_status_until_the_role_is_bound(
+    tmp_path, lt, api, upstreams
+):
     local, _ = upstreams
     api.forbidden = True
     kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
@@ -218,7 +244,10 @@ def test_an_rbac_refusal_is_pass_through_with_the_403_in_status_until_the_role_i
     [
         # The injector always sets both; a pod edited by hand may lose one.
         ({"MODELDEPLOYMENT_NAME": "<unset>"}, "POD_NAMESPACE and MODELDEPLOYMENT_NAME must both be set"),
-        ({"KUBERNETES_SERVICE_HOST": "<unset>"}, "KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT must be set"),
+        (
+            {"KUBERNETES_SERVICE_HOST": "<unset>"},
+            "KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT must be set",
+        ),
         ({"KUBECONFIG": "/nonexistent/kubeconfig"}, "/nonexistent/kubeconfig: cannot read kubeconfig"),
     ],
 )

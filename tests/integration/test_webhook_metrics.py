@@ -124,7 +124,9 @@ def test_reviews_are_counted_by_webhook_result_and_reason(webhook):
         client.post("/mutate-pods", json=review_for(f"w{i}", namespace, windows))
     malformed = {**pod, "spec": "a string"}
     client.post("/mutate-pods", json=review_for("m", namespace, malformed))
-    assert client.post("/mutate-pods", content=b"{}", headers={"content-type": "text/plain"}).status_code == 415
+    assert (
+        client.post("/mutate-pods", content=b"{}", headers={"content-type": "text/plain"}).status_code == 415
+    )
     bad = copy.deepcopy(TUTORIAL)
     bad["spec"]["offloadingConfig"]["behavior"]["percentage"] = 150
     for obj in (TUTORIAL, bad):
@@ -135,7 +137,11 @@ def test_reviews_are_counted_by_webhook_result_and_reason(webhook):
                 "kind": "AdmissionReview",
                 "request": {
                     "uid": "v",
-                    "kind": {"group": "deployment.beamlit.com", "version": "v1alpha1", "kind": "ModelDeployment"},
+                    "kind": {
+                        "group": "deployment.beamlit.com",
+                        "version": "v1alpha1",
+                        "kind": "ModelDeployment",
+                    },
                     "resource": {
                         "group": "deployment.beamlit.com",
                         "version": "v1alpha1",
@@ -169,12 +175,14 @@ def test_reviews_are_counted_by_webhook_result_and_reason(webhook):
 
 def test_label_values_are_stable_codes_never_taken_from_the_objects(webhook):
     client, _ = webhook
-    namespace, pod = load_case("one-container")
+    _, pod = load_case("one-container")
     for i in range(20):
         named = {**pod, "metadata": {**pod["metadata"], "name": f"pod-{i}", "labels": {"app": f"x{i}"}}}
         client.post("/mutate-pods", json=review_for(f"uid-{i}", f"ns-{i}", named))
     samples = scrape(client)
     label_values = {v for (name, labels) in samples if name.startswith("offload_webhook_") for _, v in labels}
     assert not any(v.startswith(("pod-", "ns-", "uid-", "x")) for v in label_values), label_values
-    codes = {v for (name, labels) in samples if name.startswith("offload_webhook_") for k, v in labels if k != "le"}
+    codes = {
+        v for (name, labels) in samples if name.startswith("offload_webhook_") for k, v in labels if k != "le"
+    }
     assert codes <= CODES, codes - CODES

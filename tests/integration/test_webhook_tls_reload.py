@@ -205,7 +205,7 @@ def until(what: str, condition: Callable[[], bool], timeout: float = 15.0) -> No
 
 def metric_value(text: str, name: str) -> float | None:
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return None
 
@@ -228,7 +228,9 @@ def test_the_webhook_process_picks_up_a_rotated_secret_volume_without_a_restart(
         str(port),
         "--validation-only",
     ]
-    process = ManagedProcess("offload-webhook", argv, tmp_path / "webhook.log", cwd=REPO_ROOT, env=dict(os.environ))
+    process = ManagedProcess(
+        "offload-webhook", argv, tmp_path / "webhook.log", cwd=REPO_ROOT, env=dict(os.environ)
+    )
     context = client_context(ca, tmp_path)
 
     def serving_now() -> bytes | None:

@@ -264,9 +264,15 @@ def test_a_pod_with_a_volume_named_like_the_sidecars_credentials_is_skipped():
             {"spec": {"containers": [{"name": "m", "ports": [{"containerPort": True}]}]}},
             "spec.containers[0].ports[0].containerPort: must be an integer, got boolean",
         ),
-        ({"spec": {"containers": [], "initContainers": {}}}, "spec.initContainers: must be a list, got object"),
+        (
+            {"spec": {"containers": [], "initContainers": {}}},
+            "spec.initContainers: must be a list, got object",
+        ),
         ({"spec": {"containers": [], "volumes": [None]}}, "spec.volumes[0]: must be an object, got null"),
-        ({"spec": {"containers": [], "hostNetwork": "true"}}, "spec.hostNetwork: must be a boolean, got string"),
+        (
+            {"spec": {"containers": [], "hostNetwork": "true"}},
+            "spec.hostNetwork: must be a boolean, got string",
+        ),
         ({"spec": {"containers": [], "os": "windows"}}, "spec.os: must be an object, got string"),
         (
             {"spec": {"containers": [], "nodeSelector": {"kubernetes.io/os": ["windows"]}}},
@@ -283,8 +289,10 @@ def test_a_pod_with_a_volume_named_like_the_sidecars_credentials_is_skipped():
                     },
                 }
             },
-            "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
-            ".nodeSelectorTerms[1]: must be an object, got number",
+            (
+                "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                ".nodeSelectorTerms[1]: must be an object, got number"
+            ),
         ),
     ],
 )

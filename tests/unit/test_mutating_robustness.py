@@ -30,7 +30,9 @@ json_values = st.recursive(
     | st.integers(min_value=-(2**63), max_value=2**64)
     | st.floats(allow_nan=False)
     | st.text(max_size=12),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3)
+    ),
     max_leaves=12,
 )
 
@@ -144,7 +146,9 @@ class BrokenView:
 def test_a_bug_in_injection_still_admits_the_pod_and_is_counted(caplog):
     namespace, pod = load_case("one-container")
     before = (
-        metrics.REGISTRY.get_sample_value("offload_webhook_injections_skipped_total", {"reason": "InternalError"})
+        metrics.REGISTRY.get_sample_value(
+            "offload_webhook_injections_skipped_total", {"reason": "InternalError"}
+        )
         or 0
     )
     answer = answer_pod(parse_review(review_for("bug", namespace, pod)), view=BrokenView(), config=CONFIG)
