@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from crds.validation import ValidationSettings
+from webhook import metrics
 from webhook.app import build_app
 from webhook.cache import CacheSync, ClusterCache
 from webhook.controller import main as controller_main
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         sink, resources = controller_main.watch_sink(cache, store)
         sync = CacheSync(sink, api_client, resources=resources)
         sync.start()
-        controller = controller_main.start(args, api_client, store, settings)
+        controller = controller_main.start(
+            args, api_client, store, settings, metrics=metrics.ControllerMetrics()
+        )
         reviews["/mutate-pods"] = partial(answer_pod, view=cache, config=config)
         ready = cache.synced  # admission readiness: the controller's resources do not gate it
         log.info("serving /mutate-pods (injector config version %r)", config.config_version)

@@ -7,7 +7,7 @@ holds. The module holds the metric objects; the code that knows the event increm
 - ``webhook.app`` counts each review and times it (``admission_*``);
 - ``webhook.mutating`` counts pods left without the sidecar (``injections_skipped``);
 - ``webhook.tls`` sets the serving certificate's expiry on every (re)load;
-- the controller counts and times its reconciles and sets ``leader``.
+- the controller counts and times its reconciles and sets ``leader``, through ``ControllerMetrics``.
 
 Its own registry (not prometheus_client's global one): importing the module twice in
 tests or embedding the webhook never collides with other collectors; the process
@@ -104,6 +104,18 @@ for _webhook in (MUTATE_PODS, VALIDATE_MODELDEPLOYMENTS):
     ADMISSION_DURATION.labels(_webhook)
 for _result in ("success", "error"):
     SERVING_CERTIFICATE_RELOADS.labels(_result)
+
+
+class ControllerMetrics:
+    """What the controller (webhook.controller) reports to: its leader state and each reconcile."""
+
+    def leading(self, leads: bool) -> None:
+        LEADER.set(1 if leads else 0)
+
+    def reconciled(self, result: str, seconds: float) -> None:
+        """``result``: success, error or requeue; ``seconds``: how long the reconcile took."""
+        RECONCILE.labels(result).inc()
+        RECONCILE_DURATION.observe(seconds)
 
 
 def exposition() -> tuple[bytes, str]:
