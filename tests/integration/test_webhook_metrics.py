@@ -48,6 +48,7 @@ CODES = {
     *("allowed", "denied", "error", "injected", "skipped", "success", "requeue"),
     *(reason.value for reason in Reason),
     *("Valid", "Invalid", "NotValidated", "BadRequest", "400", "413", "415"),
+    *("Allowed", "Denied"),  # a handler answering a bare AdmissionReview
 }
 
 
