@@ -263,3 +263,21 @@ def test_the_webhook_process_picks_up_a_rotated_secret_volume_without_a_restart(
     finally:
         process.stop()
     assert "serving certificate reloaded from" in (tmp_path / "webhook.log").read_text()
+
+
+def test_the_process_refuses_to_start_without_a_usable_certificate_naming_the_file(tmp_path):
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "webhook.cli", "--validation-only", "--tls-private-key-file", str(tmp_path)]
+    result = subprocess.run(
+        [*argv, "--tls-cert-file", str(tmp_path / "absent.crt")],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"--tls-cert-file/--tls-private-key-file: {tmp_path}/absent.crt: cannot read" in result.stderr
+    result = subprocess.run(
+        [*argv, "--tls-cert-file", "x", "--tls-reload-interval", "0"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--tls-reload-interval: must be more than zero" in result.stderr
