@@ -26,12 +26,12 @@ import signal
 import ssl
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from crds.model import ModelDeployment
+from crds.model import MetricSpec, ModelDeployment
 from sidecar.admin import AdminServer, ControlView
 from sidecar.decision import INITIAL, Decision, DecisionState, step
 from sidecar.interfaces import ConfigSource, MetricObservation, MetricSource
@@ -63,6 +63,24 @@ class SidecarSettings:
     cpu_pid: int | None = None  # measure this process tree instead of the cgroup
     shutdown_deadline: float = 30.0
     proxy: ProxySettings = field(default_factory=ProxySettings)
+
+
+class PassThroughSource:
+    """A ConfigSource with nothing to follow: no configuration, ever (pure pass-through).
+
+    The cluster-mode sidecar whose environment or credentials are unusable runs on it,
+    up and ready, rather than exiting."""
+
+    async def updates(self) -> AsyncIterator[ModelDeployment | None]:
+        yield None
+        await asyncio.Event().wait()  # until cancelled
+
+
+class NoMetrics:
+    """A MetricSource that can read nothing (each metric unknown)."""
+
+    async def observe(self, metrics: tuple[MetricSpec, ...]) -> list[MetricObservation]:
+        return [MetricObservation(str(m.type), None, 1.0, "no metrics source") for m in metrics]
 
 
 # --- the pure part of the wiring ---------------------------------------------------------------
@@ -487,7 +505,10 @@ class Sidecar:
         started = False
         try:
             self.admin_port = await self.admin.start(*s.admin_listen)
-            tasks.append(asyncio.create_task(self._follow_config()))
+            # A source that dies (a bug) is restarted: the configuration in force stays meanwhile.
+            tasks.append(
+                asyncio.create_task(supervised("the configuration source", self._follow_config, lambda: None))
+            )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(FIRST_CONFIG_WAIT):
                     await self._first_config.wait()

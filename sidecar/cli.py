@@ -6,6 +6,16 @@ Standalone (a VM, a laptop)::
 
 Cluster mode is chosen when POD_NAMESPACE and MODELDEPLOYMENT_NAME are set (the
 injector sets them) or with ``--mode cluster``.
+
+In cluster mode nothing about the configuration or the credentials stops the process: a
+missing token or CA, an unusable kubeconfig, incomplete or malformed environment
+variables, an unreachable API server or an RBAC refusal all leave the sidecar up as pure
+pass-through to the local model, with ``/status`` (``configurationErrors``) saying why. A
+sidecar that exited would, as a native sidecar, keep its pod from ever becoming Ready: it
+must never make a pod worse than it is without it. The exceptions are command-line
+mistakes the injector never makes: no model address at all (OFFLOAD_UPSTREAM and
+OFFLOAD_MODEL_PORT both unusable and no ``--upstream``: nothing to pass through to) and an
+explicit ``--mode cluster`` without POD_NAMESPACE and MODELDEPLOYMENT_NAME.
 """
 
 from __future__ import annotations
@@ -20,16 +30,21 @@ import ssl
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from crds.quantity import parse_quantity
-from sidecar.app import Sidecar, SidecarSettings
+from sidecar.app import NoMetrics, PassThroughSource, Sidecar, SidecarSettings
 from sidecar.cpu import DEFAULT_WINDOW, LocalMetricSource, ProcessTreeReader, detect_reader, parse_cores
+from sidecar.kube import SERVICE_ACCOUNT_DIR_ENV
 from sidecar.proxy import ProxySettings
 
 log = logging.getLogger("sidecar")
 
 CLUSTER_POLL_INTERVAL = 15.0
+# The injector's default ports: what a pod's malformed OFFLOAD_*_PORT most likely meant.
+INJECTED_PROXY_PORT = 15080
+INJECTED_ADMIN_PORT = 15090
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -89,13 +104,61 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+@dataclass(frozen=True)
+class EnvDefaults:
+    """The addresses the injector passes by environment, parsed; ``problems`` says which
+    variables were unusable and what was used instead (shown in /status)."""
+
+    upstream: tuple[str, int] | None
+    listen: tuple[str, int]
+    admin_listen: tuple[str, int]
+    problems: tuple[str, ...] = field(default=())
+
+
+def env_defaults(env: Mapping[str, str]) -> EnvDefaults:
+    """OFFLOAD_UPSTREAM (else 127.0.0.1:OFFLOAD_MODEL_PORT), OFFLOAD_PROXY_PORT and
+    OFFLOAD_ADMIN_PORT. A malformed value is never fatal: the upstream falls back to
+    OFFLOAD_MODEL_PORT, a port to the injector's default, and the problem is reported."""
+    problems: list[str] = []
+
+    def parsed(name: str, parse, fallback):
+        text = env.get(name)
+        if not text:
+            return fallback
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError as exc:
+            problems.append(f"{name}: {exc}")
+            return None
+
+    model_port = parsed("OFFLOAD_MODEL_PORT", address("127.0.0.1"), None)
+    upstream = parsed("OFFLOAD_UPSTREAM", address("127.0.0.1"), model_port)
+    if upstream is None and model_port is not None:
+        upstream = model_port
+        problems[-1] += f"; using OFFLOAD_MODEL_PORT: {_fmt(model_port)}"
+    listen = parsed("OFFLOAD_PROXY_PORT", address("0.0.0.0"), ("0.0.0.0", 8080))
+    if listen is None:
+        listen = ("0.0.0.0", INJECTED_PROXY_PORT)
+        problems[-1] += f"; using {INJECTED_PROXY_PORT}"
+    admin = parsed("OFFLOAD_ADMIN_PORT", address("0.0.0.0"), ("0.0.0.0", 9090))
+    if admin is None:
+        admin = ("0.0.0.0", INJECTED_ADMIN_PORT)
+        problems[-1] += f"; using {INJECTED_ADMIN_PORT}"
+    return EnvDefaults(upstream, listen, admin, tuple(problems))
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    """host:port, as ``address`` parses it back (argparse parses string defaults)."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The command line; in a pod the injector passes the addresses by environment
-    (OFFLOAD_UPSTREAM, OFFLOAD_PROXY_PORT, OFFLOAD_ADMIN_PORT), which flags override."""
+    (OFFLOAD_UPSTREAM, OFFLOAD_PROXY_PORT, OFFLOAD_ADMIN_PORT), which flags override.
+    Environment values are parsed by :func:`env_defaults`, never a usage error."""
     env = os.environ if env is None else env
-    upstream = env.get("OFFLOAD_UPSTREAM")
-    listen = f"0.0.0.0:{env['OFFLOAD_PROXY_PORT']}" if env.get("OFFLOAD_PROXY_PORT") else "0.0.0.0:8080"
-    admin = f"0.0.0.0:{env['OFFLOAD_ADMIN_PORT']}" if env.get("OFFLOAD_ADMIN_PORT") else "0.0.0.0:9090"
+    defaults = env_defaults(env)
     p = argparse.ArgumentParser(
         prog="offload-sidecar",
         description="Reverse proxy in front of a model server that offloads a share of the "
@@ -124,17 +187,21 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument(
         "--upstream",
         type=address("127.0.0.1"),
-        required=upstream is None,
-        default=upstream,
-        help="the local model server, host:port or a port on 127.0.0.1 (env OFFLOAD_UPSTREAM)",
+        required=defaults.upstream is None,
+        default=None if defaults.upstream is None else _fmt(defaults.upstream),
+        help="the local model server, host:port or a port on 127.0.0.1 (env OFFLOAD_UPSTREAM, "
+        "else OFFLOAD_MODEL_PORT)",
     )
     p.add_argument(
-        "--listen", type=address("0.0.0.0"), default=listen, help="the proxy port (env OFFLOAD_PROXY_PORT)"
+        "--listen",
+        type=address("0.0.0.0"),
+        default=_fmt(defaults.listen),
+        help="the proxy port (env OFFLOAD_PROXY_PORT)",
     )
     p.add_argument(
         "--admin-listen",
         type=address("0.0.0.0"),
-        default=admin,
+        default=_fmt(defaults.admin_listen),
         help="the admin port: /healthz /readyz /metrics /status (env OFFLOAD_ADMIN_PORT)",
     )
     p.add_argument(
@@ -269,28 +336,75 @@ def build_standalone(settings: SidecarSettings) -> Sidecar:
     )
 
 
-def build_cluster(settings: SidecarSettings, env: dict[str, str]) -> Sidecar | None:
-    from sidecar.clustersource import cluster_mode_from_env
+def choose_mode(requested: str, env: Mapping[str, str], has_config: bool) -> str:
+    """``--mode``, or for auto: cluster when the injector's environment is there, even in
+    part (an injected pod with a broken environment degrades to pass-through, never exits)."""
+    if requested != "auto":
+        return requested
+    if env.get("POD_NAMESPACE") and env.get("MODELDEPLOYMENT_NAME"):
+        return "cluster"
+    injected = ("POD_NAMESPACE", "MODELDEPLOYMENT_NAME", SERVICE_ACCOUNT_DIR_ENV)
+    if not has_config and any(env.get(name) for name in injected):
+        return "cluster"
+    return "standalone"
 
-    cluster = cluster_mode_from_env(env, poll_period=settings.poll_interval)
+
+def build_cluster(
+    settings: SidecarSettings, env: Mapping[str, str], problems: tuple[str, ...] = ()
+) -> Sidecar:
+    """The cluster-mode sidecar; when its environment or credentials are unusable, one that
+    passes everything through to the local model and says why in /status. Never raises."""
+    from sidecar.clustersource import cluster_mode_from_env
+    from sidecar.kube import ConfigError
+
+    source = f"{env.get('POD_NAMESPACE') or '?'}/{env.get('MODELDEPLOYMENT_NAME') or '?'}"
+    why = None
+    try:
+        cluster = cluster_mode_from_env(env, poll_period=settings.poll_interval)
+    except ConfigError as exc:
+        cluster, why = None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - e.g. an unusable client certificate: never fatal
+        cluster, why = None, f"credentials: {type(exc).__name__}: {exc}"
     if cluster is None:
-        return None
-    source = f"{cluster.config.namespace}/{cluster.config.name}"
+        why = why or "POD_NAMESPACE and MODELDEPLOYMENT_NAME must both be set (the injector sets them)"
+        log.error("cluster mode: %s: every request goes to the local model", why)
+        errors = (*problems, why)
+        return Sidecar(
+            settings,
+            PassThroughSource(),
+            NoMetrics(),
+            mode="cluster",
+            source=source,
+            config_errors=lambda: errors,
+        )
     log.info("cluster mode: ModelDeployment %s", source)
+    client = cluster.client
     return Sidecar(
-        settings, cluster.config, cluster.metrics, mode="cluster", source=source, kube_client=cluster.client
+        settings,
+        cluster.config,
+        cluster.metrics,
+        mode="cluster",
+        source=source,
+        kube_client=client,
+        # The API server's refusals (RBAC 403, 401) and outages, as they happen.
+        config_errors=lambda: (*problems, *client.problems()),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    env = dict(os.environ)
+    parser = build_parser(env)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    env = dict(os.environ)
-    cluster_env = bool(env.get("POD_NAMESPACE") and env.get("MODELDEPLOYMENT_NAME"))
-    mode = args.mode if args.mode != "auto" else ("cluster" if cluster_env else "standalone")
+    mode = choose_mode(args.mode, env, args.config is not None)
     settings = settings_from(args, mode)
+    env_problems = env_defaults(env).problems
+    for problem in env_problems:
+        log.error("environment: %s", problem)
 
+    if args.mode == "cluster" and not (env.get("POD_NAMESPACE") and env.get("MODELDEPLOYMENT_NAME")):
+        # Asked for on a command line (the injector never does): a usage error, told at once.
+        parser.error("cluster mode needs POD_NAMESPACE and MODELDEPLOYMENT_NAME in the environment")
     if mode == "standalone":
         if args.config is None:
             parser.error("standalone mode needs --config FILE (the ModelDeployment to apply)")
@@ -303,16 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve() -> int:
         if mode == "cluster":
-            from sidecar.kube import ConfigError
-
-            try:
-                sidecar = build_cluster(settings, env)
-            except ConfigError as exc:
-                log.error("cluster mode: %s", exc)
-                return 2
-            if sidecar is None:
-                log.error("cluster mode needs POD_NAMESPACE and MODELDEPLOYMENT_NAME in the environment")
-                return 2
+            sidecar = build_cluster(settings, env, env_problems)
         else:
             sidecar = build_standalone(settings)
         sidecar.install_signal_handlers()

@@ -6,9 +6,10 @@ or a list) and watch, over HTTPS with the service account's credentials; this
 module does exactly that with asyncio streams, ``ssl`` and ``json``:
 
 - credentials from the pod (:func:`in_cluster_config`: the service-account
-  token, re-read every minute because it rotates, and the cluster CA) or from a
-  kubeconfig file (:func:`load_kubeconfig`: CA, client certificate or token) for
-  tests and development;
+  token, re-read every minute because it rotates, and the cluster CA, from the
+  sidecar's own projected volume named by ``OFFLOAD_SERVICEACCOUNT_DIR``, else
+  the pod's default token) or from a kubeconfig file (:func:`load_kubeconfig`:
+  CA, client certificate or token) for tests and development;
 - :meth:`KubeClient.get` with one kept-alive connection for the polls;
 - :meth:`KubeClient.watch` yielding watch events, bookmarks included; a 410
   Gone (as a status or as an ERROR event) raises :class:`Gone`;
@@ -36,6 +37,9 @@ from urllib.parse import quote, urlencode, urlsplit
 log = logging.getLogger("sidecar.kube")
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# Set by the injector: the sidecar's own projected token, CA and namespace, mounted into the
+# sidecar alone, present even when the pod sets automountServiceAccountToken: false.
+SERVICE_ACCOUNT_DIR_ENV = "OFFLOAD_SERVICEACCOUNT_DIR"
 TOKEN_REREAD_SECONDS = 60.0  # client-go re-reads a projected token every minute too
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # one list response; a watch event line: 16 MiB
 MAX_EVENT_BYTES = 16 * 1024 * 1024
@@ -80,24 +84,34 @@ class ClusterConfig:
             raise ConfigError(f"server: must be an https:// URL, got {self.server!r}")
 
 
-def in_cluster_config(
-    env: Mapping[str, str] | None = None, account_dir: Path = SERVICE_ACCOUNT_DIR
-) -> ClusterConfig:
-    """The pod's own service account, as client-go's InClusterConfig reads it."""
+def in_cluster_config(env: Mapping[str, str] | None = None, account_dir: Path | None = None) -> ClusterConfig:
+    """The pod's service account, as client-go's InClusterConfig reads it: from
+    ``account_dir``, else ``$OFFLOAD_SERVICEACCOUNT_DIR`` (the injector's volume), else the
+    default token's directory. ConfigError names the variable or file at fault."""
     env = os.environ if env is None else env
     host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
     if not host or not port:
         raise ConfigError("KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT must be set in a pod")
+    if account_dir is None:
+        own = env.get(SERVICE_ACCOUNT_DIR_ENV)
+        account_dir = Path(own) if own else SERVICE_ACCOUNT_DIR
+        hint = (
+            f"is the volume at {SERVICE_ACCOUNT_DIR_ENV} mounted?"
+            if own
+            else "is automountServiceAccountToken false? the injector mounts a token of the sidecar's own"
+        )
+    else:
+        hint = "the service account's files"
     token_file, ca_file = account_dir / "token", account_dir / "ca.crt"
     for path in (token_file, ca_file):
         if not path.is_file():
-            raise ConfigError(f"{path}: missing (is automountServiceAccountToken false?)")
+            raise ConfigError(f"{path}: missing ({hint})")
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{ca_file}: not a usable CA bundle: {_describe(exc)}") from None
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return ClusterConfig(
-        server=f"https://{netloc}",
-        ssl_context=ssl.create_default_context(cafile=str(ca_file)),
-        token_file=token_file,
-    )
+    return ClusterConfig(server=f"https://{netloc}", ssl_context=context, token_file=token_file)
 
 
 def load_kubeconfig(path: Path, context: str | None = None) -> ClusterConfig:
@@ -307,6 +321,16 @@ class KubeClient:
         self._token: str | None = config.token
         self._token_read_at = -float("inf")
         self.requests = 0  # requests sent, for the API-load figure
+        # API path -> why its last request failed; a success on the path clears it.
+        self.failures: dict[str, str] = {}
+
+    def problems(self) -> tuple[str, ...]:
+        """Why requests are failing now, one line per API path, for /status."""
+        return tuple(f"API server: {path}: {why}" for path, why in sorted(self.failures.items()))
+
+    def _failed(self, path: str, exc: BaseException) -> None:
+        if not isinstance(exc, Gone):  # an expired watch is routine: a relist follows
+            self.failures[path] = _describe(exc)
 
     async def close(self) -> None:
         if self._idle is not None:
@@ -364,6 +388,15 @@ class KubeClient:
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
         """GET ``path`` (an object or a list); raises ApiError for error statuses."""
+        try:
+            doc = await self._get(path, params)
+        except Exception as exc:
+            self._failed(path, exc)
+            raise
+        self.failures.pop(path, None)
+        return doc
+
+    async def _get(self, path: str, params: Mapping[str, str] | None) -> dict[str, Any]:
         target = _target(path, params)
         status, reason, body = await asyncio.wait_for(self._get_once(target), self.request_timeout)
         if status == 401 and self.config.token_file is not None:
@@ -421,16 +454,25 @@ class KubeClient:
         if bookmarks:
             query["allowWatchBookmarks"] = "true"
         target = _target(path, query)
-        conn = await self._connect()
         try:
-            response = await asyncio.wait_for(
-                self._send(conn, target, self._bearer(), keep_alive=False), self.request_timeout
-            )
-            if response.status >= 400:
-                if response.status == 401:
-                    self._token_read_at = -float("inf")
-                body = await asyncio.wait_for(_read_body(response), self.request_timeout)
-                raise _error_of(response.status, response.reason, body)
+            conn = await self._connect()
+        except Exception as exc:
+            self._failed(path, exc)
+            raise
+        try:
+            try:
+                response = await asyncio.wait_for(
+                    self._send(conn, target, self._bearer(), keep_alive=False), self.request_timeout
+                )
+                if response.status >= 400:
+                    if response.status == 401:
+                        self._token_read_at = -float("inf")
+                    body = await asyncio.wait_for(_read_body(response), self.request_timeout)
+                    raise _error_of(response.status, response.reason, body)
+            except Exception as exc:
+                self._failed(path, exc)
+                raise
+            self.failures.pop(path, None)
             # The server ends the watch after timeout_seconds; a silent connection
             # for longer than that (plus slack) is a dead one.
             idle_limit = timeout_seconds + 30

@@ -12,6 +12,20 @@ from typing import Any
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 
 
+@dataclass(frozen=True)
+class Reviewed:
+    """A handler's answer: the AdmissionReview to send back, and what it was for the metrics.
+
+    ``result`` and ``reason`` are stable codes (label values of
+    ``offload_webhook_admission_reviews_total``): result is one of allowed, denied,
+    injected, skipped; reason a CamelCase code such as ``Invalid`` or ``WindowsPod``.
+    """
+
+    review: dict[str, Any]
+    result: str
+    reason: str
+
+
 class BadReview(ValueError):
     """The body is not an AdmissionReview we can answer; the message says why."""
 

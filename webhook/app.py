@@ -3,13 +3,21 @@
 Every malformed or hostile request gets a 4xx with a reason: wrong method,
 wrong content type, oversized or non-JSON body, a body that is not an
 AdmissionReview. Handlers receive a parsed ``AdmissionRequest`` and return the
-AdmissionReview to send back; they are pure and tested without sockets.
+AdmissionReview to send back (a dict, or a ``Reviewed`` carrying its result and
+reason codes for the metrics); they are pure and tested without sockets. A handler
+that raises (a bug) still gets the client an answer: a denial with code 500 in the
+AdmissionReview and the traceback in the log, never an HTTP 500. (The pod webhook
+catches its own bugs first and allows the pod, as its failurePolicy Ignore would.)
+
+``/metrics`` serves ``webhook.metrics.REGISTRY``; each review is counted by webhook
+(the path without its slash), result and reason, and timed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,11 +26,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from webhook.admission import AdmissionRequest, BadReview, parse_review
+from webhook import metrics
+from webhook.admission import AdmissionRequest, BadReview, Reviewed, deny, parse_review
 
 log = logging.getLogger("webhook")
 
-ReviewHandler = Callable[[AdmissionRequest], dict[str, Any]]
+ReviewHandler = Callable[[AdmissionRequest], "dict[str, Any] | Reviewed"]
 
 # The API server sends at most a few MiB (an object and its old version, each
 # at most 1.5 MiB in etcd); anything far larger is not from the API server.
@@ -51,42 +60,84 @@ def _problem(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def review_endpoint(handler: ReviewHandler, *, max_body_bytes: int = MAX_BODY_BYTES) -> Callable[..., Any]:
+def classify(answer: dict[str, Any] | Reviewed) -> Reviewed:
+    """A handler's answer with result and reason codes; a bare AdmissionReview is
+    allowed or denied, its reason the status reason (``Allowed`` when it has none)."""
+    if isinstance(answer, Reviewed):
+        return answer
+    response = answer["response"]
+    if response["allowed"]:
+        return Reviewed(answer, metrics.ALLOWED, "Allowed")
+    reason = str((response.get("status") or {}).get("reason") or "Denied")
+    return Reviewed(answer, metrics.DENIED, reason)
+
+
+def _answer(handler: ReviewHandler, admission: AdmissionRequest, webhook: str) -> Reviewed:
+    try:
+        return classify(handler(admission))
+    except Exception:  # a bug must still get the client an answer
+        log.exception("%s: the handler failed on uid=%s; answering with a denial", webhook, admission.uid)
+        review = deny(
+            admission.uid, "internal error in the webhook (see its log)", code=500, reason="InternalError"
+        )
+        return Reviewed(review, metrics.ERROR, "InternalError")
+
+
+def review_endpoint(
+    handler: ReviewHandler,
+    *,
+    webhook: str = "",
+    max_body_bytes: int = MAX_BODY_BYTES,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Callable[..., Any]:
+    """The endpoint of one webhook; ``webhook`` labels its metrics."""
+
+    def problem(status: int, message: str, started: float) -> JSONResponse:
+        metrics.ADMISSION_REVIEWS.labels(webhook, metrics.ERROR, str(status)).inc()
+        metrics.ADMISSION_DURATION.labels(webhook).observe(clock() - started)
+        return _problem(status, message)
+
     async def endpoint(request: Request) -> Response:
+        started = clock()
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json":
-            return _problem(415, f"Content-Type: must be application/json, got {media_type or 'none'!r}")
+            return problem(
+                415, f"Content-Type: must be application/json, got {media_type or 'none'!r}", started
+            )
         try:
             body = await _read_body(request, max_body_bytes)
         except _BodyTooLarge:
-            return _problem(413, f"body: larger than {max_body_bytes} bytes")
+            return problem(413, f"body: larger than {max_body_bytes} bytes", started)
         except ClientDisconnect:
-            return _problem(400, "body: client disconnected")
+            return problem(400, "body: client disconnected", started)
         try:
             review = json.loads(body)
         except (ValueError, RecursionError) as exc:
-            return _problem(400, f"body: not valid JSON ({type(exc).__name__})")
+            return problem(400, f"body: not valid JSON ({type(exc).__name__})", started)
         try:
             admission = parse_review(review)
         except BadReview as exc:
-            return _problem(400, str(exc))
-        answer = handler(admission)
-        verdict = answer["response"]
+            return problem(400, str(exc), started)
+        answer = _answer(handler, admission, webhook)
+        metrics.ADMISSION_REVIEWS.labels(webhook, answer.result, answer.reason).inc()
+        metrics.ADMISSION_DURATION.labels(webhook).observe(clock() - started)
         log.info(
-            "admission uid=%s %s %s/%s allowed=%s",
+            "admission uid=%s %s %s/%s allowed=%s result=%s reason=%s",
             admission.uid,
             admission.operation,
             admission.namespace,
             admission.name,
-            verdict["allowed"],
+            answer.review["response"]["allowed"],
+            answer.result,
+            answer.reason,
         )
-        return JSONResponse(answer)
+        return JSONResponse(answer.review)
 
     return endpoint
 
 
 def build_app(reviews: Mapping[str, ReviewHandler], *, ready: Callable[[], bool] = lambda: True) -> Starlette:
-    """An app serving each review handler at its path, plus /healthz and /readyz."""
+    """An app serving each review handler at its path, plus /healthz, /readyz and /metrics."""
 
     async def healthz(_: Request) -> Response:
         return PlainTextResponse("ok")
@@ -96,6 +147,17 @@ def build_app(reviews: Mapping[str, ReviewHandler], *, ready: Callable[[], bool]
             return PlainTextResponse("ok")
         return PlainTextResponse("not ready", status_code=503)
 
-    routes = [Route(path, review_endpoint(handler), methods=["POST"]) for path, handler in reviews.items()]
-    routes += [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"])]
+    async def metrics_endpoint(_: Request) -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, headers={"content-type": content_type})
+
+    routes = [
+        Route(path, review_endpoint(handler, webhook=path.strip("/")), methods=["POST"])
+        for path, handler in reviews.items()
+    ]
+    routes += [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
     return Starlette(routes=routes)

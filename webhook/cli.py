@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import ssl
 import sys
 from functools import partial
 from typing import Any
@@ -12,13 +11,15 @@ from typing import Any
 import uvicorn
 
 from crds.validation import ValidationSettings
+from webhook import metrics
 from webhook.app import build_app
 from webhook.cache import CacheSync, ClusterCache
 from webhook.controller import main as controller_main
 from webhook.controller.store import Store
 from webhook.injector_config import ConfigError, load_config
-from webhook.mutating import review_pod
-from webhook.validating import review_modeldeployment
+from webhook.mutating import answer_pod
+from webhook.tls import DEFAULT_INTERVAL, CertificateError, ReloadingCertificate
+from webhook.validating import answer_modeldeployment
 
 log = logging.getLogger("webhook")
 
@@ -27,13 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="offload-webhook",
         description="Serve the ModelDeployment validating webhook (/validate-modeldeployments) "
-        "and the sidecar-injecting webhook over HTTPS, with /healthz and /readyz.",
+        "and the sidecar-injecting webhook over HTTPS, with /healthz, /readyz and /metrics.",
     )
     parser.add_argument(
-        "--tls-cert-file", help="PEM serving certificate (chain); required unless --release-all"
+        "--tls-cert-file",
+        help="PEM serving certificate (chain), reloaded with the key when the files change; "
+        "required unless --release-all",
     )
     parser.add_argument(
         "--tls-private-key-file", help="PEM private key of the certificate; required unless --release-all"
+    )
+    parser.add_argument(
+        "--tls-reload-interval",
+        type=_positive_seconds,
+        default=DEFAULT_INTERVAL,
+        metavar="SECONDS",
+        help="how often the certificate and key files are checked for a change (default: %(default)s)",
     )
     parser.add_argument("--port", type=int, default=9443, help="HTTPS port (default: %(default)s)")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
@@ -82,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = ValidationSettings(default_remote_backend=args.default_remote_backend)
     if args.release_all:
         return controller_main.release_all(args, _api_client(args), settings)
-    reviews = {"/validate-modeldeployments": partial(review_modeldeployment, settings=settings)}
+    try:
+        certificate = ReloadingCertificate(
+            args.tls_cert_file, args.tls_private_key_file, interval=args.tls_reload_interval
+        )
+    except CertificateError as exc:
+        print(f"offload-webhook: --tls-cert-file/--tls-private-key-file: {exc}", file=sys.stderr)
+        return 2
+    reviews = {"/validate-modeldeployments": partial(answer_modeldeployment, settings=settings)}
     ready = _always_ready
     sync = None
     controller = None
@@ -102,27 +119,61 @@ def main(argv: list[str] | None = None) -> int:
         sink, resources = controller_main.watch_sink(cache, store)
         sync = CacheSync(sink, api_client, resources=resources)
         sync.start()
-        controller = controller_main.start(args, api_client, store, settings)
-        reviews["/mutate-pods"] = partial(review_pod, view=cache, config=config)
+        controller = controller_main.start(
+            args, api_client, store, settings, metrics=metrics.ControllerMetrics()
+        )
+        reviews["/mutate-pods"] = partial(answer_pod, view=cache, config=config)
         ready = cache.synced  # admission readiness: the controller's resources do not gate it
         log.info("serving /mutate-pods (injector config version %r)", config.config_version)
     app = build_app(reviews, ready=ready)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        ssl_certfile=args.tls_cert_file,
-        ssl_keyfile=args.tls_private_key_file,
-        ssl_version=ssl.PROTOCOL_TLS_SERVER,
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    serve_tls(app, certificate, host=args.host, port=args.port, log_level=args.log_level)
     if sync is not None:
         sync.stop()
     if controller is not None:
         controller.stop()
     return 0
+
+
+def tls_server(
+    app: Any, certificate: ReloadingCertificate, *, host: str, port: int, log_level: str = "info"
+) -> uvicorn.Server:
+    """uvicorn serving ``app`` with the reloading certificate's context.
+
+    uvicorn builds its SSLContext from files once; the loaded config's context is replaced
+    by ours (whose SNI callback serves the current certificate) before the server starts."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ssl_certfile=str(certificate.cert_file),
+        ssl_keyfile=str(certificate.key_file),
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    config.load()
+    config.ssl = certificate.context
+    return uvicorn.Server(config)
+
+
+def serve_tls(app: Any, certificate: ReloadingCertificate, *, host: str, port: int, log_level: str) -> None:
+    """Serve until SIGTERM, polling the certificate's files meanwhile."""
+    server = tls_server(app, certificate, host=host, port=port, log_level=log_level)
+    certificate.start()
+    try:
+        server.run()
+    finally:
+        certificate.stop()
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
+    return value
 
 
 def _always_ready() -> bool:

@@ -21,6 +21,19 @@ a name being looked up in the pod's containers. Once the controller has pointed 
 Service at ``offload-proxy``, the original target is read from the Service annotation
 ``offload.beamlit.com/original-target-port``. Without a serviceRef, or when the Service
 is unknown, the first containerPort of the first container is used, with a warning.
+
+The sidecar's credentials. The pod gets a projected volume ``offload-proxy-token`` (a
+service-account token, the cluster CA from the ``kube-root-ca.crt`` ConfigMap and the
+namespace: what the API server's own ``kube-api-access-*`` volume holds) mounted into the
+sidecar alone at ``SERVICE_ACCOUNT_DIR``, as the Istio and Linkerd injectors do. The
+sidecar so has its credentials whether or not the pod automounts the default token
+(``automountServiceAccountToken: false``), and the model's containers get none they did
+not have.
+
+Pods the sidecar cannot run in are left alone: a Windows pod (``spec.os.name``, or pinned
+to Windows nodes by its nodeSelector or required node affinity) would be refused by the
+API server with the sidecar's Linux-only securityContext. A pod whose JSON has the wrong
+types where injection reads it is ``MalformedPod``, the message naming the field.
 """
 
 from __future__ import annotations
@@ -52,6 +65,14 @@ INJECT_ANNOTATION = PREFIX + "inject"
 INJECTED_ANNOTATION = PREFIX + "injected"
 CONFIG_VERSION_ANNOTATION = PREFIX + "injector-config-version"
 ORIGINAL_TARGET_PORT_ANNOTATION = PREFIX + "original-target-port"
+
+# The sidecar's own service-account credentials (see the module's docstring). The sidecar
+# reads the directory from SERVICE_ACCOUNT_DIR_ENV (sidecar.kube agrees on both names).
+TOKEN_VOLUME = "offload-proxy-token"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/offload.beamlit.com/serviceaccount"
+SERVICE_ACCOUNT_DIR_ENV = "OFFLOAD_SERVICEACCOUNT_DIR"
+# The node labels that carry the operating system (the beta one is still set by kubelets).
+OS_LABELS = ("kubernetes.io/os", "beta.kubernetes.io/os")
 
 # Per-pod overrides: annotation -> what it overrides. Each is validated; a bad one means
 # the pod is admitted without the sidecar and a warning naming the annotation.
@@ -92,6 +113,10 @@ class Reason(str, enum.Enum):
     BAD_OVERRIDE = "BadOverride"
     CACHE_NOT_SYNCED = "CacheNotSynced"
     NOT_A_POD_CREATE = "NotAPodCreate"
+    WINDOWS_POD = "WindowsPod"
+    VOLUME_CONFLICT = "VolumeConflict"
+    MALFORMED_POD = "MalformedPod"
+    INTERNAL_ERROR = "InternalError"
 
 
 # Reasons a user should hear about (as an admission warning); the others are the normal
@@ -104,6 +129,10 @@ WARNED = frozenset(
         Reason.PORT_CONFLICT,
         Reason.BAD_OVERRIDE,
         Reason.CACHE_NOT_SYNCED,
+        Reason.WINDOWS_POD,
+        Reason.VOLUME_CONFLICT,
+        Reason.MALFORMED_POD,
+        Reason.INTERNAL_ERROR,
     }
 )
 
@@ -170,6 +199,180 @@ def annotations_of(pod: Mapping[str, Any]) -> dict[str, str]:
 def labels_of(pod: Mapping[str, Any]) -> dict[str, str]:
     value = (pod.get("metadata") or {}).get("labels")
     return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+# --- the pod's shape -------------------------------------------------------------------------------
+
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind, name in (
+        (bool, "boolean"),
+        (int, "number"),
+        (float, "number"),
+        (str, "string"),
+        (list, "list"),
+        (dict, "object"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _wrong(path: str, expected: type, value: Any) -> str:
+    return f"{path}: must be {_TYPE_NAMES[expected]}, got {_json_type(value)}"
+
+
+def _check(node: Mapping[str, Any], key: str, expected: type, path: str) -> str | None:
+    """Absent or null is fine (the API server would default it); another type is not."""
+    value = node.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    return None if ok else _wrong(f"{path}.{key}" if path else key, expected, value)
+
+
+def _check_string_map(node: Mapping[str, Any], key: str, path: str) -> str | None:
+    problem = _check(node, key, dict, path)
+    if problem is None:
+        for name, value in (node.get(key) or {}).items():
+            if not isinstance(value, str):
+                return _wrong(f"{path}.{key}[{name}]", str, value)
+    return problem
+
+
+def _check_objects(node: Mapping[str, Any], key: str, path: str) -> str | None:
+    """A list of objects; returns the first problem."""
+    problem = _check(node, key, list, path)
+    if problem is None:
+        for i, item in enumerate(node.get(key) or ()):
+            if not isinstance(item, dict):
+                return _wrong(f"{path}.{key}[{i}]", dict, item)
+    return problem
+
+
+def _container_problem(container: Mapping[str, Any], path: str) -> str | None:
+    for key, expected in (("name", str), ("image", str)):
+        if problem := _check(container, key, expected, path):
+            return problem
+    for key in ("ports", "env", "volumeMounts"):
+        if problem := _check_objects(container, key, path):
+            return problem
+    for i, port in enumerate(container.get("ports") or ()):
+        where = f"{path}.ports[{i}]"
+        for key, expected in (("containerPort", int), ("name", str), ("protocol", str)):
+            if problem := _check(port, key, expected, where):
+                return problem
+    return None
+
+
+def _affinity_problem(spec: Mapping[str, Any]) -> str | None:
+    node: Any = spec
+    path = "spec"
+    for key in ("affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution"):
+        if problem := _check(node, key, dict, path):
+            return problem
+        node, path = node.get(key), f"{path}.{key}"
+        if node is None:
+            return None
+    if problem := _check_objects(node, "nodeSelectorTerms", path):
+        return problem
+    for i, term in enumerate(node.get("nodeSelectorTerms") or ()):
+        where = f"{path}.nodeSelectorTerms[{i}]"
+        if problem := _check_objects(term, "matchExpressions", where):
+            return problem
+        for j, expression in enumerate(term.get("matchExpressions") or ()):
+            at = f"{where}.matchExpressions[{j}]"
+            for key, expected in (("key", str), ("operator", str), ("values", list)):
+                if problem := _check(expression, key, expected, at):
+                    return problem
+    return None
+
+
+def shape_problem(pod: Any) -> str | None:
+    """The first field injection reads whose JSON type is wrong, as ``path: must be ...``;
+    None when every field injection reads has its Pod type (or is absent).
+
+    The API server decodes pods before calling webhooks, so this only fires for a review
+    that did not come from it; checking first keeps the rest of injection simple.
+    """
+    if not isinstance(pod, dict):
+        return _wrong("request.object", dict, pod)
+    if problem := _check(pod, "metadata", dict, ""):
+        return problem
+    meta = pod.get("metadata") or {}
+    for key in ("name", "generateName", "namespace"):
+        if problem := _check(meta, key, str, "metadata"):
+            return problem
+    for key in ("labels", "annotations"):
+        if problem := _check_string_map(meta, key, "metadata"):
+            return problem
+    if problem := _check_objects(meta, "ownerReferences", "metadata"):
+        return problem
+    for i, ref in enumerate(meta.get("ownerReferences") or ()):
+        where = f"metadata.ownerReferences[{i}]"
+        for key, expected in (("kind", str), ("name", str), ("controller", bool)):
+            if problem := _check(ref, key, expected, where):
+                return problem
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        return _wrong("spec", dict, spec)
+    for key in ("containers", "initContainers", "volumes"):
+        if problem := _check_objects(spec, key, "spec"):
+            return problem
+    for key in ("containers", "initContainers"):
+        for i, container in enumerate(spec.get(key) or ()):
+            if problem := _container_problem(container, f"spec.{key}[{i}]"):
+                return problem
+    for i, volume in enumerate(spec.get("volumes") or ()):
+        if problem := _check(volume, "name", str, f"spec.volumes[{i}]"):
+            return problem
+    if problem := _check(spec, "hostNetwork", bool, "spec"):
+        return problem
+    if problem := _check(spec, "os", dict, "spec"):
+        return problem
+    if problem := _check(spec.get("os") or {}, "name", str, "spec.os"):
+        return problem
+    if problem := _check_string_map(spec, "nodeSelector", "spec"):
+        return problem
+    return _affinity_problem(spec)
+
+
+def windows_only(spec: Mapping[str, Any]) -> str | None:
+    """Why the pod can run on Windows nodes only, or None. Expects a well-shaped spec.
+
+    ``spec.os.name: windows``; a nodeSelector ``kubernetes.io/os: windows``; or required
+    node affinity every term of which admits only Windows (``In`` with Windows values
+    only, or ``NotIn`` with ``linux``): terms are ORed, so one term admitting Linux is enough.
+    """
+    if (spec.get("os") or {}).get("name") == "windows":
+        return "spec.os.name: windows"
+    selector = spec.get("nodeSelector") or {}
+    for label in OS_LABELS:
+        if selector.get(label) == "windows":
+            return f"spec.nodeSelector {label}: windows"
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
+    terms = required.get("nodeSelectorTerms") or []
+
+    def excludes_linux(term: Mapping[str, Any]) -> bool:
+        for expression in term.get("matchExpressions") or ():
+            if expression.get("key") not in OS_LABELS:
+                continue
+            values = expression.get("values") or []
+            if expression.get("operator") == "In" and values and "linux" not in values:
+                return True
+            if expression.get("operator") == "NotIn" and "linux" in values:
+                return True
+        return False
+
+    if terms and all(excludes_linux(term) for term in terms):
+        return f"every term of spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution excludes Linux by {OS_LABELS[0]}"
+    return None
 
 
 # --- per-pod settings ------------------------------------------------------------------------------
@@ -357,7 +560,9 @@ def proxy_container(config: InjectorConfig, modeldeployment: str, model_port: in
             {"name": "OFFLOAD_UPSTREAM", "value": f"127.0.0.1:{model_port}"},
             {"name": "OFFLOAD_PROXY_PORT", "value": str(config.proxy_port)},
             {"name": "OFFLOAD_ADMIN_PORT", "value": str(config.admin_port)},
+            {"name": SERVICE_ACCOUNT_DIR_ENV, "value": SERVICE_ACCOUNT_DIR},
         ],
+        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True}],
         "readinessProbe": _probe("/readyz", 5),
         "livenessProbe": _probe("/healthz", 10),
         "securityContext": {
@@ -379,6 +584,33 @@ def proxy_container(config: InjectorConfig, modeldeployment: str, model_port: in
     return container
 
 
+def token_volume() -> dict[str, Any]:
+    """The sidecar's credentials, as the API server's own kube-api-access-* volume holds them."""
+    return {
+        "name": TOKEN_VOLUME,
+        "projected": {
+            # 0644, as kube-api-access-*: the sidecar runs as a user of its own.
+            "defaultMode": 0o644,
+            "sources": [
+                # Expiry: the API server's default (1 h); the kubelet renews it at 80%, and
+                # the sidecar re-reads the file every minute.
+                {"serviceAccountToken": {"path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {
+                    "downwardAPI": {
+                        "items": [
+                            {
+                                "path": "namespace",
+                                "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                            }
+                        ]
+                    }
+                },
+            ],
+        },
+    }
+
+
 def _port_conflict(spec: Mapping[str, Any], config: InjectorConfig, model_port: int) -> str | None:
     if model_port in (config.proxy_port, config.admin_port):
         return f"the model's port {model_port} is the proxy's own port; set {OVERRIDE_PROXY_PORT} / {OVERRIDE_ADMIN_PORT}"
@@ -397,12 +629,12 @@ def _port_conflict(spec: Mapping[str, Any], config: InjectorConfig, model_port: 
 
 
 def _changed_paths(pod: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """The parts of a pod injection may change: metadata.annotations and spec.<key>."""
+    """The parts of a pod injection may change: metadata.annotations, spec.<key> and spec.volumes."""
     view: dict[str, Any] = {}
-    for parent, child in (("metadata", "annotations"), ("spec", key)):
+    for parent, children in (("metadata", ("annotations",)), ("spec", (key, "volumes"))):
         if parent in pod:
             node = pod[parent]
-            view[parent] = {child: node[child]} if isinstance(node, dict) and child in node else {}
+            view[parent] = {c: node[c] for c in children if isinstance(node, dict) and c in node}
     return view
 
 
@@ -459,6 +691,21 @@ def inject(
             warnings,
             md.name,
         )
+    windows = windows_only(spec)
+    if windows:
+        return not_injected(
+            Reason.WINDOWS_POD,
+            f"the pod runs on Windows nodes only ({windows}); the sidecar is a Linux container",
+            warnings,
+            md.name,
+        )
+    if any(v.get("name") == TOKEN_VOLUME for v in _list(spec, "volumes")):
+        return not_injected(
+            Reason.VOLUME_CONFLICT,
+            f"the pod already has a volume named {TOKEN_VOLUME!r}, the name of the sidecar's credentials",
+            warnings,
+            md.name,
+        )
     try:
         settings = apply_overrides(config, annotations)
     except ConfigError as exc:
@@ -481,6 +728,7 @@ def inject(
     mutated = dict(pod)
     mutated["spec"] = new_spec = dict(spec)
     new_spec[key] = [*_list(spec, key), container] if isinstance(spec.get(key), list) else [container]
+    new_spec["volumes"] = [*_list(spec, "volumes"), token_volume()]
     metadata = pod.get("metadata")
     mutated["metadata"] = new_meta = dict(metadata) if isinstance(metadata, dict) else {}
     new_meta["annotations"] = {

@@ -11,8 +11,12 @@ from its ``sidecar`` values (ConfigMap key ``injector.yaml``)::
     nativeSidecar: true           # an init container with restartPolicy: Always (k8s >= 1.29)
     resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 128Mi}}
 
-Every key is optional except ``image``; unknown keys and bad values are errors naming
-the key, so a typo in the chart's values fails the webhook's start, not a pod.
+Every key is optional except ``image`` and ``resources.requests.cpu``; unknown keys and
+bad values are errors naming the key, so a typo in the chart's values fails the webhook's
+start, not a pod. The cpu request is required because the HorizontalPodAutoscaler's rule
+(which this product follows) makes a pod's cpu Utilization invalid when any of its
+containers, native sidecars included, has no cpu request: without it offloading could never
+start and an HPA on the same workload would stop scaling.
 """
 
 from __future__ import annotations
@@ -149,6 +153,12 @@ def parse_config(data: Any) -> InjectorConfig:
     )
     if config.proxy_port == config.admin_port:
         raise ConfigError(f"adminPort: must differ from proxyPort ({config.proxy_port})")
+    # A cpu limit alone is fine: the API server defaults the request to it.
+    if "cpu" not in config.resources.get("requests", {}) and "cpu" not in config.resources.get("limits", {}):
+        raise ConfigError(
+            "resources.requests.cpu: required: a container without a cpu request makes every cpu "
+            "Utilization metric of its pod invalid (the HPA's rule), for offloading and for an HPA alike"
+        )
     return config
 
 

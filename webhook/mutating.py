@@ -2,8 +2,11 @@
 
 Pure over a ``ClusterView`` (the watch-backed cache, or a fixed one in tests): no API
 call is made here. Every answer allows the pod: failing to inject must never block a
-workload; why a pod was left alone is a stable reason code in the log and, when the user
-should know, an admission warning.
+workload; why a pod was left alone is a stable reason code in the log, in the metric
+``offload_webhook_injections_skipped_total{reason}`` and, when the user should know, an
+admission warning. Whatever the review's object holds, the answer is an allowed review:
+wrong JSON types are ``MalformedPod`` (naming the field), and a bug here is
+``InternalError`` (with the traceback in the log), the pod admitted without the sidecar.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from webhook.admission import AdmissionRequest, allow
-from webhook.injection import Outcome, Reason, ServiceInfo, inject, labels_of, not_injected
+from webhook import metrics
+from webhook.admission import AdmissionRequest, Reviewed, allow
+from webhook.injection import (
+    Outcome,
+    Reason,
+    ServiceInfo,
+    inject,
+    labels_of,
+    not_injected,
+    shape_problem,
+)
 from webhook.injector_config import InjectorConfig
 from webhook.selection import CachedModelDeployment, Workload, pod_controller, select
 
@@ -63,6 +75,9 @@ def decide(request: AdmissionRequest, view: ClusterView, config: InjectorConfig)
             "request.object: not a Pod",
             warnings=("offload: request.object is not a Pod",),
         )
+    problem = shape_problem(pod)
+    if problem is not None:
+        return not_injected(Reason.MALFORMED_POD, problem)
     # On CREATE the pod may not carry its namespace yet; the request always does.
     namespace = request.namespace or str((pod.get("metadata") or {}).get("namespace") or "")
     if not view.synced():
@@ -86,7 +101,19 @@ def encode_patch(patch: Sequence[dict[str, Any]]) -> str:
 
 def review_pod(request: AdmissionRequest, *, view: ClusterView, config: InjectorConfig) -> dict[str, Any]:
     """The AdmissionReview answering /mutate-pods: always allowed, patched when injected."""
-    outcome = decide(request, view, config)
+    return answer_pod(request, view=view, config=config).review
+
+
+def answer_pod(request: AdmissionRequest, *, view: ClusterView, config: InjectorConfig) -> Reviewed:
+    """``review_pod`` with its result (injected or skipped) and reason code; logs the
+    decision and counts a pod left without the sidecar."""
+    try:
+        outcome = decide(request, view, config)
+    except Exception:  # a bug must never block a pod, nor go unanswered
+        log.exception(
+            "pod review uid=%s: injection failed; admitting the pod without the sidecar", request.uid
+        )
+        outcome = not_injected(Reason.INTERNAL_ERROR, "the webhook failed on this pod (see its log)")
     where = pod_label(request.object, request.namespace)
     level = (
         logging.INFO
@@ -103,4 +130,9 @@ def review_pod(request: AdmissionRequest, *, view: ClusterView, config: Injector
         outcome.message,
     )
     patch = encode_patch(outcome.patch) if outcome.patch else None
-    return allow(request.uid, warnings=outcome.warnings, patch=patch)
+    review = allow(request.uid, warnings=outcome.warnings, patch=patch)
+    if outcome.injected:
+        return Reviewed(review, metrics.INJECTED, outcome.reason.value)
+    if outcome.reason is not Reason.NOT_A_POD_CREATE:
+        metrics.INJECTIONS_SKIPPED.labels(outcome.reason.value).inc()
+    return Reviewed(review, metrics.SKIPPED, outcome.reason.value)

@@ -657,6 +657,8 @@ def test_schema_rejects_values_out_of_range(helm, values, error):
         ),
         (["webhook.serviceAccount.create=false"], "webhook.serviceAccount.name: required"),
         (["sidecar.adminPort=15080"], "sidecar.adminPort: must differ from sidecar.proxyPort (15080)"),
+        (["sidecar.resources.requests.cpu=null"], "sidecar.resources.requests.cpu: required"),
+        (["sidecar.resources=null"], "sidecar.resources.requests.cpu: required"),
         (
             ["webhook.certs.existingSecret=my-tls"],
             "webhook.certs.existingSecret: also give webhook.certs.caBundle",

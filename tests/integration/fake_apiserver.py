@@ -68,6 +68,7 @@ class FakeApiServer:
     history: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
     version: int = 100
     compacted: int = 0  # watches from below this resourceVersion get 410 Gone
+    forbidden: bool = False  # authorized requests get 403, as RBAC refuses a token without a role
     seen: list[Seen] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
@@ -195,6 +196,11 @@ class FakeApiServer:
                 self.seen.append(seen)
                 if seen.authorization != f"Bearer {self.token}":
                     await self._status(writer, 401, "Unauthorized", "Unauthorized")
+                elif self.forbidden:
+                    message = (
+                        f'{url.path} is forbidden: User "system:serviceaccount:models:default" cannot list'
+                    )
+                    await self._status(writer, 403, "Forbidden", message)
                 elif method != "GET" or url.path != self.collection:
                     await self._status(writer, 404, "NotFound", f"{url.path} not found")
                 elif seen.query.get("watch") == "true":

@@ -17,11 +17,13 @@ import httpx
 import pytest
 import uvicorn
 import yaml
+from hypothesis import HealthCheck, given, settings
 
 from certs.issue import issue_ca, issue_serving_cert
 from tests.e2e.controlplane.net import free_port
 from tests.e2e.controlplane.webhook_process import start_webhook
 from tests.unit.test_golden import CASES, CONFIG, DIR, cluster, load_case, review_for
+from tests.unit.test_mutating_robustness import json_values, mutated_pods
 from webhook.app import build_app
 from webhook.cache import ClusterCache
 from webhook.mutating import review_pod
@@ -313,3 +315,34 @@ def test_a_bad_injector_config_stops_the_process_with_the_key_named(tmp_path, ce
         f"--injector-config: {bad}: proxyPort: must be a port number between 1 and 65535, got 0"
         in result.stderr
     )
+
+
+# --- whatever the object holds ------------------------------------------------------------------
+
+JSON = {"content-type": "application/json"}  # bodies as json.dumps writes them (Infinity included)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutated=mutated_pods())
+def test_mutated_pods_over_tls_always_get_an_allowed_answer(client, mutated):
+    case, namespace, pod = mutated
+    body = review_for(case, namespace, {"metadata": {}})
+    body["request"]["object"] = pod
+    response = client.post("/mutate-pods", content=json.dumps(body), headers=JSON)
+    assert response.status_code == 200
+    answer = response.json()["response"]
+    assert answer["uid"] == f"uid-{case}" and answer["allowed"] is True
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=json_values)
+def test_a_mutated_envelope_gets_an_answer_or_a_400_naming_the_field(client, request):
+    namespace, pod = load_case("one-container")
+    body = review_for("env", namespace, pod)
+    body["request"] = {**body["request"], **request} if isinstance(request, dict) else request
+    response = client.post("/mutate-pods", content=json.dumps(body), headers=JSON)
+    assert response.status_code in (200, 400)
+    if response.status_code == 400:
+        assert response.json()["error"].startswith("request")
+    else:
+        assert response.json()["response"]["allowed"] is True

@@ -1,5 +1,6 @@
 """A structural check of a Pod, for patched pods in tests: the rules of the API server's
-Pod validation that an injector could break (names, ports, probes, restart policies)."""
+Pod validation that an injector could break (names, ports, probes, restart policies,
+volumes and their mounts)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ def pod_problems(pod: Any) -> list[str]:
     if not isinstance(init, list):
         problems.append("spec.initContainers: must be a list")
         init = []
+    volumes = spec.get("volumes", [])
+    volume_names: set[str] = set()
+    if not isinstance(volumes, list):
+        problems.append("spec.volumes: must be a list")
+        volumes = []
+    for i, volume in enumerate(volumes):
+        name = volume.get("name") if isinstance(volume, dict) else None
+        if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name) or len(name) > 63:
+            problems.append(f"spec.volumes[{i}].name: not a DNS label: {name!r}")
+        elif name in volume_names:
+            problems.append(f"spec.volumes[{i}].name: duplicate volume name {name!r}")
+        volume_names.add(str(name))
     names: set[str] = set()
     port_numbers: set[tuple[int, str]] = set()
     for group, items in (("initContainers", init), ("containers", containers)):
@@ -77,6 +90,17 @@ def pod_problems(pod: Any) -> list[str]:
                     elif pname in port_names:
                         problems.append(f"{where}.name: duplicate port name {pname!r}")
                     port_names.add(str(pname))
+            mount_paths: set[str] = set()
+            for j, mount in enumerate(container.get("volumeMounts", [])):
+                where = f"{path}.volumeMounts[{j}]"
+                if mount.get("name") not in volume_names:
+                    problems.append(f"{where}.name: no volume named {mount.get('name')!r}")
+                mount_path = mount.get("mountPath")
+                if not isinstance(mount_path, str) or not mount_path.startswith("/"):
+                    problems.append(f"{where}.mountPath: must be an absolute path, got {mount_path!r}")
+                elif mount_path in mount_paths:
+                    problems.append(f"{where}.mountPath: {mount_path!r} is mounted twice")
+                mount_paths.add(str(mount_path))
             env_names = [e.get("name") for e in container.get("env", [])]
             if len(env_names) != len(set(env_names)):
                 problems.append(f"{path}.env: duplicate names")

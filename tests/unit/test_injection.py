@@ -12,6 +12,9 @@ from tests.unit.podcheck import pod_problems
 from webhook.injection import (
     CONFIG_VERSION_ANNOTATION,
     INJECTED_ANNOTATION,
+    SERVICE_ACCOUNT_DIR,
+    SERVICE_ACCOUNT_DIR_ENV,
+    TOKEN_VOLUME,
     WARNED,
     Reason,
     ServiceInfo,
@@ -20,6 +23,8 @@ from webhook.injection import (
     in_stable_order,
     inject,
     resolve_model_port,
+    shape_problem,
+    windows_only,
 )
 from webhook.injector_config import ConfigError, InjectorConfig
 from webhook.selection import SELECTED, CachedModelDeployment, Selection, Workload
@@ -101,7 +106,15 @@ def test_the_injected_sidecar_is_a_hardened_native_sidecar_with_its_environment(
         "OFFLOAD_UPSTREAM": "127.0.0.1:8080",
         "OFFLOAD_PROXY_PORT": "15080",
         "OFFLOAD_ADMIN_PORT": "15090",
+        "OFFLOAD_SERVICEACCOUNT_DIR": "/var/run/secrets/offload.beamlit.com/serviceaccount",
     }
+    assert c["volumeMounts"] == [
+        {
+            "name": "offload-proxy-token",
+            "mountPath": "/var/run/secrets/offload.beamlit.com/serviceaccount",
+            "readOnly": True,
+        }
+    ]
     assert c["resources"] == CONFIG.resources
     assert outcome.pod["metadata"]["annotations"] == {
         INJECTED_ANNOTATION: "my-md",
@@ -127,6 +140,172 @@ def test_without_native_sidecars_the_proxy_is_the_last_regular_container():
     assert [c["name"] for c in outcome.pod["spec"]["containers"]] == ["model", "offload-proxy"]
     assert "restartPolicy" not in sidecar_of(outcome) and "initContainers" not in outcome.pod["spec"]
     assert "resources" not in sidecar_of(outcome)  # none configured, none invented
+
+
+def test_the_sidecar_alone_gets_its_own_token_even_when_the_pod_automounts_none():
+    original = pod(
+        automountServiceAccountToken=False,
+        volumes=[{"name": "weights", "emptyDir": {}}],
+    )
+    original["spec"]["containers"][0]["volumeMounts"] = [{"name": "weights", "mountPath": "/weights"}]
+    outcome = inject(original, selection(), SERVICE, CONFIG)
+    assert outcome.reason is Reason.INJECTED
+    spec = outcome.pod["spec"]
+    assert spec["automountServiceAccountToken"] is False  # the pod's choice stands for its containers
+    assert [v["name"] for v in spec["volumes"]] == ["weights", TOKEN_VOLUME]
+    assert spec["volumes"][1]["projected"]["sources"] == [
+        {"serviceAccountToken": {"path": "token"}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {
+            "downwardAPI": {
+                "items": [
+                    {"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}
+                ]
+            }
+        },
+    ]
+    # Mounted into the sidecar and nowhere else: the model gets no credentials it did not have.
+    assert spec["containers"][0]["volumeMounts"] == [{"name": "weights", "mountPath": "/weights"}]
+    assert sidecar_of(outcome)["volumeMounts"][0]["mountPath"] == SERVICE_ACCOUNT_DIR
+    assert jsonpatch.apply_patch(original, list(outcome.patch)) == outcome.pod
+    assert pod_problems(outcome.pod) == []
+
+
+def test_the_sidecar_reads_its_credentials_where_the_injector_mounts_them():
+    from sidecar import kube
+
+    assert kube.SERVICE_ACCOUNT_DIR_ENV == SERVICE_ACCOUNT_DIR_ENV
+
+
+# --- pods the sidecar cannot run in ------------------------------------------------------------
+
+
+def required_os_terms(*terms):
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "kubernetes.io/os", "operator": op, "values": values}]}
+                    for op, values in terms
+                ]
+            }
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "spec, windows",
+    [
+        ({"os": {"name": "windows"}}, True),
+        ({"nodeSelector": {"kubernetes.io/os": "windows"}}, True),
+        ({"nodeSelector": {"beta.kubernetes.io/os": "windows"}}, True),
+        ({"affinity": required_os_terms(("In", ["windows"]))}, True),
+        ({"affinity": required_os_terms(("NotIn", ["linux"]))}, True),
+        ({"affinity": required_os_terms(("In", ["windows"]), ("NotIn", ["linux"]))}, True),
+        ({"os": {"name": "linux"}}, False),
+        ({"nodeSelector": {"kubernetes.io/os": "linux"}}, False),
+        ({"nodeSelector": {"kubernetes.io/hostname": "windows"}}, False),
+        # Terms are ORed: one that admits Linux nodes is enough.
+        ({"affinity": required_os_terms(("In", ["windows"]), ("In", ["linux"]))}, False),
+        ({"affinity": required_os_terms(("In", ["windows", "linux"]))}, False),
+        ({"affinity": required_os_terms(("NotIn", ["windows"]))}, False),
+        ({"affinity": required_os_terms(("Exists", []))}, False),
+        # Only a preference: the scheduler may still pick a Linux node.
+        (
+            {
+                "affinity": {
+                    "nodeAffinity": {
+                        "preferredDuringSchedulingIgnoredDuringExecution": [
+                            {"weight": 1, "preference": required_os_terms(("In", ["windows"]))}
+                        ]
+                    }
+                }
+            },
+            False,
+        ),
+    ],
+)
+def test_windows_pods_are_skipped_with_a_warning(spec, windows):
+    assert (windows_only(spec) is not None) is windows
+    outcome = inject(pod(**spec), selection(), SERVICE, CONFIG)
+    if windows:
+        assert outcome.reason is Reason.WINDOWS_POD and outcome.patch == ()
+        assert outcome.warnings[0].startswith("offload: sidecar not injected (WindowsPod): ")
+    else:
+        assert outcome.reason is Reason.INJECTED
+
+
+def test_a_pod_with_a_volume_named_like_the_sidecars_credentials_is_skipped():
+    outcome = inject(pod(volumes=[{"name": TOKEN_VOLUME, "emptyDir": {}}]), selection(), SERVICE, CONFIG)
+    assert outcome.reason is Reason.VOLUME_CONFLICT and "(VolumeConflict)" in outcome.warnings[0]
+
+
+# --- the pod's shape ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"metadata": {"ownerReferences": True}}, "metadata.ownerReferences: must be a list, got boolean"),
+        ({"spec": "a string"}, "spec: must be an object, got string"),
+        ({"spec": {"containers": ["model"]}}, "spec.containers[0]: must be an object, got string"),
+        ({"metadata": "x"}, "metadata: must be an object, got string"),
+        ({"metadata": {"labels": {"app": 1}}}, "metadata.labels[app]: must be a string, got number"),
+        ({"metadata": {"annotations": []}}, "metadata.annotations: must be an object, got list"),
+        (
+            {"metadata": {"ownerReferences": [{"controller": "yes"}]}},
+            "metadata.ownerReferences[0].controller: must be a boolean, got string",
+        ),
+        (
+            {"spec": {"containers": [{"name": "m", "ports": [{"containerPort": "80"}]}]}},
+            "spec.containers[0].ports[0].containerPort: must be an integer, got string",
+        ),
+        (
+            {"spec": {"containers": [{"name": "m", "ports": [{"containerPort": True}]}]}},
+            "spec.containers[0].ports[0].containerPort: must be an integer, got boolean",
+        ),
+        (
+            {"spec": {"containers": [], "initContainers": {}}},
+            "spec.initContainers: must be a list, got object",
+        ),
+        ({"spec": {"containers": [], "volumes": [None]}}, "spec.volumes[0]: must be an object, got null"),
+        (
+            {"spec": {"containers": [], "hostNetwork": "true"}},
+            "spec.hostNetwork: must be a boolean, got string",
+        ),
+        ({"spec": {"containers": [], "os": "windows"}}, "spec.os: must be an object, got string"),
+        (
+            {"spec": {"containers": [], "nodeSelector": {"kubernetes.io/os": ["windows"]}}},
+            "spec.nodeSelector[kubernetes.io/os]: must be a string, got list",
+        ),
+        (
+            {
+                "spec": {
+                    "containers": [],
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{}, 3]}
+                        }
+                    },
+                }
+            },
+            (
+                "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                ".nodeSelectorTerms[1]: must be an object, got number"
+            ),
+        ),
+    ],
+)
+def test_wrong_json_types_are_named_by_their_field(change, problem):
+    base = {"apiVersion": "v1", "kind": "Pod", "metadata": {}, "spec": {"containers": []}}
+    assert shape_problem({**base, **change}) == problem
+
+
+def test_well_typed_pods_have_no_shape_problem():
+    assert shape_problem(pod()) is None
+    assert shape_problem(inject(pod(), selection(), SERVICE, CONFIG).pod) is None
+    # Absent and null fields are what the API server would default, not wrong types.
+    assert shape_problem({"metadata": None, "spec": {"containers": None, "nodeSelector": None}}) is None
 
 
 # --- the model's port --------------------------------------------------------------------------
@@ -265,6 +444,7 @@ def test_a_bad_override_is_not_injected_with_a_warning_naming_it(annotation, val
         (pod(annotations={"offload.beamlit.com/inject": "maybe"}), Reason.BAD_OVERRIDE),
         (pod(hostNetwork=True), Reason.HOST_NETWORK),
         (pod(hostNetwork=False), Reason.INJECTED),
+        (pod(os={"name": "windows"}), Reason.WINDOWS_POD),
         (pod(ports=[{"name": "web", "containerPort": 8080}]), Reason.NO_MODEL_PORT),
         (
             pod(ports=[{"name": "http", "containerPort": 15080}]),

@@ -41,15 +41,45 @@ def test_the_charts_configuration_loads(tmp_path):
 
 
 def test_defaults():
-    config = parse_config({"image": "offload:1"})
+    config = parse_config({"image": "offload:1", "resources": {"requests": {"cpu": "10m"}}})
     assert (
         (config.proxy_port, config.admin_port) == (DEFAULT_PROXY_PORT, DEFAULT_ADMIN_PORT) == (15080, 15090)
     )
-    assert (
-        config.native_sidecar is True
-        and config.resources == {}
-        and config.image_pull_policy == "IfNotPresent"
-    )
+    assert config.native_sidecar is True and config.image_pull_policy == "IfNotPresent"
+
+
+# A sidecar without a cpu request makes every cpu Utilization metric of its pod invalid (the
+# HPA's rule): offloading could never start and an HPA on the same workload would break.
+@pytest.mark.parametrize(
+    "resources",
+    [
+        None,
+        {},
+        {"requests": {"memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        {"requests": None, "limits": {"memory": "128Mi"}},
+    ],
+)
+def test_a_sidecar_without_a_cpu_request_is_refused_naming_the_key(resources):
+    data = {"image": "offload:1"}
+    if resources is not None:
+        data["resources"] = resources
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert str(caught.value).startswith("resources.requests.cpu: required: ")
+    assert "Utilization" in str(caught.value)
+
+
+def test_a_cpu_limit_alone_is_enough_the_api_server_defaults_the_request_to_it():
+    assert parse_config({"image": "offload:1", "resources": {"limits": {"cpu": "1"}}}).resources == {
+        "limits": {"cpu": "1"}
+    }
+
+
+def test_the_file_without_a_cpu_request_is_refused_with_its_path(tmp_path):
+    path = tmp_path / "injector.yaml"
+    path.write_text(CHART_OUTPUT.replace("    cpu: 50m\n", ""))
+    with pytest.raises(ConfigError, match=f"^{path}: resources.requests.cpu: required"):
+        load_config(path)
 
 
 @pytest.mark.parametrize(

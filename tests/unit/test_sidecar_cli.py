@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.cli import build_parser
+from sidecar.cli import build_parser, choose_mode, env_defaults
 
 INJECTED = Path(__file__).parents[1] / "testdata" / "inject" / "one-container.patched.yaml"
 
@@ -42,7 +42,46 @@ def test_without_the_environment_the_upstream_is_required(capsys):
     assert "--upstream" in capsys.readouterr().err
 
 
-def test_a_bad_port_in_the_environment_is_a_usage_error_naming_the_flag(capsys):
-    with pytest.raises(SystemExit):
+def test_a_bad_upstream_in_the_environment_falls_back_to_the_model_port_and_says_so():
+    env = {"OFFLOAD_UPSTREAM": "127.0.0.1:notaport", "OFFLOAD_MODEL_PORT": "8000"}
+    args = build_parser(env).parse_args([])
+    assert args.upstream == ("127.0.0.1", 8000)
+    assert env_defaults(env).problems == (
+        "OFFLOAD_UPSTREAM: not host:port: '127.0.0.1:notaport'; using OFFLOAD_MODEL_PORT: 127.0.0.1:8000",
+    )
+
+
+def test_bad_ports_in_the_environment_fall_back_to_the_injectors_and_say_so():
+    env = {"OFFLOAD_UPSTREAM": "8000", "OFFLOAD_PROXY_PORT": "x", "OFFLOAD_ADMIN_PORT": "99999"}
+    args = build_parser(env).parse_args([])
+    assert (args.listen, args.admin_listen) == (("0.0.0.0", 15080), ("0.0.0.0", 15090))
+    assert env_defaults(env).problems == (
+        "OFFLOAD_PROXY_PORT: not host:port: 'x'; using 15080",
+        "OFFLOAD_ADMIN_PORT: not host:port: '99999'; using 15090",
+    )
+
+
+def test_with_no_usable_model_address_at_all_the_upstream_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
         build_parser({"OFFLOAD_UPSTREAM": "127.0.0.1:notaport"}).parse_args([])
+    assert exc.value.code == 2
     assert "--upstream" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "env, has_config, mode",
+    [
+        ({"POD_NAMESPACE": "m", "MODELDEPLOYMENT_NAME": "x"}, False, "cluster"),
+        ({"POD_NAMESPACE": "m", "MODELDEPLOYMENT_NAME": "x"}, True, "cluster"),
+        # An injected pod whose environment lost a variable: cluster mode, degraded, not an exit.
+        ({"POD_NAMESPACE": "m"}, False, "cluster"),
+        ({"MODELDEPLOYMENT_NAME": "x"}, False, "cluster"),
+        ({"OFFLOAD_SERVICEACCOUNT_DIR": "/var/run/x"}, False, "cluster"),
+        # Standalone in a pod: --config says so.
+        ({"POD_NAMESPACE": "m"}, True, "standalone"),
+        ({}, False, "standalone"),
+    ],
+)
+def test_the_mode_follows_the_injectors_environment(env, has_config, mode):
+    assert choose_mode("auto", env, has_config) == mode
+    assert choose_mode("standalone", env, has_config) == "standalone"

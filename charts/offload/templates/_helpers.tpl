@@ -123,6 +123,12 @@ hold under --skip-schema-validation). */}}
 {{- if eq (int .Values.sidecar.proxyPort) (int .Values.sidecar.adminPort) }}
 {{- fail (printf "sidecar.adminPort: must differ from sidecar.proxyPort (%v)" .Values.sidecar.proxyPort) }}
 {{- end }}
+{{- $sidecarResources := .Values.sidecar.resources | default dict }}
+{{- $sidecarRequests := get $sidecarResources "requests" | default dict }}
+{{- $sidecarLimits := get $sidecarResources "limits" | default dict }}
+{{- if and (not (get $sidecarRequests "cpu")) (not (get $sidecarLimits "cpu")) }}
+{{- fail "sidecar.resources.requests.cpu: required: a sidecar without a cpu request makes every cpu Utilization metric of its pod invalid (the HPA's rule), for offloading and for an HPA on the same workload" }}
+{{- end }}
 {{- if and (not .Values.webhook.serviceAccount.create) (not .Values.webhook.serviceAccount.name) }}
 {{- fail "webhook.serviceAccount.name: required when webhook.serviceAccount.create is false" }}
 {{- end }}
