@@ -112,6 +112,10 @@ def test_default_render_installs_the_webhook_and_its_supporting_objects(default_
         ("PodDisruptionBudget", WEBHOOK),
         ("MutatingWebhookConfiguration", WEBHOOK),
         ("ValidatingWebhookConfiguration", WEBHOOK),
+        ("Role", f"{WEBHOOK}-leader-election"),
+        ("RoleBinding", f"{WEBHOOK}-leader-election"),
+        ("Lease", f"{RELEASE}-controller"),
+        ("Job", f"{WEBHOOK}-release"),
     } | (
         {("ClusterRole", f"{RELEASE}-sidecar")}
         if (CHART / "files" / "sidecar-role.yaml").is_file()
@@ -170,6 +174,11 @@ def test_webhook_container_runs_offload_webhook_with_the_mounted_certificate_and
         "--port=9443",
         "--log-level=info",
         "--injector-config=/config/injector.yaml",
+        "--controller=on",
+        f"--sidecar-cluster-role={RELEASE}-sidecar",
+        "--evaluation-period=15",
+        f"--leader-election-namespace={NAMESPACE}",
+        f"--leader-election-lease={RELEASE}-controller",
     ]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -341,25 +350,45 @@ def test_service_account_tokens_are_mounted_only_where_the_api_is_used(helm, def
 METRICS_GROUPS = {"custom.metrics.k8s.io", "external.metrics.k8s.io"}
 
 
-def rbac_problems(roles) -> list[str]:
+# The writes the controller needs (webhook/controller/): everything else is read-only.
+CONTROLLER_WRITES = {
+    ("deployment.beamlit.com", "modeldeployments"): {"patch"},  # its finalizer
+    ("deployment.beamlit.com", "modeldeployments/status"): {"patch"},
+    ("", "services"): {"patch"},  # the captured port
+    ("", "events"): {"create"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"create", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "clusterroles"): {"bind"},  # only with resourceNames
+    ("coordination.k8s.io", "leases"): {"update"},  # only with resourceNames
+}
+
+
+def rbac_problems(roles, allowed_writes=None) -> list[str]:
+    allowed_writes = allowed_writes or {}
     problems = []
     for role in roles:
         name = role["metadata"]["name"]
         for rule in role["rules"]:
+            writes = set(rule["verbs"]) - {"get", "list", "watch"}
+            if writes and not all(
+                writes <= allowed_writes.get((g, r), set())
+                for g in rule["apiGroups"]
+                for r in rule["resources"]
+            ):
+                problems.append(f"{name}: verbs beyond reading: {rule}")
+            if writes & {"bind", "update"} and not rule.get("resourceNames"):
+                problems.append(f"{name}: {sorted(writes)} without resourceNames: {rule}")
             for field in ("apiGroups", "verbs", "resourceNames", "nonResourceURLs"):
                 if "*" in rule.get(field, []):
                     problems.append(f"{name}: wildcard in {field}: {rule}")
             if "*" in rule.get("resources", []) and not set(rule["apiGroups"]) <= METRICS_GROUPS:
                 problems.append(f"{name}: wildcard resources outside the metrics APIs: {rule}")
-            if not set(rule["verbs"]) <= {"get", "list", "watch"}:
-                problems.append(f"{name}: verbs beyond reading: {rule}")
     return problems
 
 
-def test_rbac_grants_no_wildcards_and_nothing_but_reads(default_render):
+def test_rbac_grants_no_wildcards_and_no_writes_but_the_controllers(default_render):
     roles = [d for d in documents(default_render) if d["kind"] in {"ClusterRole", "Role"}]
-    assert len(roles) == 2
-    assert rbac_problems(roles) == []
+    assert len(roles) == 3
+    assert rbac_problems(roles, CONTROLLER_WRITES) == []
 
 
 def test_the_rbac_check_catches_wildcards_and_writes():
@@ -386,14 +415,24 @@ def test_webhook_cluster_role_is_exactly_what_the_injection_cache_reads(default_
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
-    # webhook/cache.py lists and watches these, cluster-wide; it never gets one by name.
+    # webhook/cache.py and the controller's store list and watch these, cluster-wide; the
+    # controller writes only what CONTROLLER_WRITES names, and binds only the sidecar's role.
     read = ("list", "watch")
     assert granted == {
-        ("deployment.beamlit.com", "modeldeployments", read),
+        ("deployment.beamlit.com", "modeldeployments", (*read, "patch")),
+        ("deployment.beamlit.com", "modeldeployments/status", ("patch",)),
+        ("deployment.beamlit.com", "modeldeployments", ("get",)),
         ("apps", "deployments", read),
         ("apps", "statefulsets", read),
-        ("", "services", read),
+        ("apps", "replicasets", read),
+        ("", "services", (*read, "patch")),
+        ("", "pods", read),
+        ("", "events", ("create",)),
+        ("rbac.authorization.k8s.io", "rolebindings", (*read, "create", "patch", "delete")),
+        ("rbac.authorization.k8s.io", "clusterroles", ("bind",)),
     }
+    [bind] = [r for r in rules if "bind" in r["verbs"]]
+    assert bind["resourceNames"] == [f"{RELEASE}-sidecar"]
     binding = objects["ClusterRoleBinding", WEBHOOK]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",

@@ -51,7 +51,12 @@ read what it needs (files/sidecar-role.yaml). */}}
 
 {{/* The controller's leader Lease (created by the chart, so that uninstalling removes it). */}}
 {{- define "offload.controller.leaseName" -}}
-{{- printf "%s-controller" (include "offload.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-controller" (include "offload.fullname" . | trunc 52 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The leader-election Role and RoleBinding. */}}
+{{- define "offload.controller.roleName" -}}
+{{- printf "%s-leader-election" (include "offload.webhook.name" . | trunc 46 | trimSuffix "-") }}
 {{- end }}
 
 {{- define "offload.chart" -}}
