@@ -21,6 +21,7 @@ from typing import Any
 
 import kubernetes
 import pytest
+import urllib3
 from controlplane.admission import mutating_webhook_configuration
 from controlplane.process import wait_until
 from controlplane.webhook_process import WebhookServer, _console_script
@@ -248,7 +249,7 @@ def cluster(kube, namespace, modeldeployment_crd, run_webhook, tmp_path) -> Iter
         yield c
     finally:
         admission.delete_mutating_webhook_configuration(name)
-        if server.process.exit_code is None:
+        if c.webhook.process.exit_code is None and namespace_exists(c):
             for md in c.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
                 c.custom.delete_namespaced_custom_object(
                     GROUP, VERSION, namespace, PLURAL, md["metadata"]["name"]
@@ -259,6 +260,16 @@ def cluster(kube, namespace, modeldeployment_crd, run_webhook, tmp_path) -> Iter
                     not c.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
                 ),
             )
+
+
+def namespace_exists(c: Cluster) -> bool:
+    try:
+        c.core.read_namespace(c.namespace)
+        return True
+    except kubernetes.client.ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
 
 
 def captured_fixture(c: Cluster, svc: dict[str, Any] | None = None, md: dict[str, Any] | None = None) -> dict:
@@ -316,9 +327,11 @@ def test_capture_points_the_service_at_the_sidecars_and_only_injected_pods_serve
     assert "true" in row.split() and "2/2" in row.split()
 
 
-@pytest.mark.parametrize("original_target", ["http", 8000], ids=["named-target", "integer-target"])
+@pytest.mark.parametrize(
+    ("original_target", "node_port"), [("http", 30080), (8000, 30081)], ids=["named-target", "integer-target"]
+)
 def test_deleting_restores_the_ports_byte_for_byte_and_removes_binding_and_finalizer(
-    cluster, original_target
+    cluster, original_target, node_port
 ):
     c = cluster
     ports = [
@@ -326,7 +339,7 @@ def test_deleting_restores_the_ports_byte_for_byte_and_removes_binding_and_final
             "name": "http",
             "port": 80,
             "targetPort": original_target,
-            "nodePort": 30080,
+            "nodePort": node_port,
             "appProtocol": "http",
             "protocol": "TCP",
         },
@@ -563,24 +576,28 @@ def test_a_killed_leader_is_replaced_within_the_lease_duration_and_nothing_flaps
     cluster, kube, run_webhook, tmp_path
 ):
     c = cluster
+    (tmp_path / "second").mkdir()
     second = start_controller(run_webhook, kube, c.namespace, tmp_path / "second")
     wait_until("second webhook ready", lambda: second.get("/readyz") == 200, 60, alive=[second.process])
     captured_fixture(c)
-    servers = {c.webhook, second}
+    servers = [c.webhook, second]
     holder = lease_holder(c)
     [leader] = [s for s in servers if f"leading as {holder}" in s.process.log_path.read_text()]
-    [follower] = servers - {leader}
+    [follower] = [s for s in servers if s is not leader]
     versions: list[Any] = []
     watch = kubernetes.watch.Watch()
 
     def record() -> None:
-        for event in watch.stream(
-            c.core.list_namespaced_service,
-            c.namespace,
-            field_selector="metadata.name=vllm",
-            timeout_seconds=30,
-        ):
-            versions.append(event["object"].spec.ports[0].target_port)
+        try:
+            for event in watch.stream(
+                c.core.list_namespaced_service,
+                c.namespace,
+                field_selector="metadata.name=vllm",
+                timeout_seconds=60,
+            ):
+                versions.append(event["object"].spec.ports[0].target_port)
+        except urllib3.exceptions.ProtocolError:
+            pass  # watch.stop() below cuts the stream
 
     recorder = threading.Thread(target=record, daemon=True)
     recorder.start()
@@ -590,18 +607,22 @@ def test_a_killed_leader_is_replaced_within_the_lease_duration_and_nothing_flaps
     c.wait("the follower leads", lambda: lease_holder(c) not in ("", holder), 15)
     took = time.monotonic() - killed
     assert took <= 6 + 2, f"took over after {took:.1f}s (lease duration 6s, retry 1s)"
-    # The new leader keeps the capture: a restart of the workload is followed as before.
-    c.restart()
-    c.wait(
-        "new pods injected and ready",
-        lambda: len(c.with_sidecar(c.ready_pods())) == 2 == len(c.ready_pods()),
-        60,
-    )
-    watch.stop()
-    recorder.join(5)
-    assert versions and all(v == "offload-proxy" for v in versions), versions  # never restored by mistake
-    assert len(c.events("ServiceCaptured")) == 1  # never captured twice
     c.webhook = follower  # the fixture's cleanup needs a running controller
+    assert len(c.events("ServiceCaptured")) == 1  # never captured twice
+    # The new leader acts: a hand-reverted Service is captured again.
+    c.core.patch_namespaced_service(
+        "vllm",
+        c.namespace,
+        [{"op": "replace", "path": "/spec/ports/0/targetPort", "value": 8000}],
+        _content_type="application/json-patch+json",
+    )
+    c.wait("captured again by the new leader", c.captured, 10)
+    assert f"leading as {lease_holder(c)}" in follower.process.log_path.read_text()
+    watch.stop()
+    recorder.join(10)
+    # Every version of the Service since the kill pointed at the sidecars but the one we reverted:
+    # nothing was restored by mistake during the handover.
+    assert versions.count(8000) == 1 and versions[-1] == "offload-proxy", versions
 
 
 def test_release_all_restores_everything_and_keeps_the_lease(cluster, kube, run_webhook, tmp_path):
@@ -625,7 +646,7 @@ def test_release_all_restores_everything_and_keeps_the_lease(cluster, kube, run_
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert c.service()["spec"]["ports"] == before
+    assert c.service()["spec"]["ports"] == before, done.stderr[-5000:]
     assert FINALIZER not in (c.md()["metadata"].get("finalizers") or [])
     assert (
         c.rbac.list_namespaced_role_binding(

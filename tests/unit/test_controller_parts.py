@@ -19,6 +19,9 @@ T = Timing(lease_duration=15, renew_deadline=10, retry_period=2)
         (Observed("me", ("me", "t", 15), 0), 100, "renew"),
         (Observed("other", ("other", "t", 15), 10), 24.9, "wait"),
         (Observed("other", ("other", "t", 15), 10), 25, "acquire"),  # not renewed for 15 s, our clock
+        # The holder's duration counts, not ours: --release-all holds it for an hour.
+        (Observed("release", ("release", "t", 3600), 10), 25, "wait"),
+        (Observed("release", ("release", "t", 3600), 10), 3610, "acquire"),
     ],
 )
 def test_leader_election_rule(observed, now, action):

@@ -2,7 +2,7 @@
 
 Every webhook replica serves admission; only the one holding the Lease reconciles. A
 candidate takes the Lease when it is absent, released (empty holder) or not renewed for
-``lease_duration`` as observed on the candidate's own clock (clocks of different machines
+the holder's ``leaseDurationSeconds`` as observed on the candidate's own clock (clocks of different machines
 are never compared); the holder renews every ``retry_period`` and stops leading when it has
 not renewed for ``renew_deadline`` (shorter than the lease duration, so it stops before
 anyone else may start). Writes carry the Lease's resourceVersion, so two candidates racing
@@ -43,6 +43,12 @@ class Observed:
     record: tuple[Any, ...]  # (holder, renewTime, leaseDurationSeconds): a change means alive
     changed_at: float
 
+    @property
+    def duration(self) -> float | None:
+        """The holder's own leaseDurationSeconds: it, not ours, says when the Lease expires."""
+        value = self.record[2] if len(self.record) > 2 else None
+        return float(value) if isinstance(value, int | float) and value > 0 else None
+
 
 def decide(observed: Observed | None, identity: str, now: float, timing: Timing) -> str:
     """``"renew"`` (ours), ``"acquire"`` (absent, released or expired) or ``"wait"``."""
@@ -50,7 +56,7 @@ def decide(observed: Observed | None, identity: str, now: float, timing: Timing)
         return "acquire"
     if observed.holder == identity:
         return "renew"
-    if now - observed.changed_at >= timing.lease_duration:
+    if now - observed.changed_at >= (observed.duration or timing.lease_duration):
         return "acquire"
     return "wait"
 

@@ -101,6 +101,9 @@ class Controller:
         self._metrics = metrics
         self.queue = WorkQueue(clock)
         self._failures: dict[Key, int] = {}
+        # uid -> resourceVersions an object had before our writes to it: while the store still
+        # shows one of them, it has not seen our last write (the watch lags by a few ms).
+        self._written: dict[str, set[str]] = {}
         self._evaluated_at: dict[Key, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,7 +157,8 @@ class Controller:
             attempt = self._failures.get(key, 0)
             self._failures[key] = attempt + 1
             delay = 0.2 if result == "requeue" else min(30.0, 0.5 * 2**attempt)
-            log.warning("reconcile %s/%s: API %s %s; again in %.1fs", *key, exc.status, exc.reason, delay)
+            level = logging.INFO if result == "requeue" else logging.WARNING
+            log.log(level, "reconcile %s/%s: API %s %s; again in %.1fs", *key, exc.status, exc.reason, delay)
             self.queue.add_after(key, delay)
         except Exception:
             result = "error"
@@ -214,6 +218,8 @@ class Controller:
                 self._evaluation.forget(key)
             return None
         world = self.world(md)
+        if self._behind(md) or (world.service is not None and self._behind(world.service)):
+            return 0.1  # our last write has not reached the store yet: acting now would undo it
         settings = reconcile.Settings(self.options.sidecar_cluster_role, release=self.options.release)
         status = md.get("status") or {}
         decided: dict[str, Any] = {}
@@ -245,17 +251,45 @@ class Controller:
                     }
                 )
         plan = reconcile.plan(world, settings)
-        self._carry_out(md, plan)
+        md = self._carry_out(md, plan, world.service)
         if plan.remove_finalizer or (md.get("metadata") or {}).get("deletionTimestamp"):
             return None
         self._write_status(md, plan, decided)
         return self.options.period if not self.options.release else None
 
-    def _carry_out(self, md: Mapping[str, Any], plan: reconcile.Plan) -> None:
+    def _behind(self, obj: Mapping[str, Any]) -> bool:
+        meta = obj.get("metadata") or {}
+        uid, version = str(meta.get("uid") or ""), str(meta.get("resourceVersion"))
+        if uid not in self._written:
+            return False
+        if version in self._written[uid]:
+            return True
+        del self._written[uid]
+        return False
+
+    def _wrote(self, obj: Mapping[str, Any] | None, version: str | None = None) -> None:
+        """Remember that ``obj`` (as read before the write, or at ``version``) is now stale."""
+        meta = (obj or {}).get("metadata") or {}
+        if meta.get("uid"):
+            self._written.setdefault(str(meta["uid"]), set()).add(str(version or meta.get("resourceVersion")))
+
+    def _carry_out(
+        self, md: Mapping[str, Any], plan: reconcile.Plan, plan_service: Mapping[str, Any] | None = None
+    ) -> Mapping[str, Any]:
+        """Does the plan; returns ``md`` at its resourceVersion after our own writes."""
         meta = md.get("metadata") or {}
         namespace, name = str(meta.get("namespace")), str(meta.get("name"))
         if plan.add_finalizer:
-            self._patch_md(md, self._finalizer_patch(md, add=True))
+            updated = self._patch_md(md, self._finalizer_patch(md, add=True))
+            self._wrote(md)
+            # A status write follows on this version of the object.
+            md = {
+                **md,
+                "metadata": {
+                    **meta,
+                    "resourceVersion": (updated.get("metadata") or {}).get("resourceVersion"),
+                },
+            }
         if plan.service_patch:
             service_name = str(((md.get("spec") or {}).get("serviceRef") or {}).get("name"))
             patch = plan.service_patch
@@ -264,6 +298,7 @@ class Controller:
                     service_name, namespace, patch, _content_type=JSON_PATCH
                 )
             )
+            self._wrote(plan_service)
             verb = "Captured" if plan.service_patch_why == "capture" else "Restored"
             message = (
                 f"Service {service_name} now points at the sidecars' offload-proxy port"
@@ -282,11 +317,12 @@ class Controller:
             if action.verb == "patch-subjects":
                 assert action.body is not None
                 self._rbac.patch_namespaced_role_binding(
-                    binding, namespace, {"subjects": action.body["subjects"]}
+                    binding, namespace, {"subjects": action.body["subjects"]}, _content_type=MERGE_PATCH
                 )
         if plan.remove_finalizer:
             self._ignore_missing(lambda: self._patch_md(md, self._finalizer_patch(md, add=False)))
             log.info("%s/%s: cleaned up, finalizer removed", namespace, name)
+        return md
 
     def _ignore_missing(self, call: Callable[[], Any]) -> None:
         try:
@@ -306,9 +342,9 @@ class Controller:
         index = finalizers.index(reconcile.FINALIZER)
         return [test, {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
 
-    def _patch_md(self, md: Mapping[str, Any], patch: list[dict[str, Any]]) -> None:
+    def _patch_md(self, md: Mapping[str, Any], patch: list[dict[str, Any]]) -> dict[str, Any]:
         meta = md.get("metadata") or {}
-        self._custom.patch_namespaced_custom_object(
+        return self._custom.patch_namespaced_custom_object(
             GROUP,
             VERSION,
             str(meta.get("namespace")),
@@ -334,8 +370,8 @@ class Controller:
         if all(status.get(k) == v for k, v in wanted.items()):
             return
         for cond in transitions(status.get("conditions"), plan.conditions):
-            if cond.type in ("Ready", "Valid") and cond.status is not False:
-                continue
+            if cond.type == "Ready" or (cond.type == "Valid" and cond.status is not False):
+                continue  # Ready sums up the others, which have Events of their own
             if cond.type == "Offloading":
                 reason = "OffloadingStarted" if cond.status else "OffloadingStopped"
                 was = next((c for c in status.get("conditions") or [] if c.get("type") == "Offloading"), None)
@@ -356,6 +392,7 @@ class Controller:
             {"status": wanted},
             _content_type=MERGE_PATCH,
         )
+        self._wrote(md)
 
     # -- Events --
 
