@@ -11,7 +11,7 @@ from typing import Any
 import uvicorn
 
 from crds.validation import ValidationSettings
-from webhook import metrics
+from webhook import apicalls, metrics
 from webhook.app import build_app
 from webhook.cache import CacheSync, ClusterCache
 from webhook.controller import main as controller_main
@@ -197,7 +197,8 @@ def _api_client(args: argparse.Namespace) -> Any:
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     # The watches retry with their own backoff; urllib3's silent retries would only add noise.
     configuration.retries = 0
-    return kubernetes.client.ApiClient(configuration)
+    client = kubernetes.client.ApiClient(configuration)
+    return apicalls.count(client, lambda verb, resource: metrics.API_REQUESTS.labels(verb, resource).inc())
 
 
 if __name__ == "__main__":

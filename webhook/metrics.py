@@ -44,6 +44,13 @@ SKIPPED = "skipped"  # mutate-pods: allowed without the sidecar (reason: the ski
 # Label values of reconcile_total{result}, set by the controller.
 RECONCILE_RESULTS = ("success", "error", "requeue")
 
+API_REQUESTS = Counter(
+    "offload_webhook_api_requests",
+    "Requests this process sent to the Kubernetes API server, by verb (get, list, watch, create, "
+    "update, patch, delete) and resource (plural.group[/subresource]); watches count once each.",
+    ("verb", "resource"),
+    registry=REGISTRY,
+)
 ADMISSION_REVIEWS = Counter(
     "offload_webhook_admission_reviews",
     "Admission requests answered, by webhook (mutate-pods, validate-modeldeployments), "
