@@ -47,7 +47,7 @@ resources:
 # --- objects ---------------------------------------------------------------------------------------
 
 
-def deployment(name="vllm", replicas=2, labels=None, service_account="vllm") -> dict[str, Any]:
+def deployment(name="vllm", replicas=2, labels=None, service_account="vllm", cpu="2") -> dict[str, Any]:
     labels = labels or {"app": "vllm"}
     return {
         "apiVersion": "apps/v1",
@@ -65,7 +65,7 @@ def deployment(name="vllm", replicas=2, labels=None, service_account="vllm") -> 
                             "name": "model",
                             "image": "vllm/vllm-openai:latest",
                             "ports": [{"name": "http", "containerPort": 8000}],
-                            "resources": {"requests": {"cpu": "2"}},
+                            "resources": {"requests": {"cpu": cpu}},
                         }
                     ],
                 },
@@ -662,3 +662,58 @@ def test_release_all_restores_everything_and_keeps_the_lease(cluster, kube, run_
         assert not c.captured()
         time.sleep(0.5)
     assert time.monotonic() - started < 60
+
+
+def api_requests(server: WebhookServer) -> dict[tuple[str, str], float]:
+    """offload_webhook_api_requests_total by (verb, resource), from the webhook's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {}
+    for family in text_string_to_metric_families(server.text("/metrics")):
+        if family.name == "offload_webhook_api_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["verb"], sample.labels["resource"]] = sample.value
+    return counts
+
+
+def requests_per_minute(c: Cluster, seconds: float) -> tuple[float, dict]:
+    """The controller's API requests (watches excluded: they are long-lived) per minute, over
+    a window of steady state; and the breakdown."""
+    before = api_requests(c.webhook)
+    started = time.monotonic()
+    c.wait("the window to pass", lambda: time.monotonic() - started >= seconds, seconds + 5)
+    after = api_requests(c.webhook)
+    elapsed = time.monotonic() - started
+    # Watches are long-lived and the Lease is renewed per process, not per ModelDeployment.
+    delta = {
+        k: v - before.get(k, 0)
+        for k, v in after.items()
+        if k[0] != "watch" and not k[1].startswith("leases.") and v - before.get(k, 0)
+    }
+    return sum(delta.values()) * 60 / elapsed, delta
+
+
+def test_api_requests_per_modeldeployment_do_not_grow_with_its_pods(cluster, capsys):
+    """One ModelDeployment, its workload at 1 pod and then at 20: the controller's API requests
+    per minute in steady state (the evaluation of its metrics every period, any status write)."""
+    c = cluster
+    c.create(deployment(replicas=1, cpu="100m"))  # 20 pods fit on the kwok node
+    c.create(service())
+    c.create(modeldeployment())
+    c.restart()
+    c.wait("captured with 1 pod", lambda: c.captured() and len(c.with_sidecar(c.ready_pods())) == 1, 60)
+    one, one_detail = requests_per_minute(c, 12)
+    c.apps.patch_namespaced_deployment_scale(
+        "vllm", c.namespace, {"spec": {"replicas": 20}}, _content_type="application/merge-patch+json"
+    )
+    c.wait("20 injected ready pods", lambda: len(c.with_sidecar(c.ready_pods())) == 20, 120)
+    c.wait("status says 20/20", lambda: (c.md().get("status") or {}).get("injected") == "20/20")
+    twenty, twenty_detail = requests_per_minute(c, 12)
+    with capsys.disabled():
+        print(
+            f"\n[api load] one ModelDeployment, evaluation period 2 s: {one:.1f} requests/min with 1 pod "
+            f"{dict(one_detail)}, {twenty:.1f} with 20 pods {dict(twenty_detail)}"
+        )
+    # Per period at most: one metrics read per metric and one status write; pods add nothing.
+    assert twenty <= one + 6, (one_detail, twenty_detail)

@@ -59,6 +59,14 @@ class WebhookServer:
         ctx = ssl.create_default_context(cafile=str(self.cert_dir / "ca.crt"))
         return http_status(self.url(path), ctx)
 
+    def text(self, path: str) -> str:
+        """The body of a GET (e.g. /metrics) over verified TLS."""
+        import urllib.request
+
+        ctx = ssl.create_default_context(cafile=str(self.cert_dir / "ca.crt"))
+        with urllib.request.urlopen(self.url(path), timeout=5, context=ctx) as resp:
+            return resp.read().decode()
+
     def stop(self) -> None:
         self.process.stop()
 
