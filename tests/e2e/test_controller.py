@@ -717,3 +717,41 @@ def test_api_requests_per_modeldeployment_do_not_grow_with_its_pods(cluster, cap
         )
     # Per period at most: one metrics read per metric and one status write; pods add nothing.
     assert twenty <= one + 6, (one_detail, twenty_detail)
+
+
+def test_status_is_written_only_when_it_changes_and_other_writers_lose_nothing(cluster):
+    """Steady state with another client patching labels every 200 ms and changing the
+    percentage once: at most one status write per evaluation period, no Event, no condition
+    transition, and every one of the other client's changes kept (patches, never updates)."""
+    c = cluster
+    captured_fixture(c)
+    c.wait("status Ready", lambda: c.condition("Ready").get("status") == "True")
+    before = c.md()
+    transitions = {cond["type"]: cond["lastTransitionTime"] for cond in before["status"]["conditions"]}
+    events = len(c.core.list_namespaced_event(c.namespace).items)
+    statuses = []
+    period, window = 2.0, 10.0
+    started = time.monotonic()
+    i = 0
+    while time.monotonic() - started < window:
+        i += 1
+        c.patch_md({"metadata": {"labels": {"poke": str(i)}}})
+        if i == 10:
+            c.patch_md({"spec": {"offloadingConfig": {"behavior": {"percentage": 30}}}})
+        status = (c.md() or {}).get("status")
+        if not statuses or statuses[-1] != status:
+            statuses.append(status)
+        time.sleep(0.2)
+    after = c.md()
+    assert after["metadata"]["labels"]["poke"] == str(i)
+    assert after["spec"]["offloadingConfig"]["behavior"]["percentage"] == 30
+    c.wait(
+        "observedGeneration follows",
+        lambda: c.md()["status"]["observedGeneration"] == c.md()["metadata"]["generation"],
+    )
+    writes = len(statuses) - 1
+    assert writes <= window / period + 1, statuses
+    assert {
+        cond["type"]: cond["lastTransitionTime"] for cond in c.md()["status"]["conditions"]
+    } == transitions
+    assert len(c.core.list_namespaced_event(c.namespace).items) == events
