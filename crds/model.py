@@ -131,6 +131,9 @@ class OffloadingBehavior:
     sustain_seconds: int = DEFAULT_SUSTAIN_SECONDS
     cooldown_seconds: int = DEFAULT_COOLDOWN_SECONDS
     tolerance: float = DEFAULT_TOLERANCE
+    # Offload `percentage` at all times, whatever the load; needs an empty metrics list.
+    # Without it an empty metrics list never offloads (the Beamlit controller's meaning).
+    static_split: bool = False
 
 
 # --- autoscaling/v2 MetricSpec -------------------------------------------------

@@ -10,14 +10,15 @@ absent) and standalone mode.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from crds.decode import FieldError
+from crds.decode import FieldError, decode
 from crds.model import (
     AuthConfig,
     LabelSelector,
@@ -37,9 +38,9 @@ from crds.quantity import parse_quantity
 class ValidationSettings:
     """What the installation adds to the rules."""
 
-    # The installation routes ModelDeployments without a remoteBackend to a
-    # default one (as the Beamlit controller does), so they are not refused.
-    default_remote_backend: bool = False
+    # The installation's default remote backend (as the Beamlit controller has one):
+    # a ModelDeployment without remoteBackend offloads there. See parse_remote_backend.
+    default_remote_backend: RemoteBackend | None = None
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,61 @@ class ValidationResult:
 
 
 def validate_object(obj: Any, settings: ValidationSettings = ValidationSettings()) -> ValidationResult:
+    """Every error and warning of one object. The model returned is the one in force:
+    without its own remoteBackend it carries the installation's default (when there is one)."""
     model, errors = parse_object(obj)
     if model is None:
         return ValidationResult(None, tuple(errors), ())
     found = list(_check_spec(model.spec, model.namespace, settings))
     errors = [f for f in found if isinstance(f, FieldError)]
     warnings = [f for f in found if isinstance(f, str)]
-    return ValidationResult(model if not errors else None, tuple(errors), tuple(warnings))
+    if errors:
+        return ValidationResult(None, tuple(errors), tuple(warnings))
+    return ValidationResult(with_default_backend(model, settings.default_remote_backend), (), tuple(warnings))
+
+
+def with_default_backend(model: ModelDeployment, default: RemoteBackend | None) -> ModelDeployment:
+    """``model`` with ``default`` as its remoteBackend when it has an offloadingConfig without one."""
+    config = model.spec.offloading_config
+    if default is None or config is None or config.remote_backend is not None:
+        return model
+    spec = replace(model.spec, offloading_config=replace(config, remote_backend=default))
+    return replace(model, spec=spec)
+
+
+def parse_remote_backend(text: str, path: str = "defaultRemoteBackend") -> RemoteBackend:
+    """The installation's default remote backend, given as a URL or as a RemoteBackend in JSON.
+
+    ``http://host[:port][/pathPrefix]`` (``https://`` verifies with the system CAs), or
+    ``{"host": "...", "scheme": "https", "headersToAdd": {...}, ...}`` with the fields of
+    ``spec.offloadingConfig.remoteBackend``. Raises ValueError naming ``path`` and the field
+    at fault.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError(f"{path}: must not be empty")
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at character {exc.pos})") from None
+        backend, errors = decode(RemoteBackend, data, path)
+        if backend is None or errors:
+            raise ValueError("; ".join(str(e) for e in errors))
+    else:
+        url = urlsplit(text)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ValueError(
+                f"{path}: must be a URL such as http://host:port/prefix or a JSON RemoteBackend, got {text!r}"
+            )
+        if url.query or url.fragment or "?" in text or "#" in text:
+            raise ValueError(f"{path}: must not have a query or fragment, got {text!r}")
+        prefix = url.path.rstrip("/") or None
+        backend = RemoteBackend(host=url.netloc, scheme=url.scheme, path_prefix=prefix)
+    problems = [str(f) for f in _check_remote_backend(path, backend, None, "") if isinstance(f, FieldError)]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return backend
 
 
 Finding = FieldError | str  # a str is a warning
@@ -103,20 +152,33 @@ def _check_spec(spec: ModelDeploymentSpec, namespace: str, settings: ValidationS
     if config is None:
         return
     base = "spec.offloadingConfig"
-    yield from _check_behavior(f"{base}.behavior", config.behavior)
+    behavior = config.behavior
+    yield from _check_behavior(f"{base}.behavior", behavior)
     for i, metric in enumerate(config.metrics):
         yield from _check_metric(f"{base}.metrics[{i}]", metric)
+    if behavior.static_split and config.metrics:
+        yield FieldError(
+            f"{base}.behavior.staticSplit",
+            "must not be true when metrics are set: a static split offloads whatever the load "
+            "(remove the metrics, or staticSplit)",
+        )
     if config.remote_backend is not None:
         yield from _check_remote_backend(f"{base}.remoteBackend", config.remote_backend, spec, namespace)
-    elif config.metrics and not settings.default_remote_backend:
+    elif (config.metrics or behavior.static_split) and settings.default_remote_backend is None:
+        what = "metrics are set" if config.metrics else "staticSplit is true"
         yield FieldError(
             f"{base}.remoteBackend",
-            "required when metrics are set: this installation has no default remote backend to offload to",
+            f"required when {what}: this installation has no default remote backend to offload to",
         )
-    if not config.metrics:
+    if behavior.static_split:
         yield (
-            f"{base}.metrics is empty: {config.behavior.percentage}% of requests "
+            f"{base}.behavior.staticSplit is true: {behavior.percentage}% of requests "
             "are offloaded at all times, whatever the load"
+        )
+    elif not config.metrics:
+        yield (
+            f"{base}.metrics is empty: no request is offloaded while the workload has a ready "
+            "replica; set behavior.staticSplit: true to offload at all times"
         )
 
 
@@ -173,13 +235,14 @@ FORBIDDEN_HEADERS = frozenset(
 
 
 def _check_remote_backend(
-    path: str, backend: RemoteBackend, spec: ModelDeploymentSpec, namespace: str
+    path: str, backend: RemoteBackend, spec: ModelDeploymentSpec | None, namespace: str
 ) -> Iterator[Finding]:
     host_errors = list(check_host(backend.host))
     for message in host_errors:
         yield FieldError(f"{path}.host", message)
     if (
         not host_errors
+        and spec is not None
         and spec.service_ref is not None
         and _is_same_service(backend.host, spec.service_ref.name, spec.service_ref.namespace or namespace)
     ):

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from crds.decision import Decision
 from crds.model import MetricSpec, ModelDeployment
-from sidecar.decision import Decision
-from sidecar.interfaces import MetricObservation
+from crds.observation import MetricObservation
 from sidecar.routing import RoutePlan
 from sidecar.stats import BACKENDS, Histogram, ProxyStats
 
@@ -55,6 +55,7 @@ class ControlView:
     remote_unavailable: str | None = None  # why the configured remote is not used (its credentials)
     offloading_since: float | None = None  # wall clock
     transitions: tuple[tuple[str, int], ...] = ()  # (("on", n), ("off", m))
+    published: dict[str, Any] | None = None  # cluster mode: the controller's decision, and its age
     upstream: str = ""
     listen: str = ""
 
@@ -197,6 +198,13 @@ def render_metrics(view: ControlView, stats: ProxyStats, *, ready: bool, process
     transitions = dict(view.transitions)
     for to in ("on", "off"):
         out.sample(f"{p}_offloading_transitions_total", transitions.get(to, 0), {"to": to})
+
+    out.one(
+        f"{p}_decision_stale",
+        "gauge",
+        "Cluster mode: 1 while the controller's published decision is stale (still followed), else 0.",
+        1 if view.published is not None and view.published.get("stale") else 0,
+    )
 
     names = {"ratio": "metric_ratio", "current": "observed_value", "target": "target_value"}
     helps = {
@@ -349,6 +357,9 @@ def status_document(view: ControlView, stats: ProxyStats, *, ready: bool) -> dic
         "decision": {
             "offloading": plan.offloading,
             "reason": view.reason,
+            "code": view.decision.code if view.decision is not None else None,
+            "stale": bool(view.published and view.published["stale"]),
+            "controller": view.published,
             "offloadingSince": _iso(view.offloading_since),
             "transitions": dict(view.transitions),
         },

@@ -6,10 +6,12 @@
                                               (decision.step, pure)
 
 Standalone mode takes the ModelDeployment from a file and CPU from the local
-machine; cluster mode (chosen by the injector's POD_NAMESPACE and
-MODELDEPLOYMENT_NAME, see :func:`sidecar.clustersource.cluster_mode_from_env`)
-watches the API server and evaluates metrics as the HPA does. Everything after
-the sources is the same code.
+machine, and decides itself (crds/decision.py). Cluster mode (chosen by the injector's
+POD_NAMESPACE and MODELDEPLOYMENT_NAME, see
+:func:`sidecar.clustersource.cluster_mode_from_env`) watches its ModelDeployment and
+follows the decision the controller publishes in its status (:func:`follow_published`):
+one evaluation per ModelDeployment, not one per pod. Everything after the decision is
+the same code.
 
 A ModelDeployment that is absent, invalid, ``enabled: false`` or without a
 remote backend means pass-through: every request goes to the local model.
@@ -28,13 +30,16 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from crds.decision import INITIAL, NOT_EVALUATED, Decision, DecisionState, step
 from crds.model import MetricSpec, ModelDeployment
+from crds.observation import MetricObservation
+from crds.status import PublishedDecision, format_time
 from sidecar.admin import AdminServer, ControlView
-from sidecar.decision import INITIAL, Decision, DecisionState, step
-from sidecar.interfaces import ConfigSource, MetricObservation, MetricSource
+from sidecar.interfaces import ConfigSource, MetricSource
 from sidecar.proxy import ProxyServer, ProxySettings
 from sidecar.routing import CaBundleContexts, RemoteTarget, RoutePlan, RoutingTable
 from sidecar.secretheaders import SecretHeaders, with_secret_headers
@@ -120,6 +125,58 @@ def plan_for(
     )
 
 
+def follow_published(
+    state: DecisionState, published: PublishedDecision | None, now: datetime
+) -> tuple[Decision, dict[str, Any] | None]:
+    """Cluster mode's decision: the controller's, as published in the ModelDeployment's
+    status, and what /status shows of it (None when nothing is published). Pure.
+
+    Nothing published yet keeps the current state (off at start). A stale decision
+    (not re-evaluated for max(4 periods, 60 s): the controller is down) still stands:
+    nothing proves the load changed; the reason and /status say it is stale.
+    """
+    if published is None:
+        what = "offloading continues" if state.offloading else "not offloading"
+        reason = f"no decision published in the ModelDeployment's status yet: {what}"
+        new = DecisionState(state.offloading, state.since, None, reason, NOT_EVALUATED)
+        return Decision(new, state.offloading, reason, False, None, NOT_EVALUATED), None
+    age = published.age(now)
+    stale = published.stale(now)
+    message = published.message or ("offloading" if published.offloading else "not offloading")
+    if stale:
+        when = "never dated" if age is None else f"evaluated {age:.0f}s ago"
+        reason = (
+            f"the controller's decision is stale ({when}, bound {published.stale_after:.0f}s) "
+            f"and stays in force: {message}"
+        )
+    else:
+        reason = f"controller: {message}"
+    readable = [o for o in published.observations if o.ratio is not None]
+    deciding = max(readable, key=lambda o: o.ratio or 0.0, default=None)
+    since = published.last_transition.timestamp() if published.last_transition is not None else state.since
+    new = DecisionState(published.offloading, since, None, reason, published.code or NOT_EVALUATED)
+    decision = Decision(
+        new,
+        published.offloading,
+        reason,
+        published.offloading != state.offloading,
+        deciding.ratio if deciding is not None else None,
+        published.code or NOT_EVALUATED,
+        deciding,
+    )
+    view = {
+        "observedGeneration": published.observed_generation,
+        "reason": published.code,
+        "lastTransitionTime": format_time(published.last_transition) if published.last_transition else None,
+        "lastEvaluationTime": format_time(published.last_evaluation) if published.last_evaluation else None,
+        "ageSeconds": None if age is None else round(age, 1),
+        "staleAfterSeconds": published.stale_after,
+        "stale": stale,
+        "utilization": published.utilization,
+    }
+    return decision, view
+
+
 async def supervised(
     what: str,
     run: Callable[[], Awaitable[None]],
@@ -170,15 +227,18 @@ def _where_raised(exc: BaseException) -> str:
 class Controller:
     """The control state of one sidecar; ``apply_config`` and ``evaluate`` move it.
 
-    Owns the RoutingTable's plan. Clocks are passed in: ``clock`` (monotonic)
-    drives the decision windows, ``wall`` only dates the transitions shown.
+    Owns the RoutingTable's plan. Decides locally from ``metrics`` (standalone), or
+    follows the controller's decision that ``published`` returns (cluster mode).
+    Clocks are passed in: ``clock`` (monotonic) drives the local decision windows,
+    ``wall`` dates the transitions shown and ages the published decision.
     """
 
     def __init__(
         self,
         routing: RoutingTable,
-        metrics: MetricSource,
+        metrics: MetricSource | None,
         *,
+        published: Callable[[], PublishedDecision | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         mode: str = "standalone",
@@ -189,6 +249,8 @@ class Controller:
     ):
         self.routing = routing
         self.metrics = metrics
+        self.published = published
+        self.published_view: dict[str, Any] | None = None
         self.clock = clock
         self.wall = wall
         self.mode = mode
@@ -221,6 +283,7 @@ class Controller:
             self.state = INITIAL
             self.decision = None
             self.observations = ()
+            self.published_view = None
             if why_not != self._reason:
                 log.info("pass-through: %s", why_not.split(":")[0])
             self._reason = why_not
@@ -239,17 +302,24 @@ class Controller:
         self._publish()
 
     async def evaluate(self) -> Decision | None:
-        """Observe the metrics once, step the decision, publish the plan."""
+        """Decide once (observe and step, or follow the published decision), publish the plan."""
         async with self._lock:
             model = self.model
             if passthrough_reason(model) is not None:
                 return None
             assert model is not None and model.spec.offloading_config is not None
             config = model.spec.offloading_config
-            observations = await self.metrics.observe(config.metrics) if config.metrics else []
-            if model is not self.model:
-                return None  # the configuration changed while observing: the next poll decides
-            decision = step(self.state, observations, self.clock(), config.behavior)
+            if self.published is not None:
+                published = self.published()
+                now = datetime.fromtimestamp(self.wall(), UTC)
+                decision, self.published_view = follow_published(self.state, published, now)
+                observations = list(published.observations) if published is not None else []
+            else:
+                assert self.metrics is not None
+                observations = await self.metrics.observe(config.metrics) if config.metrics else []
+                if model is not self.model:
+                    return None  # the configuration changed while observing: the next poll decides
+                decision = step(self.state, observations, self.clock(), config.behavior)
             self.observations = tuple(observations)
             self.decision = decision
             self.state = decision.state
@@ -328,6 +398,7 @@ class Controller:
             remote_unavailable=self.remote_unavailable(),
             offloading_since=self.offloading_since,
             transitions=tuple(self.transitions.items()),
+            published=self.published_view,
             upstream=self.upstream,
             listen=self.listen,
         )
@@ -348,8 +419,9 @@ class Sidecar:
         self,
         settings: SidecarSettings,
         config: ConfigSource,
-        metrics: MetricSource,
+        metrics: MetricSource | None,
         *,
+        published: Callable[[], PublishedDecision | None] | None = None,
         mode: str = "standalone",
         source: str = "",
         kube_client: Any = None,
@@ -367,6 +439,7 @@ class Sidecar:
         self.controller = Controller(
             self.routing,
             metrics,
+            published=published,
             mode=mode,
             source=source,
             upstream=_fmt_addr(settings.upstream),

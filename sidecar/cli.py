@@ -41,7 +41,6 @@ from sidecar.proxy import ProxySettings
 
 log = logging.getLogger("sidecar")
 
-CLUSTER_POLL_INTERVAL = 15.0
 # The injector's default ports: what a pod's malformed OFFLOAD_*_PORT most likely meant.
 INJECTED_PROXY_PORT = 15080
 INJECTED_ADMIN_PORT = 15090
@@ -207,8 +206,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument(
         "--poll-interval",
         type=positive_duration,
-        help="how often metrics are evaluated (default: 1s standalone; 15s in cluster mode, the "
-        "HPA's sync period and metrics-server's resolution, so that sidecars do not load the API)",
+        default="1s",
+        help="standalone: how often metrics are evaluated; cluster mode: how often the age of the "
+        "controller's published decision is checked (no API request either way)",
     )
     g = p.add_argument_group("standalone metrics")
     g.add_argument(
@@ -280,7 +280,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     return p
 
 
-def settings_from(args: argparse.Namespace, mode: str = "standalone") -> SidecarSettings:
+def settings_from(args: argparse.Namespace) -> SidecarSettings:
     context = None
     if args.ca_file is not None:
         context = ssl.create_default_context(cafile=str(args.ca_file))
@@ -298,7 +298,7 @@ def settings_from(args: argparse.Namespace, mode: str = "standalone") -> Sidecar
         config_path=args.config,
         secrets_dir=args.secrets_dir,
         secret_refresh=args.secret_refresh,
-        poll_interval=args.poll_interval or (CLUSTER_POLL_INTERVAL if mode == "cluster" else 1.0),
+        poll_interval=args.poll_interval,
         cpu_request=args.cpu_request,
         memory_request=args.memory_request,
         cpu_window=args.cpu_window,
@@ -360,7 +360,7 @@ def build_cluster(
     source = f"{env.get('POD_NAMESPACE') or '?'}/{env.get('MODELDEPLOYMENT_NAME') or '?'}"
     why = None
     try:
-        cluster = cluster_mode_from_env(env, poll_period=settings.poll_interval)
+        cluster = cluster_mode_from_env(env)
     except ConfigError as exc:
         cluster, why = None, str(exc)
     except Exception as exc:  # noqa: BLE001 - e.g. an unusable client certificate: never fatal
@@ -377,12 +377,14 @@ def build_cluster(
             source=source,
             config_errors=lambda: errors,
         )
-    log.info("cluster mode: ModelDeployment %s", source)
+    log.info("cluster mode: ModelDeployment %s, following the controller's decision in its status", source)
     client = cluster.client
+    config = cluster.config
     return Sidecar(
         settings,
-        cluster.config,
-        cluster.metrics,
+        config,
+        None,
+        published=lambda: config.published,
         mode="cluster",
         source=source,
         kube_client=client,
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     mode = choose_mode(args.mode, env, args.config is not None)
-    settings = settings_from(args, mode)
+    settings = settings_from(args)
     env_problems = env_defaults(env).problems
     for problem in env_problems:
         log.error("environment: %s", problem)

@@ -1,15 +1,18 @@
-"""ConfigSource of cluster mode: the sidecar's own ModelDeployment, watched.
+"""ConfigSource of cluster mode: the sidecar's own ModelDeployment, watched, and the
+offloading decision the controller publishes in its status.
 
 The sidecar knows its ModelDeployment by name (the injector sets
 MODELDEPLOYMENT_NAME and POD_NAMESPACE). This source lists that one object
 (fieldSelector on the name), then watches it, and yields the validated model
-every time its spec changes:
+every time its spec or its published decision (``status.offloading`` and the rest of
+crds/status.py) changes; :attr:`ClusterConfigSource.published` holds the latter. The
+sidecar reads nothing else: no pods, no metrics, whatever the workload's size.
 
 - deleted or absent -> None (pass-through to the local model);
 - invalid (it slipped in while the webhook was down) -> None, and the errors
   are logged once per resourceVersion, each with its field path;
-- the API server gone -> nothing is yielded: the last known configuration
-  stays in force while :func:`sidecar.kube.list_and_watch` reconnects with
+- the API server gone -> nothing is yielded: the last known configuration and
+  decision stay in force while :func:`sidecar.kube.list_and_watch` reconnects with
   jittered backoff; an expired watch (410) is resumed by listing again.
 """
 
@@ -24,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from crds.model import GROUP, PLURAL, VERSION, ModelDeployment
-from crds.validation import ValidationSettings, validate_object
+from crds.status import PublishedDecision
+from crds.validation import ValidationSettings, parse_remote_backend, validate_object
 from sidecar.kube import (
     Backoff,
     KubeClient,
@@ -34,7 +38,6 @@ from sidecar.kube import (
     list_and_watch,
     load_kubeconfig,
 )
-from sidecar.podmetrics import DEFAULT_PERIOD_SECONDS, PodMetricSource
 
 log = logging.getLogger("sidecar.clustersource")
 
@@ -57,6 +60,7 @@ class ClusterConfigSource:
         self.validation = validation or ValidationSettings()
         self.backoff = backoff
         self.current: ModelDeployment | None = None  # the last configuration yielded
+        self.published: PublishedDecision | None = None  # the decision in its status, if any
         self._reported_invalid: str | None = None
 
     @property
@@ -70,13 +74,14 @@ class ClusterConfigSource:
         async for change in list_and_watch(self.client, self.path, params, backoff=self.backoff):
             obj = self._object_of(change)
             model = self.model_of(obj)
-            # Only spec changes matter: status writes by the controller bump the
-            # resourceVersion of the same configuration.
-            key = None if model is None else dataclasses.replace(model, resource_version="")
+            published = PublishedDecision.from_status(obj.get("status")) if obj is not None else None
+            # The spec and the published decision matter; the resourceVersion alone does not.
+            key = (None if model is None else dataclasses.replace(model, resource_version=""), published)
             if first or key != last_key:
                 first = False
                 last_key = key
                 self.current = model
+                self.published = published
                 yield model
 
     def _object_of(self, change: Listed | WatchEvent) -> dict[str, Any] | None:
@@ -112,16 +117,33 @@ class ClusterConfigSource:
 
 @dataclass
 class ClusterMode:
-    """The cluster-mode sources, wired to one client (close it on shutdown)."""
+    """The cluster-mode source, wired to one client (close it on shutdown)."""
 
     client: KubeClient
     config: ClusterConfigSource
-    metrics: PodMetricSource
 
 
-def cluster_mode_from_env(
-    env: Mapping[str, str] | None = None, *, poll_period: float = DEFAULT_PERIOD_SECONDS
-) -> ClusterMode | None:
+DEFAULT_REMOTE_BACKEND_ENV = "OFFLOAD_DEFAULT_REMOTE_BACKEND"
+
+
+def validation_from_env(env: Mapping[str, str]) -> ValidationSettings:
+    """The installation's default remote backend, as the injector passes it
+    (OFFLOAD_DEFAULT_REMOTE_BACKEND: a URL or a JSON RemoteBackend). A value that does not
+    parse is logged and ignored: ModelDeployments without remoteBackend then pass through,
+    rather than a sidecar that fails to start and holds its model pod back."""
+    text = env.get(DEFAULT_REMOTE_BACKEND_ENV, "").strip()
+    if not text:
+        return ValidationSettings()
+    try:
+        return ValidationSettings(
+            default_remote_backend=parse_remote_backend(text, DEFAULT_REMOTE_BACKEND_ENV)
+        )
+    except ValueError as exc:
+        log.error("%s ignored: %s", DEFAULT_REMOTE_BACKEND_ENV, exc)
+        return ValidationSettings()
+
+
+def cluster_mode_from_env(env: Mapping[str, str] | None = None) -> ClusterMode | None:
     """Cluster mode when the injector's environment says so, else None (standalone).
 
     POD_NAMESPACE and MODELDEPLOYMENT_NAME select it; credentials come from
@@ -135,6 +157,5 @@ def cluster_mode_from_env(
     kubeconfig = env.get("KUBECONFIG")
     credentials = load_kubeconfig(Path(kubeconfig)) if kubeconfig else in_cluster_config(env)
     client = KubeClient(credentials)
-    config = ClusterConfigSource(client, namespace, name)
-    metrics = PodMetricSource(client, lambda: config.current, period=poll_period)
-    return ClusterMode(client, config, metrics)
+    config = ClusterConfigSource(client, namespace, name, validation=validation_from_env(env))
+    return ClusterMode(client, config)

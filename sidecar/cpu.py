@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from crds.hpa import metric_display_name, spec_target
 from crds.model import MetricSpec, MetricTarget
+from crds.observation import MetricObservation
 from crds.quantity import parse_quantity
-from sidecar.hpa import metric_display_name, spec_target
-from sidecar.interfaces import MetricObservation
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # cgroup v1 reports "no memory limit" as a page-rounded LONG_MAX.
@@ -379,16 +379,18 @@ class LocalMetricSource:
                 reading = memory
             else:
                 what = f"{spec.type} metric" if resource is None else f"resource {resource!r}"
-                out.append(MetricObservation(name, None, goal, f"{what}: {NOT_STANDALONE}"))
+                out.append(MetricObservation(name, None, goal, f"{what}: {NOT_STANDALONE}", spec.type))
                 continue
             percent, amount, how = reading
             if target.type == "Utilization":
-                out.append(MetricObservation(name, percent, goal, how))
+                out.append(MetricObservation(name, percent, goal, how, spec.type))
             elif target.type == "AverageValue":
-                out.append(MetricObservation(name, amount, goal, how))
+                out.append(MetricObservation(name, amount, goal, how, spec.type))
             else:
                 out.append(
-                    MetricObservation(name, None, goal, f"target type {target.type!r}: {NOT_STANDALONE}")
+                    MetricObservation(
+                        name, None, goal, f"target type {target.type!r}: {NOT_STANDALONE}", spec.type
+                    )
                 )
         return out
 

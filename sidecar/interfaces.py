@@ -12,37 +12,10 @@ policy never know which.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Protocol
 
 from crds.model import MetricSpec, ModelDeployment
-
-
-@dataclass(frozen=True)
-class MetricObservation:
-    """One metric of the offloadingConfig, evaluated once.
-
-    ``current`` and ``target`` are in the metric's own unit (percent for
-    Utilization, the quantity for AverageValue/Value). ``current`` is None when
-    the metric could not be read; ``reason`` says why, or how it was computed.
-    """
-
-    metric: str  # display name, e.g. "resource cpu on pods (as a percentage of request)"
-    current: float | None
-    target: float
-    reason: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        if self.current is None:
-            return None
-        return self.current / self.target
-
-    def display(self) -> str:
-        """Like the HPA's TARGETS column: ``73%/50%`` or ``<unknown>/50%``."""
-        unit = "%" if "percent" in self.metric else ""
-        current = "<unknown>" if self.current is None else f"{self.current:g}{unit}"
-        return f"{current}/{self.target:g}{unit}"
+from crds.observation import MetricObservation
 
 
 class ConfigSource(Protocol):

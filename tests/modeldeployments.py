@@ -25,9 +25,12 @@ def standalone(
     behavior: dict[str, Any] | None = None,
     metrics: bool = False,
     remote: dict[str, Any] | None = None,
+    static_split: bool | None = None,
 ) -> dict[str, Any]:
     """my-model offloading to `host` (default 127.0.0.1:`remote_port`); `remote` adds
-    remoteBackend fields, `behavior` behavior fields, `metrics` a CPU target of 50%."""
+    remoteBackend fields, `behavior` behavior fields, `metrics` a CPU target of 50%.
+    Without metrics it is a static split (behavior.staticSplit, offloading at all times)
+    unless `static_split` is False (then it never offloads)."""
     spec: dict[str, Any] = {"model": "my-model"}
     if enabled is not None:
         spec["enabled"] = enabled
@@ -36,6 +39,8 @@ def standalone(
         "remoteBackend": {"host": host or f"127.0.0.1:{remote_port}", "scheme": scheme, **(remote or {})},
         "behavior": {"percentage": percentage, **(behavior or {})},
     }
+    if static_split if static_split is not None else not metrics:
+        offloading["behavior"]["staticSplit"] = True
     if metrics:
         offloading["metrics"] = [CPU_AT_50_PERCENT]
     spec["offloadingConfig"] = offloading

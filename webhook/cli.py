@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import uvicorn
 
-from crds.validation import ValidationSettings
+from crds.validation import ValidationSettings, parse_remote_backend
 from webhook import apicalls, metrics
 from webhook.app import build_app
 from webhook.cache import CacheSync, ClusterCache
@@ -54,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--default-remote-backend",
-        action="store_true",
-        help="the installation routes ModelDeployments without remoteBackend to a default backend, "
-        "so such objects are allowed",
+        metavar="URL|JSON",
+        default="",
+        help="the remote backend of ModelDeployments without remoteBackend (the Beamlit controller's "
+        "default): http(s)://host[:port][/pathPrefix], or a RemoteBackend as JSON "
+        '(\'{"host": "...", "scheme": "https", "headersToAdd": {...}}\'); validation allows such '
+        "objects and injected sidecars get it (env OFFLOAD_DEFAULT_REMOTE_BACKEND)",
     )
     parser.add_argument(
         "--injector-config",
@@ -89,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.release_all and not (args.tls_cert_file and args.tls_private_key_file):
         parser.error("--tls-cert-file and --tls-private-key-file are required")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = ValidationSettings(default_remote_backend=args.default_remote_backend)
+    try:
+        default_backend = (
+            parse_remote_backend(args.default_remote_backend, "--default-remote-backend")
+            if args.default_remote_backend.strip()
+            else None
+        )
+    except ValueError as exc:
+        print(f"offload-webhook: {exc}", file=sys.stderr)
+        return 2
+    settings = ValidationSettings(default_remote_backend=default_backend)
     if args.release_all:
         return controller_main.release_all(args, _api_client(args), settings)
     try:
@@ -109,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"offload-webhook: --injector-config: {exc}", file=sys.stderr)
             return 2
+        if default_backend is not None:
+            config = replace(config, default_remote_backend=args.default_remote_backend.strip())
         try:
             api_client = _api_client(args)
         except Exception as exc:  # noqa: BLE001 - kubernetes.config raises several kinds

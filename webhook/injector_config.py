@@ -61,6 +61,9 @@ class InjectorConfig:
     native_sidecar: bool = True
     # {"requests": {"cpu": "50m"}, "limits": {...}}, quantities as given (strings).
     resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    # offload-webhook --default-remote-backend, validated; passed to sidecars as
+    # OFFLOAD_DEFAULT_REMOTE_BACKEND. Not a key of the file.
+    default_remote_backend: str = ""
 
 
 def check_image(value: Any, key: str) -> str:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from crds.decision import INITIAL, step
 from crds.model import OffloadingBehavior
+from crds.observation import MetricObservation
 from sidecar.admin import AdminServer, ControlView, configuration_document, render_metrics, status_document
-from sidecar.decision import INITIAL, step
 from sidecar.filesource import parse_document
-from sidecar.interfaces import MetricObservation
 from sidecar.routing import RemoteTarget, RoutePlan
 from sidecar.stats import ProxyStats
 

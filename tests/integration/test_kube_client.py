@@ -292,9 +292,18 @@ def test_cluster_source_follows_its_modeldeployment_and_keeps_the_last_one_while
         assert model.spec.offloading_config.behavior.percentage == 50
         assert source.current == model
 
-        # A status write changes the resourceVersion, not the configuration: nothing new.
+        # The controller's decision in the status comes through with the same configuration.
         with_status = modeldeployment(percentage=50)
-        with_status["status"] = {"offloading": True}
+        with_status["status"] = {
+            "offloading": True,
+            "decision": {"reason": "AboveTarget", "lastEvaluationTime": "2025-06-01T12:00:00Z"},
+        }
+        await server.put(with_status)
+        assert (await updates.next()).spec == model.spec
+        assert source.published is not None
+        assert (source.published.offloading, source.published.code) == (True, "AboveTarget")
+        # Other status fields change the resourceVersion, not the configuration or the decision.
+        with_status["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
         await server.put(with_status)
         await updates.nothing_for(0.3)
 
@@ -350,13 +359,19 @@ def test_cluster_mode_is_chosen_by_the_injectors_environment(tmp_path: Path) -> 
     server = FakeApiServer(pki, COLLECTION)
     server.port = 1
     kubeconfig = server.kubeconfig(tmp_path / "kubeconfig")
-    mode = cluster_mode_from_env(
-        {"POD_NAMESPACE": "models", "MODELDEPLOYMENT_NAME": "my-model", "KUBECONFIG": str(kubeconfig)},
-        poll_period=5,
-    )
+    env = {"POD_NAMESPACE": "models", "MODELDEPLOYMENT_NAME": "my-model", "KUBECONFIG": str(kubeconfig)}
+    mode = cluster_mode_from_env(env)
     assert mode is not None
-    assert (mode.config.namespace, mode.config.name, mode.metrics.period) == ("models", "my-model", 5)
+    assert (mode.config.namespace, mode.config.name) == ("models", "my-model")
     assert mode.client.config.server == "https://127.0.0.1:1"
-    assert mode.metrics.model() is None  # follows the config source's current ModelDeployment
+    assert mode.config.validation.default_remote_backend is None
+    # The installation's default remote backend, as the injector passes it.
+    mode = cluster_mode_from_env({**env, "OFFLOAD_DEFAULT_REMOTE_BACKEND": "https://models.example/v1"})
+    assert mode is not None
+    backend = mode.config.validation.default_remote_backend
+    assert (backend.host, backend.scheme, backend.path_prefix) == ("models.example", "https", "/v1")
+    # A value that does not parse is ignored (logged), never a sidecar that cannot start.
+    mode = cluster_mode_from_env({**env, "OFFLOAD_DEFAULT_REMOTE_BACKEND": "models.example"})
+    assert mode is not None and mode.config.validation.default_remote_backend is None
     with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
         cluster_mode_from_env({"POD_NAMESPACE": "models", "MODELDEPLOYMENT_NAME": "my-model"})

@@ -178,7 +178,7 @@ def test_offloading_turns_on_with_real_cpu_load_and_off_when_it_ends(tmp_path, u
 def test_the_file_is_reloaded_and_disabled_or_invalid_means_pass_through(tmp_path, upstreams):
     local, remote = upstreams
     config = tmp_path / "md.yaml"
-    # No metrics: a static split, on from the start.
+    # behavior.staticSplit (no metrics): on from the start.
     config.write_text(modeldeployment(remote.port, percentage=100, metrics=False))
     sidecar = SidecarProcess(tmp_path, "--config", str(config), "--upstream", str(local.port))
     try:

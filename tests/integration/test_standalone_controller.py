@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 
 from crds.model import MetricSpec
+from crds.observation import MetricObservation
 from sidecar.app import Controller
 from sidecar.filesource import parse_document
-from sidecar.interfaces import MetricObservation
 from sidecar.routing import RoutePlan, RoutingTable
 
 TUTORIAL = (
@@ -137,9 +137,20 @@ def test_an_edit_while_offloading_keeps_offloading_with_the_new_percentage():
     assert sum(routing.choose() is not None for _ in range(100)) == 20
 
 
-def test_no_metrics_is_a_static_split_on_at_the_first_evaluation():
+def test_no_metrics_never_offloads():
     controller, routing, metrics, clock = make()
     text = FAST[: FAST.index("    metrics:")]
+    controller.apply_config(model(text))
+    poll(controller, clock, until=30)
+    assert not routing.plan.offloading and metrics.calls == 0
+    assert "no metrics configured: never offloading" in controller.view().reason
+
+
+def test_the_static_split_is_on_at_the_first_evaluation():
+    controller, routing, metrics, clock = make()
+    text = FAST[: FAST.index("    metrics:")].replace(
+        "      percentage: 50\n", "      percentage: 50\n      staticSplit: true\n"
+    )
     controller.apply_config(model(text))
     poll(controller, clock, until=1)
     assert routing.plan.offloading and metrics.calls == 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from crds.decision import INITIAL, Decision, DecisionState, step
 from crds.model import OffloadingBehavior
-from sidecar.decision import INITIAL, Decision, DecisionState, step
-from sidecar.interfaces import MetricObservation
+from crds.observation import MetricObservation
 
 CPU = "resource cpu on pods (as a percentage of request)"
 QUEUE = '"queue_depth" on pods'
@@ -182,14 +182,47 @@ def test_it_turns_on_and_off_again_over_a_load_cycle():
     assert changes == [(30, True), (165, False), (335, True)]
 
 
-# --- no metrics: a static split --------------------------------------------------------
+# --- no metrics (Beamlit: never), no ready replica, the static split -------------------------
 
 
-def test_no_metrics_is_a_static_split_always_on():
+def test_no_metrics_never_offloads():
     decisions = run([(0, []), (1, []), (1000, [])])
+    assert offloading_at(decisions) == [False, False, False]
+    assert [d.code for d in decisions] == ["NoMetrics"] * 3
+    assert "never offloading" in decisions[0].reason and "staticSplit" in decisions[0].reason
+
+
+def test_removing_the_metrics_while_offloading_stops_at_once():
+    decisions = run([(10, [])], state=on_at_zero())
+    assert offloading_at(decisions) == [False] and decisions[0].changed
+
+
+def test_no_metrics_and_no_ready_replica_offloads_until_one_is_ready():
+    state, out = INITIAL, []
+    for now, ready in ((0, 2), (5, 0), (6, 0), (7, 1), (8, None)):
+        decision = step(state, [], now, BEHAVIOR, ready_replicas=ready)
+        state = decision.state
+        out.append((decision.offloading, decision.code, decision.changed))
+    assert out == [
+        (False, "NoMetrics", False),
+        (True, "NoReadyReplicas", True),
+        (True, "NoReadyReplicas", False),
+        (False, "NoMetrics", True),
+        (False, "NoMetrics", False),  # unknown (standalone): not offloading
+    ]
+
+
+def test_a_ready_replica_count_does_not_change_a_decision_over_metrics():
+    assert not step(INITIAL, COOL, 0, BEHAVIOR, ready_replicas=0).offloading
+
+
+def test_the_static_split_is_always_on():
+    behavior = OffloadingBehavior(percentage=20, static_split=True)
+    decisions = run([(0, []), (1, []), (1000, [])], behavior)
     assert offloading_at(decisions) == [True, True, True]
     assert [d.changed for d in decisions] == [True, False, False]
-    assert "static split" in decisions[0].reason and "50%" in decisions[0].reason
+    assert [d.code for d in decisions] == ["StaticSplit"] * 3
+    assert "static split" in decisions[0].reason and "20%" in decisions[0].reason
 
 
 # --- the state and its reasons ---------------------------------------------------------
@@ -253,3 +286,32 @@ def test_a_changed_behavior_applies_to_a_pending_window_at_once():
     state = run([(0, HOT), (10, HOT)])[-1].state
     shorter = OffloadingBehavior(percentage=50, sustain_seconds=10, cooldown_seconds=60)
     assert step(state, HOT, 11, shorter).offloading
+
+
+@pytest.mark.parametrize(
+    ("timeline", "state", "code"),
+    [
+        ([(0, HOT)], INITIAL, "SustainPending"),
+        ([(0, HOT), (30, HOT)], INITIAL, "AboveTarget"),
+        ([(0, WARM)], INITIAL, "WithinTolerance"),
+        ([(0, COOL)], INITIAL, "BelowTarget"),
+        ([(0, [cpu(None)])], INITIAL, "MetricsUnavailable"),
+        ([(0, [cpu(20), queue(None)])], INITIAL, "MetricsUnavailable"),
+        ([(10, COOL)], None, "CooldownPending"),
+        ([(10, COOL), (70, COOL)], None, "BelowTarget"),
+        ([(10, HOT)], None, "AboveTarget"),
+        ([(10, WARM)], None, "WithinTolerance"),
+        ([(10, [cpu(None)])], None, "MetricsUnavailable"),
+    ],
+)
+def test_every_decision_has_a_stable_code(timeline, state, code):
+    decisions = run(timeline, state=state if state is not None else on_at_zero())
+    assert decisions[-1].code == code
+    assert decisions[-1].state.code == code
+
+
+def test_the_deciding_metric_is_the_hottest_readable_one():
+    (decision,) = run([(0, [cpu(25), queue(15), MetricObservation("x", None, 1)])])
+    assert decision.deciding is not None and decision.deciding.metric == QUEUE
+    (decision,) = run([(0, [cpu(None), queue(None)])])
+    assert decision.deciding is not None and decision.deciding.metric == CPU  # the first, unknown

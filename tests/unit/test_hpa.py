@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from crds.decode import decode_or_raise
-from crds.model import MetricSpec
-from sidecar.hpa import (
+from crds.hpa import (
     ExternalReading,
     HpaSettings,
     ObjectReading,
@@ -35,6 +34,7 @@ from sidecar.hpa import (
     parse_pod_list,
     parse_pod_metrics_list,
 )
+from crds.model import MetricSpec
 
 DATA = Path(__file__).parents[1] / "testdata" / "hpa"
 NOW = datetime.fromisoformat("2025-06-01T12:00:00Z")
@@ -351,3 +351,50 @@ def test_quantities_round_up_to_milli_units_as_kubernetes_does() -> None:
     assert milli("180123456n") == 181
     assert milli("1") == 1000
     assert milli("1Ki") == 1024_000
+
+
+# --- what to ask the metrics APIs -----------------------------------------------------------------
+
+
+def test_selectors_and_plurals() -> None:
+    from crds.hpa import resource_plural, selector_string
+    from crds.model import LabelSelector, LabelSelectorRequirement
+
+    selector = LabelSelector(
+        match_labels={"run": "php-apache", "app": "m"},
+        match_expressions=(
+            LabelSelectorRequirement("tier", "In", ("b", "a")),
+            LabelSelectorRequirement("canary", "DoesNotExist"),
+            LabelSelectorRequirement("zone", "Exists"),
+            LabelSelectorRequirement("env", "NotIn", ("dev",)),
+        ),
+    )
+    assert selector_string(selector) == "app=m,run=php-apache,tier in (a,b),!canary,zone,env notin (dev)"
+    assert selector_string({"matchLabels": {"a": "1"}}) == "a=1"
+    with pytest.raises(ValueError, match="unknown label selector operator 'Near'"):
+        selector_string({"matchExpressions": [{"key": "a", "operator": "Near"}]})
+    assert [resource_plural(k) for k in ("Deployment", "StatefulSet", "Ingress", "Service", "Policy")] == [
+        "deployments",
+        "statefulsets",
+        "ingresses",
+        "services",
+        "policies",
+    ]
+
+
+def test_unknown_observations_keep_each_target_and_type() -> None:
+    from crds.hpa import unknown_observations
+
+    specs = [resource("cpu", {"type": "Utilization", "averageUtilization": 50})]
+    specs.append(resource("memory", {"type": "AverageValue", "averageValue": "100Mi"}))
+    observations = unknown_observations(specs, "the API is down")
+    assert [(o.current, o.target, o.type, o.reason) for o in observations] == [
+        (None, 50, "Resource", "the API is down"),
+        (None, 100 * 2**20, "Resource", "the API is down"),
+    ]
+
+
+def test_every_observation_carries_its_metric_type() -> None:
+    spec = resource("cpu", {"type": "Utilization", "averageUtilization": 50})
+    [obs] = evaluate([spec], workload("three-ready"), [usage("three-ready")], NOW)
+    assert obs.type == "Resource" and obs.current == 66

@@ -245,7 +245,7 @@ def test_no_remote_backend_is_pass_through():
     }
     from crds.validation import ValidationSettings
 
-    model = validate_object(obj, ValidationSettings(default_remote_backend=True)).model
+    model = validate_object(obj, ValidationSettings()).model
     assert model is not None
     assert "no remoteBackend" in passthrough_reason(model)
     assert plan_for(model, True) == RoutePlan()

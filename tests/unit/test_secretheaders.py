@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from crds.model import HeaderFromSecret, SecretKeyReference
+from crds.rbac import sidecar_rules_for
 from sidecar.admin import status_document
 from sidecar.app import Controller
 from sidecar.filesource import parse_document
-from sidecar.podmetrics import sidecar_rules_for
 from sidecar.routing import RoutingTable
 from sidecar.secretheaders import (
     SecretFileReader,
@@ -219,7 +219,7 @@ def make_controller() -> tuple[Controller, RoutingTable]:
     routing = RoutingTable()
     controller = Controller(routing, NoMetrics())
     controller.apply_config(model())
-    asyncio.run(controller.evaluate())  # no metrics: the static split, offloading on
+    asyncio.run(controller.evaluate())  # the static split: offloading on
     return controller, routing
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from certs.issue import issue_ca
-from crds.validation import ValidationSettings, check_host, validate_object
+from crds.validation import ValidationSettings, check_host, parse_remote_backend, validate_object
 
 DATA = Path(__file__).parents[1] / "testdata" / "modeldeployments"
 TUTORIAL = yaml.safe_load((DATA / "tutorial.yaml").read_text())
@@ -463,7 +463,78 @@ def test_the_beamlit_sample_needs_a_default_remote_backend():
         "spec.offloadingConfig.remoteBackend: required when metrics are set: "
         "this installation has no default remote backend to offload to"
     ]
-    assert validate_object(BEAMLIT_SAMPLE, ValidationSettings(default_remote_backend=True)).ok
+    default = parse_remote_backend("https://models.example:8443/v1")
+    allowed = validate_object(BEAMLIT_SAMPLE, ValidationSettings(default_remote_backend=default))
+    assert allowed.ok
+    # The model in force carries the default; an object's own remoteBackend wins over it.
+    assert allowed.model.spec.offloading_config.remote_backend == default
+    own = validate_object(TUTORIAL, ValidationSettings(default_remote_backend=default))
+    assert own.model.spec.offloading_config.remote_backend.host == "my-model-on-another-cluster:80"
+
+
+def test_a_static_split_without_a_remote_needs_the_default_and_never_comes_with_metrics():
+    no_remote = edited(
+        **{f"{OC}__remoteBackend": None, f"{OC}__metrics": [], f"{OC}__behavior__staticSplit": True}
+    )
+    assert [str(e) for e in validate_object(no_remote).errors] == [
+        "spec.offloadingConfig.remoteBackend: required when staticSplit is true: "
+        "this installation has no default remote backend to offload to"
+    ]
+    with_metrics = validate_object(edited(**{f"{OC}__behavior__staticSplit": True}))
+    assert [e.path for e in with_metrics.errors] == ["spec.offloadingConfig.behavior.staticSplit"]
+    assert "must not be true when metrics are set" in with_metrics.message()
+    # No metrics and no remote: nothing is ever offloaded, nothing is needed.
+    quiet = validate_object(edited(**{f"{OC}__remoteBackend": None, f"{OC}__metrics": []}))
+    assert quiet.ok and quiet.model.spec.offloading_config.remote_backend is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://remote.example:8080", ("remote.example:8080", "http", None)),
+        ("https://remote.example/v1/models/", ("remote.example", "https", "/v1/models")),
+        ("  https://[fd00::1]:8443  ", ("[fd00::1]:8443", "https", None)),
+        (
+            '{"host": "r.example:443", "scheme": "https", "pathPrefix": "/m"}',
+            ("r.example:443", "https", "/m"),
+        ),
+        ('{"host": "r.example"}', ("r.example", "http", None)),
+    ],
+)
+def test_default_remote_backend_forms(text, expected):
+    backend = parse_remote_backend(text)
+    assert (backend.host, backend.scheme, backend.path_prefix) == expected
+
+
+def test_default_remote_backend_json_keeps_every_remote_backend_field():
+    backend = parse_remote_backend(
+        '{"host": "r.example", "scheme": "https", "headersToAdd": {"X-Tenant": "a"},'
+        ' "headersFromSecrets": [{"name": "X-Api-Key", "secretKeyRef": {"name": "k", "key": "apiKey"}}]}'
+    )
+    assert backend.headers_to_add == {"X-Tenant": "a"}
+    assert backend.headers_from_secrets[0].secret_key_ref.name == "k"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "flag: must not be empty"),
+        ("remote.example:80", "flag: must be a URL such as http://host:port/prefix or a JSON RemoteBackend"),
+        ("ftp://remote.example", "flag: must be a URL"),
+        ("http://remote.example/a?b=c", "flag: must not have a query or fragment"),
+        ("http://user@remote.example", "flag.host: must be host[:port] without userinfo"),
+        ("http://remote.example:99999", "flag.host: port must be a number between 1 and 65535"),
+        ("http://remote.example/a/../b", "flag.pathPrefix: must not contain '.' or '..' segments"),
+        ("{not json", "flag: not valid JSON"),
+        ('{"scheme": "https"}', "flag.host: required field is missing"),
+        ('{"host": "r", "scheme": "ftp"}', "flag.scheme: must be http or https, got 'ftp'"),
+        ('{"host": "r", "colour": "red"}', "flag.colour: unknown field"),
+    ],
+)
+def test_a_bad_default_remote_backend_is_refused_naming_the_field(text, message):
+    with pytest.raises(ValueError) as caught:
+        parse_remote_backend(text, "flag")
+    assert message in str(caught.value)
 
 
 def test_every_error_of_an_object_is_reported_at_once():
@@ -539,7 +610,8 @@ def test_the_path_prefix_rules_hold_once_model_is_replaced(model, fragment):
     ("edits", "fragment"),
     [
         ({f"{OC}__behavior__percentage": 0}, "percentage is 0"),
-        ({f"{OC}__metrics": []}, "offloaded at all times"),
+        ({f"{OC}__metrics": []}, "no request is offloaded while the workload has a ready replica"),
+        ({f"{OC}__metrics": [], f"{OC}__behavior__staticSplit": True}, "offloaded at all times"),
         (
             {
                 f"{RBK}__authConfig": {

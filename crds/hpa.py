@@ -24,12 +24,14 @@ that a metric the HPA would call "over target" is over target here too:
 
 The tolerance band itself is applied by the decision engine to
 ``current / target``; within it the HPA makes no change either. Nothing here
-reads a clock or a socket: ``sidecar/podmetrics.py`` fetches, this decides, and
-the controller can publish the same evaluation in the ModelDeployment status.
+reads a clock or a socket: the controller's ``webhook/controller/evaluation.py``
+fetches, this computes, and crds/decision.py decides; the standalone sidecar
+feeds the same engine from its local cgroup.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,9 +40,9 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from crds.model import MetricSpec, MetricTarget
+from crds.model import LabelSelector, MetricSpec, MetricTarget
+from crds.observation import MetricObservation
 from crds.quantity import parse_quantity
-from sidecar.interfaces import MetricObservation
 
 # --- settings -------------------------------------------------------------------------
 
@@ -283,6 +285,12 @@ def evaluate(
 
 
 def evaluate_metric(
+    spec: MetricSpec, workload: Workload, reading: Reading, now: datetime, settings: HpaSettings
+) -> MetricObservation:
+    return dataclasses.replace(_evaluate_metric(spec, workload, reading, now, settings), type=spec.type)
+
+
+def _evaluate_metric(
     spec: MetricSpec, workload: Workload, reading: Reading, now: datetime, settings: HpaSettings
 ) -> MetricObservation:
     name = metric_display_name(spec)
@@ -675,3 +683,68 @@ def _whole_value(
 
 def _fmt(number: float) -> str:
     return f"{number:g}"
+
+
+# --- what to ask the metrics APIs ---------------------------------------------------------------
+
+
+def selector_string(selector: Mapping[str, Any] | LabelSelector | None) -> str:
+    """A LabelSelector (API JSON or typed) as a ``labelSelector`` query value.
+
+    Raises ValueError on an operator other than In, NotIn, Exists, DoesNotExist.
+    """
+    if selector is None:
+        return ""
+    if isinstance(selector, LabelSelector):
+        labels = dict(selector.match_labels)
+        expressions = [(e.key, e.operator, list(e.values)) for e in selector.match_expressions]
+    else:
+        labels = dict(selector.get("matchLabels") or {})
+        expressions = [
+            (e["key"], e["operator"], list(e.get("values") or []))
+            for e in selector.get("matchExpressions") or []
+        ]
+    parts = [f"{k}={v}" for k, v in sorted(labels.items())]
+    for key, operator, values in expressions:
+        if operator == "In":
+            parts.append(f"{key} in ({','.join(sorted(values))})")
+        elif operator == "NotIn":
+            parts.append(f"{key} notin ({','.join(sorted(values))})")
+        elif operator == "Exists":
+            parts.append(key)
+        elif operator == "DoesNotExist":
+            parts.append(f"!{key}")
+        else:
+            raise ValueError(f"unknown label selector operator {operator!r}")
+    return ",".join(parts)
+
+
+def resource_plural(kind: str) -> str:
+    """Kind -> resource name as the API server's default RESTMapper guesses it."""
+    lower = kind.lower()
+    if lower.endswith(("s", "x", "z", "ch", "sh")):
+        return lower + "es"
+    if lower.endswith("y") and lower[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return lower[:-1] + "ies"
+    return lower + "s"
+
+
+def averages_over_replicas(metric: MetricSpec) -> bool:
+    """Object/External AverageValue: divided by the workload's status.replicas."""
+    return metric.type in ("Object", "External") and spec_target(metric).type == "AverageValue"
+
+
+def object_reading(doc: Mapping[str, Any]) -> Reading:
+    """A custom.metrics.k8s.io MetricValueList for one object -> its value."""
+    samples = parse_metric_value_list(doc)
+    if not samples:
+        return Unreadable("custom.metrics.k8s.io returned no value for the object")
+    return ObjectReading(next(iter(samples.values())).value)
+
+
+def unknown_observations(metrics: Sequence[MetricSpec], reason: str) -> list[MetricObservation]:
+    """One unreadable observation per metric, each with its target and ``reason``."""
+    return [
+        MetricObservation(metric_display_name(m), None, _target_number(spec_target(m)), reason, m.type)
+        for m in metrics
+    ]
