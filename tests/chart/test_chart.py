@@ -406,7 +406,7 @@ def test_the_rbac_check_catches_wildcards_and_writes():
     assert problems.count("verbs beyond reading") == 2
 
 
-def test_webhook_cluster_role_is_exactly_what_the_injection_cache_reads(default_render):
+def test_webhook_cluster_role_is_exactly_what_the_cache_and_the_metric_evaluation_read(default_render):
     objects = by_kind(documents(default_render))
     rules = objects["ClusterRole", WEBHOOK]["rules"]
     granted = {
@@ -417,6 +417,9 @@ def test_webhook_cluster_role_is_exactly_what_the_injection_cache_reads(default_
     }
     # webhook/cache.py and the controller's store list and watch these, cluster-wide; the
     # controller writes only what CONTROLLER_WRITES names, and binds only the sidecar's role.
+    # Its metric evaluation (webhook/controller/evaluation.py) reads what the HPA controller
+    # reads: PodMetrics, and any custom or external metric a ModelDeployment names (their
+    # names are the users', hence the wildcard).
     read = ("list", "watch")
     assert granted == {
         ("deployment.beamlit.com", "modeldeployments", (*read, "patch")),
@@ -430,6 +433,9 @@ def test_webhook_cluster_role_is_exactly_what_the_injection_cache_reads(default_
         ("", "events", ("create",)),
         ("rbac.authorization.k8s.io", "rolebindings", (*read, "create", "patch", "delete")),
         ("rbac.authorization.k8s.io", "clusterroles", ("bind",)),
+        ("metrics.k8s.io", "pods", ("list",)),
+        ("custom.metrics.k8s.io", "*", ("get", "list")),
+        ("external.metrics.k8s.io", "*", ("list",)),
     }
     [bind] = [r for r in rules if "bind" in r["verbs"]]
     assert bind["resourceNames"] == [f"{RELEASE}-sidecar"]
@@ -452,6 +458,42 @@ def test_sidecar_cluster_role_carries_the_rules_of_the_sidecar_role_file(default
         objects["ClusterRole", f"{RELEASE}-sidecar"]["rules"]
         == yaml.safe_load(role_file.read_text())["rules"]
     )
+    # The sidecar reads its ModelDeployment (spec and published decision) and nothing else.
+    assert objects["ClusterRole", f"{RELEASE}-sidecar"]["rules"] == [
+        {
+            "apiGroups": ["deployment.beamlit.com"],
+            "resources": ["modeldeployments"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+
+
+def webhook_args(rendered: str) -> list[str]:
+    deployment = by_kind(documents(rendered))["Deployment", WEBHOOK]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container["args"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["https://models.example:8443/v1", '{"host": "models.example:443", "scheme": "https"}'],
+)
+def test_the_default_remote_backend_reaches_the_webhook(helm, value, tmp_path):
+    import yaml
+
+    assert not any(a.startswith("--default-remote-backend") for a in webhook_args(helm.render()))
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"defaultRemoteBackend": value}))
+    assert f"--default-remote-backend={value}" in webhook_args(helm.render("-f", str(values)))
+    # Validation only (no injection) needs it too.
+    args = webhook_args(helm.render("-f", str(values), "--set", "webhook.mutating.enabled=false"))
+    assert f"--default-remote-backend={value}" in args
+
+
+@pytest.mark.parametrize("value", ["models.example:80", "ftp://models.example", "http://a b"])
+def test_the_schema_refuses_a_default_remote_backend_that_is_no_url_or_json(helm, value):
+    result = helm.template("--set-string", f"defaultRemoteBackend={value}")
+    assert result.returncode != 0 and "at '/defaultRemoteBackend'" in result.stderr, result.stderr
 
 
 # ---- webhook configurations --------------------------------------------------------------

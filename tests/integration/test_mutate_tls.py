@@ -346,3 +346,38 @@ def test_a_mutated_envelope_gets_an_answer_or_a_400_naming_the_field(client, req
         assert response.json()["error"].startswith("request")
     else:
         assert response.json()["response"]["allowed"] is True
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("models.example:80", "--default-remote-backend: must be a URL such as http://host:port/prefix"),
+        (
+            '{"host": "models.example", "scheme": "ftp"}',
+            "--default-remote-backend.scheme: must be http or https",
+        ),
+    ],
+)
+def test_a_bad_default_remote_backend_stops_the_process_with_the_field_named(tmp_path, certs, value, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "webhook.cli",
+            "--tls-cert-file",
+            str(certs / "tls.crt"),
+            "--tls-private-key-file",
+            str(certs / "tls.key"),
+            "--validation-only",
+            "--default-remote-backend",
+            value,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -202,3 +202,22 @@ def test_mutated_admission_reviews_never_get_a_5xx(client, mutation, operation):
 def test_random_bodies_never_get_a_5xx(client, body):
     response = client.post(PATH, content=body, headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500
+
+
+def test_the_beamlit_sample_is_allowed_where_the_installation_has_a_default_remote_backend(client, tmp_path):
+    sample = yaml.safe_load(
+        (Path(__file__).parents[1] / "testdata" / "modeldeployments" / "beamlit-sample.yaml").read_text()
+    )
+    denied = client.post(PATH, json=review_body(sample)).json()["response"]
+    assert denied["allowed"] is False
+    assert "spec.offloadingConfig.remoteBackend: required when metrics are set" in denied["status"]["message"]
+    server = start_webhook(
+        tmp_path, "--validation-only", "--default-remote-backend", "https://models.example:8443/v1"
+    )
+    try:
+        ctx = ssl.create_default_context(cafile=str(server.cert_dir / "ca.crt"))
+        with httpx.Client(base_url=server.url(""), verify=ctx, timeout=10) as c:
+            answer = c.post(PATH, json=review_body(sample, uid="b")).json()["response"]
+    finally:
+        server.stop()
+    assert answer["uid"] == "b" and answer["allowed"] is True

@@ -123,6 +123,18 @@ def test_the_injected_sidecar_is_a_hardened_native_sidecar_with_its_environment(
     assert pod_problems(outcome.pod) == []
 
 
+def test_the_installations_default_remote_backend_is_passed_to_the_sidecar():
+    import dataclasses
+
+    backend = '{"host": "models.example:443", "scheme": "https"}'
+    config = dataclasses.replace(CONFIG, default_remote_backend=backend)
+    env = env_of(sidecar_of(inject(pod(), selection(), SERVICE, config)))
+    assert env["OFFLOAD_DEFAULT_REMOTE_BACKEND"] == backend
+    assert "OFFLOAD_DEFAULT_REMOTE_BACKEND" not in env_of(
+        sidecar_of(inject(pod(), selection(), SERVICE, CONFIG))
+    )
+
+
 def test_the_patch_turns_the_original_into_the_mutated_copy_and_the_input_is_untouched():
     original = pod(annotations={"keep": "me"}, initContainers=[{"name": "init", "image": "busybox"}])
     before = copy.deepcopy(original)
