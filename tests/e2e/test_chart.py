@@ -185,7 +185,7 @@ def test_webhook_configurations_point_at_the_service_with_the_secret_ca(release)
 def test_rbac_objects_exist_and_bind_the_webhook_service_account(release):
     rbac = kubernetes.client.RbacAuthorizationV1Api(release.kube.api_client)
     role = rbac.read_cluster_role(WEBHOOK)
-    assert {verb for rule in role.rules for verb in rule.verbs} == {"list", "watch"}
+    assert {verb for rule in role.rules for verb in rule.verbs} == {"get", "list", "watch"}
     binding = rbac.read_cluster_role_binding(WEBHOOK)
     assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [
         ("ServiceAccount", WEBHOOK, release.namespace)
@@ -196,8 +196,12 @@ def test_rbac_objects_exist_and_bind_the_webhook_service_account(release):
         ("watch", "modeldeployments.deployment.beamlit.com", "yes"),
         ("list", "deployments.apps", "yes"),
         ("list", "statefulsets.apps", "yes"),
-        ("get", "deployments.apps", "no"),
+        ("get", "deployments.apps", "yes"),  # a workload's selector, for the metric evaluation
+        ("list", "pods.metrics.k8s.io", "yes"),
+        ("get", "pods.custom.metrics.k8s.io", "yes"),
+        ("list", "queue_depth.external.metrics.k8s.io", "yes"),
         ("watch", "services", "yes"),
+        ("update", "services", "no"),
         ("update", "modeldeployments.deployment.beamlit.com", "no"),
         ("get", "secrets", "no"),
         ("create", "pods", "no"),
@@ -224,10 +228,12 @@ def test_sidecar_cluster_role_bound_as_the_notes_say_grants_the_sidecar_role(rel
     sa = f"system:serviceaccount:{namespace}:default"
     for verb, group, resource, where, allowed in [
         ("watch", "deployment.beamlit.com", "modeldeployments", namespace, True),
-        ("list", "", "pods", namespace, True),
-        ("get", "apps", "deployments", namespace, True),
-        ("list", "metrics.k8s.io", "pods", namespace, True),
-        ("list", "", "pods", "kube-system", False),
+        ("list", "deployment.beamlit.com", "modeldeployments", namespace, True),
+        # The controller evaluates the metrics: the sidecar reads no pod, workload or metric.
+        ("list", "", "pods", namespace, False),
+        ("get", "apps", "deployments", namespace, False),
+        ("list", "metrics.k8s.io", "pods", namespace, False),
+        ("watch", "deployment.beamlit.com", "modeldeployments", "kube-system", False),
         ("get", "", "secrets", namespace, False),
         ("update", "deployment.beamlit.com", "modeldeployments", namespace, False),
     ]:

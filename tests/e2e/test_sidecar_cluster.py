@@ -1,14 +1,19 @@
 """The sidecar's cluster side on the real control plane, with the credentials a sidecar
 really has: a ServiceAccount token bound to the sidecar's minimal Role
 (charts/offload/files/sidecar-role.yaml), in a kubeconfig standing in for the
-in-cluster files.
+in-cluster files; and the controller's metric evaluation against the metrics API.
 
-- The Role allows exactly what the sidecar reads, and no Secret.
+- The Role allows exactly what the sidecar reads (its ModelDeployment), no pod, no
+  metric, no Secret.
 - The cluster ConfigSource follows edits of its ModelDeployment (percentage, remote
-  host, enabled) through its watch, with no further list.
-- PodMetrics come through the aggregation layer from a FAKE metrics server
-  (tests/e2e/fake_metrics_server.py: there are no kubelets to measure anything) and
-  the HPA evaluation over the Deployment's kwok pods crosses the target both ways.
+  host, enabled) and the decision published in its status through its watch, with no
+  further list.
+- The controller's MetricsReader reads PodMetrics through the aggregation layer from a
+  FAKE metrics server (tests/e2e/fake_metrics_server.py: there are no kubelets to
+  measure anything) over the Deployment's kwok pods, crosses the target both ways, and
+  makes the same number of requests for 1 pod and for 20.
+- There is no controller on this branch's control plane: the tests publish the decision
+  themselves, as the controller would, with ``kubectl patch --subresource=status``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +38,11 @@ from controlplane.process import wait_until
 from fake_metrics_server import FakeMetricsServer
 from paths import REPO_ROOT, TUTORIAL_CLUSTER_A
 
+from crds.decision import INITIAL, step
+from crds.model import OffloadingBehavior
 from sidecar.clustersource import ClusterConfigSource
 from sidecar.kube import ApiError, Backoff, KubeClient, load_kubeconfig
-from sidecar.podmetrics import PodMetricSource
+from webhook.controller.evaluation import MetricsReader, decision_status
 
 pytestmark = pytest.mark.e2e
 
@@ -95,7 +103,7 @@ def sidecar_kubeconfig(kube, namespace, tmp_path) -> Path:
     return path
 
 
-def test_the_sidecar_role_allows_what_the_sidecar_reads_and_no_secret(
+def test_the_sidecar_role_allows_its_modeldeployment_and_nothing_else(
     kube, namespace, modeldeployment_crd, sidecar_kubeconfig
 ) -> None:
     apply(kube, modeldeployment(namespace))
@@ -112,14 +120,15 @@ def test_the_sidecar_role_allows_what_the_sidecar_reads_and_no_secret(
                 {"fieldSelector": "metadata.name=my-model"},
             )
             assert [i["metadata"]["name"] for i in listed["items"]] == ["my-model"]
-            deployment = await client.get(f"/apis/apps/v1/namespaces/{namespace}/deployments/php-apache")
-            assert deployment["spec"]["selector"] == {"matchLabels": {"run": "php-apache"}}
-            await client.get(f"/api/v1/namespaces/{namespace}/pods", {"labelSelector": "run=php-apache"})
             refused = [
                 f"/api/v1/namespaces/{namespace}/secrets/remote-credentials",
                 f"/api/v1/namespaces/{namespace}/secrets",
                 "/apis/deployment.beamlit.com/v1alpha1/namespaces/default/modeldeployments",
                 f"/api/v1/namespaces/{namespace}/services/php-apache",
+                # The controller evaluates the metrics: the sidecar reads no pod, workload or metric.
+                f"/apis/apps/v1/namespaces/{namespace}/deployments/php-apache",
+                f"/api/v1/namespaces/{namespace}/pods",
+                f"/apis/metrics.k8s.io/v1beta1/namespaces/{namespace}/pods",
             ]
             for path in refused:
                 with pytest.raises(ApiError) as caught:
@@ -165,6 +174,19 @@ def test_the_cluster_source_follows_edits_through_its_watch(
             model = await asyncio.wait_for(anext(updates), 10)
             latencies.append(time.monotonic() - started)
             assert model is not None and expected(model), model
+        # The decision the controller publishes in the status comes through the same watch.
+        for offloading in (True, False):
+            done = await asyncio.to_thread(
+                kube.kubectl, "patch", "modeldeployment", "my-model", "-n", namespace, "--subresource=status",
+                "--type=merge", "-p", json.dumps({"status": published(offloading)}),
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            started = time.monotonic()
+            model = await asyncio.wait_for(anext(updates), 10)
+            latencies.append(time.monotonic() - started)
+            assert model is not None and model.spec.enabled is False  # the spec is unchanged
+            assert source.published is not None and source.published.offloading is offloading
+            assert source.published.code == ("AboveTarget" if offloading else "BelowTarget")
         # Every edit came through one watch: one list, one watch request in all.
         assert client.requests == 2
         done = await asyncio.to_thread(kube.kubectl, "delete", "modeldeployment", "my-model", "-n", namespace)
@@ -176,25 +198,47 @@ def test_the_cluster_source_follows_edits_through_its_watch(
     asyncio.run(scenario())
     with capsys.disabled():
         print(
-            f"\n[e2e] ModelDeployment edit -> sidecar update after kubectl returned: {[f'{x * 1000:.0f} ms' for x in latencies]}"
+            f"\n[e2e] ModelDeployment edit (3 spec, 2 status) -> sidecar update after kubectl returned: "
+            f"{[f'{x * 1000:.0f} ms' for x in latencies]}"
         )
 
 
-def two_ready_php_apache_pods(kube, namespace: str) -> list[str]:
-    """The names of the (scaled to 2) php-apache pods once both are Running and Ready."""
+def published(offloading: bool, *, age: float = 0.0, period: int = 15) -> dict[str, Any]:
+    """The status fields the controller writes (webhook/controller/evaluation.py), for a
+    cpu metric hot (90%/50%) or cool (20%/50%), evaluated ``age`` seconds ago."""
+    from crds.observation import MetricObservation
+
+    observation = MetricObservation(
+        "resource cpu on pods (as a percentage of request)",
+        90 if offloading else 20,
+        50,
+        "2 pods",
+        "Resource",
+    )
+    now = datetime.now(UTC) - timedelta(seconds=age)
+    behavior = OffloadingBehavior(sustain_seconds=0, cooldown_seconds=0)
+    decision = step(INITIAL, [observation], now.timestamp(), behavior)  # on at once when hot
+    assert decision.offloading is offloading
+    return decision_status(
+        decision, [observation], now=now, previous=None, generation=1, period_seconds=period
+    )
+
+
+def ready_php_apache_pods(kube, namespace: str, count: int = 2) -> list[dict[str, Any]]:
+    """The (scaled to ``count``) php-apache pods as API JSON once all are Running and Ready."""
     core = kubernetes.client.CoreV1Api(kube.api_client)
 
-    def ready_pods() -> list[str]:
+    def ready_pods() -> list[dict[str, Any]]:
         pods = core.list_namespaced_pod(namespace, label_selector="run=php-apache").items
         ready = [
-            p.metadata.name
+            kube.api_client.sanitize_for_serialization(p)
             for p in pods
             if p.status.phase == "Running"
             and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
         ]
-        return ready if len(ready) == 2 else []
+        return ready if len(ready) == count else []
 
-    wait_until("two Running, Ready php-apache pods", ready_pods, 60, alive=kube.processes)
+    wait_until(f"{count} Running, Ready php-apache pods", ready_pods, 90, alive=kube.processes)
     pods = ready_pods()
     time.sleep(2)  # a sample must postdate readiness by its window (1 s), as the HPA requires for cpu
     return pods
@@ -218,45 +262,56 @@ def fake_metrics_server(kube, tmp_path) -> Iterator[FakeMetricsServer]:
         kube.kubectl("delete", "service", server.service, "-n", server.namespace, "--ignore-not-found")
 
 
-def test_pod_metrics_through_the_aggregation_layer_cross_the_target_both_ways(
-    kube, namespace, modeldeployment_crd, sidecar_kubeconfig, fake_metrics_server
+def test_the_controllers_evaluation_crosses_the_target_both_ways_with_as_many_requests_for_20_pods_as_for_1(
+    kube, namespace, modeldeployment_crd, fake_metrics_server, capsys
 ) -> None:
     apply(kube, list(yaml.safe_load_all(TUTORIAL_CLUSTER_A.read_text())), namespace)
-    kube.kubectl("scale", "deployment/php-apache", "--replicas=2", "-n", namespace)
-    pods = two_ready_php_apache_pods(kube, namespace)
     model = ClusterConfigSource(None, namespace, "my-model").model_of(modeldeployment(namespace))  # type: ignore[arg-type]
     assert model is not None
+    measured = {}
+    for count in (1, 20):
+        kube.kubectl("scale", "deployment/php-apache", f"--replicas={count}", "-n", namespace)
+        pods = ready_php_apache_pods(kube, namespace, count)
 
-    def serve_usage(cpu: str) -> None:
-        for pod in pods:
-            fake_metrics_server.set_usage(
-                namespace, pod, {"run": "php-apache"}, {"php-apache": {"cpu": cpu, "memory": "10Mi"}}
-            )
+        def serve_usage(cpu: str) -> None:
+            for pod in pods:
+                fake_metrics_server.set_usage(
+                    namespace,
+                    pod["metadata"]["name"],
+                    {"run": "php-apache"},
+                    {"php-apache": {"cpu": cpu, "memory": "10Mi"}},
+                )
 
-    async def observe() -> Any:
-        client = KubeClient(load_kubeconfig(sidecar_kubeconfig))
-        try:
-            source = PodMetricSource(client, lambda: model)
-            [observation] = await source.observe(model.spec.offloading_config.metrics)
-            return observation
-        finally:
-            await client.close()
-
-    serve_usage("180m")  # 90% of the 200m request, against a 50% target
-    hot = asyncio.run(observe())
-    assert (hot.current, hot.target) == (90, 50), hot.reason
-    assert hot.reason == "2 pods"
-    serve_usage("40m")
-    cool = asyncio.run(observe())
-    assert cool.current == 20, cool.reason
+        reader = MetricsReader(kube.api_client)
+        serve_usage("180m")  # 90% of the 200m request, against a 50% target
+        [hot] = reader.observe(model, pods)
+        assert (hot.current, hot.target) == (90, 50), hot.reason
+        assert hot.reason == f"{count} pod{'s' if count > 1 else ''}"
+        serve_usage("40m")
+        [cool] = reader.observe(model, pods)
+        assert cool.current == 20, cool.reason
+        # The first evaluation also read the workload's selector (once per TTL), the second
+        # only PodMetrics; given the selector (the controller's cache has it), one request.
+        first_two = reader.requests
+        before = reader.requests
+        reader.observe(model, pods, selector={"matchLabels": {"run": "php-apache"}})
+        measured[count] = (first_two, reader.requests - before)
+    assert measured[1] == measured[20] == (3, 1)
     assert any("/namespaces/" + namespace + "/pods" in r for r in fake_metrics_server.requests)
+    with capsys.disabled():
+        print(
+            "\n[e2e] controller API requests per ModelDeployment evaluation (one cpu metric), "
+            f"1 pod: {measured[1][1]}, 20 pods: {measured[20][1]} (+1 workload read per selector TTL; "
+            f"first two evaluations: {measured[1][0]} vs {measured[20][0]}); at a 15 s period "
+            f"{measured[20][1] * 4}/min whatever the pod count; sidecars: one list + one watch each"
+        )
 
 
 def test_the_per_modeldeployment_rules_open_exactly_the_referenced_secret(
     kube, namespace, modeldeployment_crd, sidecar_kubeconfig
 ) -> None:
+    from crds.rbac import sidecar_rules_for
     from sidecar.oauth import SecretKeyReader
-    from sidecar.podmetrics import sidecar_rules_for
 
     doc = modeldeployment(
         namespace,
@@ -306,7 +361,15 @@ def test_the_per_modeldeployment_rules_open_exactly_the_referenced_secret(
 class SidecarProcess:
     """offload-sidecar in cluster mode, with a kubeconfig standing in for the pod's credentials."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, upstream_port: int, logs: Path, *extra: str):
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        upstream_port: int,
+        logs: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ):
         from controlplane.net import free_port
 
         self.port, self.admin_port = free_port(), free_port()
@@ -316,6 +379,7 @@ class SidecarProcess:
             "POD_NAMESPACE": namespace,
             "MODELDEPLOYMENT_NAME": "my-model",
             "KUBECONFIG": str(kubeconfig),
+            **(env or {}),
         }
         self.log_path = logs
         self._log = logs.open("wb")
@@ -365,13 +429,11 @@ class SidecarProcess:
         self._log.close()
 
 
-def test_a_sidecar_process_follows_its_modeldeployment_and_offloads_while_the_workload_is_hot(
-    kube, namespace, modeldeployment_crd, sidecar_kubeconfig, fake_metrics_server, tmp_path, capsys
+def test_a_sidecar_process_follows_its_modeldeployment_and_the_published_decision(
+    kube, namespace, modeldeployment_crd, sidecar_kubeconfig, tmp_path, capsys
 ) -> None:
     from tests.integration.servers import LoopThread, Upstream
 
-    apply(kube, list(yaml.safe_load_all(TUTORIAL_CLUSTER_A.read_text())), namespace)
-    kube.kubectl("scale", "deployment/php-apache", "--replicas=2", "-n", namespace)
     with LoopThread() as loop:
         local = loop.run(Upstream.started("local"))
         remote = loop.run(Upstream.started("remote"))
@@ -381,52 +443,50 @@ def test_a_sidecar_process_follows_its_modeldeployment_and_offloads_while_the_wo
             modeldeployment(
                 namespace,
                 spec__offloadingConfig__remoteBackend__host=f"127.0.0.1:{remote.port}",
-                spec__offloadingConfig__behavior={
-                    "percentage": 50,
-                    "sustainSeconds": 0,
-                    "cooldownSeconds": 0,
-                },
+                spec__offloadingConfig__behavior={"percentage": 50},
             ),
         )
-        ready_pods = two_ready_php_apache_pods(kube, namespace)
-
-        def usage(cpu: str) -> None:
-            for pod in ready_pods:
-                fake_metrics_server.set_usage(
-                    namespace, pod, {"run": "php-apache"}, {"php-apache": {"cpu": cpu, "memory": "10Mi"}}
-                )
 
         def send(n: int) -> list[str]:
             with httpx.Client(base_url=f"http://127.0.0.1:{sidecar.port}", timeout=10) as client:
                 return [client.get("/v1/echo").json()["server"] for _ in range(n)]
 
-        def patch(doc: dict[str, Any]) -> None:
+        def patch(doc: dict[str, Any], *subresource: str) -> None:
             done = kube.kubectl(
-                "patch", "modeldeployment", "my-model", "-n", namespace, "--type=merge", "-p", json.dumps(doc)
-            )
+                "patch", "modeldeployment", "my-model", "-n", namespace, *subresource,
+                "--type=merge", "-p", json.dumps(doc),
+            )  # fmt: skip
             assert done.returncode == 0, done.stderr
 
-        usage("40m")  # 20% of request: cool
+        def publish(offloading: bool, age: float = 0.0) -> None:
+            """What the controller does once per period: write the decision in the status."""
+            patch({"status": published(offloading, age=age)}, "--subresource=status")
+
         sidecar = SidecarProcess(sidecar_kubeconfig, namespace, local.port, tmp_path / "sidecar.log")
         try:
             sidecar.wait_for(
-                "the sidecar to read its ModelDeployment and evaluate it as cool",
-                lambda s: s["ready"] and s["mode"] == "cluster" and s["observations"]
-                and s["observations"][0]["current"] == 20,
+                "the sidecar to read its ModelDeployment, with no decision published yet",
+                lambda s: s["ready"] and s["mode"] == "cluster" and s["configuration"] is not None
+                and s["decision"]["code"] == "NotEvaluated",
             )  # fmt: skip
             assert sidecar.status()["decision"]["offloading"] is False
             assert set(send(10)) == {"local"}
 
-            # Hot: 90% against a 50% target -> offloading at 50%, exactly every other request.
-            usage("180m")
-            sidecar.wait_for("offloading to start", lambda s: s["decision"]["offloading"] is True)
-            assert sidecar.status()["observations"][0]["display"] == "90%/50%"
+            # Published hot: offloading at 50%, exactly every other request, within a second.
+            latencies = {}
+            publish(True)
+            latencies["status on"] = sidecar.wait_for(
+                "offloading to start", lambda s: s["decision"]["offloading"] is True
+            )
+            status = sidecar.status()
+            assert status["observations"][0]["display"] == "90%/50%"
+            assert status["decision"]["code"] == "AboveTarget" and status["decision"]["stale"] is False
+            assert status["decision"]["controller"]["observedGeneration"] == 1
             served = send(20)
             assert served.count("remote") == 10 and served.count("local") == 10
             assert len(remote.requests) == 10
 
-            # Edits of the ModelDeployment, seen on /status.
-            latencies = {}
+            # Edits of the ModelDeployment's spec, seen on /status.
             patch({"spec": {"offloadingConfig": {"behavior": {"percentage": 100}}}})
             latencies["percentage"] = sidecar.wait_for(
                 "percentage 100", lambda s: s["routing"]["activePercentage"] == 100
@@ -448,14 +508,28 @@ def test_a_sidecar_process_follows_its_modeldeployment_and_offloads_while_the_wo
             patch({"spec": {"enabled": True}})
             sidecar.wait_for("offloading again", lambda s: s["routing"]["activePercentage"] == 100)
 
-            # Cool again: offloading stops; no more requests reach a remote.
+            # The controller stops re-evaluating (a status 10 minutes old): the decision stands,
+            # and /status and /metrics say it is stale.
+            publish(True, age=600)
+            sidecar.wait_for("the decision to be stale", lambda s: s["decision"]["stale"] is True)
+            status = sidecar.status()
+            assert status["decision"]["offloading"] is True and "stale" in status["decision"]["reason"]
+            assert status["decision"]["controller"]["staleAfterSeconds"] == 60
+            with httpx.Client(timeout=5) as client:
+                metrics = client.get(f"http://127.0.0.1:{sidecar.admin_port}/metrics").text
+            assert "offload_sidecar_decision_stale 1" in metrics
+            assert set(send(5)) == {"other-remote"}
+
+            # Published cool again: offloading stops; no more requests reach a remote.
             before = len(other_remote.requests)
-            usage("40m")
-            sidecar.wait_for("offloading to stop", lambda s: s["decision"]["offloading"] is False)
+            publish(False)
+            latencies["status off"] = sidecar.wait_for(
+                "offloading to stop", lambda s: s["decision"]["offloading"] is False
+            )
+            assert sidecar.status()["decision"]["stale"] is False
             assert set(send(10)) == {"local"}
             assert len(other_remote.requests) == before
-            transitions = sidecar.status()["decision"]["transitions"]
-            assert transitions, transitions
+            assert sidecar.status()["decision"]["transitions"] == {"on": 2, "off": 2}
             rss = next(
                 line.split()[1]
                 for line in Path(f"/proc/{sidecar.proc.pid}/status").read_text().splitlines()
@@ -465,9 +539,53 @@ def test_a_sidecar_process_follows_its_modeldeployment_and_offloads_while_the_wo
             sidecar.stop()
             for server in (local, remote, other_remote):
                 loop.run(server.stop())
+    assert all(v < 1.0 for v in latencies.values()), latencies
     with capsys.disabled():
         print(f"\n[e2e] sidecar process: edit -> /status after kubectl returned: "
               f"{ {k: f'{v * 1000:.0f} ms' for k, v in latencies.items()} }; RSS {int(rss) / 1024:.1f} MiB")  # fmt: skip
+
+
+def test_a_modeldeployment_without_remote_backend_offloads_to_the_installations_default(
+    kube, namespace, modeldeployment_crd, sidecar_kubeconfig, tmp_path
+) -> None:
+    """The Beamlit sample's shape (metrics, no remoteBackend): the injector passes the
+    default backend in OFFLOAD_DEFAULT_REMOTE_BACKEND and the sidecar offloads there."""
+    from tests.integration.servers import LoopThread, Upstream
+
+    with LoopThread() as loop:
+        local = loop.run(Upstream.started("local"))
+        remote = loop.run(Upstream.started("default-remote"))
+        doc = modeldeployment(namespace, spec__offloadingConfig__behavior={"percentage": 100})
+        del doc["spec"]["offloadingConfig"]["remoteBackend"]
+        apply(kube, doc)
+        done = kube.kubectl(
+            "patch", "modeldeployment", "my-model", "-n", namespace, "--subresource=status",
+            "--type=merge", "-p", json.dumps({"status": published(True)}),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        sidecar = SidecarProcess(
+            sidecar_kubeconfig,
+            namespace,
+            local.port,
+            tmp_path / "sidecar.log",
+            env={"OFFLOAD_DEFAULT_REMOTE_BACKEND": f"http://127.0.0.1:{remote.port}/pool"},
+        )
+        try:
+            sidecar.wait_for(
+                "offloading to the default remote backend",
+                lambda s: (
+                    s["decision"]["offloading"] is True
+                    and s["routing"]["remote"] == f"http://127.0.0.1:{remote.port}/pool"
+                ),
+            )
+            with httpx.Client(base_url=f"http://127.0.0.1:{sidecar.port}", timeout=10) as client:
+                served = [client.get("/v1/echo").json()["server"] for _ in range(5)]
+            assert served == ["default-remote"] * 5
+            assert [r.target for r in remote.requests] == [b"/pool/v1/echo"] * 5
+        finally:
+            sidecar.stop()
+            for server in (local, remote):
+                loop.run(server.stop())
 
 
 def test_headers_from_secrets_are_read_with_the_per_modeldeployment_role_and_follow_the_secret(
@@ -476,7 +594,7 @@ def test_headers_from_secrets_are_read_with_the_per_modeldeployment_role_and_fol
     """A sidecar process in cluster mode reads its remote's API key from a Secret, through the
     Role sidecar_rules_for writes: unused (local) while the Secret is missing, then sent, then
     rotated; the value is never in its log or on /status."""
-    from sidecar.podmetrics import sidecar_rules_for
+    from crds.rbac import sidecar_rules_for
     from tests.integration.servers import LoopThread, Upstream
 
     api_key, rotated = "ak-e2e-5c1f0d", "ak-e2e-rotated-77b2"
@@ -489,10 +607,16 @@ def test_headers_from_secrets_are_read_with_the_per_modeldeployment_role_and_fol
             spec__offloadingConfig__remoteBackend__headersFromSecrets=[
                 {"name": "X-Api-Key", "secretKeyRef": {"name": "remote-api", "key": "apiKey"}}
             ],
-            spec__offloadingConfig__behavior={"percentage": 100},
-            spec__offloadingConfig__metrics=[],  # no metrics: the static split, offloading at once
+            spec__offloadingConfig__behavior={"percentage": 100, "staticSplit": True},
+            spec__offloadingConfig__metrics=[],
         )
         apply(kube, doc)
+        # The controller's decision for a static split, published by the test: offloading.
+        done = kube.kubectl(
+            "patch", "modeldeployment", "my-model", "-n", namespace, "--subresource=status",
+            "--type=merge", "-p", json.dumps({"status": published(True)}),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
         model = ClusterConfigSource(None, namespace, "my-model").model_of(doc)  # type: ignore[arg-type]
         assert model is not None
         rules = sidecar_rules_for(model)
