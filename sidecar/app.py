@@ -3,7 +3,8 @@
     ConfigSource ---ModelDeployment|None---> Controller.apply_config ---+
                                                                         |--> RoutingTable --> ProxyServer
     MetricSource --observations every poll--> Controller.evaluate ------+
-                                              (decision.step, pure)
+    (standalone)                              (crds.decision.step, pure)
+    or the published status (cluster) ------> (follow_published, pure)
 
 Standalone mode takes the ModelDeployment from a file and CPU from the local
 machine, and decides itself (crds/decision.py). Cluster mode (chosen by the injector's

@@ -4,9 +4,10 @@
                                                   |
                                    decision engine (pure) -> RoutingTable -> proxy
 
-Standalone mode implements the sources with a file and the local cgroup; cluster
-mode with the API server and metrics.k8s.io. The decision engine and the routing
-policy never know which.
+Standalone mode implements the sources with a file and the local cgroup and steps the
+shared decision engine (crds/decision.py) itself; cluster mode watches its
+ModelDeployment and follows the decision the controller publishes in its status, so it
+has no MetricSource. The routing policy never knows which.
 """
 
 from __future__ import annotations
