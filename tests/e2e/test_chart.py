@@ -197,9 +197,6 @@ def test_rbac_objects_exist_and_bind_the_webhook_service_account(release):
         ("list", "deployments.apps", "yes"),
         ("list", "statefulsets.apps", "yes"),
         ("get", "deployments.apps", "yes"),  # a workload's selector, for the metric evaluation
-        ("list", "pods.metrics.k8s.io", "yes"),
-        ("get", "pods.custom.metrics.k8s.io", "yes"),
-        ("list", "queue_depth.external.metrics.k8s.io", "yes"),
         ("watch", "services", "yes"),
         ("update", "services", "no"),
         ("update", "modeldeployments.deployment.beamlit.com", "no"),
@@ -208,6 +205,15 @@ def test_rbac_objects_exist_and_bind_the_webhook_service_account(release):
     ]:
         answer = release.kube.kubectl("auth", "can-i", verb, resource, "--as", sa, "-A")
         assert answer.stdout.strip() == allowed, (verb, resource, answer.stdout, answer.stderr)
+    # The metrics the controller evaluates (APIs this control plane does not serve, hence a
+    # SubjectAccessReview rather than kubectl auth can-i, which needs discovery).
+    for verb, group, resource, allowed in [
+        ("list", "metrics.k8s.io", "pods", True),
+        ("get", "custom.metrics.k8s.io", "pods", True),
+        ("list", "external.metrics.k8s.io", "queue_depth", True),
+        ("create", "metrics.k8s.io", "pods", False),
+    ]:
+        assert _allowed(release.kube, sa, verb, group, resource, "models") is allowed, (verb, group, resource)
 
 
 def test_sidecar_cluster_role_bound_as_the_notes_say_grants_the_sidecar_role(release, namespace):
