@@ -16,6 +16,7 @@ from webhook import apicalls, metrics
 from webhook.app import build_app
 from webhook.cache import CacheSync, ClusterCache
 from webhook.controller import main as controller_main
+from webhook.controller.evaluation import ControllerEvaluation
 from webhook.controller.store import Store
 from webhook.injector_config import ConfigError, load_config
 from webhook.mutating import answer_pod
@@ -135,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         sync = CacheSync(sink, api_client, resources=resources)
         sync.start()
         controller = controller_main.start(
-            args, api_client, store, settings, metrics=metrics.ControllerMetrics()
+            args,
+            api_client,
+            store,
+            settings,
+            evaluation=ControllerEvaluation(api_client, period_seconds=args.evaluation_period),
+            metrics=metrics.ControllerMetrics(),
         )
         reviews["/mutate-pods"] = partial(answer_pod, view=cache, config=config)
         ready = cache.synced  # admission readiness: the controller's resources do not gate it

@@ -473,3 +473,84 @@ def test_the_status_fits_the_crd_schema() -> None:
 
     check(status_after([cpu(72), queue(None)]), schema, "status")
     assert problems == []
+
+
+# --- the controller's Evaluation (webhook.controller.runner.Evaluation) ---------------------------
+
+
+def controller_evaluation(get: FakeGet, now: list[datetime]) -> Any:
+    from webhook.controller.evaluation import ControllerEvaluation
+
+    metrics_reader = MetricsReader(None, get=get, clock=lambda: now[0])
+    return ControllerEvaluation(None, period_seconds=15, reader=metrics_reader, clock=lambda: now[0])
+
+
+def usage_at(percent_of_request: int) -> dict[str, Any]:
+    """The three-ready PodMetrics with every container scaled to ``percent_of_request``."""
+    doc = copy.deepcopy(load("three-ready", "podmetrics.json"))
+    for item in doc["items"]:
+        for container in item["containers"]:
+            request = 200 if container["name"] == "php-apache" else 50
+            container["usage"]["cpu"] = f"{request * percent_of_request // 100}m"
+    return doc
+
+
+def test_the_controllers_evaluation_keeps_the_pending_window_between_periods() -> None:
+    client_answers = answers()
+    client_answers[PODMETRICS] = usage_at(90)
+    get = FakeGet(client_answers)
+    now = [NOW]
+    evaluation = controller_evaluation(get, now)
+    md = model([CPU], sustainSeconds=30)
+    key = ("default", "my-model")
+    status: dict[str, Any] = {}
+    seen = []
+    for seconds in (0, 15, 30):
+        now[0] = NOW + timedelta(seconds=seconds)
+        fields, condition = evaluation.evaluate(key, md, pods(), status, 4, workload=DEPLOYMENT)
+        status = {**status, **fields}
+        seen.append((fields["offloading"], condition.type, condition.status, condition.reason))
+    assert seen == [
+        (False, "Offloading", False, "SustainPending"),
+        (False, "Offloading", False, "SustainPending"),
+        (True, "Offloading", True, "AboveTarget"),
+    ]
+    assert status["decision"]["lastTransitionTime"] == "2025-06-01T12:00:30Z"
+    assert status["utilization"] == "90%/50%"
+    # The workload from the cache gave the selector: no read of the Deployment, ever.
+    assert [p for p, _ in get.calls] == [PODMETRICS] * 3
+    assert get.calls[0][1] == {"labelSelector": "run=php-apache"}
+
+
+def test_the_controllers_evaluation_starts_from_the_status_after_a_gap_or_another_leaders_decision() -> None:
+    client_answers = answers()
+    client_answers[PODMETRICS] = usage_at(90)
+    now = [NOW]
+    evaluation = controller_evaluation(FakeGet(client_answers), now)
+    md = model([CPU], sustainSeconds=30)
+    key = ("default", "my-model")
+    evaluation.evaluate(key, md, pods(), {}, 4, workload=DEPLOYMENT)  # hot: window from 12:00:00
+    # Leadership lost and regained 60 s later: the window starts over, no instant flip.
+    now[0] = NOW + timedelta(seconds=60)
+    fields, _ = evaluation.evaluate(key, md, pods(), {}, 4, workload=DEPLOYMENT)
+    assert fields["offloading"] is False and fields["decision"]["reason"] == "SustainPending"
+    # Another leader published offloading meanwhile: continue from its state.
+    now[0] = NOW + timedelta(seconds=70)
+    other = {"offloading": True, "decision": {"lastTransitionTime": "2025-06-01T12:01:05Z"}}
+    fields, condition = evaluation.evaluate(key, md, pods(), other, 4, workload=DEPLOYMENT)
+    assert fields["offloading"] is True and condition.status is True
+    assert fields["decision"]["lastTransitionTime"] == "2025-06-01T12:01:05Z"
+    evaluation.forget(key)
+    now[0] = NOW + timedelta(seconds=75)
+    fields, _ = evaluation.evaluate(key, md, pods(), {}, 4, workload=DEPLOYMENT)
+    assert fields["offloading"] is False  # forgotten, and nothing published: from the start
+
+
+def test_the_controllers_evaluation_without_metrics_offloads_only_without_a_ready_replica() -> None:
+    now = [NOW]
+    evaluation = controller_evaluation(FakeGet({}), now)
+    md = model([])
+    fields, condition = evaluation.evaluate(("default", "my-model"), md, pods(), {}, 4)
+    assert (fields["offloading"], condition.reason, fields["utilization"]) == (False, "NoMetrics", "")
+    fields, condition = evaluation.evaluate(("default", "other"), md, [], {}, 4)
+    assert (fields["offloading"], condition.reason) == (True, "NoReadyReplicas")

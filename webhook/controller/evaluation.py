@@ -450,3 +450,79 @@ def evaluate_modeldeployment(
         period_seconds=period_seconds,
     )
     return Evaluation(decision, tuple(observations), fields)
+
+
+class ControllerEvaluation:
+    """The controller's offloading decision (``webhook.controller.runner.Evaluation``): one
+    per process, called by the leader once per ModelDeployment and period.
+
+    Keeps each ModelDeployment's DecisionState between calls (it holds the pending sustain
+    or cooldown window, which the status does not), and starts from the published status
+    instead when it has none, when it is older than two periods (leadership came back after
+    a while) or when it disagrees with the published ``offloading`` (another leader decided
+    meanwhile).
+    """
+
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        period_seconds: float = DEFAULT_PERIOD_SECONDS,
+        reader: MetricsReader | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.reader = reader if reader is not None else MetricsReader(api_client)
+        self.period = period_seconds
+        self._clock = clock
+        self._states: dict[tuple[str, str], tuple[float, DecisionState]] = {}
+
+    def evaluate(
+        self,
+        key: tuple[str, str],
+        model: ModelDeployment,
+        pods: list[Mapping[str, Any]],
+        status: Mapping[str, Any],
+        generation: int,
+        *,
+        workload: Mapping[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], Any]:
+        """(the status fields to write; the ``Offloading`` condition). ``workload``: the
+        Deployment or StatefulSet from the controller's cache, for its label selector and
+        status.replicas (read from the API when absent)."""
+        from webhook.controller.conditions import OFFLOADING, Condition
+
+        now = self._clock()
+        state = self._state(key, status, now)
+        selector = replicas = None
+        if isinstance(workload, Mapping):
+            selector = (workload.get("spec") or {}).get("selector") or None
+            count = (workload.get("status") or {}).get("replicas")
+            replicas = count if isinstance(count, int) and not isinstance(count, bool) else None
+        observations = self.reader.observe(model, pods, selector=selector, status_replicas=replicas)
+        decision = decide(model, observations, state, now, ready_replicas=ready_replicas(pods))
+        self._states[key] = (now.timestamp(), decision.state)
+        fields = decision_status(
+            decision,
+            observations,
+            now=now,
+            previous=status,
+            generation=generation,
+            period_seconds=self.period,
+        )
+        return fields, Condition(OFFLOADING, decision.offloading, decision.code, decision.reason)
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self._states.pop(key, None)
+
+    def _state(self, key: tuple[str, str], status: Mapping[str, Any], now: datetime) -> DecisionState:
+        published = state_from_status(status)
+        kept = self._states.get(key)
+        if kept is None:
+            return published
+        at, state = kept
+        fresh = now.timestamp() - at <= 2 * self.period
+        if fresh and (
+            PublishedDecision.from_status(status) is None or state.offloading == published.offloading
+        ):
+            return state
+        return published

@@ -50,10 +50,18 @@ KINDS = {"Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS}
 
 
 class Evaluation(Protocol):
-    """The offloading decision for one ModelDeployment (``webhook.controller.decide``)."""
+    """The offloading decision for one ModelDeployment
+    (``webhook.controller.evaluation.ControllerEvaluation``)."""
 
     def evaluate(
-        self, key: Key, model: Any, pods: list[Mapping[str, Any]], status: Mapping[str, Any], generation: int
+        self,
+        key: Key,
+        model: Any,
+        pods: list[Mapping[str, Any]],
+        status: Mapping[str, Any],
+        generation: int,
+        *,
+        workload: Mapping[str, Any] | None = None,
     ) -> tuple[dict[str, Any], Condition]:
         """(status fields: offloading, offloadingStatus, utilization, decision; the Offloading condition)."""
         ...
@@ -233,6 +241,7 @@ class Controller:
                 list(world.workload_pods),
                 status,
                 int((md.get("metadata") or {}).get("generation") or 0),
+                workload=world.workload,
             )
             self._evaluated_at[key] = self._clock()
             world = reconcile.World(**{**world.__dict__, "offloading": offloading})
