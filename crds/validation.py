@@ -170,6 +170,13 @@ def _check_spec(spec: ModelDeploymentSpec, namespace: str, settings: ValidationS
             f"{base}.remoteBackend",
             f"required when {what}: this installation has no default remote backend to offload to",
         )
+    elif settings.default_remote_backend is not None and settings.default_remote_backend.path_prefix:
+        # $model in the default's pathPrefix becomes this spec.model.
+        for finding in _check_path_prefix("", settings.default_remote_backend.path_prefix, spec.model):
+            if isinstance(finding, FieldError):
+                yield FieldError(
+                    "spec.model", f"in the default remote backend's pathPrefix: {finding.message}"
+                )
     if behavior.static_split:
         yield (
             f"{base}.behavior.staticSplit is true: {behavior.percentage}% of requests "
@@ -254,7 +261,10 @@ def _check_remote_backend(
     if backend.scheme not in ("http", "https"):
         yield FieldError(f"{path}.scheme", f"must be http or https, got {backend.scheme!r}")
     if backend.path_prefix is not None:
-        yield from _check_path_prefix(f"{path}.pathPrefix", backend.path_prefix, spec.model)
+        # The installation's default is checked alone with a stand-in model name, and
+        # again with each ModelDeployment's own (_check_spec).
+        model = spec.model if spec is not None else "model"
+        yield from _check_path_prefix(f"{path}.pathPrefix", backend.path_prefix, model)
     for name, value in backend.headers_to_add.items():
         yield from _check_header(f"{path}.headersToAdd[{name}]", name, value)
     seen = {name.lower() for name in backend.headers_to_add}

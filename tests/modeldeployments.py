@@ -64,3 +64,25 @@ def oauth_remote(client_id: str, token_url: str, secret: str) -> dict[str, Any]:
             "oauthConfig": {"clientId": client_id, "tokenUrl": token_url, "clientSecret": secret},
         }
     }
+
+
+def published(offloading: bool = True, reason: str = "StaticSplit") -> dict[str, Any]:
+    """A ``status`` as the controller publishes it (crds/status.py), evaluated just now:
+    what a cluster-mode sidecar follows."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "observedGeneration": 1,
+        "offloading": offloading,
+        "offloadingStatus": offloading,
+        "utilization": "",
+        "decision": {
+            "reason": reason,
+            "message": "published by the test",
+            "lastTransitionTime": now,
+            "lastEvaluationTime": now,
+            "evaluationPeriodSeconds": 15,
+            "metrics": [],
+        },
+    }

@@ -22,7 +22,7 @@ from crds.model import GROUP, PLURAL, VERSION
 from tests.e2e.controlplane.net import free_port
 from tests.integration.fake_apiserver import FakeApiServer, LoopbackPKI
 from tests.integration.servers import LoopThread
-from tests.modeldeployments import standalone
+from tests.modeldeployments import published, standalone
 from webhook.injection import SERVICE_ACCOUNT_DIR_ENV
 
 NAMESPACE = "models"
@@ -124,13 +124,22 @@ def lt():
         yield loop_thread
 
 
+def my_model(remote_port: int) -> dict[str, Any]:
+    """my-model, a static 100% split to the remote, with the controller's decision (on)."""
+    return {
+        **standalone(remote_port),
+        "metadata": {"name": "my-model", "namespace": NAMESPACE},
+        "status": published(True),
+    }
+
+
 @pytest.fixture
 def api(lt, tmp_path, upstreams):
     """A fake API server holding my-model (offloading 100% to the remote upstream)."""
     _, remote = upstreams
     server = FakeApiServer(LoopbackPKI.create(tmp_path / "pki"), COLLECTION)
     lt.run(server.start())
-    lt.run(server.put({**standalone(remote.port), "metadata": {"name": "my-model", "namespace": NAMESPACE}}))
+    lt.run(server.put(my_model(remote.port)))
     yield server
     lt.run(server.stop())
 
@@ -207,11 +216,7 @@ def test_an_api_server_that_is_down_then_up_pass_through_first_then_the_configur
         server = FakeApiServer(pki, COLLECTION)
         lt.run(server.start(port))
         try:
-            lt.run(
-                server.put(
-                    {**standalone(remote.port), "metadata": {"name": "my-model", "namespace": NAMESPACE}}
-                )
-            )
+            lt.run(server.put(my_model(remote.port)))
             sidecar.wait_for("recovery", lambda: served_by(sidecar.send()) == "remote", timeout=60)
             sidecar.wait_for("the errors to clear", lambda: sidecar.errors() == [])
             assert sidecar.stop() == 0

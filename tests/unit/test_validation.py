@@ -663,3 +663,17 @@ def test_objects_of_the_wrong_shape_are_refused_not_crashed_on(obj):
 )
 def test_host_forms(host, ok):
     assert (list(check_host(host)) == []) is ok
+
+
+def test_model_in_the_default_remote_backends_prefix_is_each_modeldeployments_spec_model():
+    default = parse_remote_backend("https://models.example/v1/$model")
+    assert default.path_prefix == "/v1/$model"
+    settings = ValidationSettings(default_remote_backend=default)
+    assert validate_object(BEAMLIT_SAMPLE, settings).ok
+    odd = copy.deepcopy(BEAMLIT_SAMPLE)
+    odd["spec"]["model"] = "a/../b"
+    refused = validate_object(odd, settings)
+    assert [e.path for e in refused.errors] == ["spec.model"]
+    assert "in the default remote backend's pathPrefix: must not contain '.' or '..'" in refused.message()
+    with pytest.raises(ValueError, match="defaultRemoteBackend.pathPrefix: .workspace"):
+        parse_remote_backend("https://models.example/v1/$workspace/x")
