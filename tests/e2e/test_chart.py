@@ -185,7 +185,8 @@ def test_webhook_configurations_point_at_the_service_with_the_secret_ca(release)
 def test_rbac_objects_exist_and_bind_the_webhook_service_account(release):
     rbac = kubernetes.client.RbacAuthorizationV1Api(release.kube.api_client)
     role = rbac.read_cluster_role(WEBHOOK)
-    assert {verb for rule in role.rules for verb in rule.verbs} == {"get", "list", "watch"}
+    verbs = {verb for rule in role.rules for verb in rule.verbs}
+    assert verbs == {"get", "list", "watch", "patch", "create", "delete", "bind"}
     binding = rbac.read_cluster_role_binding(WEBHOOK)
     assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [
         ("ServiceAccount", WEBHOOK, release.namespace)
@@ -196,7 +197,7 @@ def test_rbac_objects_exist_and_bind_the_webhook_service_account(release):
         ("watch", "modeldeployments.deployment.beamlit.com", "yes"),
         ("list", "deployments.apps", "yes"),
         ("list", "statefulsets.apps", "yes"),
-        ("get", "deployments.apps", "yes"),  # a workload's selector, for the metric evaluation
+        ("get", "deployments.apps", "no"),  # a workload's selector comes from the watch cache
         ("watch", "services", "yes"),
         ("update", "services", "no"),
         ("update", "modeldeployments.deployment.beamlit.com", "no"),
