@@ -46,6 +46,7 @@ from webhook.controller.evaluation import MetricsReader, decision_status
 
 pytestmark = pytest.mark.e2e
 
+GROUP_MD = "deployment.beamlit.com"
 ROLE_FILE = REPO_ROOT / "charts" / "offload" / "files" / "sidecar-role.yaml"
 CLUSTER_ROLE = "offload-sidecar-e2e"
 ACCOUNT = "model-server"
@@ -681,3 +682,117 @@ def test_headers_from_secrets_are_read_with_the_per_modeldeployment_role_and_fol
             sidecar.stop()
             for server in (local, remote):
                 loop.run(server.stop())
+
+
+# --- the whole loop: metrics -> the controller's decision -> the sidecar ---------------------------
+
+
+def test_the_controller_decides_from_the_metrics_and_a_sidecar_follows_both_ways(
+    kube,
+    namespace,
+    modeldeployment_crd,
+    run_webhook,
+    sidecar_kubeconfig,
+    fake_metrics_server,
+    tmp_path,
+    capsys,
+) -> None:
+    """offload-webhook with its controller (evaluation period 2 s) reads PodMetrics from the
+    fake metrics server through the aggregation layer, publishes the decision in the status
+    (with an Event, shown by kubectl get mdd), and a sidecar process following that
+    ModelDeployment splits exactly as decided."""
+    from test_controller import Cluster, deployment, service, start_controller
+    from test_controller import modeldeployment as controller_modeldeployment
+
+    from tests.integration.servers import LoopThread, Upstream
+
+    sustain, cooldown, period = 4, 4, 2
+    server = start_controller(run_webhook, kube, namespace, tmp_path)
+    c = Cluster(kube, namespace, server)
+    c.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "vllm"}})
+    c.create(deployment(replicas=2, cpu="200m"))
+    c.create(service())
+    c.wait("2 ready pods", lambda: len(c.ready_pods()) == 2, 60)
+    pods = [p.metadata.name for p in c.ready_pods()]
+    time.sleep(2)  # a sample must postdate readiness by its window (1 s), as the HPA requires for cpu
+
+    def usage(cpu: str) -> None:
+        for pod in pods:
+            fake_metrics_server.set_usage(
+                namespace, pod, {"app": "vllm"}, {"model": {"cpu": cpu, "memory": "10Mi"}}
+            )
+
+    def status() -> dict[str, Any]:
+        return (c.md("my-model") or {}).get("status") or {}
+
+    with LoopThread() as loop:
+        local = loop.run(Upstream.started("local"))
+        remote = loop.run(Upstream.started("remote"))
+        md = controller_modeldeployment(name="my-model")
+        md["spec"]["offloadingConfig"]["remoteBackend"]["host"] = f"127.0.0.1:{remote.port}"
+        md["spec"]["offloadingConfig"]["behavior"].update(sustainSeconds=sustain, cooldownSeconds=cooldown)
+        usage("40m")  # 20% of the 200m request: cool
+        c.create(md)
+        sidecar = None
+        try:
+            c.wait(
+                "the controller to publish: cool",
+                lambda: status().get("decision", {}).get("reason") == "BelowTarget",
+                30,
+            )
+            assert status()["offloading"] is False and status()["utilization"] == "20%/50%"
+            sidecar = SidecarProcess(sidecar_kubeconfig, namespace, local.port, tmp_path / "sidecar.log")
+            sidecar.wait_for(
+                "the sidecar to follow the published decision",
+                lambda s: s["ready"] and s["decision"]["code"] == "BelowTarget",
+            )
+            with httpx.Client(base_url=f"http://127.0.0.1:{sidecar.port}", timeout=10) as client:
+                assert {client.get("/v1/echo").json()["server"] for _ in range(10)} == {"local"}
+
+            # Hot: on after the sustain window, within one more evaluation period or two.
+            hot_at = time.monotonic()
+            usage("180m")  # 90% against a 50% target
+            c.wait("status.offloading true", lambda: status().get("offloading") is True, 30)
+            turned_on = time.monotonic() - hot_at
+            assert sustain <= turned_on <= sustain + 2 * period + 2, turned_on
+            assert status()["decision"]["reason"] == "AboveTarget" and status()["utilization"] == "90%/50%"
+            c.wait("the OffloadingStarted Event", lambda: bool(c.events("OffloadingStarted", "my-model")))
+            listed = kube.kubectl("get", "mdd", "my-model", "-n", namespace)
+            assert listed.returncode == 0, listed.stderr
+            header, row = listed.stdout.splitlines()[:2]
+            assert header.split()[:4] == ["NAME", "MODEL", "OFFLOADING", "UTILIZATION"]
+            assert row.split()[2:4] == ["true", "90%/50%"], listed.stdout
+            sidecar.wait_for("the sidecar to offload", lambda s: s["decision"]["offloading"] is True, 5)
+            with httpx.Client(base_url=f"http://127.0.0.1:{sidecar.port}", timeout=10) as client:
+                served = [client.get("/v1/echo").json()["server"] for _ in range(20)]
+            assert served.count("remote") == 10 and served.count("local") == 10
+
+            # Cool again: off after the cooldown window.
+            cool_at = time.monotonic()
+            usage("40m")
+            c.wait("status.offloading false", lambda: status().get("offloading") is False, 30)
+            turned_off = time.monotonic() - cool_at
+            assert cooldown <= turned_off <= cooldown + 2 * period + 2, turned_off
+            c.wait("the OffloadingStopped Event", lambda: bool(c.events("OffloadingStopped", "my-model")))
+            sidecar.wait_for(
+                "the sidecar to stop offloading", lambda s: s["decision"]["offloading"] is False, 5
+            )
+            before = len(remote.requests)
+            with httpx.Client(base_url=f"http://127.0.0.1:{sidecar.port}", timeout=10) as client:
+                assert {client.get("/v1/echo").json()["server"] for _ in range(10)} == {"local"}
+            assert len(remote.requests) == before
+        finally:
+            if sidecar is not None:
+                sidecar.stop()
+            # Deleted while the controller runs, so its finalizer comes off.
+            c.custom.delete_namespaced_custom_object(
+                GROUP_MD, "v1alpha1", namespace, "modeldeployments", "my-model"
+            )
+            c.wait("the ModelDeployment gone", lambda: c.md("my-model") is None, 30)
+            for upstream in (local, remote):
+                loop.run(upstream.stop())
+    with capsys.disabled():
+        print(
+            f"\n[e2e] controller decision: on {turned_on:.1f} s after the load rose (sustain {sustain} s, "
+            f"period {period} s), off {turned_off:.1f} s after it fell (cooldown {cooldown} s)"
+        )
