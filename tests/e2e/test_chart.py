@@ -217,21 +217,28 @@ def test_rbac_objects_exist_and_bind_the_webhook_service_account(release):
         assert _allowed(release.kube, sa, verb, group, resource, "models") is allowed, (verb, group, resource)
 
 
-def test_sidecar_cluster_role_bound_as_the_notes_say_grants_the_sidecar_role(release, namespace):
-    """The RoleBinding printed by the NOTES, applied as printed (namespace default swapped for
-    a test namespace), lets the workload's service account read what the sidecar reads there,
-    and nothing more."""
+def test_sidecar_cluster_role_bound_as_the_controller_binds_it_grants_the_sidecar_role(release, namespace):
+    """The RoleBinding the controller creates for a ModelDeployment (webhook.controller.rbac),
+    applied to the chart's sidecar ClusterRole, lets the workload's service account read what
+    the sidecar reads there, and nothing more."""
+    from webhook.controller import rbac
+
     kube = release.kube
     role_file = yaml.safe_load((CHART / "files" / "sidecar-role.yaml").read_text())
     stored = kube.kubectl("get", "clusterrole", f"{RELEASE}-sidecar", "-o", "json")
     assert stored.returncode == 0, stored.stderr
     assert json.loads(stored.stdout)["rules"] == role_file["rules"]
-    notes = release.install_output
-    start = notes.rindex("\n", 0, notes.index("apiVersion: rbac.authorization.k8s.io/v1")) + 1
-    binding = notes[start : notes.index("YAML", start)]
-    binding = textwrap.dedent(binding).replace("namespace: default", f"namespace: {namespace}")
-    applied = kube.kubectl("apply", "-f", "-", stdin=binding)
-    assert applied.returncode == 0, applied.stderr + binding
+    md = {
+        "metadata": {
+            "name": "my-model",
+            "namespace": namespace,
+            "uid": "00000000-0000-0000-0000-000000000001",
+        }
+    }
+    binding = rbac.desired(md, f"{RELEASE}-sidecar", "default")
+    del binding["metadata"]["ownerReferences"]  # no such ModelDeployment here
+    applied = kube.kubectl("apply", "-f", "-", stdin=json.dumps(binding))
+    assert applied.returncode == 0, applied.stderr
     sa = f"system:serviceaccount:{namespace}:default"
     for verb, group, resource, where, allowed in [
         ("watch", "deployment.beamlit.com", "modeldeployments", namespace, True),
