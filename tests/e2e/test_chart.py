@@ -20,7 +20,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import textwrap
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
