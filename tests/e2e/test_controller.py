@@ -755,3 +755,50 @@ def test_status_is_written_only_when_it_changes_and_other_writers_lose_nothing(c
         cond["type"]: cond["lastTransitionTime"] for cond in c.md()["status"]["conditions"]
     } == transitions
     assert len(c.core.list_namespaced_event(c.namespace).items) == events
+
+
+def test_the_tutorial_as_written_ends_captured_and_undoes_itself(
+    kube, modeldeployment_crd, run_webhook, tmp_path, tutorial_in_default_namespace
+):
+    """The tutorial's Deployment, Service and ModelDeployment, applied unchanged in namespace
+    default (plus the restart the README asks for): the Service's port ends pointing at
+    offload-proxy and its EndpointSlices list only injected pods on the sidecar's port;
+    deleting the ModelDeployment restores the Service and removes its RoleBinding."""
+    from paths import TUTORIAL_CLUSTER_A, TUTORIAL_MODELDEPLOYMENT
+
+    server = start_controller(run_webhook, kube, "default", tmp_path)
+    wait_until(
+        "the webhook's cache (/readyz)", lambda: server.get("/readyz") == 200, 60, alive=[server.process]
+    )
+    admission = kubernetes.client.AdmissionregistrationV1Api(kube.api_client)
+    name = "offload-e2e-ctl-tutorial"
+    admission.create_mutating_webhook_configuration(
+        mutating_webhook_configuration(name, server.url("/mutate-pods"), server.ca_bundle, "default")
+    )
+    c = Cluster(kube, "default", server)
+    try:
+        for path in (TUTORIAL_CLUSTER_A, TUTORIAL_MODELDEPLOYMENT):
+            applied = kube.kubectl("apply", "-f", str(path))
+            assert applied.returncode == 0, applied.stderr
+        before = c.service("php-apache")["spec"]["ports"]
+        c.wait("the tutorial's pod ready", lambda: len(c.ready_pods("run=php-apache")) == 1, 60)
+        c.restart("php-apache")
+        c.wait("the Service captured", lambda: c.captured("php-apache"), 60)
+        c.wait(
+            "the EndpointSlice lists only the injected pod, on the sidecar's port",
+            lambda: (
+                {p for _, p in c.endpoint_ports("php-apache")} == {15080}
+                and {n for n, _ in c.endpoint_ports("php-apache")}
+                == {p.metadata.name for p in c.with_sidecar(c.ready_pods("run=php-apache"))}
+            ),
+        )
+        c.wait("Ready", lambda: c.condition("Ready", "my-model").get("status") == "True")
+        assert c.service("php-apache")["metadata"]["annotations"][ORIGINAL] == "80"
+        c.custom.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "my-model")
+        c.wait("the ModelDeployment gone", lambda: c.md("my-model") is None, 30)
+        assert c.service("php-apache")["spec"]["ports"] == before
+        assert not c.rbac.list_namespaced_role_binding(
+            "default", label_selector="app.kubernetes.io/managed-by=offload-controller"
+        ).items
+    finally:
+        admission.delete_mutating_webhook_configuration(name)
