@@ -126,6 +126,60 @@ def _process_figures() -> dict[str, float]:
     }
 
 
+# The stable codes of offload_sidecar_decision_reason{reason}: those of the decision engine
+# (and of the Offloading condition), plus PassThrough for a sidecar with nothing to decide.
+ABOVE_TARGET = "AboveTarget"  # hot: offloading
+BELOW_TARGET = "BelowTarget"  # cool: not offloading
+WITHIN_TOLERANCE = "WithinTolerance"  # in the band: nothing changes
+METRICS_UNAVAILABLE = "MetricsUnavailable"  # a metric cannot be read: nothing changes
+SUSTAIN_PENDING = "SustainPending"  # hot, not yet for sustainSeconds
+COOLDOWN_PENDING = "CooldownPending"  # cool while offloading, not yet for cooldownSeconds
+STATIC_SPLIT = "StaticSplit"  # no metrics: always offloading
+NOT_EVALUATED = "NotEvaluated"  # configured, no evaluation yet
+PASS_THROUGH = "PassThrough"  # no valid, enabled ModelDeployment with a remote: nothing to decide
+
+
+def modeldeployment_name(view: ControlView) -> str:
+    """The ModelDeployment's name: from the configuration in force, else (cluster mode) the
+    ``namespace/name`` the sidecar was injected for; "" when neither is known."""
+    if view.model is not None:
+        return view.model.name
+    if view.mode == "cluster":
+        name = view.source.rpartition("/")[2]
+        return "" if name == "?" else name
+    return ""
+
+
+def decision_code(view: ControlView) -> str:
+    """The current decision's reason as one of the codes above (pure).
+
+    The engine's rules (sidecar/decision.py) read back from what it decided and saw: a
+    pending window says which way it is heading; otherwise the hottest readable metric
+    against the tolerance band, and an unreadable metric, say why the state holds."""
+    model, decision = view.model, view.decision
+    config = model.spec.offloading_config if model is not None else None
+    if model is None or not model.spec.enabled or config is None or config.remote_backend is None:
+        return PASS_THROUGH
+    if decision is None:
+        return NOT_EVALUATED
+    engine_code = getattr(decision, "code", None)  # the engine's own code, where it gives one
+    if engine_code:
+        return str(engine_code)
+    if not view.observations:
+        return STATIC_SPLIT
+    if decision.state.pending_since is not None:
+        return COOLDOWN_PENDING if decision.offloading else SUSTAIN_PENDING
+    ratios = [o.ratio for o in view.observations if o.ratio is not None]
+    hottest = max(ratios, default=None)
+    tolerance = config.behavior.tolerance
+    if hottest is not None and hottest > 1 + tolerance:
+        return ABOVE_TARGET
+    if len(ratios) < len(view.observations):
+        return METRICS_UNAVAILABLE
+    assert hottest is not None
+    return BELOW_TARGET if hottest < 1 - tolerance else WITHIN_TOLERANCE
+
+
 def render_metrics(view: ControlView, stats: ProxyStats, *, ready: bool, process: bool = True) -> str:
     """Everything in Prometheus text format 0.0.4; pure but for ``process``'s /proc reads."""
     out = _Exposition()
@@ -177,6 +231,13 @@ def render_metrics(view: ControlView, stats: ProxyStats, *, ready: bool, process
         "1 while the remote's circuit breaker is open or probing, else 0.",
         1 if stats.breaker_open else 0,
     )
+
+    # Who this sidecar works for: dashboards and rules join it on (job, instance) to group
+    # every series by ModelDeployment, whatever scrape configuration found the pod.
+    out.family(f"{p}_info", "gauge", "Always 1; modeldeployment is the ModelDeployment this sidecar serves.")
+    out.sample(f"{p}_info", 1, {"modeldeployment": modeldeployment_name(view)})
+    out.family(f"{p}_decision_reason", "gauge", "1 for the stable code of the current decision's reason.")
+    out.sample(f"{p}_decision_reason", 1, {"reason": decision_code(view)})
 
     out.one(f"{p}_ready", "gauge", "1 while the sidecar is ready for traffic.", 1 if ready else 0)
     out.one(
