@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,13 @@ import promql_parser as pp
 
 COMPARISONS = {"==", "!=", ">", "<", ">=", "<="}
 SET_OPERATORS = {"and", "or", "unless"}
+# The dashboard's Grafana variables as its default selection (All) evaluates them.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$namespace": ".*",
+    "$modeldeployment": ".*",
+    "$webhook_namespace": ".*",
+}
 LEGEND_LABEL = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 ANNOTATION_LABEL = re.compile(r"\$labels\.([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -121,6 +129,10 @@ def carrier(node: Any) -> list[Any]:
     return [node]
 
 
+class QueryError(RuntimeError):
+    """Prometheus refused a query (bad syntax, or e.g. many-to-many matching at run time)."""
+
+
 @dataclass
 class Prometheus:
     """The HTTP API of one Prometheus server."""
@@ -128,11 +140,17 @@ class Prometheus:
     url: str
 
     def get(self, path: str, **params: Any) -> Any:
+        """The response's data; QueryError with Prometheus's message when it refuses."""
         query = urllib.parse.urlencode(params, doseq=True)
-        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=30) as response:
-            body = json.loads(response.read())
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=30) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (400, 422):
+                raise
+            body = json.loads(exc.read())
         if body.get("status") != "success":
-            raise RuntimeError(f"{path} {params}: {body}")
+            raise QueryError(f"{body.get('errorType')}: {body.get('error')}")
         return body["data"]
 
     def range_series(self, expr: str, start: float, end: float, step: float) -> list[dict[str, str]]:
@@ -173,7 +191,11 @@ class Checker:
         def evaluate(node: Any) -> tuple[list[dict[str, str]], set[str]]:
             key = str(node)
             if key not in seen:
-                seen[key] = self.labels_of(node)
+                try:
+                    seen[key] = self.labels_of(node)
+                except QueryError as exc:
+                    found.append(f"{node}: Prometheus refuses it: {exc}")
+                    seen[key] = ([], set())
             return seen[key]
 
         for node in walk(root):
@@ -239,3 +261,22 @@ class Checker:
                     found.append(f"{part}: a series without {missing}: {s}")
                     break
         return found
+
+
+def dashboard_queries(board: dict) -> list[tuple[str, str, str]]:
+    """(where, query, legend) of every panel target, variable and annotation query."""
+    found = []
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            found.append(
+                (f"panel {panel['title']!r} {target['refId']}", target["expr"], target["legendFormat"])
+            )
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            inner = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable["query"]["query"])
+            assert inner, f"variable {variable['name']}: not a label_values() query"
+            found.append((f"variable {variable['name']}", inner.group(1), "{{" + inner.group(2) + "}}"))
+    for annotation in board["annotations"]["list"]:
+        if "expr" in annotation:
+            found.append((f"annotation {annotation['name']!r}", annotation["expr"], annotation["textFormat"]))
+    return found

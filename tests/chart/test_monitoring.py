@@ -19,7 +19,7 @@ from cryptography import x509
 
 from tests.chart.helm import CHART, NAMESPACE, REPO_ROOT, by_kind, documents
 from tests.chart.operator_crds import problems, schemas
-from tests.promql_check import ANNOTATION_LABEL, selectors
+from tests.promql_check import ANNOTATION_LABEL, GRAFANA_VARIABLES, dashboard_queries, selectors
 
 pytestmark = pytest.mark.helm
 
@@ -35,13 +35,6 @@ ALL_ON = (
 )
 KINDS = ("PodMonitor", "ServiceMonitor", "PrometheusRule")
 SEVERITIES = {"warning", "critical"}
-# Grafana's template variables, as a query evaluates them: every value of a multi-select.
-GRAFANA_VARIABLES = {
-    "$__rate_interval": "1m",
-    "$namespace": ".*",
-    "$modeldeployment": ".*",
-    "$webhook_namespace": ".*",
-}
 
 
 def promtool() -> str:
@@ -65,25 +58,6 @@ def recorded(groups: list[dict]) -> list[dict]:
 
 def dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
-
-
-def dashboard_queries(board: dict) -> list[tuple[str, str, str]]:
-    """(where, query, legend) of every panel target, variable and annotation query."""
-    found = []
-    for panel in board["panels"]:
-        for target in panel.get("targets", []):
-            found.append(
-                (f"panel {panel['title']!r} {target['refId']}", target["expr"], target["legendFormat"])
-            )
-    for variable in board["templating"]["list"]:
-        if variable["type"] == "query":
-            inner = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable["query"]["query"])
-            assert inner, f"variable {variable['name']}: not a label_values() query"
-            found.append((f"variable {variable['name']}", inner.group(1), "{{" + inner.group(2) + "}}"))
-    for annotation in board["annotations"]["list"]:
-        if "expr" in annotation:
-            found.append((f"annotation {annotation['name']!r}", annotation["expr"], annotation["textFormat"]))
-    return found
 
 
 def grafana_substituted(query: str) -> str:
