@@ -411,3 +411,19 @@ def test_prometheus_annotations_reach_the_injector_configuration(helm):
     rendered = helm.render("--set", "sidecar.prometheusAnnotations=true")
     text = by_kind(documents(rendered))["ConfigMap", "offload-webhook"]["data"]["injector.yaml"]
     assert parse_config(yaml.safe_load(text)).prometheus_annotations is True
+
+
+def test_the_readme_metrics_table_documents_every_metric_and_no_other():
+    readme = README.read_text()
+    table = readme[readme.index("### Metrics") : readme.index("### Recording rules")]
+    documented = set(re.findall(r"`((?:offload|process)_[a-z_]+)`", table))
+    exposed = {
+        name
+        for name in product_metrics() - {"up"}
+        if not re.search(r"_(bucket|sum|count)$", name) or name.endswith("_total")
+    }
+    sidecar_and_webhook = {n for n in exposed if n.startswith("offload_")}
+    assert sidecar_and_webhook - documented == set(), "exposed but not in README.md's metrics table"
+    assert {n for n in documented if n.startswith("offload_")} - sidecar_and_webhook == set(), (
+        "documented, not exposed"
+    )
