@@ -158,7 +158,7 @@ class Load:
             self.statuses[type(exc).__name__] += 1
 
 
-def prometheus_config(targets: dict[str, tuple[int, str]], webhook_port: int, ca_file: Path) -> dict:
+def prometheus_config(targets: dict[str, int], webhook_port: int, ca_file: Path) -> dict:
     """Scrape every second, evaluate every second; the labels of the chart's monitors."""
     return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -171,7 +171,7 @@ def prometheus_config(targets: dict[str, tuple[int, str]], webhook_port: int, ca
                         "targets": [f"127.0.0.1:{port}"],
                         "labels": {"namespace": SIDECAR_NAMESPACE, "pod": pod, "container": "offload-proxy"},
                     }
-                    for pod, (port, _) in targets.items()
+                    for pod, port in targets.items()
                 ],
             },
             {
@@ -283,7 +283,7 @@ def test_rules_alerts_and_dashboard_against_prometheus_scraping_sidecars_and_the
         }
         for name, text in configs.items():
             (tmp_path / f"{name}.yaml").write_text(text)
-        admin_ports: dict[str, tuple[int, str]] = {}  # pod -> (admin port, ModelDeployment)
+        admin_ports: dict[str, int] = {}  # pod -> admin port (its ModelDeployment: offload_sidecar_info)
         proxy_ports: dict[str, int] = {}
         for pod, name, model in (
             ("alpha-0", "alpha", model_a),
@@ -304,7 +304,7 @@ def test_rules_alerts_and_dashboard_against_prometheus_scraping_sidecars_and_the
             )
             children.append(child)
             asyncio.run(_ready(child))
-            admin_ports[pod] = (child.admin_port, name)
+            admin_ports[pod] = child.admin_port
             proxy_ports[pod] = child.port
 
         # -- Prometheus with the chart's rules --
