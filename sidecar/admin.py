@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from crds.decision import Decision
+from crds.decision import NOT_EVALUATED, Decision
 from crds.model import MetricSpec, ModelDeployment
 from crds.observation import MetricObservation
 from sidecar.routing import RoutePlan
@@ -126,17 +126,9 @@ def _process_figures() -> dict[str, float]:
     }
 
 
-# The stable codes of offload_sidecar_decision_reason{reason}: those of the decision engine
-# (and of the Offloading condition), plus PassThrough for a sidecar with nothing to decide.
-ABOVE_TARGET = "AboveTarget"  # hot: offloading
-BELOW_TARGET = "BelowTarget"  # cool: not offloading
-WITHIN_TOLERANCE = "WithinTolerance"  # in the band: nothing changes
-METRICS_UNAVAILABLE = "MetricsUnavailable"  # a metric cannot be read: nothing changes
-SUSTAIN_PENDING = "SustainPending"  # hot, not yet for sustainSeconds
-COOLDOWN_PENDING = "CooldownPending"  # cool while offloading, not yet for cooldownSeconds
-STATIC_SPLIT = "StaticSplit"  # no metrics: always offloading
-NOT_EVALUATED = "NotEvaluated"  # configured, no evaluation yet
-PASS_THROUGH = "PassThrough"  # no valid, enabled ModelDeployment with a remote: nothing to decide
+# offload_sidecar_decision_reason{reason}: the decision engine's code (crds.decision.CODES,
+# the Offloading condition's reasons), or this one for a sidecar with nothing to decide.
+PASS_THROUGH = "PassThrough"  # no valid, enabled ModelDeployment with a remote backend
 
 
 def modeldeployment_name(view: ControlView) -> str:
@@ -151,33 +143,13 @@ def modeldeployment_name(view: ControlView) -> str:
 
 
 def decision_code(view: ControlView) -> str:
-    """The current decision's reason as one of the codes above (pure).
-
-    The engine's rules (sidecar/decision.py) read back from what it decided and saw: a
-    pending window says which way it is heading; otherwise the hottest readable metric
-    against the tolerance band, and an unreadable metric, say why the state holds."""
-    model, decision = view.model, view.decision
+    """The current decision's reason code: the engine's (``NotEvaluated`` before its first
+    step), or ``PassThrough`` when the configuration leaves nothing to decide. Pure."""
+    model = view.model
     config = model.spec.offloading_config if model is not None else None
     if model is None or not model.spec.enabled or config is None or config.remote_backend is None:
         return PASS_THROUGH
-    if decision is None:
-        return NOT_EVALUATED
-    engine_code = getattr(decision, "code", None)  # the engine's own code, where it gives one
-    if engine_code:
-        return str(engine_code)
-    if not view.observations:
-        return STATIC_SPLIT
-    if decision.state.pending_since is not None:
-        return COOLDOWN_PENDING if decision.offloading else SUSTAIN_PENDING
-    ratios = [o.ratio for o in view.observations if o.ratio is not None]
-    hottest = max(ratios, default=None)
-    tolerance = config.behavior.tolerance
-    if hottest is not None and hottest > 1 + tolerance:
-        return ABOVE_TARGET
-    if len(ratios) < len(view.observations):
-        return METRICS_UNAVAILABLE
-    assert hottest is not None
-    return BELOW_TARGET if hottest < 1 - tolerance else WITHIN_TOLERANCE
+    return view.decision.code if view.decision is not None else NOT_EVALUATED
 
 
 def render_metrics(view: ControlView, stats: ProxyStats, *, ready: bool, process: bool = True) -> str:

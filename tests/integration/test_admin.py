@@ -201,7 +201,7 @@ def test_the_decision_reason_code_follows_the_engine_through_on_and_off():
         (False, "BelowTarget"),
         (False, "MetricsUnavailable"),
     ]
-    static = step(INITIAL, [], 0, behavior)
+    static = step(INITIAL, [], 0, OffloadingBehavior(percentage=50, static_split=True))
     assert decision_code(ControlView(model=model, decision=static)) == "StaticSplit"
     assert decision_code(ControlView()) == "PassThrough"
     disabled = parse_document(TUTORIAL.replace("spec:\n", "spec:\n  enabled: false\n", 1)).model
