@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from crds.decision import Decision
+from crds.decision import NOT_EVALUATED, Decision
 from crds.model import MetricSpec, ModelDeployment
 from crds.observation import MetricObservation
 from sidecar.routing import RoutePlan
@@ -126,6 +126,32 @@ def _process_figures() -> dict[str, float]:
     }
 
 
+# offload_sidecar_decision_reason{reason}: the decision engine's code (crds.decision.CODES,
+# the Offloading condition's reasons), or this one for a sidecar with nothing to decide.
+PASS_THROUGH = "PassThrough"  # no valid, enabled ModelDeployment with a remote backend
+
+
+def modeldeployment_name(view: ControlView) -> str:
+    """The ModelDeployment's name: from the configuration in force, else (cluster mode) the
+    ``namespace/name`` the sidecar was injected for; "" when neither is known."""
+    if view.model is not None:
+        return view.model.name
+    if view.mode == "cluster":
+        name = view.source.rpartition("/")[2]
+        return "" if name == "?" else name
+    return ""
+
+
+def decision_code(view: ControlView) -> str:
+    """The current decision's reason code: the engine's (``NotEvaluated`` before its first
+    step), or ``PassThrough`` when the configuration leaves nothing to decide. Pure."""
+    model = view.model
+    config = model.spec.offloading_config if model is not None else None
+    if model is None or not model.spec.enabled or config is None or config.remote_backend is None:
+        return PASS_THROUGH
+    return view.decision.code if view.decision is not None else NOT_EVALUATED
+
+
 def render_metrics(view: ControlView, stats: ProxyStats, *, ready: bool, process: bool = True) -> str:
     """Everything in Prometheus text format 0.0.4; pure but for ``process``'s /proc reads."""
     out = _Exposition()
@@ -177,6 +203,13 @@ def render_metrics(view: ControlView, stats: ProxyStats, *, ready: bool, process
         "1 while the remote's circuit breaker is open or probing, else 0.",
         1 if stats.breaker_open else 0,
     )
+
+    # Who this sidecar works for: dashboards and rules join it on (job, instance) to group
+    # every series by ModelDeployment, whatever scrape configuration found the pod.
+    out.family(f"{p}_info", "gauge", "Always 1; modeldeployment is the ModelDeployment this sidecar serves.")
+    out.sample(f"{p}_info", 1, {"modeldeployment": modeldeployment_name(view)})
+    out.family(f"{p}_decision_reason", "gauge", "1 for the stable code of the current decision's reason.")
+    out.sample(f"{p}_decision_reason", 1, {"reason": decision_code(view)})
 
     out.one(f"{p}_ready", "gauge", "1 while the sidecar is ready for traffic.", 1 if ready else 0)
     out.one(

@@ -138,6 +138,7 @@ def review_endpoint(
 
 def build_app(reviews: Mapping[str, ReviewHandler], *, ready: Callable[[], bool] = lambda: True) -> Starlette:
     """An app serving each review handler at its path, plus /healthz, /readyz and /metrics."""
+    metrics.READY.set_function(lambda: 1 if ready() else 0)
 
     async def healthz(_: Request) -> Response:
         return PlainTextResponse("ok")

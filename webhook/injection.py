@@ -65,6 +65,7 @@ INJECT_ANNOTATION = PREFIX + "inject"
 INJECTED_ANNOTATION = PREFIX + "injected"
 CONFIG_VERSION_ANNOTATION = PREFIX + "injector-config-version"
 ORIGINAL_TARGET_PORT_ANNOTATION = PREFIX + "original-target-port"
+PROMETHEUS_PREFIX = "prometheus.io/"
 
 # The sidecar's own service-account credentials (see the module's docstring). The sidecar
 # reads the directory from SERVICE_ACCOUNT_DIR_ENV (sidecar.kube agrees on both names).
@@ -655,6 +656,20 @@ def in_stable_order(ops: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
     return tuple(sorted(ops, key=lambda op: op["path"])) if independent else tuple(ops)
 
 
+def prometheus_annotations(config: InjectorConfig, annotations: Mapping[str, str]) -> dict[str, str]:
+    """The conventional ``prometheus.io/*`` scrape annotations for the sidecar's admin port,
+    when the configuration asks for them. A pod that has any ``prometheus.io/`` annotation
+    of its own (the model server's metrics) keeps it: the convention allows one endpoint
+    per pod, and the model's is the user's; its sidecar is then found by the PodMonitor."""
+    if not config.prometheus_annotations or any(k.startswith(PROMETHEUS_PREFIX) for k in annotations):
+        return {}
+    return {
+        PROMETHEUS_PREFIX + "scrape": "true",
+        PROMETHEUS_PREFIX + "port": str(config.admin_port),
+        PROMETHEUS_PREFIX + "path": "/metrics",
+    }
+
+
 # --- the decision ----------------------------------------------------------------------------------
 
 
@@ -738,6 +753,7 @@ def inject(
         **(new_meta["annotations"] if isinstance(new_meta.get("annotations"), dict) else {}),
         INJECTED_ANNOTATION: md.name,
         CONFIG_VERSION_ANNOTATION: settings.config.config_version,
+        **prometheus_annotations(settings.config, annotations),
     }
     # Diff only the changed paths (the rest is shared, hence equal): the same patch as a
     # diff of the whole pods, at a fraction of the cost for a large pod.

@@ -10,6 +10,7 @@ from its ``sidecar`` values (ConfigMap key ``injector.yaml``)::
     adminPort: 15090              # /healthz, /readyz, /metrics
     nativeSidecar: true           # an init container with restartPolicy: Always (k8s >= 1.29)
     resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 128Mi}}
+    prometheusAnnotations: false  # prometheus.io/scrape, /port, /path on injected pods
 
 Every key is optional except ``image`` and ``resources.requests.cpu``; unknown keys and
 bad values are errors naming the key, so a typo in the chart's values fails the webhook's
@@ -64,6 +65,9 @@ class InjectorConfig:
     # offload-webhook --default-remote-backend, validated; passed to sidecars as
     # OFFLOAD_DEFAULT_REMOTE_BACKEND. Not a key of the file.
     default_remote_backend: str = ""
+    # Annotate injected pods for a Prometheus without the Operator (its conventional
+    # kubernetes-pods job): scrape the sidecar's admin port at /metrics.
+    prometheus_annotations: bool = False
 
 
 def check_image(value: Any, key: str) -> str:
@@ -125,6 +129,7 @@ _KEYS = {
     "adminPort",
     "nativeSidecar",
     "resources",
+    "prometheusAnnotations",
 }
 
 
@@ -145,6 +150,9 @@ def parse_config(data: Any) -> InjectorConfig:
     native = data.get("nativeSidecar", True)
     if not isinstance(native, bool):
         raise ConfigError(f"nativeSidecar: must be true or false, got {native!r}")
+    annotate = data.get("prometheusAnnotations", False)
+    if not isinstance(annotate, bool):
+        raise ConfigError(f"prometheusAnnotations: must be true or false, got {annotate!r}")
     config = InjectorConfig(
         image=check_image(data["image"], "image"),
         config_version=str(version),
@@ -153,6 +161,7 @@ def parse_config(data: Any) -> InjectorConfig:
         admin_port=check_port(data.get("adminPort", DEFAULT_ADMIN_PORT), "adminPort"),
         native_sidecar=native,
         resources=check_resources(data.get("resources")),
+        prometheus_annotations=annotate,
     )
     if config.proxy_port == config.admin_port:
         raise ConfigError(f"adminPort: must differ from proxyPort ({config.proxy_port})")

@@ -7,7 +7,9 @@ holds. The module holds the metric objects; the code that knows the event increm
 - ``webhook.app`` counts each review and times it (``admission_*``);
 - ``webhook.mutating`` counts pods left without the sidecar (``injections_skipped``);
 - ``webhook.tls`` sets the serving certificate's expiry on every (re)load;
-- the controller counts and times its reconciles and sets ``leader``, through ``ControllerMetrics``.
+- ``webhook.app`` reports readiness (``ready``, read at each scrape);
+- the controller counts and times its reconciles, sets ``leader`` and counts the pods its
+  ModelDeployments' workloads run without the sidecar, through ``ControllerMetrics``.
 
 Its own registry (not prometheus_client's global one): importing the module twice in
 tests or embedding the webhook never collides with other collectors; the process
@@ -99,6 +101,17 @@ LEADER = Gauge(
     "1 while this replica holds the controller's leader lease, else 0.",
     registry=REGISTRY,
 )
+READY = Gauge(
+    "offload_webhook_ready",
+    "1 while this replica's /readyz answers 200 (its cache synced, no watch failing too long), else 0.",
+    registry=REGISTRY,
+)
+PODS_WITHOUT_SIDECAR = Gauge(
+    "offload_webhook_pods_without_sidecar",
+    "Ready pods of the workloads named by ModelDeployments that carry no sidecar, summed over "
+    "the ModelDeployments (reported by the leader; 0 elsewhere).",
+    registry=REGISTRY,
+)
 
 
 MUTATE_PODS = "mutate-pods"
@@ -114,10 +127,26 @@ for _result in ("success", "error"):
 
 
 class ControllerMetrics:
-    """What the controller (webhook.controller) reports to: its leader state and each reconcile."""
+    """What the controller (webhook.controller) reports to: its leader state, each reconcile,
+    and per ModelDeployment the ready pods without the sidecar (summed into one gauge)."""
+
+    def __init__(self) -> None:
+        self._without_sidecar: dict[tuple[str, str], int] = {}
 
     def leading(self, leads: bool) -> None:
         LEADER.set(1 if leads else 0)
+        if not leads:  # only the leader's view is current
+            self._without_sidecar.clear()
+            PODS_WITHOUT_SIDECAR.set(0)
+
+    def without_sidecar(self, key: tuple[str, str], pods: int) -> None:
+        """``key``: (namespace, name) of a ModelDeployment; ``pods``: its workload's ready pods
+        without the sidecar, 0 once it is gone."""
+        if pods:
+            self._without_sidecar[key] = pods
+        else:
+            self._without_sidecar.pop(key, None)
+        PODS_WITHOUT_SIDECAR.set(sum(self._without_sidecar.values()))
 
     def reconciled(self, result: str, seconds: float) -> None:
         """``result``: success, error or requeue; ``seconds``: how long the reconcile took."""

@@ -161,6 +161,57 @@ def test_names_follow_prometheus_conventions():
             assert "percent" not in name and "millis" not in name, name
 
 
+def test_info_names_the_modeldeployment_in_every_mode():
+    model = parse_document(TUTORIAL).model
+    assert model is not None
+    cases = [
+        (ControlView(model=model), "my-model"),
+        (ControlView(mode="cluster", source="team-a/llama"), "llama"),  # deleted or unreadable
+        (ControlView(mode="cluster", source="?/?"), ""),  # the injector's environment is missing
+        (ControlView(source="/etc/offload/md.yaml"), ""),  # an invalid file: no name to tell
+    ]
+    for view, name in cases:
+        samples = parse_exposition(render_metrics(view, ProxyStats(), ready=True, process=False))
+        info = [k for k in samples if k.startswith("offload_sidecar_info")]
+        assert info == [f'offload_sidecar_info{{modeldeployment="{name}"}}'], view
+        assert samples["offload_sidecar_decision_stale"] == 0
+
+
+def test_the_decision_reason_code_follows_the_engine_through_on_and_off():
+    from sidecar.admin import decision_code
+
+    model = parse_document(TUTORIAL).model
+    assert model is not None
+    behavior = OffloadingBehavior(percentage=50, sustain_seconds=10, cooldown_seconds=20)
+    state, codes = INITIAL, []
+    assert decision_code(ControlView(model=model)) == "NotEvaluated"
+    # cpu% over time: in the band, hot for the sustain window, cool for the cooldown, unreadable.
+    for now, cpu in [(0, 50), (1, 80), (11, 80), (12, 50), (13, 30), (33, 30), (34, None)]:
+        observations = [MetricObservation(CPU, cpu, 50.0, "test")]
+        decision = step(state, observations, now, behavior)
+        state = decision.state
+        view = ControlView(model=model, observations=tuple(observations), decision=decision)
+        codes.append((decision.offloading, decision_code(view)))
+    assert codes == [
+        (False, "WithinTolerance"),
+        (False, "SustainPending"),
+        (True, "AboveTarget"),
+        (True, "WithinTolerance"),
+        (True, "CooldownPending"),
+        (False, "BelowTarget"),
+        (False, "MetricsUnavailable"),
+    ]
+    static = step(INITIAL, [], 0, OffloadingBehavior(percentage=50, static_split=True))
+    assert decision_code(ControlView(model=model, decision=static)) == "StaticSplit"
+    assert decision_code(ControlView()) == "PassThrough"
+    disabled = parse_document(TUTORIAL.replace("spec:\n", "spec:\n  enabled: false\n", 1)).model
+    assert disabled is not None and not disabled.spec.enabled
+    assert decision_code(ControlView(model=disabled, decision=static)) == "PassThrough"
+    samples = parse_exposition(render_metrics(offloading_view(), ProxyStats(), ready=True, process=False))
+    assert samples['offload_sidecar_decision_reason{reason="AboveTarget"}'] == 1
+    assert len([k for k in samples if k.startswith("offload_sidecar_decision_reason")]) == 1
+
+
 # --- /status -------------------------------------------------------------------------------------
 
 

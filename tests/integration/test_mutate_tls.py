@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import socket
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from certs.issue import issue_ca, issue_serving_cert
 from tests.e2e.controlplane.net import free_port
 from tests.e2e.controlplane.webhook_process import start_webhook
-from tests.unit.test_golden import CASES, CONFIG, DIR, cluster, load_case, review_for
+from tests.unit.test_golden import CASES, CONFIG, DIR, cluster, config_for, load_case, review_for
 from tests.unit.test_mutating_robustness import json_values, mutated_pods
 from webhook.app import build_app
 from webhook.cache import ClusterCache
@@ -86,6 +87,9 @@ def certs(tmp_path_factory) -> Path:
     return write_certs(tmp_path_factory.mktemp("mutate-certs"))
 
 
+OWN_CONFIG = {case: config_for(case) for case in CASES if config_for(case) is not CONFIG}
+
+
 @pytest.fixture(scope="module")
 def webhook(certs):
     cache = cluster()
@@ -100,10 +104,24 @@ def client(webhook):
         yield c
 
 
+@pytest.fixture(scope="module")
+def own_config_clients(certs):
+    """case -> a client of a webhook with that case's own injector configuration."""
+    cache = cluster()
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for case, config in OWN_CONFIG.items():
+            app = build_app(
+                {"/mutate-pods": partial(review_pod, view=cache, config=config)}, ready=cache.synced
+            )
+            clients[case] = stack.enter_context(stack.enter_context(InProcessWebhook(app, certs)).client())
+        yield clients
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_every_golden_answer_comes_back_over_tls(client, case):
+def test_every_golden_answer_comes_back_over_tls(client, own_config_clients, case):
     namespace, pod = load_case(case)
-    answer = client.post("/mutate-pods", json=review_for(case, namespace, pod))
+    answer = own_config_clients.get(case, client).post("/mutate-pods", json=review_for(case, namespace, pod))
     assert answer.status_code == 200
     assert answer.headers["content-type"] == "application/json"
     assert answer.json() == json.loads((DIR / f"{case}.review.json").read_text())

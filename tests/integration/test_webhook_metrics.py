@@ -41,6 +41,9 @@ DEFINED = {
     "offload_webhook_reconcile_total": "counter",
     "offload_webhook_reconcile_duration_seconds": "histogram",
     "offload_webhook_leader": "gauge",
+    "offload_webhook_pods_without_sidecar": "gauge",
+    # Read from /readyz's own function at each scrape.
+    "offload_webhook_ready": "gauge",
 }
 CODES = {
     "mutate-pods",
@@ -110,6 +113,8 @@ def test_every_metric_is_exposed_with_its_type_and_the_controllers_start_at_zero
         assert value(samples, "offload_webhook_reconcile_total", result=result) == 0
     assert value(samples, "offload_webhook_reconcile_duration_seconds_count") == 0
     assert ("offload_webhook_leader", ()) in samples
+    assert ("offload_webhook_pods_without_sidecar", ()) in samples
+    assert value(samples, "offload_webhook_ready") == 1  # the test's cache is synced
     expiry = pair.certificate.not_valid_after_utc.timestamp()
     assert value(samples, "offload_webhook_serving_certificate_expiry_timestamp_seconds") == expiry
     assert value(samples, "process_resident_memory_bytes") > 0
@@ -187,3 +192,20 @@ def test_label_values_are_stable_codes_never_taken_from_the_objects(webhook):
         v for (name, labels) in samples if name.startswith("offload_webhook_") for k, v in labels if k != "le"
     }
     assert codes <= CODES, codes - CODES
+
+
+def test_pods_without_sidecar_sum_over_modeldeployments_and_only_the_leader_reports_them(webhook):
+    from webhook.metrics import ControllerMetrics
+
+    client, _ = webhook
+    metrics = ControllerMetrics()
+    metrics.leading(True)
+    metrics.without_sidecar(("team-a", "llama"), 2)
+    metrics.without_sidecar(("team-b", "mistral"), 1)
+    assert value(scrape(client), "offload_webhook_pods_without_sidecar") == 3
+    metrics.without_sidecar(("team-a", "llama"), 0)  # injected since, or deleted
+    assert value(scrape(client), "offload_webhook_pods_without_sidecar") == 1
+    metrics.leading(False)  # a follower's figures would be stale: the new leader reports
+    samples = scrape(client)
+    assert value(samples, "offload_webhook_pods_without_sidecar") == 0
+    assert value(samples, "offload_webhook_leader") == 0

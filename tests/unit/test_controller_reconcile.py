@@ -114,7 +114,7 @@ def conditions(plan):
 
 def test_all_ready_pods_injected_captures_binds_and_is_ready():
     p = reconcile.plan(world(), SETTINGS)
-    assert p.service_patch_why == "capture" and p.captured and p.injected == "2/2"
+    assert p.service_patch_why == "capture" and p.captured and p.injected == "2/2" and p.without_sidecar == 0
     assert p.rolebinding.verb == "create"
     assert p.rolebinding.body["subjects"] == [
         {"kind": "ServiceAccount", "name": "vllm", "namespace": "models"}
@@ -134,7 +134,7 @@ def test_a_ready_pod_without_the_sidecar_blocks_capture_and_is_named():
     assert conditions(p)["TrafficCaptured"] == (False, "PodsWithoutSidecar")
     assert conditions(p)["Injected"] == (False, "PodsWithoutSidecar")
     assert "old" in next(c.message for c in p.conditions if c.type == "Injected")
-    assert p.injected == "1/2"
+    assert p.injected == "1/2" and p.without_sidecar == 1
 
 
 def test_an_unready_pod_without_the_sidecar_does_not_block():

@@ -3,7 +3,8 @@ and a pod) against <case>.patch.json (the JSONPatch), <case>.patched.yaml (the p
 it) and <case>.review.json (the whole AdmissionReview answer).
 
 The cluster (ModelDeployments, workloads, Services) is _cluster.yaml, loaded into the real
-cache; the injector configuration is _injector.yaml. Cases are discovered from the
+cache; the injector configuration is _injector.yaml, with a case's own ``injector:`` keys
+(if it has any) on top. Cases are discovered from the
 directory; a golden file without a case, or a case without its goldens, fails.
 
     UPDATE_GOLDEN=1 python -m pytest tests/unit/test_golden.py
@@ -27,7 +28,7 @@ from tests.unit.podcheck import pod_problems
 from webhook.admission import parse_review
 from webhook.cache import DEPLOYMENTS, MODELDEPLOYMENTS, RESOURCES, SERVICES, STATEFULSETS, ClusterCache
 from webhook.injection import CONTAINER_NAME
-from webhook.injector_config import load_config
+from webhook.injector_config import InjectorConfig, load_config, parse_config
 from webhook.mutating import review_pod
 
 DIR = Path(__file__).parents[1] / "testdata" / "inject"
@@ -65,6 +66,14 @@ def load_case(case: str) -> tuple[str, dict]:
     return data["namespace"], data["pod"]
 
 
+def config_for(case: str) -> InjectorConfig:
+    """_injector.yaml with the case's ``injector:`` keys on top."""
+    changes = yaml.safe_load((DIR / f"{case}.yaml").read_text()).get("injector")
+    if not changes:
+        return CONFIG
+    return parse_config({**yaml.safe_load((DIR / "_injector.yaml").read_text()), **changes})
+
+
 def review_for(case: str, namespace: str, pod: dict) -> dict:
     return {
         "apiVersion": "admission.k8s.io/v1",
@@ -82,7 +91,7 @@ def review_for(case: str, namespace: str, pod: dict) -> dict:
 
 
 def admit(case: str, namespace: str, pod: dict) -> dict:
-    return review_pod(parse_review(review_for(case, namespace, pod)), view=CACHE, config=CONFIG)
+    return review_pod(parse_review(review_for(case, namespace, pod)), view=CACHE, config=config_for(case))
 
 
 def patch_of(answer: dict) -> list:

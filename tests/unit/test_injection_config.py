@@ -46,6 +46,7 @@ def test_defaults():
         (config.proxy_port, config.admin_port) == (DEFAULT_PROXY_PORT, DEFAULT_ADMIN_PORT) == (15080, 15090)
     )
     assert config.native_sidecar is True and config.image_pull_policy == "IfNotPresent"
+    assert config.prometheus_annotations is False
 
 
 # A sidecar without a cpu request makes every cpu Utilization metric of its pod invalid (the
@@ -90,6 +91,7 @@ def test_the_file_without_a_cpu_request_is_refused_with_its_path(tmp_path):
         ({"proxyPort": 70000}, "proxyPort: must be a port number between 1 and 65535"),
         ({"adminPort": 8080, "proxyPort": 8080}, "adminPort: must differ from proxyPort (8080)"),
         ({"nativeSidecar": "yes"}, "nativeSidecar: must be true or false"),
+        ({"prometheusAnnotations": "true"}, "prometheusAnnotations: must be true or false"),
         ({"resources": {"requests": {"cpu": "fast"}}}, "resources.requests.cpu: not a valid quantity"),
         ({"resources": {"requets": {}}}, "resources.requets: unknown key"),
         (

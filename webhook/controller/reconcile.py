@@ -74,6 +74,7 @@ class Plan:
     rolebinding: rbac.Action | None = None
     conditions: list[Condition] = field(default_factory=list)
     injected: str = ""  # "2/3": ready workload pods with the sidecar / ready workload pods
+    without_sidecar: int = 0  # ready workload pods without the sidecar
     captured: bool = False
 
 
@@ -195,6 +196,7 @@ def plan(world: World, settings: Settings) -> Plan:
         rolebinding=binding_action,
         conditions=conditions,
         injected=injected,
+        without_sidecar=len(bare),
         captured=captured,
     )
 

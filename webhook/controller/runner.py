@@ -222,6 +222,8 @@ class Controller:
         if md is None:
             self._evaluated_at.pop(key, None)
             self._failures.pop(key, None)
+            if self._metrics is not None:
+                self._metrics.without_sidecar(key, 0)
             if self._evaluation is not None:
                 self._evaluation.forget(key)
             return None
@@ -260,6 +262,8 @@ class Controller:
                     }
                 )
         plan = reconcile.plan(world, settings)
+        if self._metrics is not None:
+            self._metrics.without_sidecar(key, plan.without_sidecar)
         md = self._carry_out(md, plan, world.service)
         if plan.remove_finalizer or (md.get("metadata") or {}).get("deletionTimestamp"):
             return None

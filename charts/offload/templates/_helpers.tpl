@@ -59,6 +59,19 @@ read what it needs (files/sidecar-role.yaml). */}}
 {{- printf "%s-leader-election" (include "offload.webhook.name" . | trunc 46 | trimSuffix "-") }}
 {{- end }}
 
+{{/* The PodMonitor of the sidecars, the PrometheusRule and the dashboard's ConfigMap. */}}
+{{- define "offload.sidecar.podMonitorName" -}}
+{{- printf "%s-sidecars" (include "offload.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "offload.prometheusRuleName" -}}
+{{- include "offload.fullname" . }}
+{{- end }}
+
+{{- define "offload.dashboardName" -}}
+{{- printf "%s-dashboard" (include "offload.fullname" . | trunc 53 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "offload.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -253,6 +266,9 @@ imagePullPolicy: {{ .Values.sidecar.imagePullPolicy }}
 proxyPort: {{ .Values.sidecar.proxyPort }}
 adminPort: {{ .Values.sidecar.adminPort }}
 nativeSidecar: {{ .Values.sidecar.nativeSidecar }}
+{{- if .Values.sidecar.prometheusAnnotations }}
+prometheusAnnotations: true
+{{- end }}
 resources:
   {{- toYaml .Values.sidecar.resources | nindent 2 }}
 {{- end }}
