@@ -134,6 +134,10 @@ class OffloadingBehavior:
     # Offload `percentage` at all times, whatever the load; needs an empty metrics list.
     # Without it an empty metrics list never offloads (the Beamlit controller's meaning).
     static_split: bool = False
+    # Spillover: while a pod already has this many requests in flight to its local
+    # model, its sidecar sends further requests to the remote at once, whatever the
+    # offloading decision. None: no spillover.
+    spillover_in_flight: int | None = None
 
 
 # --- autoscaling/v2 MetricSpec -------------------------------------------------
@@ -218,11 +222,33 @@ class MetricSpec:
 # --- the spec -------------------------------------------------------------------
 
 
+DEFAULT_MODEL_METRICS_PATH = "/metrics"
+# Short enough to see a queue build within a second or two, long enough that parsing the
+# few gauges asked for costs the sidecar nothing noticeable.
+DEFAULT_MODEL_METRICS_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """Where each sidecar reads its model server's Prometheus gauges, on localhost.
+
+    ``port`` None: the model's own port (vLLM, TGI and SGLang serve /metrics there).
+    ``gauges``: gauge names served to ``Pods`` metrics besides the well-known ones
+    (crds/signals.py).
+    """
+
+    port: int | None = None
+    path: str = DEFAULT_MODEL_METRICS_PATH
+    interval_seconds: float = DEFAULT_MODEL_METRICS_INTERVAL
+    gauges: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class OffloadingConfig:
     remote_backend: RemoteBackend | None = None
     behavior: OffloadingBehavior = field(default_factory=OffloadingBehavior)
     metrics: tuple[MetricSpec, ...] = ()
+    model_metrics: ModelMetrics | None = None
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,21 @@ from crds.model import (
     MetricTarget,
     ModelDeployment,
     ModelDeploymentSpec,
+    ModelMetrics,
     OffloadingBehavior,
+    OffloadingConfig,
     RemoteBackend,
     expand_path_prefix,
     parse_object,
 )
 from crds.quantity import parse_quantity
+from crds.signals import (
+    METRIC_NAME,
+    SIDECAR_SIGNALS,
+    SIGNAL_PREFIX,
+    describe_local_names,
+    served_locally,
+)
 
 
 @dataclass(frozen=True)
@@ -154,8 +163,16 @@ def _check_spec(spec: ModelDeploymentSpec, namespace: str, settings: ValidationS
     base = "spec.offloadingConfig"
     behavior = config.behavior
     yield from _check_behavior(f"{base}.behavior", behavior)
+    if config.model_metrics is not None:
+        yield from _check_model_metrics(f"{base}.modelMetrics", config.model_metrics)
     for i, metric in enumerate(config.metrics):
-        yield from _check_metric(f"{base}.metrics[{i}]", metric)
+        yield from _check_metric(f"{base}.metrics[{i}]", metric, config)
+    spill = behavior.spillover_in_flight
+    if spill is not None and config.remote_backend is None and settings.default_remote_backend is None:
+        yield FieldError(
+            f"{base}.behavior.spilloverInFlight",
+            "needs a remoteBackend: this installation has no default remote backend to spill over to",
+        )
     if behavior.static_split and config.metrics:
         yield FieldError(
             f"{base}.behavior.staticSplit",
@@ -216,6 +233,50 @@ def _check_behavior(path: str, behavior: OffloadingBehavior) -> Iterator[Finding
             yield FieldError(f"{path}.{name}", f"must be between 0 and 3600, got {value}")
     if not 0 <= behavior.tolerance <= 1:
         yield FieldError(f"{path}.tolerance", f"must be between 0 and 1, got {behavior.tolerance}")
+    spill = behavior.spillover_in_flight
+    if spill is not None and not 1 <= spill <= MAX_SPILLOVER_IN_FLIGHT:
+        yield FieldError(
+            f"{path}.spilloverInFlight", f"must be between 1 and {MAX_SPILLOVER_IN_FLIGHT}, got {spill}"
+        )
+    elif spill is not None and behavior.percentage == 0:
+        yield (
+            f"{path}.spilloverInFlight is set with percentage 0: only the requests over "
+            f"{spill} in flight per pod are offloaded"
+        )
+
+
+MAX_SPILLOVER_IN_FLIGHT = 100_000
+MAX_MODEL_GAUGES = 32
+MODEL_METRICS_INTERVAL = (0.1, 60.0)  # seconds between scrapes, lowest and highest
+# What a path may hold: visible ASCII, no space (it is sent as the request target).
+_REQUEST_PATH = re.compile(r"/[!-~]*")
+
+
+def _check_model_metrics(path: str, config: ModelMetrics) -> Iterator[Finding]:
+    if config.port is not None and not 1 <= config.port <= 65535:
+        yield FieldError(f"{path}.port", f"must be between 1 and 65535, got {config.port}")
+    if len(config.path) > 1024 or not _REQUEST_PATH.fullmatch(config.path) or "#" in config.path:
+        yield FieldError(
+            f"{path}.path",
+            f"must start with / and hold visible ASCII only, without # (at most 1024), got {config.path!r}",
+        )
+    low, high = MODEL_METRICS_INTERVAL
+    if not low <= config.interval_seconds <= high:
+        yield FieldError(
+            f"{path}.intervalSeconds",
+            f"must be between {low:g} and {high:g}, got {config.interval_seconds:g}",
+        )
+    if len(config.gauges) > MAX_MODEL_GAUGES:
+        yield FieldError(
+            f"{path}.gauges", f"must have at most {MAX_MODEL_GAUGES} names, got {len(config.gauges)}"
+        )
+    seen: set[str] = set()
+    for i, name in enumerate(config.gauges):
+        if not METRIC_NAME.fullmatch(name):
+            yield FieldError(f"{path}.gauges[{i}]", f"must be a Prometheus metric name, got {name!r}")
+        elif name in seen:
+            yield FieldError(f"{path}.gauges[{i}]", f"{name!r} is listed twice")
+        seen.add(name)
 
 
 # --- remote backend ---------------------------------------------------------------
@@ -464,7 +525,7 @@ METRIC_MEMBERS = {
 SUPPORTED_RESOURCES = ("cpu", "memory")
 
 
-def _check_metric(path: str, metric: MetricSpec) -> Iterator[Finding]:
+def _check_metric(path: str, metric: MetricSpec, config: OffloadingConfig | None = None) -> Iterator[Finding]:
     members = {
         "resource": metric.resource,
         "containerResource": metric.container_resource,
@@ -502,7 +563,34 @@ def _check_metric(path: str, metric: MetricSpec) -> Iterator[Finding]:
             yield FieldError(f"{sub}.metric.name", "must not be empty")
         if identifier.selector is not None:
             yield from _check_selector(f"{sub}.metric.selector", identifier.selector)
+    if metric.pods is not None and member == "pods" and identifier is not None and identifier.name:
+        local = served_locally(identifier.name, config)
+        extra = config.model_metrics.gauges if config is not None and config.model_metrics else ()
+        if local is not None:
+            # Served by the sidecars: the workload's total (Value) is as meaningful as the average.
+            target_types = LOCAL_POD_TARGETS
+            if local == "sidecar" and identifier.selector is not None:
+                yield FieldError(
+                    f"{sub}.metric.selector",
+                    f"must not be set for {identifier.name!r}: the sidecar's own signal has one series",
+                )
+        elif identifier.name.startswith(SIGNAL_PREFIX):
+            yield FieldError(
+                f"{sub}.metric.name",
+                f"{identifier.name!r} is not a signal the sidecar measures; it measures "
+                f"{', '.join(sorted(SIDECAR_SIGNALS))}",
+            )
+        else:
+            yield (
+                f"{sub}.metric.name: {identifier.name!r} is read from the custom metrics API "
+                "(custom.metrics.k8s.io, served by a metrics adapter); served by the sidecars "
+                f"themselves: {describe_local_names(extra)}"
+            )
     yield from _check_target(f"{sub}.target", source.target, target_types)
+
+
+# Target types of a Pods metric the sidecars serve (the HPA's Pods metrics admit AverageValue only).
+LOCAL_POD_TARGETS = ("AverageValue", "Value")
 
 
 def _check_resource_name(path: str, name: str) -> Iterator[Finding]:
