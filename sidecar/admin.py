@@ -1,4 +1,4 @@
-"""The admin port: /healthz, /readyz, /metrics (Prometheus text), /status (JSON).
+"""The admin port: /healthz, /readyz, /metrics (Prometheus text), /status and /signals (JSON).
 
 Separate from the proxy port, so that probes and scrapes never compete with
 model traffic and the proxy port serves nothing but the model.
@@ -56,6 +56,7 @@ class ControlView:
     offloading_since: float | None = None  # wall clock
     transitions: tuple[tuple[str, int], ...] = ()  # (("on", n), ("off", m))
     published: dict[str, Any] | None = None  # cluster mode: the controller's decision, and its age
+    spillovers: int = 0  # requests sent to the remote by behavior.spilloverInFlight
     upstream: str = ""
     listen: str = ""
 
@@ -195,6 +196,24 @@ def render_metrics(view: ControlView, stats: ProxyStats, *, ready: bool, process
         stats.client_aborts_total,
     )
     out.one(f"{p}_in_flight_requests", "gauge", "Requests being proxied now.", stats.in_flight)
+    out.one(
+        f"{p}_local_in_flight_requests",
+        "gauge",
+        "Requests sent to the local model whose response has not ended.",
+        stats.local_in_flight,
+    )
+    out.one(
+        f"{p}_local_waiting_requests",
+        "gauge",
+        "Requests sent to the local model without a byte of response body yet.",
+        stats.local_waiting,
+    )
+    out.one(
+        f"{p}_spillovers_total",
+        "counter",
+        "Requests sent to the remote because the local model had spilloverInFlight in flight.",
+        view.spillovers,
+    )
     out.one(f"{p}_open_connections", "gauge", "Client connections open now.", stats.open_connections)
     out.one(f"{p}_websocket_tunnels", "gauge", "WebSocket tunnels open now.", stats.tunnels)
     out.one(
@@ -411,6 +430,9 @@ def status_document(view: ControlView, stats: ProxyStats, *, ready: bool) -> dic
             "rejected": {str(k): n for k, n in sorted(stats.rejected_total.items())},
             "clientAborts": stats.client_aborts_total,
             "inFlight": stats.in_flight,
+            "localInFlight": stats.local_in_flight,
+            "localWaiting": stats.local_waiting,
+            "spillovers": view.spillovers,
             "openConnections": stats.open_connections,
             "breaker": stats.breaker_state,
         },
@@ -444,10 +466,12 @@ class AdminServer:
         view: Callable[[], ControlView],
         stats: ProxyStats,
         ready: Callable[[], bool],
+        signals: Callable[[], dict[str, Any]] | None = None,
     ):
         self.view = view
         self.stats = stats
         self.ready = ready
+        self.signals = signals
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._connections = 0
@@ -481,8 +505,15 @@ class AdminServer:
             doc = status_document(self.view(), self.stats, ready=self.ready())
             body = (json.dumps(doc, indent=2) + "\n").encode()
             return _response(200, "OK", "application/json", body, head_only)
+        if path == "/signals" and self.signals is not None:
+            # Read by the controller every second per pod: compact.
+            body = json.dumps(self.signals(), separators=(",", ":")).encode()
+            return _response(200, "OK", "application/json", body, head_only)
         return _text(
-            404, "Not Found", f"no such endpoint {path!r}: /healthz /readyz /metrics /status", head_only
+            404,
+            "Not Found",
+            f"no such endpoint {path!r}: /healthz /readyz /metrics /status /signals",
+            head_only,
         )
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -44,6 +44,14 @@ from sidecar.interfaces import ConfigSource, MetricSource
 from sidecar.proxy import ProxyServer, ProxySettings
 from sidecar.routing import CaBundleContexts, RemoteTarget, RoutePlan, RoutingTable
 from sidecar.secretheaders import SecretHeaders, with_secret_headers
+from sidecar.signals import (
+    DEFAULT_WINDOW,
+    ModelScraper,
+    Sampler,
+    SignalBoard,
+    SignalMetricSource,
+    scrape_target,
+)
 from sidecar.stats import ProxyStats
 
 log = logging.getLogger("sidecar")
@@ -68,6 +76,8 @@ class SidecarSettings:
     cgroup_root: Path = Path("/sys/fs/cgroup")
     cpu_pid: int | None = None  # measure this process tree instead of the cgroup
     shutdown_deadline: float = 30.0
+    signal_window: float = DEFAULT_WINDOW  # seconds behind each value of /signals
+    pod_name: str = ""  # named in /signals (POD_NAME in a cluster)
     proxy: ProxySettings = field(default_factory=ProxySettings)
 
 
@@ -123,6 +133,7 @@ def plan_for(
         remote=RemoteTarget.from_backend(config.remote_backend, ssl_context_for, model=model.spec.model),
         percentage=config.behavior.percentage,
         offloading=offloading,
+        spillover=config.behavior.spillover_in_flight,
     )
 
 
@@ -400,6 +411,7 @@ class Controller:
             offloading_since=self.offloading_since,
             transitions=tuple(self.transitions.items()),
             published=self.published_view,
+            spillovers=self.routing.spillovers,
             upstream=self.upstream,
             listen=self.listen,
         )
@@ -437,6 +449,14 @@ class Sidecar:
         self.proxy = ProxyServer(
             self.routing, settings.upstream, settings.proxy, self.stats, on_ready_change=self._ready_changed
         )
+        self.sampler = Sampler(self.stats)
+        self.scraper = ModelScraper()
+        self.signals = SignalBoard(
+            self.sampler, self.scraper, window=settings.signal_window, pod=settings.pod_name
+        )
+        if metrics is not None and mode == "standalone":
+            # Pods metrics on the sidecar's signals and the model's gauges, from this pod's board.
+            metrics = SignalMetricSource(metrics, self.signals, self._offloading_config)
         self.controller = Controller(
             self.routing,
             metrics,
@@ -447,7 +467,9 @@ class Sidecar:
             listen=_fmt_addr(settings.listen),
             config_errors=config_errors,
         )
-        self.admin = AdminServer(self.controller.view, self.stats, lambda: self.ready)
+        self.admin = AdminServer(
+            self.controller.view, self.stats, lambda: self.ready, signals=self.signals.document
+        )
         self.stop = asyncio.Event()
         self.proxy_port = 0
         self.admin_port = 0
@@ -461,9 +483,14 @@ class Sidecar:
     def _ready_changed(self, ready: bool) -> None:
         self.ready = ready
 
+    def _offloading_config(self) -> Any:
+        model = self.controller.model
+        return model.spec.offloading_config if model is not None else None
+
     async def _follow_config(self) -> None:
         async for model in self.config.updates():
             self.controller.apply_config(model)
+            self.scraper.configure(scrape_target(model, self.settings.upstream))
             self._configure_auth(model)
             self._configure_secret_headers(model)
             self._first_config.set()
@@ -579,6 +606,7 @@ class Sidecar:
         started = False
         try:
             self.admin_port = await self.admin.start(*s.admin_listen)
+            self.sampler.start()
             # A source that dies (a bug) is restarted: the configuration in force stays meanwhile.
             tasks.append(
                 asyncio.create_task(supervised("the configuration source", self._follow_config, lambda: None))
@@ -604,6 +632,8 @@ class Sidecar:
             log.info("shutting down: draining for up to %.0f s", s.shutdown_deadline)
         finally:
             self.ready = False
+            self.sampler.stop()
+            self.scraper.stop()
             for task in (*tasks, self._auth_task, self._headers_task):
                 if task is not None:
                     task.cancel()

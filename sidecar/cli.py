@@ -38,6 +38,7 @@ from sidecar.app import NoMetrics, PassThroughSource, Sidecar, SidecarSettings
 from sidecar.cpu import DEFAULT_WINDOW, LocalMetricSource, ProcessTreeReader, detect_reader, parse_cores
 from sidecar.kube import SERVICE_ACCOUNT_DIR_ENV
 from sidecar.proxy import ProxySettings
+from sidecar.signals import DEFAULT_WINDOW as SIGNAL_WINDOW
 
 log = logging.getLogger("sidecar")
 
@@ -239,6 +240,14 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="cluster: how often each Secret the remote's authentication references is read "
         "again (one GET per Secret per sidecar); a Secret that cannot be read is retried sooner",
     )
+    g = p.add_argument_group("signals (GET /signals on the admin port)")
+    g.add_argument(
+        "--signal-window",
+        type=positive_duration,
+        default=f"{SIGNAL_WINDOW:g}s",
+        help="requests in flight and waiting at the local model are sampled every 100 ms and "
+        "averaged over this much recent history",
+    )
     g = p.add_argument_group("data path")
     defaults = ProxySettings()
     g.add_argument(
@@ -305,6 +314,8 @@ def settings_from(args: argparse.Namespace) -> SidecarSettings:
         cgroup_root=args.cgroup_root,
         cpu_pid=args.cpu_pid,
         shutdown_deadline=args.shutdown_deadline,
+        signal_window=args.signal_window,
+        pod_name=os.environ.get("POD_NAME", ""),
         proxy=proxy,
     )
 

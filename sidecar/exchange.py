@@ -60,6 +60,7 @@ class Exchange(ResponseRelay):
         "done",
         "head",
         "keep_alive",
+        "on_local",
         "pending",
         "pool",
         "request_complete",
@@ -73,6 +74,7 @@ class Exchange(ResponseRelay):
         "tried_remote",
         "up_out",
         "upstream",
+        "waiting",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead):
@@ -96,6 +98,9 @@ class Exchange(ResponseRelay):
         self.attempts = 0
         self.tried_local = False
         self.tried_remote = False
+        # Counted in stats.local_in_flight / local_waiting (see release_local).
+        self.on_local = False
+        self.waiting = False
         # (status, Retry-After seconds) of a 503/429 answer not relayed, for the end answer.
         self.busy: tuple[int, float | None] | None = None
         # Bytes for the upstream, gathered while one client read is parsed and
@@ -107,8 +112,9 @@ class Exchange(ResponseRelay):
     def start(self) -> None:
         server = self.server
         self.t_start = server.loop.time()
-        server.stats.in_flight += 1
-        target = server.routing.choose()
+        stats = server.stats
+        stats.in_flight += 1
+        target = server.routing.choose(stats.local_in_flight)
         if target is not None:
             refusal = server.remote_refusal(target, self.head)
             if refusal is not None:
@@ -119,9 +125,15 @@ class Exchange(ResponseRelay):
     def attempt(self, target: RemoteTarget | None, *, fresh: bool) -> None:
         self.attempts += 1
         self.target = target
+        if self.on_local:  # a retry: the last attempt no longer counts
+            self.release_local()
         if target is None:
             self.backend = "local"
             self.tried_local = True
+            stats = self.server.stats
+            stats.local_in_flight += 1
+            stats.local_waiting += 1
+            self.on_local = self.waiting = True
             pool = self.server.local_pool
         else:
             self.backend = "remote"
@@ -343,6 +355,22 @@ class Exchange(ResponseRelay):
         if self.upstream is not None and self.head.body == BODY_CHUNKED:
             self.up_out.append(b"0\r\n\r\n")
 
+    # --- the local model's signals ---------------------------------------------------
+
+    def first_byte(self) -> None:
+        """The local model sent the first byte of the response body: no longer waiting."""
+        self.waiting = False
+        self.server.stats.local_waiting -= 1
+
+    def release_local(self) -> None:
+        """This request no longer counts as in flight (or waiting) at the local model."""
+        stats = self.server.stats
+        if self.waiting:
+            self.waiting = False
+            stats.local_waiting -= 1
+        self.on_local = False
+        stats.local_in_flight -= 1
+
     # --- endings -------------------------------------------------------------------
 
     def finish(self, reusable: bool) -> None:
@@ -362,6 +390,8 @@ class Exchange(ResponseRelay):
                 conn.close()
         stats = server.stats
         stats.in_flight -= 1
+        if self.on_local:
+            self.release_local()
         stats.count_response(self.backend, self.status)
         stats.response_seconds[self.backend].observe(server.loop.time() - self.t_start)
         self.client.exchange_finished(self)
@@ -383,6 +413,8 @@ class Exchange(ResponseRelay):
         self.keep_alive = False
         stats = self.server.stats
         stats.in_flight -= 1
+        if self.on_local:
+            self.release_local()
         stats.count_rejection(status)
         self.client.transport.write(render_error(status, reason, retry_after=retry_after))
         self.client.exchange_finished(self)
@@ -408,6 +440,8 @@ class Exchange(ResponseRelay):
         if not self.done:
             self.done = True
             self.server.stats.in_flight -= 1
+        if self.on_local:
+            self.release_local()
         self.client.abort()
 
     def client_gone(self) -> None:
@@ -417,6 +451,8 @@ class Exchange(ResponseRelay):
         self.parser = None
         stats = self.server.stats
         stats.in_flight -= 1
+        if self.on_local:
+            self.release_local()
         stats.client_aborts_total += 1
         if self.connect_task is not None:
             self.connect_task.cancel()

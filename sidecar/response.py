@@ -63,6 +63,8 @@ class ResponseRelay:
     request_complete: bool
     done: bool
     t_start: float
+    on_local: bool
+    waiting: bool  # a local request without a byte of response body yet
 
     def __init__(self) -> None:
         self.parser: Any = None
@@ -145,6 +147,8 @@ class ResponseRelay:
             self.finish(self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
+        if self.waiting:
+            self.first_byte()
         if self.frame == FRAME_CHUNKED:
             self.out += (b"%x\r\n" % len(body), body, b"\r\n")
         elif not self.done:
@@ -197,6 +201,8 @@ class ResponseRelay:
         conn.exchange = None
         stats = self.server.stats
         stats.in_flight -= 1
+        if self.on_local:
+            self.release_local()
         stats.count_response(self.backend, 101)
         stats.tunnels += 1
         client = self.client
@@ -209,6 +215,12 @@ class ResponseRelay:
     # --- endings, supplied by Exchange ---------------------------------------------
 
     def finish(self, reusable: bool) -> None:
+        raise NotImplementedError
+
+    def first_byte(self) -> None:
+        raise NotImplementedError
+
+    def release_local(self) -> None:
         raise NotImplementedError
 
     def failed(self, kind: str) -> None:

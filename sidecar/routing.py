@@ -3,12 +3,15 @@
 While offloading is active exactly ``percentage`` of every 100 consecutive
 requests go to the remote backend, spread evenly (an error-diffusion counter,
 the two-backend case of smooth weighted round-robin); otherwise none do.
+Spillover, whether offloading or not: a request the spread leaves local goes to the
+remote when the local model already has ``spillover`` requests in flight.
 O(1) per request, no randomness, so tests and users can count on it.
 """
 
 from __future__ import annotations
 
 import ssl
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -111,10 +114,23 @@ class RoutePlan:
     remote: RemoteTarget | None = None
     percentage: int = 0
     offloading: bool = False
+    # behavior.spilloverInFlight: requests in flight to the local model beyond which
+    # the next one goes to the remote at once, offloading or not. None: no spillover.
+    spillover: int | None = None
 
     @property
     def active_percentage(self) -> int:
         return self.percentage if (self.offloading and self.remote is not None) else 0
+
+    @property
+    def spill_at(self) -> int:
+        """Local requests in flight from which the next request spills over (never: maxsize)."""
+        if self.spillover is None or self.remote is None:
+            return NEVER
+        return self.spillover
+
+
+NEVER = sys.maxsize
 
 
 class PercentageSpread:
@@ -142,13 +158,18 @@ class PercentageSpread:
 
 
 class RoutingTable:
-    """The plan in force plus its spread; the proxy asks it once per request."""
+    """The plan in force plus its spread; the proxy asks it once per request.
 
-    __slots__ = ("_plan", "_spread")
+    ``spillovers`` counts the requests sent to the remote by the spillover rule.
+    """
+
+    __slots__ = ("_plan", "_spill_at", "_spread", "spillovers")
 
     def __init__(self, plan: RoutePlan = RoutePlan()):
         self._plan = plan
         self._spread = PercentageSpread(plan.active_percentage)
+        self._spill_at = plan.spill_at
+        self.spillovers = 0
 
     @property
     def plan(self) -> RoutePlan:
@@ -158,9 +179,22 @@ class RoutingTable:
         if plan.active_percentage != self._plan.active_percentage:
             self._spread = PercentageSpread(plan.active_percentage)
         self._plan = plan
+        self._spill_at = plan.spill_at
 
-    def choose(self) -> RemoteTarget | None:
-        """The remote target for the next request, or None for the local model."""
+    def choose(self, local_in_flight: int = 0) -> RemoteTarget | None:
+        """The remote target for the next request, or None for the local model.
+
+        ``local_in_flight``: requests in flight to the local model now. A request the
+        spread leaves local spills over to the remote once that reaches the plan's
+        ``spillover``; the spread itself is not disturbed (its share stays exact).
+
+        >>> table = RoutingTable(RoutePlan(remote=RemoteTarget("http", "r", 80, "r"), spillover=2))
+        >>> [table.choose(n) is not None for n in (0, 1, 2, 5)], table.spillovers
+        ([False, False, True, True], 2)
+        """
         if self._spread.next_is_remote():
+            return self._plan.remote
+        if local_in_flight >= self._spill_at:
+            self.spillovers += 1
             return self._plan.remote
         return None

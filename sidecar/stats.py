@@ -90,6 +90,9 @@ class ProxyStats:
     - ``breaker_state``: "closed" | "open" | "half_open" for the remote backend.
     - ``in_flight``: requests being proxied now; ``open_connections``: client
       connections open now; ``tunnels``: WebSocket tunnels open now.
+    - ``local_in_flight``: requests sent to the local model whose response has not
+      ended; ``local_waiting``: those of them without a byte of response body yet (queued
+      or in prefill, for an LLM server). Both are what the sidecar's signals sample.
     """
 
     __slots__ = (
@@ -97,6 +100,8 @@ class ProxyStats:
         "client_aborts_total",
         "fallbacks_total",
         "in_flight",
+        "local_in_flight",
+        "local_waiting",
         "open_connections",
         "rejected_total",
         "requests_total",
@@ -116,6 +121,8 @@ class ProxyStats:
         self.client_aborts_total = 0
         self.breaker_state = "closed"
         self.in_flight = 0
+        self.local_in_flight = 0
+        self.local_waiting = 0
         self.open_connections = 0
         self.tunnels = 0
 

@@ -9,8 +9,9 @@ segment of the path, so a remote path prefix doesn't change the behaviour:
                         header list in order, body size, the body (when <= 64 KiB)
                         and its first 64 KiB (body_head);
                         two Set-Cookie fields; ``?hop=1`` adds hop-by-hop fields
-    .../sse?n=&interval_ms=   Server-Sent Events, chunked, one write per event;
-                        each event's data is ``{"i": i, "t": <sender's clock>}``
+    .../sse?n=&interval_ms=&first_ms=   Server-Sent Events, chunked, one write per
+                        event, the first ``first_ms`` after the head (an LLM's queue and
+                        prefill); each event's data is ``{"i": i, "t": <sender's clock>}``
                         (``clock``: time.monotonic in-process, or time.time)
     .../download?bytes=&chunked=   that many bytes, streamed in 64 KiB pieces
     .../status?code=    that status (204/304 without a body)
@@ -283,9 +284,10 @@ class Upstream:
                 )
             )
             await writer.drain()
+            first = float(query.get("first_ms", "0")) / 1000
             for i in range(n):
-                if i:
-                    await asyncio.sleep(interval)
+                if i or first:
+                    await asyncio.sleep(interval if i else first)
                 event = f"data: {json.dumps({'i': i, 't': self.clock()})}\n\n".encode()
                 writer.write(b"%x\r\n%b\r\n" % (len(event), event))
                 await writer.drain()
@@ -553,6 +555,7 @@ class ProxyHarness:
         settings: Any = None,
         remote_scheme: str = "http",
         remote_ssl: ssl.SSLContext | None = None,
+        spillover: int | None = None,
     ):
         from sidecar.proxy import ProxyServer, ProxySettings
         from sidecar.routing import RoutePlan, RoutingTable
@@ -573,8 +576,11 @@ class ProxyHarness:
                 path_prefix=path_prefix,
                 headers=headers,
             )
+        self.spillover = spillover
         self.routing = RoutingTable(
-            RoutePlan(remote=self.target, percentage=percentage, offloading=percentage > 0)
+            RoutePlan(
+                remote=self.target, percentage=percentage, offloading=percentage > 0, spillover=spillover
+            )
         )
         self.ready_changes: list[bool] = []
         self.proxy = ProxyServer(
@@ -591,7 +597,12 @@ class ProxyHarness:
 
         self.lt.call(
             lambda: self.routing.update(
-                RoutePlan(remote=self.target, percentage=percentage, offloading=percentage > 0)
+                RoutePlan(
+                    remote=self.target,
+                    percentage=percentage,
+                    offloading=percentage > 0,
+                    spillover=self.spillover,
+                )
             )
         )
 
