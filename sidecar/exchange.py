@@ -357,11 +357,6 @@ class Exchange(ResponseRelay):
 
     # --- the local model's signals ---------------------------------------------------
 
-    def first_byte(self) -> None:
-        """The local model sent the first byte of the response body: no longer waiting."""
-        self.waiting = False
-        self.server.stats.local_waiting -= 1
-
     def release_local(self) -> None:
         """This request no longer counts as in flight (or waiting) at the local model."""
         stats = self.server.stats
@@ -390,8 +385,12 @@ class Exchange(ResponseRelay):
                 conn.close()
         stats = server.stats
         stats.in_flight -= 1
-        if self.on_local:
-            self.release_local()
+        if self.on_local:  # release_local, inlined: once per request
+            self.on_local = False
+            stats.local_in_flight -= 1
+            if self.waiting:
+                self.waiting = False
+                stats.local_waiting -= 1
         stats.count_response(self.backend, self.status)
         stats.response_seconds[self.backend].observe(server.loop.time() - self.t_start)
         self.client.exchange_finished(self)

@@ -147,8 +147,9 @@ class ResponseRelay:
             self.finish(self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
-        if self.waiting:
-            self.first_byte()
+        if self.waiting:  # the local model's first body byte: no longer waiting
+            self.waiting = False
+            self.server.stats.local_waiting -= 1
         if self.frame == FRAME_CHUNKED:
             self.out += (b"%x\r\n" % len(body), body, b"\r\n")
         elif not self.done:
@@ -215,9 +216,6 @@ class ResponseRelay:
     # --- endings, supplied by Exchange ---------------------------------------------
 
     def finish(self, reusable: bool) -> None:
-        raise NotImplementedError
-
-    def first_byte(self) -> None:
         raise NotImplementedError
 
     def release_local(self) -> None:

@@ -168,10 +168,13 @@ def parse_gauges(text: str, names: Iterable[str]) -> dict[str, GaugeReading]:
         message = f"the model's metrics could not be parsed: {exc}"[:300]
         return {name: GaugeReading(error=message) for name in wanted}
     for family in families:
-        if family.name not in wanted or family.name in found:
-            continue
         if family.type not in ("gauge", "unknown"):
-            found[family.name] = GaugeReading(error=f"{family.name} is a {family.type}, not a gauge")
+            # Named as the exposition shows it (a counter's family drops its _total).
+            shown = {family.name, f"{family.name}_total", *(sample.name for sample in family.samples)}
+            for name in (shown & wanted) - found.keys():
+                found[name] = GaugeReading(error=f"{name} is a {family.type}, not a gauge")
+            continue
+        if family.name not in wanted or family.name in found:
             continue
         series = [
             Series(dict(sample.labels), float(sample.value))
