@@ -134,7 +134,7 @@ class LlmServer:
             await writer.drain()
             return keep
         tokens = self.capacity.tokens
-        with contextlib.suppress(ValueError, IndexError):
+        with contextlib.suppress(ValueError, IndexError, KeyError):
             tokens = max(1, min(1000, int(parse_qs(url.query)["tokens"][0])))
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
