@@ -1,5 +1,9 @@
 """The local demo: ``python -m sidecar.demo`` (no cluster, nothing to set up).
 
+``--scenario llm`` runs the LLM-serving scenario instead (sidecar/demo_llm.py): a model
+server that saturates on its queue while its CPU stays low, where CPU-based offloading
+does nothing and the queue signal does. The default scenario:
+
 It starts, all on 127.0.0.1 with ephemeral ports:
 
 - a sample **model server** that streams tokens as Server-Sent Events and burns
@@ -532,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
         "--duration", type=float, default=60.0, help="seconds of load (default 60; at least 10)"
     )
     parser.add_argument("--plain", action="store_true", help="periodic lines instead of a redrawn display")
+    parser.add_argument(
+        "--scenario",
+        choices=("cpu", "llm"),
+        default="cpu",
+        help="cpu: a CPU-bound model and the tutorial's CPU target; llm: an LLM server saturating on its "
+        "queue while its CPU stays low, with and without the queue signal",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the working directory (config and logs)")
     parser.add_argument("--serve", choices=("model", "remote"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -550,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     tty = sys.stdout.isatty() and not args.plain and os.environ.get("TERM") != "dumb"
     workdir = Path(tempfile.mkdtemp(prefix="offload-demo-"))
     try:
+        if args.scenario == "llm":
+            from sidecar.demo_llm import run_llm_demo
+
+            return asyncio.run(run_llm_demo(args.duration, workdir, sys.stdout, tty))
         return asyncio.run(run_demo(plan, workdir, sys.stdout, tty))
     except KeyboardInterrupt:
         return 130
