@@ -24,8 +24,8 @@ Policies (60% offloaded while offloading, for every policy that offloads):
 3. the product on CPU Utilization with its defaults (1 s poll standalone, 10 s CPU
    window, 30 s sustain, 120 s cooldown);
 4. the product on its in-flight signal (``offload.beamlit.com/in-flight``, AverageValue
-   3 per pod, sampled every 100 ms, mean of the last 0.5 s), 1 s sustain, 5 s cooldown,
-   200 ms poll;
+   3 per pod, sampled every 100 ms, mean of the last 0.3 s), 1 s sustain, 5 s cooldown,
+   100 ms poll;
 5. the same with spillover at 4 in flight (the model's capacity).
 
 Figures, per policy, each beside its ratio to the no-offload run of this same run:
@@ -99,13 +99,21 @@ class Phases:
 
 
 def schedule(phases: Phases, capacity: float, seed: int) -> list[float]:
-    """Poisson arrival times (seconds from the start) at the phases' rates."""
+    """Poisson arrival times (seconds from the start) at the phases' rates. A gap drawn at
+    one rate that would cross a change of rate is drawn again from the change (the process
+    is memoryless): the spike's arrivals start at the step, not one slow gap after it."""
     rng = random.Random(seed)
+    boundaries = [phases.step, phases.spike_end, phases.total]
     times, t = [], 0.0
     while True:
-        t += rng.expovariate(phases.rate(t, capacity))
-        if t >= phases.total:
-            return times
+        candidate = t + rng.expovariate(phases.rate(t, capacity))
+        boundary = next((b for b in boundaries if t < b <= candidate), None)
+        if boundary is not None:
+            t = boundary
+            if boundary >= phases.total:
+                return times
+            continue
+        t = candidate
         times.append(t)
 
 
@@ -177,21 +185,21 @@ POLICIES = (
     ),
     Policy(
         "inflight",
-        "product: in-flight signal (0.5 s mean), 1 s sustain",
+        "product: in-flight signal (0.3 s mean), 1 s sustain",
         lambda port: modeldeployment(
             port, behavior={"sustainSeconds": 1, "cooldownSeconds": 5}, metrics=[IN_FLIGHT_METRIC]
         ),
-        ("--poll-interval", "200ms", "--signal-window", "500ms"),
+        ("--poll-interval", "100ms", "--signal-window", "300ms"),
     ),
     Policy(
         "spillover",
-        f"product: in-flight signal (0.5 s mean), 1 s sustain, spillover at {LOCAL.slots}",
+        f"product: in-flight signal (0.3 s mean), 1 s sustain, spillover at {LOCAL.slots}",
         lambda port: modeldeployment(
             port,
             behavior={"sustainSeconds": 1, "cooldownSeconds": 5, "spilloverInFlight": LOCAL.slots},
             metrics=[IN_FLIGHT_METRIC],
         ),
-        ("--poll-interval", "200ms", "--signal-window", "500ms"),
+        ("--poll-interval", "100ms", "--signal-window", "300ms"),
     ),
 )
 

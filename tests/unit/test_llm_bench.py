@@ -66,3 +66,13 @@ def test_percentiles_are_nearest_rank_and_none_without_values():
     assert bench.percentile([], 99) is None
     assert bench.percentile([3, 1, 2], 50) == 2
     assert bench.percentile(list(range(1, 101)), 99) == 99
+
+
+def test_the_spikes_arrivals_start_at_the_step_not_one_slow_gap_after_it():
+    """Memoryless: the first arrival after a change of rate comes at the new rate."""
+    gaps = []
+    for seed in range(300):
+        times = bench.schedule(PHASES, capacity=20.0, seed=seed)
+        assert times == sorted(times) and times[-1] < PHASES.total
+        gaps.append(next(t for t in times if t >= PHASES.step) - PHASES.step)
+    assert 0.015 < sum(gaps) / len(gaps) < 0.035  # 1/40 s at the spike's rate (1/10 s at the old one)
