@@ -40,6 +40,7 @@ from typing import Any
 import httptools
 
 from crds.model import ModelDeployment, OffloadingConfig
+from crds.observation import MetricObservation
 from crds.signals import (
     IN_FLIGHT,
     SIDECAR_SIGNALS,
@@ -51,7 +52,6 @@ from crds.signals import (
     scraped_gauges,
     signal_value,
 )
-from crds.observation import MetricObservation
 from sidecar.interfaces import MetricSource
 from sidecar.stats import ProxyStats
 
