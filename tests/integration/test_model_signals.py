@@ -35,7 +35,9 @@ def servers():
 
 
 def config(tmp_path: Path, remote_port: int, metric: dict, **offloading) -> Path:
-    doc = standalone(remote_port, percentage=100, behavior={"sustainSeconds": 1, "cooldownSeconds": 1})
+    doc = standalone(
+        remote_port, percentage=100, behavior={"sustainSeconds": 1, "cooldownSeconds": 1}, static_split=False
+    )
     doc["spec"]["offloadingConfig"]["metrics"] = [metric]
     doc["spec"]["offloadingConfig"].update(offloading)
     path = tmp_path / "md.yaml"

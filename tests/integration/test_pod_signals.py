@@ -61,7 +61,7 @@ def pods(tmp_path: Path):
                 model = LlmServer(name, Capacity(slots=2, prefill=0.2, tokens=5, token_interval=0.05))
                 lt.run(model.start())
                 models.append(model)
-                doc = standalone(remote.port, percentage=0)
+                doc = standalone(remote.port, percentage=0, static_split=False)
                 doc["spec"]["offloadingConfig"]["metrics"] = [metric(QUEUE, "AverageValue", "1000")]
                 doc["spec"]["offloadingConfig"]["modelMetrics"] = {"intervalSeconds": 0.2}
                 (tmp_path / name).mkdir()
@@ -81,7 +81,7 @@ def pods(tmp_path: Path):
 
 
 def the_model(*metrics: dict):
-    doc = standalone(80, metrics=False)
+    doc = standalone(80, static_split=False)
     doc["metadata"]["namespace"] = "models"
     doc["spec"]["offloadingConfig"]["metrics"] = list(metrics)
     model = validate_object(doc).model
