@@ -16,7 +16,8 @@ from webhook import apicalls, metrics
 from webhook.app import build_app
 from webhook.cache import CacheSync, ClusterCache
 from webhook.controller import main as controller_main
-from webhook.controller.evaluation import ControllerEvaluation
+from webhook.controller.evaluation import ControllerEvaluation, MetricsReader
+from webhook.controller.podsignals import signals_reader
 from webhook.controller.store import Store
 from webhook.injector_config import ConfigError, load_config
 from webhook.mutating import answer_pod
@@ -140,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             api_client,
             store,
             settings,
-            evaluation=ControllerEvaluation(api_client, period_seconds=args.evaluation_period),
+            evaluation=ControllerEvaluation(
+                api_client,
+                period_seconds=args.evaluation_period,
+                reader=MetricsReader(api_client, signals=signals_reader(args.signals_period)),
+            ),
             metrics=metrics.ControllerMetrics(),
         )
         reviews["/mutate-pods"] = partial(answer_pod, view=cache, config=config)

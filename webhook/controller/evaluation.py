@@ -19,6 +19,10 @@ the number of pods:
 - a GET of the workload for its label selector only when the caller does not pass one, at
   most every ``selector_ttl`` seconds.
 
+Pods metrics the sidecars serve themselves (crds/signals.py: their in-flight and waiting
+counts, the model server's gauges) are not asked of any metrics API: ``signals``
+(webhook/controller/podsignals.py) reads them from each ready pod's sidecar.
+
 The pods themselves come from the caller (its watch cache): no pod list. A metric whose API
 fails or is not served gets an observation with ``current`` None and the reason, so the
 decision holds. Everything else in this module is pure.
@@ -54,9 +58,18 @@ from crds.hpa import (
     selector_string,
     unknown_observations,
 )
-from crds.model import LabelSelector, MetricSpec, ModelDeployment, ObjectReference, OffloadingBehavior
+from crds.model import (
+    LabelSelector,
+    MetricSpec,
+    ModelDeployment,
+    ObjectReference,
+    OffloadingBehavior,
+    OffloadingConfig,
+)
 from crds.observation import MetricObservation
+from crds.signals import local_metric_name
 from crds.status import PublishedDecision, format_time, observation_document, utilization
+from webhook.controller.podsignals import LocalObservation, PodSignalsReader
 
 log = logging.getLogger("webhook.controller.evaluation")
 
@@ -152,8 +165,10 @@ class MetricsReader:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = time.monotonic,
         selector_ttl: float = 300.0,
+        signals: PodSignalsReader | None = None,
     ) -> None:
         self._get = get if get is not None else ApiGet(api_client)
+        self.signals = signals if signals is not None else PodSignalsReader()
         self.settings = settings or HpaSettings()
         self._clock = clock
         self._monotonic = monotonic
@@ -185,6 +200,21 @@ class MetricsReader:
         metrics = config.metrics if config is not None else ()
         if not metrics:
             return []
+        local = {local.index: local for local in self.signals.observe(md, pods)}
+        if len(local) == len(metrics):  # all served by the sidecars: no metrics API, no selector
+            return [_from_local(local[i]) for i in range(len(metrics))]
+        observations = self._observe_apis(md, pods, selector, status_replicas)
+        return [_from_local(local[i]) if i in local else o for i, o in enumerate(observations)]
+
+    def _observe_apis(
+        self,
+        md: ModelDeployment,
+        pods: Sequence[Mapping[str, Any]],
+        selector: str | Mapping[str, Any] | LabelSelector | None,
+        status_replicas: int | None,
+    ) -> list[MetricObservation]:
+        config = md.spec.offloading_config
+        metrics = config.metrics if config is not None else ()
         namespace = md.workload_namespace
         ref = md.spec.model_source_ref
         try:
@@ -202,7 +232,7 @@ class MetricsReader:
                 1 for p in parsed if not p.deleted and p.phase not in ("Failed", "Succeeded")
             )
         workload = Workload(pods=parsed, status_replicas=status_replicas)
-        readings = self._readings(metrics, namespace, query)
+        readings = self._readings(metrics, namespace, query, config)
         settings = self.settings
         if config is not None and config.behavior.tolerance != settings.tolerance:
             settings = HpaSettings(
@@ -238,11 +268,19 @@ class MetricsReader:
 
     # -- the metrics APIs ----------------------------------------------------------------------
 
-    def _readings(self, metrics: Sequence[MetricSpec], namespace: str, selector: str) -> list[Reading]:
+    def _readings(
+        self,
+        metrics: Sequence[MetricSpec],
+        namespace: str,
+        selector: str,
+        config: OffloadingConfig | None = None,
+    ) -> list[Reading]:
         usage: Reading | None = None
         readings: list[Reading] = []
         for metric in metrics:
-            if metric.type in ("Resource", "ContainerResource"):
+            if local_metric_name(metric, config) is not None:
+                readings.append(Unreadable("served by the sidecars"))  # replaced by observe
+            elif metric.type in ("Resource", "ContainerResource"):
                 if usage is None:
                     usage = self._read(
                         "metrics.k8s.io",
@@ -305,6 +343,10 @@ class MetricsReader:
             return Unreadable(f"{api}: {exc}")
         except Exception as exc:  # noqa: BLE001 - any failure of one API makes only its metrics unknown
             return Unreadable(f"{api}: {_describe(exc)}")
+
+
+def _from_local(local: LocalObservation) -> MetricObservation:
+    return MetricObservation(local.metric, local.current, local.target, local.reason, "Pods")
 
 
 def _seg(text: str) -> str:

@@ -53,6 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how often each ModelDeployment's metrics are evaluated (default: %(default)s)",
     )
     group.add_argument(
+        "--signals-period",
+        type=_positive_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often a ModelDeployment with Pods metrics the sidecars serve is evaluated, from "
+        "each ready pod's /signals on its offload-admin port; its status is still written at most "
+        "every --evaluation-period unless the decision changes (default: %(default)s)",
+    )
+    group.add_argument(
         "--leader-election-namespace",
         default=os.environ.get("POD_NAMESPACE") or "default",
         help="namespace of the leader Lease (default: $POD_NAMESPACE, else %(default)s)",
@@ -63,6 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--leader-election-lease-duration", type=float, default=15.0, metavar="SECONDS")
     group.add_argument("--leader-election-renew-deadline", type=float, default=10.0, metavar="SECONDS")
     group.add_argument("--leader-election-retry-period", type=float, default=2.0, metavar="SECONDS")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
+    return value
 
 
 def identity() -> str:
@@ -127,6 +146,7 @@ def start(
         release=(args.controller == "off") if release is None else release,
         period=args.evaluation_period,
         validation=settings,
+        signals_period=args.signals_period,
     )
     controller = Controller(
         api_client, store, options, evaluation=evaluation, leading=elector.leading, metrics=metrics

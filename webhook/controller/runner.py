@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from crds.model import GROUP, PLURAL, VERSION
+from crds.signals import has_local_metrics
 from crds.validation import ValidationSettings, validate_object
 from webhook.cache import (
     DEPLOYMENTS,
@@ -75,6 +76,31 @@ class Options:
     release: bool = False
     period: float = 15.0  # seconds between evaluations of one ModelDeployment
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    # Seconds between evaluations of a ModelDeployment with Pods metrics the sidecars
+    # serve (read from the pods, no metrics API): the decision follows them within
+    # seconds; its status is still written at most every `period` unless it changes.
+    signals_period: float = 1.0
+
+
+def evaluation_period(model: Any, options: Options) -> float:
+    """Seconds between two evaluations of ``model`` (a validated ModelDeployment or None):
+    ``signals_period`` when a metric is served by the sidecars, else ``period``."""
+    config = model.spec.offloading_config if model is not None else None
+    if has_local_metrics(config):
+        return min(options.signals_period, options.period)
+    return options.period
+
+
+def publishes(status: Mapping[str, Any], decided: Mapping[str, Any], since: float, period: float) -> bool:
+    """Whether an evaluation made every ``signals_period`` is written to the status now: when
+    the decision changed (on/off, or its reason code, which the sidecars and Events follow),
+    else once ``period`` seconds have passed since the last write (``since``). The observed
+    values change every second, and each status write reaches every sidecar of the workload."""
+    before = status.get("decision") or {}
+    after = decided.get("decision") or {}
+    if decided.get("offloading") != status.get("offloading") or after.get("reason") != before.get("reason"):
+        return True
+    return since >= period
 
 
 def _rfc3339(now: datetime) -> str:
@@ -113,6 +139,7 @@ class Controller:
         # shows one of them, it has not seen our last write (the watch lags by a few ms).
         self._written: dict[str, set[str]] = {}
         self._evaluated_at: dict[Key, float] = {}
+        self._published_at: dict[Key, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         store.set_on_change(self._changed)
@@ -221,6 +248,7 @@ class Controller:
         md = self.store.get(MODELDEPLOYMENTS, namespace, name)
         if md is None:
             self._evaluated_at.pop(key, None)
+            self._published_at.pop(key, None)
             self._failures.pop(key, None)
             if self._metrics is not None:
                 self._metrics.without_sidecar(key, 0)
@@ -235,7 +263,8 @@ class Controller:
         decided: dict[str, Any] = {}
         due = self._evaluation is not None and world.model is not None and not self.options.release
         due = due and not (md.get("metadata") or {}).get("deletionTimestamp")
-        if due and self._clock() - self._evaluated_at.get(key, -1e18) >= self.options.period:
+        period = evaluation_period(world.model, self.options)
+        if due and self._clock() - self._evaluated_at.get(key, -1e18) >= period:
             assert self._evaluation is not None
             decided, offloading = self._evaluation.evaluate(
                 key,
@@ -246,8 +275,13 @@ class Controller:
                 workload=world.workload,
             )
             self._evaluated_at[key] = self._clock()
-            world = reconcile.World(**{**world.__dict__, "offloading": offloading})
-        elif due and status.get("conditions"):
+            since = self._clock() - self._published_at.get(key, -1e18)
+            if period >= self.options.period or publishes(status, decided, since, self.options.period):
+                self._published_at[key] = self._clock()
+                world = reconcile.World(**{**world.__dict__, "offloading": offloading})
+            else:
+                decided = {}  # kept for a later write: the published decision stands
+        if due and not decided and status.get("conditions"):
             previous = next((c for c in status["conditions"] if c.get("type") == "Offloading"), None)
             if previous is not None:
                 world = reconcile.World(
@@ -268,7 +302,7 @@ class Controller:
         if plan.remove_finalizer or (md.get("metadata") or {}).get("deletionTimestamp"):
             return None
         self._write_status(md, plan, decided)
-        return self.options.period if not self.options.release else None
+        return period if not self.options.release else None
 
     def _behind(self, obj: Mapping[str, Any]) -> bool:
         meta = obj.get("metadata") or {}
