@@ -204,6 +204,15 @@ class _Response:
         self.body: list[bytes] = []
         self.size = 0
         self.done = False
+        self.head_done = False
+        self.framed = False  # Content-Length or chunked: else the body ends with the connection
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
@@ -231,9 +240,8 @@ async def fetch(host: str, port: int, path: str, *, timeout: float, limit: int =
             while not response.done:
                 data = await reader.read(65536)
                 if not data:
-                    parser.feed_data(b"")  # an EOF-delimited body ends here
-                    if response.done:
-                        break
+                    if response.head_done and not response.framed:
+                        break  # a body without length ends with the connection (HTTP/1.0 style)
                     raise FetchError("the connection closed before the response ended")
                 try:
                     parser.feed_data(data)
