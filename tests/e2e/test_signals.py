@@ -123,7 +123,10 @@ def test_offloading_follows_the_sidecars_in_flight_counts_with_no_metrics_adapte
                 args += ["--admin-listen", f"{pod.status.pod_ip}:{ADMIN_PORT}"]
                 sidecars.append(SidecarProcess(workdir, *args))
 
-            c.wait("the controller to publish: below target", lambda: reason() == "BelowTarget")
+            c.wait(
+                "the controller to read both sidecars: below target",
+                lambda: reason() == "BelowTarget" and message() == "average over 2 ready pods",
+            )
             (metric,) = status()["decision"]["metrics"]
             assert metric["name"] == f'"{IN_FLIGHT}" on pods' and metric["type"] == "Pods"
             assert metric["current"] == "0" and metric["target"] == "2", metric
@@ -151,7 +154,7 @@ def test_offloading_follows_the_sidecars_in_flight_counts_with_no_metrics_adapte
                 load.end()
             c.wait("status.offloading false", lambda: status().get("offloading") is False, 30)
             turned_off = time.monotonic() - cool_at
-            assert COOLDOWN <= turned_off <= COOLDOWN + 5, turned_off
+            assert COOLDOWN <= turned_off <= COOLDOWN + 6, turned_off  # the clients finish first
             assert all(not load.errors for load in loads)
         finally:
             for load in loads:
