@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import ssl
 import subprocess
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
