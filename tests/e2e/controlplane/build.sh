@@ -155,7 +155,7 @@ build_metrics-server() {
     log "metrics-server $METRICS_SERVER_VERSION: building"
     local work; work="$(wrapper_module metrics-server "$METRICS_SERVER_VERSION" "")"
     WORK_DIRS+=("$work")
-    local pkg=sigs.k8s.io/metrics-server/pkg/version
+    local pkg=k8s.io/client-go/pkg/version  # where metrics-server's Makefile sets its version
     go_build "$work" "$out" "-X $pkg.gitVersion=$METRICS_SERVER_VERSION -X $pkg.buildDate=1970-01-01T00:00:00Z" \
         sigs.k8s.io/metrics-server/cmd/metrics-server
 }

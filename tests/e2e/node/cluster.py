@@ -194,7 +194,7 @@ class RealNodeCluster:
 
     def _kubeconfig(self, name: str, user: str, group: str | None = None) -> Path:
         assert self.plane is not None
-        client = self.pki.client(name, user, group)
+        client = self.pki.client(f"{name}-client", user, group)
         return write_kubeconfig(
             self.workdir / f"{name}.kubeconfig",
             server=self.plane.server,

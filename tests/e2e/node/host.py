@@ -313,12 +313,34 @@ def unmount_node_mounts() -> None:
         netns.unlink(missing_ok=True)
 
 
+# The chains the kubelet itself makes (kube-proxy --cleanup removes kube-proxy's, not these):
+# table -> chains, in both iptables and ip6tables.
+KUBELET_CHAINS = {
+    "filter": ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY"),
+    "nat": ("KUBE-KUBELET-CANARY",),
+    "mangle": ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"),
+}
+
+
+def _remove_chain(tool: str, table: str, chain: str) -> None:
+    """Deletes every rule jumping to `chain` in `table`, then the chain itself."""
+    listed = run(tool, "-t", table, "-S", check=False).stdout.splitlines()
+    for rule in listed:
+        if rule.startswith("-A ") and rule.endswith(f"-j {chain}"):
+            run(tool, "-t", table, "-D", *rule[3:].split(), check=False)
+    if f"-N {chain}" in listed:
+        run(tool, "-t", table, "-F", chain, check=False)
+        run(tool, "-t", table, "-X", chain, check=False)
+
+
 def teardown_network() -> None:
-    for chain, parent in ((CHAIN_FORWARD, "FORWARD"), (CHAIN_INPUT, "INPUT")):
-        while run("iptables", "-D", parent, "-j", chain, check=False).returncode == 0:
-            pass
-        run("iptables", "-F", chain, check=False)
-        run("iptables", "-X", chain, check=False)
+    for chain in (CHAIN_FORWARD, CHAIN_INPUT):
+        _remove_chain("iptables", "filter", chain)
+    for tool in ("iptables", "ip6tables"):
+        if shutil.which(tool):
+            for table, chains in KUBELET_CHAINS.items():
+                for chain in chains:
+                    _remove_chain(tool, table, chain)
     if run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
         for line in run("ip", "-o", "link", "show", "master", BRIDGE, check=False).stdout.splitlines():
             port = line.split(":")[1].strip().split("@")[0]
