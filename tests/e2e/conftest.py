@@ -22,6 +22,7 @@ from controlplane.process import wait_until
 from controlplane.webhook_process import WebhookServer, start_webhook
 from node.cluster import RealNodeCluster
 from node.images import build_images
+from node.release import HelmRelease, create_restricted_namespace
 from paths import CRD
 
 log = logging.getLogger("e2e")
@@ -215,3 +216,20 @@ def node_namespace(real_node, request) -> Iterator[str]:
     api.create_namespace({"metadata": {"name": name, "labels": {"offload-e2e": "true"}}})
     yield name
     api.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture(scope="session")
+def node_release(real_node, control_plane_binaries) -> Iterator[HelmRelease]:
+    """The chart installed on the real node with its default values (the image
+    localhost/offload:<appVersion>, built here and present on the node), into offload-system,
+    which enforces the restricted Pod Security Standard. Uninstalled at the end."""
+    release = HelmRelease(control_plane_binaries.helm, real_node.plane.kubeconfig)
+    create_restricted_namespace(real_node.api_client, release.namespace)
+    try:
+        release.install()
+        yield release
+    finally:
+        release.uninstall()
+        kubernetes.client.CoreV1Api(real_node.api_client).delete_namespace(
+            release.namespace, propagation_policy="Background"
+        )
