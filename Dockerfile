@@ -36,7 +36,7 @@ RUN /opt/offload/bin/pip install --no-compile --no-deps --no-build-isolation /sr
  && /opt/offload/bin/pip uninstall --yes aiohttp aiohttp-retry setuptools wheel pip \
  && rm -rf /opt/offload/lib/python3*/site-packages/kubernetes/aio \
  && /opt/offload/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/offload/lib \
- && /opt/offload/bin/python -c "import webhook.cli, webhook.cache, sidecar.cli, certs.cli, kubernetes.client, kubernetes.watch"
+ && /opt/offload/bin/python -c "import webhook.cli, webhook.cache, webhook.controller.main, sidecar.cli, certs.cli, kubernetes.client, kubernetes.watch"
 
 # What the final image holds: the base and the venv, without shells, package tools and docs.
 FROM ${BASE_IMAGE} AS runtime
