@@ -233,3 +233,9 @@ def node_release(real_node, control_plane_binaries) -> Iterator[HelmRelease]:
         kubernetes.client.CoreV1Api(real_node.api_client).delete_namespace(
             release.namespace, propagation_policy="Background"
         )
+
+
+@pytest.fixture(scope="session")
+def report(pytestconfig) -> Callable[[str], None]:
+    """report(line): shows a line on the terminal as the test runs (outside output capture)."""
+    return _echo(pytestconfig)

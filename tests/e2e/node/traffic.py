@@ -91,6 +91,9 @@ class Load:
             outcome = get(self.host, self.port, self.path)
             with self._lock:
                 self.tally.outcomes.append(outcome)
+            if outcome.status is None:
+                # A refused connection fails at once: pace the retries instead of spinning.
+                self._stop.wait(0.05)
 
     def since(self, moment: float) -> Tally:
         """The outcomes of the requests started at or after `moment` (time.monotonic())."""
