@@ -10,7 +10,7 @@ import pytest
 from controlplane.process import wait_until
 from node import host
 from node.cluster import NODE_NAME
-from node.traffic import Load, send
+from node.traffic import Load, send, wait_until_serving
 from node.workloads import (
     apply,
     cluster_ip,
@@ -45,6 +45,7 @@ def test_pods_run_and_their_service_answers_from_the_host_and_from_a_pod(real_no
     wait_for_endpoints(real_node, node_namespace, "burner", 2)
     pods = sorted(p.metadata.name for p in running_pods(real_node, node_namespace, "run=burner"))
     ip = cluster_ip(real_node, node_namespace, "burner")
+    wait_until_serving(ip, 80)
 
     # From the host, through kube-proxy's rules: both pods serve, each request on its own
     # connection; a few dozen requests reach both with near certainty.
@@ -83,6 +84,7 @@ def test_metrics_server_reports_the_cpu_a_pod_really_burns(real_node, node_names
     wait_for_endpoints(real_node, node_namespace, "burner", 1)
     (pod,) = running_pods(real_node, node_namespace, "run=burner")
     ip = cluster_ip(real_node, node_namespace, "burner")
+    wait_until_serving(ip, 80)
     custom = kubernetes.client.CustomObjectsApi(real_node.api_client)
 
     def usage_millicores() -> int:

@@ -38,8 +38,16 @@ import kubernetes
 import pytest
 import yaml
 from controlplane.process import wait_until
-from node.traffic import Load, Tally, send
-from node.workloads import MODEL_IMAGE, apply, describe_pods, pod_json, rollout, running_pods
+from node.traffic import Load, Tally, get, send, wait_until_serving
+from node.workloads import (
+    MODEL_IMAGE,
+    apply,
+    describe_pods,
+    pod_json,
+    rollout,
+    running_pods,
+    wait_for_endpoints,
+)
 from paths import TUTORIAL_CLUSTER_A, TUTORIAL_MODELDEPLOYMENT
 
 pytestmark = pytest.mark.e2e
@@ -74,6 +82,15 @@ class Tutorial:
         url = f"http://{pod.status.pod_ip}:{ADMIN_PORT}/status"
         with urllib.request.urlopen(url, timeout=5) as resp:
             return json.loads(resp.read())
+
+    def sidecar_requests(self) -> int:
+        """Requests the sidecar has answered (either backend)."""
+        counters = self.sidecar_status()["counters"]
+        return counters["local"] + counters["remote"]
+
+    def reaches_sidecar(self) -> bool:
+        before = self.sidecar_requests()
+        return get(self.service_ip, 80).status == 200 and self.sidecar_requests() > before
 
     def modeldeployment(self) -> dict[str, Any]:
         return kubernetes.client.CustomObjectsApi(self.cluster.api_client).get_namespaced_custom_object(
@@ -144,6 +161,10 @@ def tutorial(real_node, node_release, report) -> Iterator[Tutorial]:
             )
 
         wait_until("the controller to capture the php-apache Service", captured, 120, alive=cluster.processes)
+        # kube-proxy follows the new targetPort within moments: wait until a request through
+        # the ClusterIP is one the sidecar counts.
+        wait_until("requests through the ClusterIP to reach the sidecar", tut.reaches_sidecar, 60,
+                   alive=cluster.processes)  # fmt: skip
         report(f"[tutorial] cluster B at {remote}; php-apache at {service_ip}, captured:\n{tut.get_mdd()}")
         yield tut
     except BaseException:
@@ -201,15 +222,20 @@ def test_tutorial_requests_through_the_cluster_ip_local_then_half_to_cluster_b_u
     def show(phase: str, tally: Tally) -> dict[str, int]:
         counts = tutorial.counts(tally)
         mdd = tutorial.get_mdd()
+        status = tutorial.modeldeployment()["status"]
+        # The controller keeps the Service captured and counts the injected pods throughout.
+        assert (status["captured"], status["injected"]) == (True, "1/1"), status
         phases.append((phase, counts, mdd))
         report(f"[tutorial] {phase}: {counts} failed={len(tally.failed)}\n{mdd}")
         return counts
 
     # Cold: the model is idle, every request is served locally, through the sidecar.
     assert tutorial.decision_of() is False
+    through_sidecar = tutorial.sidecar_requests()
     cold = send(ip, 80, 20)
     assert not cold.failed, cold.failed[:3]
     assert show("before the load", cold) == {"local": 20}
+    assert tutorial.sidecar_requests() - through_sidecar == 20  # every one through the sidecar
 
     with Load(ip, 80, clients=LOAD_CLIENTS, max_seconds=420) as load:
         # Real CPU at the pod's limit (500m against 250m of requests, the sidecar's included)
@@ -249,6 +275,13 @@ def _sidecar_container_id(tutorial) -> tuple[str, int]:
     return status["containerID"].removeprefix("containerd://"), status["restartCount"]
 
 
+def _sidecar_state(tutorial) -> tuple[int, bool]:
+    """(restart count, ready) of the sidecar container."""
+    doc = pod_json(tutorial.cluster, "default", tutorial.model_pod().metadata.name)
+    (status,) = [s for s in doc["status"]["initContainerStatuses"] if s["name"] == "offload-proxy"]
+    return status["restartCount"], status["ready"]
+
+
 def _task_pid(cluster, container_id: str) -> int:
     listed = cluster.ctr("tasks", "ls")
     for line in listed.stdout.splitlines()[1:]:
@@ -269,17 +302,13 @@ def test_the_model_keeps_running_while_its_sidecar_restarts(tutorial, report):
         os.kill(_task_pid(cluster, container_id), signal.SIGKILL)
         killed = time.monotonic()
         wait_until(
-            "the kubelet to restart the sidecar and the pod to be Ready again",
-            lambda: (
-                _sidecar_container_id(tutorial)[1] == restarts + 1
-                and tutorial.model_pod().status.container_statuses[0].ready
-                and all(
-                    c.status == "True" for c in tutorial.model_pod().status.conditions if c.type == "Ready"
-                )
-            ),
+            "the kubelet to restart the sidecar, and the sidecar to be ready again",
+            lambda: _sidecar_state(tutorial) == (restarts + 1, True),
             120,
             alive=cluster.processes,
         )
+        wait_for_endpoints(cluster, "default", "php-apache", 1)
+        wait_until_serving(tutorial.service_ip, 80)
         back = time.monotonic()
         wait_until("20 requests after the restart", lambda: len(load.since(back).outcomes) >= 20, 60)
     after = load.since(back)

@@ -122,7 +122,7 @@ class RealNodeCluster:
             if self._lock is not None:
                 lock, self._lock = self._lock, None
                 lock.__exit__(None, None, None)
-        log.info("real node torn down in %.1fs", time.monotonic() - started)
+        self.echo(f"real node {NODE_NAME} torn down and the machine cleaned in {time.monotonic() - started:.1f}s")
 
     def _step(self, name: str, action: Callable[[], object]) -> None:
         started = time.monotonic()

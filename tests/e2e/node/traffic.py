@@ -59,6 +59,19 @@ class Tally:
         return dict(sorted(counts.items()))
 
 
+def wait_until_serving(host: str, port: int, timeout: float = 60.0, path: str = "/") -> None:
+    """Polls until a request succeeds: a Service's endpoints can be ready before kube-proxy has
+    programmed them (meanwhile the ClusterIP refuses connections)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = get(host, port, path, timeout=10)
+        if last.status == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{host}:{port} did not answer 200 within {timeout:.0f}s (last: {last})")
+
+
 def send(host: str, port: int, count: int, path: str = "/") -> Tally:
     """`count` requests, one after another."""
     return Tally([get(host, port, path) for _ in range(count)])
