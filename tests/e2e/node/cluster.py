@@ -122,7 +122,9 @@ class RealNodeCluster:
             if self._lock is not None:
                 lock, self._lock = self._lock, None
                 lock.__exit__(None, None, None)
-        self.echo(f"real node {NODE_NAME} torn down and the machine cleaned in {time.monotonic() - started:.1f}s")
+        self.echo(
+            f"real node {NODE_NAME} torn down and the machine cleaned in {time.monotonic() - started:.1f}s"
+        )
 
     def _step(self, name: str, action: Callable[[], object]) -> None:
         started = time.monotonic()
