@@ -5,6 +5,10 @@ in the pods' real cgroups."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+
 import kubernetes
 import pytest
 from controlplane.process import wait_until
@@ -114,3 +118,50 @@ def _millicores(quantity: str) -> int:
     if quantity.endswith("m"):
         return int(quantity[:-1])
     return int(float(quantity) * 1000)
+
+
+def test_a_missing_prerequisite_is_named_with_the_package_that_brings_it(monkeypatch):
+    """The real node's prerequisites are checked before anything starts: what is missing is
+    named, with the Debian package to install, and the run fails (it never skips)."""
+    real_which = host.shutil.which
+    monkeypatch.setattr(
+        host.shutil, "which", lambda cmd: None if cmd in ("conntrack", "ctr") else real_which(cmd)
+    )
+    problems = host.missing_prerequisites()
+    assert any(
+        "['conntrack', 'ctr']" in p and "apt-get install -y conntrack containerd" in p for p in problems
+    ), problems
+    with pytest.raises(host.NodePrerequisiteMissing, match="conntrack"):
+        host.check_prerequisites()
+
+
+def test_the_product_image_is_labelled_non_root_and_starts_with_no_shell(real_node):
+    """The image as built (buildah's view of it): OCI labels, user 65532, the venv's tools on
+    PATH, no shell at all."""
+    inspected = subprocess.run(
+        ["buildah", "inspect", "--type", "image", "localhost/offload:0.1.0"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert inspected.returncode == 0, inspected.stderr
+    config = json.loads(inspected.stdout)["OCIv1"]["config"]
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.title"] == "offload"
+    assert labels["org.opencontainers.image.version"] == "0.1.0"
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert len(labels["org.opencontainers.image.revision"]) == 40
+    assert labels["org.opencontainers.image.base.name"]
+    assert config["User"] == "65532:65532"
+    assert any(e.startswith("PATH=/opt/offload/bin:") for e in config["Env"])
+    mounted = subprocess.run(["buildah", "from", "localhost/offload:0.1.0"], capture_output=True, text=True,
+                             timeout=60, check=False)  # fmt: skip
+    assert mounted.returncode == 0, mounted.stderr
+    container = mounted.stdout.strip()
+    try:
+        root = subprocess.run(["buildah", "mount", container], capture_output=True, text=True, timeout=60,
+                              check=True).stdout.strip()  # fmt: skip
+        for shell in ("bin/sh", "bin/bash", "bin/dash", "usr/bin/sh", "usr/bin/bash", "usr/bin/dash"):
+            assert not os.path.lexists(os.path.join(root, shell)), shell
+        for tool in ("offload-webhook", "offload-sidecar", "offload-certs"):
+            assert os.access(os.path.join(root, "opt/offload/bin", tool), os.X_OK), tool
+    finally:
+        subprocess.run(["buildah", "rm", container], capture_output=True, timeout=60, check=False)
