@@ -166,7 +166,7 @@ def test_webhook_container_runs_offload_webhook_with_the_mounted_certificate_and
     objects = by_kind(documents(default_render))
     spec = objects["Deployment", WEBHOOK]["spec"]["template"]["spec"]
     container = spec["containers"][0]
-    assert container["image"] == "ghcr.io/model-offloading/offload:0.1.0"  # tag defaults to appVersion
+    assert container["image"] == "localhost/offload:0.1.0"  # tag defaults to appVersion
     assert container["command"] == ["offload-webhook"]
     assert container["args"] == [
         "--tls-cert-file=/tls/tls.crt",
@@ -199,7 +199,7 @@ def test_the_injector_configuration_is_what_offload_webhook_loads(default_render
 
     text = by_kind(documents(default_render))["ConfigMap", WEBHOOK]["data"]["injector.yaml"]
     assert parse_config(yaml.safe_load(text)) == InjectorConfig(
-        image="ghcr.io/model-offloading/offload:0.1.0",
+        image="localhost/offload:0.1.0",
         config_version="0.1.0",
         image_pull_policy="IfNotPresent",
         proxy_port=15080,

@@ -20,6 +20,9 @@ from controlplane import binaries
 from controlplane.cluster import ControlPlane
 from controlplane.process import wait_until
 from controlplane.webhook_process import WebhookServer, start_webhook
+from node.cluster import RealNodeCluster
+from node.images import build_images
+from node.release import HelmRelease, create_restricted_namespace
 from paths import CRD
 
 log = logging.getLogger("e2e")
@@ -50,26 +53,57 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def _log_tails(thing) -> dict[str, str]:
-    if isinstance(thing, ControlPlane):
+    if isinstance(thing, ControlPlane | RealNodeCluster):
         return thing.log_tails()
     if isinstance(thing, WebhookServer):
         return {thing.process.name: thing.process.log_tail()}
     return {}
 
 
-@pytest.fixture(scope="session")
-def control_plane_binaries(pytestconfig) -> binaries.Binaries:
-    """Builds (or finds in the cache) every control-plane binary, showing build.sh's
-    progress live: a first build takes many minutes."""
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+def _echo(config: pytest.Config) -> Callable[[str], None]:
+    """Writes a progress line to the terminal, outside output capture."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
 
     def echo(line: str) -> None:
+        log.info("%s", line)
         if reporter is not None and capture is not None and "go: downloading" not in line:
             with capture.global_and_fixture_disabled():
                 reporter.write_line(line)
 
-    return binaries.build(echo)
+    return echo
+
+
+@pytest.fixture(scope="session")
+def control_plane_binaries(pytestconfig) -> binaries.Binaries:
+    """Builds (or finds in the cache) every control-plane binary, showing build.sh's
+    progress live: a first build takes many minutes."""
+    return binaries.build(_echo(pytestconfig))
+
+
+@pytest.fixture(scope="session")
+def real_node(control_plane_binaries, tmp_path_factory, pytestconfig) -> Iterator[RealNodeCluster]:
+    """A control plane of its own with one real node (containerd, kubelet, kube-proxy, a
+    bridge CNI network, metrics-server), the images built here imported: see node/cluster.py.
+    Builds what is missing first (kubelet, kube-proxy, metrics-server, the images). A missing
+    prerequisite (root, a Debian package, a kernel feature) fails, naming it; never a skip.
+    Holds the machine's real-node lock for the session."""
+    echo = _echo(pytestconfig)
+    node_binaries = binaries.build_node(echo)
+    images = build_images(lambda line: echo(f"[images] {line}"))
+    cluster = RealNodeCluster(
+        control_plane_binaries,
+        node_binaries,
+        images,
+        tmp_path_factory.mktemp("realnode"),
+        echo=lambda line: echo(f"[e2e] {line}"),
+    )
+    _running(pytestconfig).append(cluster)
+    try:
+        with cluster:
+            yield cluster
+    finally:
+        _running(pytestconfig).remove(cluster)
 
 
 @pytest.fixture(scope="session")
@@ -171,3 +205,37 @@ def tutorial_in_default_namespace(kube) -> Iterator[None]:
     ]:
         deleted = kube.kubectl("delete", "-n", "default", kind, name, "--ignore-not-found", "--wait=false")
         assert deleted.returncode == 0, deleted.stderr
+
+
+@pytest.fixture
+def node_namespace(real_node, request) -> Iterator[str]:
+    """A fresh namespace on the real node's cluster for one test, deleted afterwards."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{slug}-{uuid.uuid4().hex[:6]}"
+    api = kubernetes.client.CoreV1Api(real_node.api_client)
+    api.create_namespace({"metadata": {"name": name, "labels": {"offload-e2e": "true"}}})
+    yield name
+    api.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture(scope="session")
+def node_release(real_node, control_plane_binaries) -> Iterator[HelmRelease]:
+    """The chart installed on the real node with its default values (the image
+    localhost/offload:<appVersion>, built here and present on the node), into offload-system,
+    which enforces the restricted Pod Security Standard. Uninstalled at the end."""
+    release = HelmRelease(control_plane_binaries.helm, real_node.plane.kubeconfig)
+    create_restricted_namespace(real_node.api_client, release.namespace)
+    try:
+        release.install()
+        yield release
+    finally:
+        release.uninstall()
+        kubernetes.client.CoreV1Api(real_node.api_client).delete_namespace(
+            release.namespace, propagation_policy="Background"
+        )
+
+
+@pytest.fixture(scope="session")
+def report(pytestconfig) -> Callable[[str], None]:
+    """report(line): shows a line on the terminal as the test runs (outside output capture)."""
+    return _echo(pytestconfig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -30,12 +31,33 @@ class Binaries:
         return {name.replace("_", "-"): path for name, path in self.__dict__.items()}
 
 
-def _run_build(args: list[str], echo: Callable[[str], None] = lambda line: None) -> str:
-    """Runs build.sh, passing each line of its progress (stderr) to `echo`; returns stdout."""
+@dataclass(frozen=True)
+class NodeBinaries:
+    """The real node's: built by the same recipe, from the same Kubernetes module."""
+
+    kubelet: Path
+    kube_proxy: Path
+    metrics_server: Path
+
+    def all(self) -> dict[str, Path]:
+        return {name.replace("_", "-"): path for name, path in self.__dict__.items()}
+
+
+CONTROL_PLANE = ("kubernetes", "etcd", "kwok", "helm")
+NODE = ("kubernetes-node", "metrics-server")
+
+
+def _run_build(
+    args: list[str], echo: Callable[[str], None] = lambda line: None, components: tuple[str, ...] = ()
+) -> str:
+    """Runs build.sh (for `components` only, when given), passing each line of its progress
+    (stderr) to `echo`; returns stdout."""
     tail: collections.deque[str] = collections.deque(maxlen=80)
+    env = {**os.environ, "OFFLOAD_E2E_COMPONENTS": " ".join(components)} if components else None
     with tempfile.TemporaryFile("w+") as stdout:
         with subprocess.Popen(
             ["bash", str(BUILD_SCRIPT), *args],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=subprocess.PIPE,
@@ -54,11 +76,15 @@ def _run_build(args: list[str], echo: Callable[[str], None] = lambda line: None)
     return output
 
 
+def _bin_dirs() -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in _run_build(["--print-bin-dirs"]).splitlines() if line)
+
+
 def build(echo: Callable[[str], None] = lambda line: None) -> Binaries:
-    """Runs build.sh (seconds when everything is cached) and returns the binaries' paths.
-    A first build takes long: `echo` receives its progress lines."""
-    _run_build([], echo)
-    dirs = dict(line.split(" ", 1) for line in _run_build(["--print-bin-dirs"]).splitlines() if line)
+    """Runs build.sh for the control plane (seconds when everything is cached) and returns
+    the binaries' paths. A first build takes long: `echo` receives its progress lines."""
+    _run_build([], echo, CONTROL_PLANE)
+    dirs = _bin_dirs()
     kube, etcd, kwok, helm = (Path(dirs[k]) for k in ("kubernetes", "etcd", "kwok", "helm"))
     binaries = Binaries(
         etcd=etcd / "etcd",
@@ -68,6 +94,20 @@ def build(echo: Callable[[str], None] = lambda line: None) -> Binaries:
         kubectl=kube / "kubectl",
         kwok=kwok / "kwok",
         helm=helm / "helm",
+    )
+    missing = [str(p) for p in binaries.all().values() if not p.is_file()]
+    if missing:
+        raise BuildFailed(f"build.sh succeeded but these binaries are missing: {missing}")
+    return binaries
+
+
+def build_node(echo: Callable[[str], None] = lambda line: None) -> NodeBinaries:
+    """Runs build.sh for kubelet, kube-proxy and metrics-server; returns their paths."""
+    _run_build([], echo, NODE)
+    dirs = _bin_dirs()
+    node, metrics = Path(dirs["kubernetes-node"]), Path(dirs["metrics-server"])
+    binaries = NodeBinaries(
+        kubelet=node / "kubelet", kube_proxy=node / "kube-proxy", metrics_server=metrics / "metrics-server"
     )
     missing = [str(p) for p in binaries.all().values() if not p.is_file()]
     if missing:

@@ -7,6 +7,10 @@
 # A binary that is already there is not rebuilt, so a second run takes seconds.
 # The Go module and build caches are the default ones, so they are shared with other builds.
 #
+# Components: kubernetes (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), etcd,
+# kwok, helm, and for the real node kubernetes-node (kubelet, kube-proxy) and metrics-server.
+# OFFLOAD_E2E_COMPONENTS="etcd kubernetes" builds only those (the default is all of them).
+#
 # Usage: build.sh            build whatever is missing, then print every binary's version
 #        build.sh --print-bin-dirs   only print "<name> <bin dir>" lines (no build)
 set -euo pipefail
@@ -15,6 +19,7 @@ KUBE_VERSION=v1.34.4    # native sidecars (restartable init containers) are GA s
 ETCD_VERSION=v3.6.4     # the etcd that Kubernetes v1.34 pins (cluster/images/etcd LATEST_ETCD_VERSION)
 KWOK_VERSION=v0.7.0
 HELM_VERSION=v3.19.5    # a Helm v3 built against the Kubernetes v1.34 client libraries
+METRICS_SERVER_VERSION=v0.8.0  # the real node's metrics.k8s.io (kubelet /metrics/resource)
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${OFFLOAD_E2E_CACHE:-$HOME/.cache/offload-e2e}"
@@ -118,6 +123,43 @@ $(staging_replaces "$gomod")")"
     go_build "$work" "$out" "$(kube_ldflags)" "${KUBE_BINARIES[@]/#/k8s.io/kubernetes/cmd/}"
 }
 
+# ---- the real node: kubelet and kube-proxy, same module, pins and ldflags as the control plane ----
+
+KUBE_NODE_BINARIES=(kubelet kube-proxy)
+
+kube_node_built() {
+    local b
+    for b in "${KUBE_NODE_BINARIES[@]}"; do [[ -x "$1/$b" ]] || return 1; done
+}
+
+build_kubernetes-node() {
+    local out; out="$(bin_dir kubernetes-node "$KUBE_VERSION")"
+    if kube_node_built "$out"; then
+        log "kubernetes-node $KUBE_VERSION: cached in $out"; return
+    fi
+    log "kubernetes-node $KUBE_VERSION: building ${KUBE_NODE_BINARIES[*]} (minutes on 2 cores when cold)"
+    local gomod work godebug
+    gomod="$(module_gomod k8s.io/kubernetes "$KUBE_VERSION")"
+    godebug="$(grep '^godebug ' "$gomod" || true)"
+    work="$(wrapper_module kubernetes "$KUBE_VERSION" "$godebug
+$(staging_replaces "$gomod")")"
+    WORK_DIRS+=("$work")
+    go_build "$work" "$out" "$(kube_ldflags)" "${KUBE_NODE_BINARIES[@]/#/k8s.io/kubernetes/cmd/}"
+}
+
+# ---- metrics-server ------------------------------------------------------------------------
+
+build_metrics-server() {
+    local out; out="$(bin_dir metrics-server "$METRICS_SERVER_VERSION")"
+    if [[ -x "$out/metrics-server" ]]; then log "metrics-server $METRICS_SERVER_VERSION: cached in $out"; return; fi
+    log "metrics-server $METRICS_SERVER_VERSION: building"
+    local work; work="$(wrapper_module metrics-server "$METRICS_SERVER_VERSION" "")"
+    WORK_DIRS+=("$work")
+    local pkg=k8s.io/client-go/pkg/version  # where metrics-server's Makefile sets its version
+    go_build "$work" "$out" "-X $pkg.gitVersion=$METRICS_SERVER_VERSION -X $pkg.buildDate=1970-01-01T00:00:00Z" \
+        sigs.k8s.io/metrics-server/cmd/metrics-server
+}
+
 # ---- etcd --------------------------------------------------------------------------------
 
 build_etcd() {
@@ -159,6 +201,8 @@ print_bin_dirs() {
     echo "etcd $(bin_dir etcd "$ETCD_VERSION")"
     echo "kwok $(bin_dir kwok "$KWOK_VERSION")"
     echo "helm $(bin_dir helm "$HELM_VERSION")"
+    echo "kubernetes-node $(bin_dir kubernetes-node "$KUBE_VERSION")"
+    echo "metrics-server $(bin_dir metrics-server "$METRICS_SERVER_VERSION")"
 }
 
 print_versions() {
@@ -172,6 +216,11 @@ print_versions() {
     echo "etcd:                    $("$e/etcd" --version | head -1)"
     echo "kwok:                    $("$w/kwok" --version 2>&1 | head -1)"
     echo "helm:                    $("$h/helm" version --short)"
+    local n m
+    n="$(bin_dir kubernetes-node "$KUBE_VERSION")"; m="$(bin_dir metrics-server "$METRICS_SERVER_VERSION")"
+    echo "kubelet:                 $("$n/kubelet" --version)"
+    echo "kube-proxy:              $("$n/kube-proxy" --version)"
+    echo "metrics-server:          $("$m/metrics-server" --version 2>&1 | head -1)"
 }
 
 main() {
@@ -180,7 +229,7 @@ main() {
     # One build at a time per cache (a developer's and a CI run may overlap).
     exec 9>"$CACHE/.lock"
     flock 9
-    local start=$SECONDS components="${OFFLOAD_E2E_COMPONENTS:-kubernetes etcd kwok helm}" c
+    local start=$SECONDS components="${OFFLOAD_E2E_COMPONENTS:-kubernetes etcd kwok helm kubernetes-node metrics-server}" c
     local need_go=0
     for c in $components; do
         case "$c" in
@@ -188,6 +237,8 @@ main() {
             etcd) [[ -x "$(bin_dir etcd "$ETCD_VERSION")/etcd" ]] || need_go=1 ;;
             kwok) [[ -x "$(bin_dir kwok "$KWOK_VERSION")/kwok" ]] || need_go=1 ;;
             helm) [[ -x "$(bin_dir helm "$HELM_VERSION")/helm" ]] || need_go=1 ;;
+            kubernetes-node) kube_node_built "$(bin_dir kubernetes-node "$KUBE_VERSION")" || need_go=1 ;;
+            metrics-server) [[ -x "$(bin_dir metrics-server "$METRICS_SERVER_VERSION")/metrics-server" ]] || need_go=1 ;;
             *) die "unknown component $c" ;;
         esac
     done

@@ -1,11 +1,14 @@
-"""Starts and stops a real control plane on loopback: etcd, kube-apiserver,
-kube-controller-manager, kube-scheduler and kwok (a fake kubelet) with one fake node."""
+"""Starts and stops a real control plane: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and kwok (a fake kubelet) with one fake node, all on loopback; or, for the
+real node (tests/e2e/node), the same control plane without kwok and with its API server on
+the node's bridge address, where pods and the kubelet reach it."""
 
 from __future__ import annotations
 
 import logging
 import ssl
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -50,9 +53,28 @@ class ControlPlane:
     manager (or start() / stop()). Once started: `server` is the API server's URL,
     `kubeconfig` an admin kubeconfig, `versions` what each binary says it is."""
 
-    def __init__(self, binaries: Binaries, workdir: Path) -> None:
+    def __init__(
+        self,
+        binaries: Binaries,
+        workdir: Path,
+        *,
+        address: str = "127.0.0.1",
+        port: int | None = None,
+        fake_node: bool = True,
+        extra_apiserver_args: Sequence[str] = (),
+        pki: ClusterPKI | None = None,
+    ) -> None:
+        """`address`: where the API server listens and what it advertises (loopback, or the
+        real node's bridge address: then the `kubernetes` Service gets it as its endpoint);
+        `port`: its port (a free one by default); `fake_node`: run kwok and its node;
+        `pki`: the CA to issue every certificate from (a new one in workdir/pki by default)."""
         self.binaries = binaries
         self.workdir = workdir
+        self.address = address
+        self.port = port
+        self.fake_node = fake_node
+        self.extra_apiserver_args = list(extra_apiserver_args)
+        self.pki = pki
         self.logs_dir = workdir / "logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.kubeconfig = workdir / "kubeconfig"
@@ -84,8 +106,9 @@ class ControlPlane:
         )
         self._start_controller_manager(creds)
         self._start_scheduler()
-        self._start_kwok()
-        self._register_fake_node()
+        if self.fake_node:
+            self._start_kwok()
+            self._register_fake_node()
         self._wait_until_usable()
 
     def stop(self) -> None:
@@ -135,7 +158,7 @@ class ControlPlane:
             log.info("%s: %s (%s)", name, self.versions[name], path)
 
     def _issue_credentials(self) -> _Credentials:
-        pki = ClusterPKI(self.workdir / "pki")
+        pki = self.pki = self.pki or ClusterPKI(self.workdir / "pki")
         return _Credentials(
             ca=pki.ca,
             admin=pki.client("admin", ADMIN_USER, "system:masters"),
@@ -148,7 +171,7 @@ class ControlPlane:
                     "kubernetes.default.svc",
                     "kubernetes.default.svc.cluster.local",
                 ],
-                ["127.0.0.1", "10.96.0.1"],
+                sorted({"127.0.0.1", self.address, "10.96.0.1"}),
             ),
             service_account=pki.service_account_keys(),
         )
@@ -181,15 +204,20 @@ class ControlPlane:
         return client_url
 
     def _start_apiserver(self, etcd_url: str, creds: _Credentials) -> None:
-        port = free_port()
-        self.server = f"https://127.0.0.1:{port}"
+        port = self.port or free_port()
+        self.server = f"https://{self.address}:{port}"
+        if self.address == "127.0.0.1":
+            # A loopback address is no valid Endpoints entry: the `kubernetes` Service stays empty.
+            endpoints = ["--endpoint-reconciler-type=none"]
+        else:
+            endpoints = ["--endpoint-reconciler-type=lease"]
         proc = self._spawn(
             "kube-apiserver",
             [
                 str(self.binaries.kube_apiserver),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={port}",
                 f"--tls-cert-file={creds.serving.cert}",
                 f"--tls-private-key-file={creds.serving.key}",
@@ -202,9 +230,10 @@ class ControlPlane:
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 f"--enable-admission-plugins={ADMISSION_PLUGINS}",
                 "--allow-privileged=true",
-                "--endpoint-reconciler-type=none",  # a loopback address is no valid Endpoints entry
+                *endpoints,
                 "--profiling=false",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                *self.extra_apiserver_args,
             ],
         )
         ssl_ctx = _client_ssl_context(creds.ca.cert, creds.admin)
@@ -288,6 +317,14 @@ class ControlPlane:
 
     def _wait_until_usable(self) -> None:
         core = kubernetes.client.CoreV1Api(self.api_client)
+        if not self.fake_node:
+            wait_until(
+                "the default ServiceAccount in namespace default",
+                lambda: core.read_namespaced_service_account("default", "default"),
+                STARTUP_TIMEOUT,
+                alive=self.processes,
+            )
+            return
         wait_until(
             f"node {NODE_NAME} Ready",
             lambda: _node_ready(core, NODE_NAME),
