@@ -564,6 +564,9 @@ def proxy_container(config: InjectorConfig, modeldeployment: str, model_port: in
             {"name": SERVICE_ACCOUNT_DIR_ENV, "value": SERVICE_ACCOUNT_DIR},
         ],
         "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True}],
+        # As a native sidecar, the kubelet starts the model only once this probe has passed:
+        # the proxy listens before any request can reach the pod.
+        "startupProbe": {**_probe("/readyz", 1), "failureThreshold": 30},
         "readinessProbe": _probe("/readyz", 5),
         "livenessProbe": _probe("/healthz", 10),
         "securityContext": {

@@ -198,6 +198,8 @@ def test_the_injected_pod_starts_its_sidecar_first_confined_and_reading_its_mode
     doc = pod_json(tutorial.cluster, "default", pod.metadata.name)
     (sidecar_spec,) = [c for c in doc["spec"]["initContainers"] if c["name"] == "offload-proxy"]
     assert sidecar_spec["restartPolicy"] == "Always"  # a native sidecar
+    # The kubelet starts the model only once this probe passed: the proxy listens first.
+    assert sidecar_spec["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert sidecar_spec["image"] == "localhost/offload:0.1.0"
     security = sidecar_spec["securityContext"]
     assert security["readOnlyRootFilesystem"] is True and security["runAsNonRoot"] is True
