@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tls-reload-interval",
-        type=_positive_seconds,
+        type=controller_main.positive_seconds,
         default=DEFAULT_INTERVAL,
         metavar="SECONDS",
         help="how often the certificate and key files are checked for a change (default: %(default)s)",
@@ -190,16 +190,6 @@ def serve_tls(app: Any, certificate: ReloadingCertificate, *, host: str, port: i
         server.run()
     finally:
         certificate.stop()
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
-    return value
 
 
 def _always_ready() -> bool:

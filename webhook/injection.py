@@ -583,7 +583,9 @@ def proxy_container(config: InjectorConfig, modeldeployment: str, model_port: in
     }
     if config.default_remote_backend:
         # For ModelDeployments without remoteBackend, as the webhook's validation allowed them.
-        container["env"].append({"name": "OFFLOAD_DEFAULT_REMOTE_BACKEND", "value": config.default_remote_backend})
+        container["env"].append(
+            {"name": "OFFLOAD_DEFAULT_REMOTE_BACKEND", "value": config.default_remote_backend}
+        )
     if config.resources:
         container["resources"] = copy.deepcopy(config.resources)
     if config.native_sidecar:

@@ -47,14 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--evaluation-period",
-        type=float,
+        type=positive_seconds,
         default=15.0,
         metavar="SECONDS",
         help="how often each ModelDeployment's metrics are evaluated (default: %(default)s)",
     )
     group.add_argument(
         "--signals-period",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=1.0,
         metavar="SECONDS",
         help="how often a ModelDeployment with Pods metrics the sidecars serve is evaluated, from "
@@ -69,12 +69,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--leader-election-lease", default="offload-controller", help="name of the leader Lease"
     )
-    group.add_argument("--leader-election-lease-duration", type=float, default=15.0, metavar="SECONDS")
-    group.add_argument("--leader-election-renew-deadline", type=float, default=10.0, metavar="SECONDS")
-    group.add_argument("--leader-election-retry-period", type=float, default=2.0, metavar="SECONDS")
+    group.add_argument(
+        "--leader-election-lease-duration", type=positive_seconds, default=15.0, metavar="SECONDS"
+    )
+    group.add_argument(
+        "--leader-election-renew-deadline", type=positive_seconds, default=10.0, metavar="SECONDS"
+    )
+    group.add_argument(
+        "--leader-election-retry-period", type=positive_seconds, default=2.0, metavar="SECONDS"
+    )
 
 
-def _positive_seconds(text: str) -> float:
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds above zero, else an error naming the value."""
     try:
         value = float(text)
     except ValueError:
