@@ -341,6 +341,14 @@ def _workload_words(world: StandInWorld, ready: int) -> str:
     return f"{ref.kind} {ref.name} has {ready} ready of {pods} pods"
 
 
+def _service_port(service: Mapping[str, Any] | None, model: ModelDeployment) -> Mapping[str, Any] | None:
+    """The Service port stood in for (the one capture would choose), if there is one."""
+    if service is None or model.spec.service_ref is None:
+        return None
+    chosen = capture.choose_port(service, model.spec.service_ref.target_port)
+    return None if isinstance(chosen, capture.Uncapturable) else chosen.port
+
+
 def plan(world: StandInWorld, gateway: GatewaySettings | None) -> StandInPlan:
     """What to do for one ModelDeployment. ``gateway`` None: the installation has no gateway
     (no condition, no port, and any slice of ours goes)."""
@@ -356,8 +364,15 @@ def plan(world: StandInWorld, gateway: GatewaySettings | None) -> StandInPlan:
         stopped = ("Normal", "RemoteStoodDown", f"the remote no longer stands in: {why}") if mine else None
         return StandInPlan(actions=_converge(mine, None), event=stopped)
 
+    def status_of(active: bool) -> dict[str, Any]:
+        status: dict[str, Any] = {"port": world.port, "active": active}
+        service_port = _service_port(world.service, model)
+        if service_port is not None:
+            status["portName"] = str(service_port.get("name") or "")
+        return status
+
     def off(reason: str, message: str, *, port: bool = True) -> StandInPlan:
-        status = {"port": world.port, "active": False} if port and world.port is not None else None
+        status = status_of(False) if port and world.port is not None else None
         stopped = (
             ("Normal", "RemoteStoodDown", f"the remote no longer stands in: {message}") if mine else None
         )
@@ -441,7 +456,7 @@ def plan(world: StandInWorld, gateway: GatewaySettings | None) -> StandInPlan:
     reason = "ScaledToZero" if "scaled to zero" in workload else "NoReadyReplica"
     return StandInPlan(
         Condition(REMOTE_STANDING_IN, True, reason, message),
-        {"port": world.port, "active": True},
+        status_of(True),
         _converge(mine, wanted),
         True,
         None if mine else ("Normal", "RemoteStandingIn", message),
