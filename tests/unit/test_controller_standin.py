@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import jsonpatch
 import pytest
 
 from crds.validation import validate_object
@@ -198,14 +199,22 @@ def test_a_changed_gateway_replaces_the_slice_at_its_resource_version():
     existing = stored(made_slice(world()), version="41")
     gateways = (gateway_pod("gw-a", "10.244.0.11"), gateway_pod("gw-b", "10.244.0.12", ready=False))
     (action,) = standin.plan(world(slices=[existing], gateways=gateways), GATEWAY).actions
-    assert action.verb == "replace" and action.body["metadata"]["resourceVersion"] == "41"
-    assert [e["targetRef"]["name"] for e in action.body["endpoints"]] == ["gw-a"]
+    assert action.verb == "patch"
+    assert action.body[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "41"}
+    patched = jsonpatch.apply_patch(existing, action.body)
+    assert [e["targetRef"]["name"] for e in patched["endpoints"]] == ["gw-a"]
+    assert (
+        patched["ports"] == existing["ports"] and patched["metadata"]["name"] == existing["metadata"]["name"]
+    )
 
 
 def test_a_new_port_replaces_the_slice():
     existing = stored(made_slice(world()))
+    existing["metadata"]["labels"]["kubernetes.io/service-name"] = "edited"  # put back too
     (action,) = standin.plan(world(slices=[existing], port=20007), GATEWAY).actions
-    assert action.verb == "replace" and action.body["ports"][0]["port"] == 20007
+    patched = jsonpatch.apply_patch(existing, action.body)
+    assert action.verb == "patch" and patched["ports"][0]["port"] == 20007
+    assert patched["metadata"]["labels"]["kubernetes.io/service-name"] == "vllm"
 
 
 def test_an_ipv6_service_gets_the_gateway_pods_ipv6_addresses_and_a_new_slice():

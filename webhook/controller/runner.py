@@ -395,8 +395,10 @@ class Controller:
                 )
             elif action.verb == "create":
                 self._discovery.create_namespaced_endpoint_slice(namespace, action.body)
-            elif action.verb == "replace":
-                self._discovery.replace_namespaced_endpoint_slice(action.name, namespace, action.body)
+            elif action.verb == "patch":
+                self._discovery.patch_namespaced_endpoint_slice(
+                    action.name, namespace, action.body, _content_type=JSON_PATCH
+                )
         if plan.event is not None:
             self.event(md, *plan.event)
             log.info("%s/%s: %s: %s", namespace, podq.name_of(md), plan.event[1], plan.event[2])

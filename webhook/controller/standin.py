@@ -156,9 +156,9 @@ class StandInWorld:
 
 @dataclass(frozen=True)
 class SliceAction:
-    verb: str  # "create", "replace" (with the current resourceVersion), "delete"
+    verb: str  # "create", "patch" (a JSON Patch tested against the resourceVersion), "delete"
     name: str
-    body: dict[str, Any] | None = None
+    body: Any = None  # the slice to create, or the JSON Patch
 
 
 @dataclass(frozen=True)
@@ -319,14 +319,16 @@ def _converge(current: Sequence[Mapping[str, Any]], wanted: dict[str, Any] | Non
     elif there.get("addressType") != wanted["addressType"]:  # immutable: delete and create
         actions += [SliceAction("delete", wanted_name), SliceAction("create", wanted_name, wanted)]
     elif _projection(there) != _projection(wanted):
-        body = {
-            **wanted,
-            "metadata": {
-                **wanted["metadata"],
-                "resourceVersion": (there.get("metadata") or {}).get("resourceVersion"),
-            },
-        }
-        actions.append(SliceAction("replace", wanted_name, body))
+        # A JSON Patch tested against the version read, as the Service's capture is: a
+        # concurrent change fails it, and the next reconcile reads the new version.
+        version = (there.get("metadata") or {}).get("resourceVersion")
+        patch = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+            {"op": "add", "path": "/metadata/labels", "value": wanted["metadata"]["labels"]},
+            {"op": "add", "path": "/endpoints", "value": wanted["endpoints"]},
+            {"op": "add", "path": "/ports", "value": wanted["ports"]},
+        ]
+        actions.append(SliceAction("patch", wanted_name, patch))
     return tuple(actions)
 
 
