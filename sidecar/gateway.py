@@ -66,7 +66,7 @@ log = logging.getLogger("sidecar.gateway")
 Key = tuple[str, str]
 DEFAULT_REMOTE_BACKEND_ENV = "OFFLOAD_DEFAULT_REMOTE_BACKEND"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
-STANDIN_MANAGER = "offload.beamlit.com/controller"  # the controller's own slices: never "local"
+STANDIN_MANAGER = "controller.offload.beamlit.com"  # the controller's own slices: never "local"
 RETRY_LISTEN_SECONDS = 5.0
 
 

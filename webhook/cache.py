@@ -44,7 +44,7 @@ REPLICASETS = "replicasets"
 ROLEBINDINGS = "rolebindings"
 # Only the controller's own (webhook.controller.standin): the remote standing in for a workload.
 ENDPOINTSLICES = "endpointslices"
-STANDIN_SLICES_SELECTOR = "endpointslice.kubernetes.io/managed-by=offload.beamlit.com/controller"
+STANDIN_SLICES_SELECTOR = "endpointslice.kubernetes.io/managed-by=controller.offload.beamlit.com"
 CONTROLLER_RESOURCES = (*RESOURCES, PODS, REPLICASETS, ROLEBINDINGS, ENDPOINTSLICES)
 WORKLOAD_KINDS = {DEPLOYMENTS: "Deployment", STATEFULSETS: "StatefulSet"}
 

@@ -136,7 +136,7 @@ def test_scaled_to_zero_with_a_remote_gets_a_slice_of_the_ready_gateway_pods_on_
     body = action.body
     assert body["metadata"]["labels"] == {
         "kubernetes.io/service-name": "vllm",
-        "endpointslice.kubernetes.io/managed-by": "offload.beamlit.com/controller",
+        "endpointslice.kubernetes.io/managed-by": "controller.offload.beamlit.com",
         "offload.beamlit.com/modeldeployment": "vllm",
     }
     assert body["metadata"]["ownerReferences"] == [
@@ -412,6 +412,15 @@ def test_selector_and_port_range_parse_or_name_the_fault():
             standin.parse_ports(bad)
     with pytest.raises(ValueError, match="selector"):
         GatewaySettings("ns", {}, RANGE)
+
+
+def test_every_label_of_the_slice_is_one_the_api_server_accepts():
+    import re
+
+    value = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+    for key, label in made_slice(world())["metadata"]["labels"].items():
+        assert len(label) <= 63 and value.fullmatch(label), (key, label)
+    assert value.fullmatch(STANDIN_SLICES_SELECTOR.split("=", 1)[1])
 
 
 def test_the_controller_watches_exactly_its_own_slices():

@@ -10,8 +10,8 @@ behind the Service is ready. The Service itself is never changed for this.
 
 The slice is labelled ``kubernetes.io/service-name: <service>`` (kube-proxy groups a
 Service's slices by it) and ``endpointslice.kubernetes.io/managed-by:
-offload.beamlit.com/controller`` (the EndpointSlice controller leaves slices it does not
-manage alone). Its one port carries the Service port's *name* (kube-proxy matches slice
+controller.offload.beamlit.com`` (the EndpointSlice controller leaves slices it does not
+manage alone; a label value, so no "/" as in ``endpointslice-controller.k8s.io``). Its one port carries the Service port's *name* (kube-proxy matches slice
 ports to Service ports by name: the captured Service's targetPort, ``offload-proxy``, is
 a name the gateway's pods do not declare) and the number of the gateway's listener.
 
@@ -40,7 +40,7 @@ from webhook.controller.conditions import REMOTE_STANDING_IN, Condition
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
-MANAGED_BY = "offload.beamlit.com/controller"
+MANAGED_BY = "controller.offload.beamlit.com"  # a label value: no "/"
 MODELDEPLOYMENT_LABEL = "offload.beamlit.com/modeldeployment"
 SUFFIX = "-offload-standin"
 DEFAULT_PORTS = (20000, 29999)
