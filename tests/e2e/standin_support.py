@@ -78,6 +78,8 @@ class Recorder:
     pod_selector: str
     pods: list[tuple[float, set[str]]] = field(default_factory=list)  # (t, names of ready pods)
     slices: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)  # (t, type, slice)
+    errors: list[BaseException] = field(default_factory=list)  # a watch that failed while recording
+    _stopped: bool = False
     _watches: list[Any] = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -118,14 +120,19 @@ class Recorder:
         self._watches.append(watch)
 
         def run() -> None:
-            for event in watch.stream(function, self.namespace, resource_version=version, **kwargs):
-                callback(event["type"], event["raw_object"])
+            try:
+                for event in watch.stream(function, self.namespace, resource_version=version, **kwargs):
+                    callback(event["type"], event["raw_object"])
+            except Exception as exc:  # noqa: BLE001 - the connection cut by stop() or the namespace's deletion
+                if not self._stopped:
+                    self.errors.append(exc)
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         self._threads.append(thread)
 
     def stop(self) -> None:
+        self._stopped = True
         for watch in self._watches:
             watch.stop()
 
