@@ -49,11 +49,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from crds.decode import decode
 from crds.model import GROUP, PLURAL, VERSION, ModelDeployment, RemoteBackend
-from crds.validation import ValidationSettings, check_host, validate_object
+from crds.validation import ValidationSettings, parse_remote_backend, validate_object
 from sidecar.admin import AdminServer, ControlView, status_document
 from sidecar.app import Controller, NoMetrics, PassThroughSource, Sidecar, SidecarSettings
 from sidecar.proxy import ProxySettings
@@ -85,29 +83,19 @@ class Listener:
     hold: int  # behavior.coldStartHoldSeconds
 
 
-def effective(model: ModelDeployment, default: RemoteBackend | None) -> ModelDeployment:
-    """``model`` with ``default`` as its remoteBackend when it has an offloadingConfig without one."""
-    config = model.spec.offloading_config
-    if default is None or config is None or config.remote_backend is not None:
-        return model
-    spec = replace(model.spec, offloading_config=replace(config, remote_backend=default))
-    return replace(model, spec=spec)
-
-
 def _created(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("creationTimestamp") or "")
 
 
 def listeners_from(
-    objects: Iterable[Mapping[str, Any]],
-    validation: ValidationSettings,
-    default: RemoteBackend | None = None,
+    objects: Iterable[Mapping[str, Any]], validation: ValidationSettings
 ) -> tuple[dict[Key, Listener], dict[Key, str]]:
     """The listeners the ModelDeployments ask for, and why others with a port get none.
 
     A ModelDeployment gets one when its status has a gateway port and it is valid, enabled
-    and has a remote (its own or ``default``). Two claiming one port (the controller never
-    does that for long): the older keeps it.
+    and has a remote (its own, or ``validation``'s default remote backend, which validation
+    puts in place). Two claiming one port (the controller never does that for long): the
+    older keeps it.
     """
     wanted: dict[Key, Listener] = {}
     problems: dict[Key, str] = {}
@@ -125,7 +113,7 @@ def listeners_from(
         if result.model is None:
             problems[key] = f"invalid, not served: {result.message()}"
             continue
-        model = effective(result.model, default)
+        model = result.model
         config = model.spec.offloading_config
         if not model.spec.enabled or config is None or config.remote_backend is None:
             problems[key] = "disabled or without a remote backend: not served"
@@ -173,31 +161,6 @@ def ready_endpoints(slices: Iterable[Mapping[str, Any]], port_name: str | None) 
             if addresses:
                 found.add((str(addresses[0]), chosen))
     return sorted(found)
-
-
-def parse_default_backend(text: str, what: str = "--default-remote-backend") -> RemoteBackend:
-    """``http(s)://host[:port][/pathPrefix]`` or a RemoteBackend as JSON; ValueError naming ``what``
-    and the field at fault."""
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{what}: not valid JSON ({exc.msg} at character {exc.pos})") from None
-        backend, errors = decode(RemoteBackend, data, what)
-        if backend is None or errors:
-            raise ValueError("; ".join(str(e) for e in errors))
-    else:
-        url = urlsplit(text)
-        if url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
-            raise ValueError(
-                f"{what}: must be http(s)://host[:port][/prefix] or a JSON RemoteBackend, got {text!r}"
-            )
-        backend = RemoteBackend(host=url.netloc, scheme=url.scheme, path_prefix=url.path.rstrip("/") or None)
-    problems = list(check_host(backend.host))
-    if problems:
-        raise ValueError(f"{what}.host: {'; '.join(problems)}")
-    return backend
 
 
 # --- the "local model" of a lane: the Service's own ready pods, waited for ------------------------
@@ -475,7 +438,7 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, kube_client: Any = None):
         self.settings = settings
         self.kube_client = kube_client
-        self.validation = ValidationSettings(default_remote_backend=settings.default_backend)  # type: ignore[arg-type]
+        self.validation = ValidationSettings(default_remote_backend=settings.default_backend)
         self.lanes: dict[Key, Lane] = {}
         self.problems: dict[Key, str] = {}
         self.objects: dict[Key, dict[str, Any]] = {}
@@ -499,9 +462,7 @@ class Gateway:
                 self.objects = {_key(o): dict(o) for o in objects}
             if self.draining:
                 return
-            wanted, self.problems = listeners_from(
-                self.objects.values(), self.validation, self.settings.default_backend
-            )
+            wanted, self.problems = listeners_from(self.objects.values(), self.validation)
             for key, lane in list(self.lanes.items()):
                 want = wanted.get(key)
                 if want is None or want.port != lane.listener.port:
@@ -779,7 +740,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     default = None
     if args.default_remote_backend.strip():
         try:
-            default = parse_default_backend(args.default_remote_backend)
+            default = parse_remote_backend(args.default_remote_backend, "--default-remote-backend")
         except ValueError as exc:
             parser.error(str(exc))
     context = None

@@ -542,6 +542,26 @@ def test_the_gateway_runs_two_spread_replicas_that_drain_within_their_grace_peri
     assert parse_selector(selector_arg.split("=", 1)[1]).items() <= labels.items()
 
 
+def test_the_default_remote_backend_reaches_the_gateway_as_the_webhook_gets_it(helm):
+    from sidecar.gateway import build_parser, settings_from
+
+    url = "https://models.example:8443/v1/$model"
+    objects = by_kind(documents(helm.render("--set", f"defaultRemoteBackend={url}")))
+    gateway_args = objects["Deployment", GATEWAY]["spec"]["template"]["spec"]["containers"][0]["args"]
+    webhook_args = objects["Deployment", WEBHOOK]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert (
+        f"--default-remote-backend={url}" in gateway_args
+        and f"--default-remote-backend={url}" in webhook_args
+    )
+    parser = build_parser({})
+    backend = settings_from(parser.parse_args(gateway_args), parser).default_backend
+    assert (backend.scheme, backend.host, backend.path_prefix) == (
+        "https",
+        "models.example:8443",
+        "/v1/$model",
+    )
+
+
 @pytest.mark.parametrize(
     "values",
     [["gateway.enabled=false"], ["controller.enabled=false"], ["webhook.mutating.enabled=false"]],

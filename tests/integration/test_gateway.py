@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from certs.issue import issue_ca, issue_serving_cert
-from sidecar.gateway import Gateway, GatewaySettings, parse_default_backend
+from crds.validation import parse_remote_backend
+from sidecar.gateway import Gateway, GatewaySettings
 from sidecar.proxy import ProxySettings
 from tests.e2e.controlplane.net import free_port
 from tests.integration.fake_apiserver import LoopbackPKI
@@ -273,21 +274,17 @@ def test_an_oauth_remote_gets_a_token_and_a_private_ca_remote_is_verified(loop, 
 
 def test_the_installations_default_remote_serves_modeldeployments_without_one(loop, remotes):
     a, _ = remotes
-    default = parse_default_backend(f"http://127.0.0.1:{a.port}/default")
+    default = parse_remote_backend(f"http://127.0.0.1:{a.port}/default/$model")
     running = Running(loop, GatewaySettings(**{**settings().__dict__, "default_backend": default}))
     try:
         port = free_port()
         running.update(md("plain", port, None))
         answer = get(port, "/x")
-        assert (
-            answer.headers["x-upstream"] == "remote-a" and json.loads(answer.text)["target"] == "/default/x"
-        )
+        assert answer.headers["x-upstream"] == "remote-a"
+        assert json.loads(answer.text)["target"] == "/default/plain-model/x"
     finally:
         loop.run(running.gateway.shutdown())
         loop.run(running.gateway.admin.close())
-    for bad, fault in (("ftp://x", "--default-remote-backend"), ('{"host": "a b"}', "host"), ("{", "JSON")):
-        with pytest.raises(ValueError, match=fault):
-            parse_default_backend(bad)
 
 
 # --- which ModelDeployments are served -----------------------------------------------------------

@@ -8,7 +8,8 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from crds.validation import validate_object
+from crds.model import RemoteBackend
+from crds.validation import ValidationSettings, validate_object
 from webhook.cache import STANDIN_SLICES_SELECTOR
 from webhook.controller import standin
 from webhook.controller.standin import Claim, GatewaySettings, StandInWorld
@@ -48,10 +49,12 @@ def md(remote=True, enabled=True, hold=0, service="vllm") -> dict[str, Any]:
     }
 
 
-def model_of(doc, default_remote=False):
-    from crds.validation import ValidationSettings
+DEFAULT = RemoteBackend(host="default.example:443", scheme="https")
 
-    result = validate_object(doc, ValidationSettings(default_remote_backend=default_remote))
+
+def model_of(doc, default_remote=False):
+    settings = ValidationSettings(default_remote_backend=DEFAULT if default_remote else None)
+    result = validate_object(doc, settings)
     assert result.model is not None, result.message()
     return result.model
 
@@ -102,7 +105,7 @@ def world(doc=None, pods=(), gateways=GATEWAYS, slices=(), port=20003, svc=None,
     doc = doc or md()
     return StandInWorld(
         doc,
-        kw.pop("model", model_of(doc, kw.get("default_remote", False))),
+        kw.pop("model", model_of(doc, kw.pop("default_remote", False))),
         workload=kw.pop("workload", workload(replicas=0 if not pods else 2)),
         workload_pods=pods,
         service=svc if svc is not None else service(),
@@ -267,7 +270,7 @@ def test_without_any_remote_nothing_stands_in_and_the_condition_says_why():
 
 def test_the_installations_default_remote_stands_in():
     plan = standin.plan(world(md(remote=False), default_remote=True), GATEWAY)
-    assert plan.active and "the installation's default remote backend" in plan.condition.message
+    assert plan.active and "https://default.example:443" in plan.condition.message
 
 
 def test_without_any_remote_but_with_ready_pods_the_reason_is_not_a_warning():
@@ -393,9 +396,9 @@ def test_a_port_out_of_range_or_not_a_number_is_replaced(current):
 def test_a_full_range_gives_none():
     claims = [Claim(p, "t0", ("a", str(p))) for p in range(20000, 20010)]
     assert standin.assign_port(ME, "t", None, claims, RANGE) is None
-    assert standin.wants_port(model_of(md()), False)
-    assert not standin.wants_port(model_of(md(remote=False)), False)
-    assert standin.wants_port(model_of(md(remote=False), True), True)
+    assert standin.wants_port(model_of(md()))
+    assert not standin.wants_port(model_of(md(remote=False)))
+    assert standin.wants_port(model_of(md(remote=False), True))
 
 
 # --- flags and the watch ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from crds.model import RemoteBackend
 from crds.validation import ValidationSettings
-from sidecar.gateway import effective, listeners_from, parse_default_backend, ready_endpoints
+from sidecar.gateway import listeners_from, ready_endpoints
 from tests.integration.test_gateway import md
 
 REMOTE = {"host": "remote.example:80", "scheme": "http"}
@@ -63,23 +63,12 @@ def test_a_listener_carries_the_port_name_the_hold_and_the_service():
     assert listeners_from([no_status], ValidationSettings()) == ({}, {})
 
 
-def test_the_default_remote_fills_in_only_where_there_is_none():
+def test_the_default_remote_serves_where_there_is_none():
     default = RemoteBackend(host="default.example:443", scheme="https")
     wanted, _ = listeners_from(
         [md("own", 20001, REMOTE), md("none", 20002, None)],
-        ValidationSettings(default_remote_backend=default),  # type: ignore[arg-type]
-        default,
+        ValidationSettings(default_remote_backend=default),
     )
     assert wanted[("models", "own")].model.spec.offloading_config.remote_backend.host == "remote.example:80"
-    assert wanted[("models", "none")].model.spec.offloading_config.remote_backend is default
-    model = wanted[("models", "own")].model
-    assert effective(model, default) is model
-
-
-def test_a_default_backend_as_json_keeps_every_field():
-    backend = parse_default_backend(
-        '{"host": "r.example:8443", "scheme": "https", "headersToAdd": {"X-A": "1"}}'
-    )
-    assert (backend.host, backend.scheme, backend.headers_to_add) == ("r.example:8443", "https", {"X-A": "1"})
-    with pytest.raises(ValueError, match="unknownField"):
-        parse_default_backend('{"host": "r.example", "unknownField": 1}')
+    assert wanted[("models", "none")].model.spec.offloading_config.remote_backend == default
+    assert listeners_from([md("none", 20002, None)], ValidationSettings())[0] == {}

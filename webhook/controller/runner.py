@@ -337,9 +337,8 @@ class Controller:
         gateway = self.options.gateway
         meta = md.get("metadata") or {}
         releasing = self.options.release or bool(meta.get("deletionTimestamp")) or world.namespace_terminating
-        default_remote = bool(self.options.validation.default_remote_backend)
         port = None
-        if gateway is not None and not releasing and standin.wants_port(world.model, default_remote):
+        if gateway is not None and not releasing and standin.wants_port(world.model):
             port = self._port_for(key, md, gateway)
         else:
             self._ports.pop(key, None)
@@ -352,7 +351,6 @@ class Controller:
             standin.StandInWorld(
                 md,
                 world.model,
-                default_remote=default_remote,
                 workload=world.workload,
                 workload_pods=world.workload_pods,
                 service=world.service,

@@ -143,7 +143,6 @@ class StandInWorld:
 
     md: Mapping[str, Any]
     model: ModelDeployment | None  # None: invalid
-    default_remote: bool = False  # the installation has a default remote backend
     workload: Mapping[str, Any] | None = None
     workload_pods: Sequence[Mapping[str, Any]] = ()
     service: Mapping[str, Any] | None = None
@@ -182,25 +181,24 @@ def ours_for(slices: Sequence[Mapping[str, Any]], md_name: str) -> list[Mapping[
     return [s for s in slices if _labels(s).get(MODELDEPLOYMENT_LABEL) == md_name]
 
 
-def remote_of(model: ModelDeployment, default_remote: bool) -> str | None:
-    """``scheme://host/prefix`` of the remote in force, the default's name, or None."""
+def remote_of(model: ModelDeployment) -> str | None:
+    """``scheme://host/prefix`` of the remote in force, or None. A validated model carries the
+    installation's default remote backend when it has none of its own (crds.validation)."""
     config = model.spec.offloading_config
     backend = config.remote_backend if config is not None else None
-    if backend is not None:
-        prefix = expand_path_prefix(backend.path_prefix or "", model.spec.model)
-        return f"{backend.scheme}://{backend.host}{prefix}"
-    if config is not None and default_remote:
-        return "the installation's default remote backend"
-    return None
+    if backend is None:
+        return None
+    prefix = expand_path_prefix(backend.path_prefix or "", model.spec.model)
+    return f"{backend.scheme}://{backend.host}{prefix}"
 
 
-def wants_port(model: ModelDeployment | None, default_remote: bool) -> bool:
+def wants_port(model: ModelDeployment | None) -> bool:
     """Whether this ModelDeployment could be stood in for, so needs a gateway port now."""
     return (
         model is not None
         and model.spec.enabled
         and model.spec.service_ref is not None
-        and remote_of(model, default_remote) is not None
+        and remote_of(model) is not None
     )
 
 
@@ -388,7 +386,7 @@ def plan(world: StandInWorld, gateway: GatewaySettings | None) -> StandInPlan:
 
     if not model.spec.enabled:
         return off("Disabled", "enabled: false: the remote never stands in", port=False)
-    remote = remote_of(model, world.default_remote)
+    remote = remote_of(model)
     sref = model.spec.service_ref
     if sref is None:
         return off("NoServiceRef", "the ModelDeployment names no Service to stand in for", port=False)
