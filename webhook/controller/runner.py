@@ -276,7 +276,12 @@ class Controller:
                 self._evaluation.forget(key)
             return None
         world = self.world(md)
-        if self._behind(md) or (world.service is not None and self._behind(world.service)):
+        slices = standin.ours_for(self.store.list(ENDPOINTSLICES, namespace), name)
+        if (
+            self._behind(md)
+            or (world.service is not None and self._behind(world.service))
+            or any(self._behind(s) for s in slices)
+        ):
             return 0.1  # our last write has not reached the store yet: acting now would undo it
         settings = reconcile.Settings(self.options.sidecar_cluster_role, release=self.options.release)
         status = md.get("status") or {}
@@ -386,18 +391,27 @@ class Controller:
 
     def _carry_out_stand_in(self, md: Mapping[str, Any], plan: standin.StandInPlan) -> None:
         namespace = str((md.get("metadata") or {}).get("namespace"))
+        changed = False  # the Event only when this reconcile did start or stop standing in
         for action in plan.actions:
-            if action.verb == "delete":
-                self._ignore_missing(
-                    lambda a=action: self._discovery.delete_namespaced_endpoint_slice(a.name, namespace)
-                )
-            elif action.verb == "create":
-                self._discovery.create_namespaced_endpoint_slice(namespace, action.body)
-            elif action.verb == "patch":
-                self._discovery.patch_namespaced_endpoint_slice(
-                    action.name, namespace, action.body, _content_type=JSON_PATCH
-                )
-        if plan.event is not None:
+            there = self.store.get(ENDPOINTSLICES, namespace, action.name)
+            try:
+                if action.verb == "delete":
+                    self._discovery.delete_namespaced_endpoint_slice(action.name, namespace)
+                elif action.verb == "create":
+                    self._discovery.create_namespaced_endpoint_slice(namespace, action.body)
+                elif action.verb == "patch":
+                    self._discovery.patch_namespaced_endpoint_slice(
+                        action.name, namespace, action.body, _content_type=JSON_PATCH
+                    )
+            except self._api_exception as exc:
+                # Gone already, or created by our last reconcile before the store saw it: done.
+                if (action.verb, exc.status) not in (("delete", 404), ("create", 409)):
+                    raise
+                continue
+            changed = changed or action.verb in ("create", "delete")
+            if action.verb == "patch" and there is not None:
+                self._wrote(there)  # the store's copy is stale until the watch brings ours
+        if plan.event is not None and changed:
             self.event(md, *plan.event)
             log.info("%s/%s: %s: %s", namespace, podq.name_of(md), plan.event[1], plan.event[2])
 
