@@ -336,7 +336,7 @@ def _workload_words(world: StandInWorld, ready: int) -> str:
     ref = model.spec.model_source_ref
     pods = len(world.workload_pods)
     replicas = ((world.workload or {}).get("spec") or {}).get("replicas")
-    if replicas == 0 and not pods:
+    if replicas == 0 and not ready:  # its last pods may still be terminating
         return f"{ref.kind} {ref.name} is scaled to zero"
     return f"{ref.kind} {ref.name} has {ready} ready of {pods} pods"
 
