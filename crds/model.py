@@ -32,6 +32,9 @@ DEFAULT_SUSTAIN_SECONDS = 30
 DEFAULT_COOLDOWN_SECONDS = 120
 # The HPA's default tolerance (--horizontal-pod-autoscaler-tolerance).
 DEFAULT_TOLERANCE = 0.1
+# No cold-start hold: while no local replica is ready, the remote serves at once.
+DEFAULT_COLD_START_HOLD_SECONDS = 0
+MAX_COLD_START_HOLD_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,9 @@ class OffloadingBehavior:
     # model, its sidecar sends further requests to the remote at once, whatever the
     # offloading decision. None: no spillover.
     spillover_in_flight: int | None = None
+    # While no local replica is ready, the gateway holds each request up to this long for
+    # one to become ready before sending it to the remote (0: to the remote at once).
+    cold_start_hold_seconds: int = DEFAULT_COLD_START_HOLD_SECONDS
 
 
 # --- autoscaling/v2 MetricSpec -------------------------------------------------

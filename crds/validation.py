@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from crds.decode import FieldError, decode
 from crds.model import (
+    MAX_COLD_START_HOLD_SECONDS,
     AuthConfig,
     LabelSelector,
     MetricSpec,
@@ -242,6 +243,11 @@ def _check_behavior(path: str, behavior: OffloadingBehavior) -> Iterator[Finding
         yield (
             f"{path}.spilloverInFlight is set with percentage 0: only the requests over "
             f"{spill} in flight per pod are offloaded"
+        )
+    hold = behavior.cold_start_hold_seconds
+    if not 0 <= hold <= MAX_COLD_START_HOLD_SECONDS:
+        yield FieldError(
+            f"{path}.coldStartHoldSeconds", f"must be between 0 and {MAX_COLD_START_HOLD_SECONDS}, got {hold}"
         )
 
 

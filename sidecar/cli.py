@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import logging
 import os
 import re
@@ -170,9 +171,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--mode",
-        choices=("auto", "standalone", "cluster"),
+        choices=("auto", "standalone", "cluster", "gateway"),
         default="auto",
-        help="auto: cluster when POD_NAMESPACE and MODELDEPLOYMENT_NAME are set, else standalone",
+        help="auto: cluster when POD_NAMESPACE and MODELDEPLOYMENT_NAME are set, else standalone; "
+        "gateway: no local model, serve the remote of each ModelDeployment with a gateway port "
+        "(see --mode gateway --help)",
     )
     p.add_argument(
         "--config", type=Path, help="standalone: the ModelDeployment YAML file (reloaded on change)"
@@ -405,6 +408,11 @@ def build_cluster(
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if "--mode=gateway" in given or ("--mode", "gateway") in itertools.pairwise(given):
+        from sidecar import gateway  # its own flags: no local model, no upstream
+
+        return gateway.main([a for a in given if a != "--mode=gateway"])
     env = dict(os.environ)
     parser = build_parser(env)
     args = parser.parse_args(argv)

@@ -42,7 +42,10 @@ RESOURCES = (MODELDEPLOYMENTS, DEPLOYMENTS, STATEFULSETS, SERVICES)
 PODS = "pods"
 REPLICASETS = "replicasets"
 ROLEBINDINGS = "rolebindings"
-CONTROLLER_RESOURCES = (*RESOURCES, PODS, REPLICASETS, ROLEBINDINGS)
+# Only the controller's own (webhook.controller.standin): the remote standing in for a workload.
+ENDPOINTSLICES = "endpointslices"
+STANDIN_SLICES_SELECTOR = "endpointslice.kubernetes.io/managed-by=controller.offload.beamlit.com"
+CONTROLLER_RESOURCES = (*RESOURCES, PODS, REPLICASETS, ROLEBINDINGS, ENDPOINTSLICES)
 WORKLOAD_KINDS = {DEPLOYMENTS: "Deployment", STATEFULSETS: "StatefulSet"}
 
 
@@ -258,9 +261,15 @@ def list_functions(api_client: Any) -> dict[str, Callable[..., Any]]:
     core = kubernetes.client.CoreV1Api(api_client)
     custom = kubernetes.client.CustomObjectsApi(api_client)
     rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
+    discovery = kubernetes.client.DiscoveryV1Api(api_client)
 
     def list_modeldeployments(**kwargs: Any) -> Any:
         return custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+
+    def list_standin_slices(**kwargs: Any) -> Any:
+        return discovery.list_endpoint_slice_for_all_namespaces(
+            label_selector=STANDIN_SLICES_SELECTOR, **kwargs
+        )
 
     # The Watch helper reads the list call's docstring for its return type; a plain
     # function has none and we ask for raw objects anyway.
@@ -272,6 +281,7 @@ def list_functions(api_client: Any) -> dict[str, Callable[..., Any]]:
         PODS: core.list_pod_for_all_namespaces,
         REPLICASETS: apps.list_replica_set_for_all_namespaces,
         ROLEBINDINGS: rbac.list_role_binding_for_all_namespaces,
+        ENDPOINTSLICES: list_standin_slices,
     }
 
 

@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.release_all and not (args.tls_cert_file and args.tls_private_key_file):
         parser.error("--tls-cert-file and --tls-private-key-file are required")
+    try:
+        controller_main.gateway_settings(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         default_backend = (

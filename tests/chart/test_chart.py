@@ -24,6 +24,7 @@ from tests.e2e.controlplane.process import ManagedProcess, wait_until
 pytestmark = pytest.mark.helm
 
 WEBHOOK = "offload-webhook"
+GATEWAY = "offload-gateway"
 SERVICE_DNS_NAMES = [
     WEBHOOK,
     f"{WEBHOOK}.{NAMESPACE}",
@@ -116,6 +117,11 @@ def test_default_render_installs_the_webhook_and_its_supporting_objects(default_
         ("RoleBinding", f"{WEBHOOK}-leader-election"),
         ("Lease", f"{RELEASE}-controller"),
         ("Job", f"{WEBHOOK}-release"),
+        ("ServiceAccount", GATEWAY),
+        ("ClusterRole", GATEWAY),
+        ("ClusterRoleBinding", GATEWAY),
+        ("Deployment", GATEWAY),
+        ("PodDisruptionBudget", GATEWAY),
     } | (
         {("ClusterRole", f"{RELEASE}-sidecar")}
         if (CHART / "files" / "sidecar-role.yaml").is_file()
@@ -179,6 +185,12 @@ def test_webhook_container_runs_offload_webhook_with_the_mounted_certificate_and
         "--evaluation-period=15",
         f"--leader-election-namespace={NAMESPACE}",
         f"--leader-election-lease={RELEASE}-controller",
+        (
+            "--gateway-selector=app.kubernetes.io/component=gateway,app.kubernetes.io/instance=offload,"
+            "app.kubernetes.io/name=offload"
+        ),
+        f"--gateway-namespace={NAMESPACE}",
+        "--gateway-ports=20000-29999",
     ]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -358,6 +370,7 @@ CONTROLLER_WRITES = {
     ("", "events"): {"create"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"create", "patch", "delete"},
     ("rbac.authorization.k8s.io", "clusterroles"): {"bind"},  # only with resourceNames
+    ("discovery.k8s.io", "endpointslices"): {"create", "patch", "delete"},  # the stand-in slice
     ("coordination.k8s.io", "leases"): {"update"},  # only with resourceNames
 }
 
@@ -387,7 +400,7 @@ def rbac_problems(roles, allowed_writes=None) -> list[str]:
 
 def test_rbac_grants_no_wildcards_and_no_writes_but_the_controllers(default_render):
     roles = [d for d in documents(default_render) if d["kind"] in {"ClusterRole", "Role"}]
-    assert len(roles) == 3
+    assert len(roles) == 4
     assert rbac_problems(roles, CONTROLLER_WRITES) == []
 
 
@@ -436,6 +449,7 @@ def test_webhook_cluster_role_is_exactly_what_the_cache_and_the_metric_evaluatio
         ("metrics.k8s.io", "pods", ("list",)),
         ("custom.metrics.k8s.io", "*", ("get", "list")),
         ("external.metrics.k8s.io", "*", ("list",)),
+        ("discovery.k8s.io", "endpointslices", (*read, "create", "patch", "delete")),
     }
     [bind] = [r for r in rules if "bind" in r["verbs"]]
     assert bind["resourceNames"] == [f"{RELEASE}-sidecar"]
@@ -446,6 +460,119 @@ def test_webhook_cluster_role_is_exactly_what_the_cache_and_the_metric_evaluatio
         "name": WEBHOOK,
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": WEBHOOK, "namespace": NAMESPACE}]
+
+
+def test_the_gateway_reads_modeldeployments_and_slices_and_only_the_secrets_it_is_given(helm, default_render):
+    objects = by_kind(documents(default_render))
+    rules = objects["ClusterRole", GATEWAY]["rules"]
+    assert rules == [
+        {
+            "apiGroups": ["deployment.beamlit.com"],
+            "resources": ["modeldeployments"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+    ]
+    assert objects["ClusterRoleBinding", GATEWAY]["subjects"] == [
+        {"kind": "ServiceAccount", "name": GATEWAY, "namespace": NAMESPACE}
+    ]
+    assert not any(d["kind"] == "Role" and "secrets" in str(d["rules"]) for d in objects.values())
+    granted = documents(
+        helm.render(
+            "--set", "gateway.secrets[0].namespace=models",
+            "--set", "gateway.secrets[0].names={remote-oauth,remote-api}",
+            "--set", "gateway.secrets[1].namespace=team-b",
+            "--set", "gateway.secrets[1].names={b-key}",
+        )
+    )  # fmt: skip
+    roles = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in granted if d["kind"] == "Role"}
+    assert roles["models", f"{GATEWAY}-secrets"]["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "verbs": ["get"],
+            "resourceNames": ["remote-oauth", "remote-api"],
+        }
+    ]
+    assert roles["team-b", f"{GATEWAY}-secrets"]["rules"][0]["resourceNames"] == ["b-key"]
+    bindings = [
+        d for d in granted if d["kind"] == "RoleBinding" and d["metadata"]["name"] == f"{GATEWAY}-secrets"
+    ]
+    assert {b["metadata"]["namespace"] for b in bindings} == {"models", "team-b"}
+    assert all(b["subjects"][0]["name"] == GATEWAY and b["roleRef"]["kind"] == "Role" for b in bindings)
+    assert (
+        rbac_problems([d for d in granted if d["kind"] in {"ClusterRole", "Role"}], CONTROLLER_WRITES) == []
+    )
+
+
+def test_the_gateway_runs_two_spread_replicas_that_drain_within_their_grace_period(default_render):
+    from sidecar.gateway import build_parser
+
+    objects = by_kind(documents(default_render))
+    deployment = objects["Deployment", GATEWAY]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector["app.kubernetes.io/component"] == "gateway"
+    assert objects["PodDisruptionBudget", GATEWAY]["spec"] == {
+        "minAvailable": 1,
+        "selector": {"matchLabels": selector},
+    }
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == GATEWAY and spec["automountServiceAccountToken"] is True
+    assert objects["ServiceAccount", GATEWAY]["automountServiceAccountToken"] is False
+    (container,) = spec["containers"]
+    assert container["command"] == ["offload-sidecar"]
+    args = build_parser({}).parse_args(container["args"])
+    assert (args.mode, args.admin_listen, args.shutdown_grace, args.shutdown_deadline) == (
+        "gateway",
+        ("0.0.0.0", 9090),
+        5.0,
+        30.0,
+    )
+    assert spec["terminationGracePeriodSeconds"] > args.shutdown_grace + args.shutdown_deadline
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "admin"}
+    # The controller finds exactly these pods: its selector is the pods' own labels.
+    webhook_args = objects["Deployment", WEBHOOK]["spec"]["template"]["spec"]["containers"][0]["args"]
+    selector_arg = next(a for a in webhook_args if a.startswith("--gateway-selector="))
+    from webhook.controller.standin import parse_selector
+
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert parse_selector(selector_arg.split("=", 1)[1]).items() <= labels.items()
+
+
+def test_the_default_remote_backend_reaches_the_gateway_as_the_webhook_gets_it(helm):
+    from sidecar.gateway import build_parser, settings_from
+
+    url = "https://models.example:8443/v1/$model"
+    objects = by_kind(documents(helm.render("--set", f"defaultRemoteBackend={url}")))
+    gateway_args = objects["Deployment", GATEWAY]["spec"]["template"]["spec"]["containers"][0]["args"]
+    webhook_args = objects["Deployment", WEBHOOK]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert (
+        f"--default-remote-backend={url}" in gateway_args
+        and f"--default-remote-backend={url}" in webhook_args
+    )
+    parser = build_parser({})
+    backend = settings_from(parser.parse_args(gateway_args), parser).default_backend
+    assert (backend.scheme, backend.host, backend.path_prefix) == (
+        "https",
+        "models.example:8443",
+        "/v1/$model",
+    )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [["gateway.enabled=false"], ["controller.enabled=false"], ["webhook.mutating.enabled=false"]],
+    ids=["gateway-off", "controller-off", "validation-only"],
+)
+def test_without_the_gateway_or_its_controller_nothing_of_it_renders(helm, values):
+    docs = documents(helm.render(*[arg for value in values for arg in ("--set", value)]))
+    assert not [d for d in docs if d["metadata"]["name"].startswith(GATEWAY)]
+    for owner, spec in pod_specs(docs):
+        for container in spec["containers"]:
+            assert not [a for a in container.get("args", []) if a.startswith("--gateway")], owner
 
 
 def test_sidecar_cluster_role_carries_the_rules_of_the_sidecar_role_file(default_render):
@@ -718,6 +845,8 @@ def test_schema_rejects_a_bad_type(helm):
         (["webhook.replicaCount=0"], "at '/webhook/replicaCount'"),
         (["sidecar.proxyPort=70000"], "at '/sidecar/proxyPort'"),
         (["image.pullPolicy=Sometimes"], "at '/image/pullPolicy'"),
+        (["gateway.portRange=20000"], "at '/gateway/portRange'"),
+        (["gateway.secrets[0].namespace=models"], "at '/gateway/secrets/0'"),
     ],
 )
 def test_schema_rejects_values_out_of_range(helm, values, error):
@@ -769,6 +898,14 @@ def test_schema_rejects_values_out_of_range(helm, values, error):
             ["webhook.certs.renewBeforeDays=365"],
             "webhook.certs.renewBeforeDays: 365 must be lower than webhook.certs.durationDays 365",
         ),
+        (["gateway.portRange=30000-20000"], "gateway.portRange: must be FIRST-LAST with 1 <= FIRST <= LAST"),
+        (["gateway.portRange=1-70000"], "gateway.portRange: must be FIRST-LAST"),
+        (["gateway.adminPort=20001"], "gateway.adminPort: 20001 is inside gateway.portRange 20000-29999"),
+        (
+            ["gateway.replicaCount=2", "gateway.podDisruptionBudget.minAvailable=2"],
+            "gateway.podDisruptionBudget.minAvailable: 2 would block every node drain",
+        ),
+        (["gateway.serviceAccount.create=false"], "gateway.serviceAccount.name: required"),
     ],
 )
 def test_contradicting_values_fail_with_the_field_named(helm, values, error):
@@ -803,7 +940,7 @@ def test_names_stay_valid_for_a_long_release_name(helm):
         for value in doc["metadata"]["labels"].values():
             assert len(value) <= 63, value
     names = [doc["metadata"]["name"] for doc in docs if doc["kind"] in {"Deployment", "Service"}]
-    assert all(name.endswith("-webhook") for name in names), names
+    assert all(name.endswith(("-webhook", "-gateway")) for name in names), names
 
 
 def test_clusters_older_than_1_29_are_refused(helm):

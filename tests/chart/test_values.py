@@ -78,7 +78,11 @@ def test_every_free_map_in_the_schema_says_what_its_values_are():
     """Free maps (labels, annotations, nodeSelector, resource lists) type their values, or
     are explicitly passed-through Kubernetes objects (affinity, tolerations)."""
     _, schema = load()
-    passthrough = {"webhook.affinity", "webhook.tolerations", "webhook.topologySpreadConstraints"}
+    passthrough = {
+        f"{owner}.{key}"
+        for owner in ("webhook", "gateway")
+        for key in ("affinity", "tolerations", "topologySpreadConstraints")
+    }
 
     def walk(node, path):
         for key, child in node.get("properties", {}).items():

@@ -351,6 +351,76 @@ def test_offload_webhook_runs_as_the_chart_configures_it_and_syncs_with_its_rbac
         process.stop()
 
 
+def test_the_gateway_runs_as_the_chart_configures_it_with_its_own_read_only_rbac(release, tmp_path):
+    """The gateway's pods become Ready under the restricted standard; its process, run here
+    with the chart's arguments and the gateway ServiceAccount's own token, syncs (its /readyz
+    needs the ModelDeployment list), and that account reads no Secret and writes nothing."""
+    kube = release.kube
+    ns = release.namespace
+    gateway = "offload-gateway"
+    apps = kubernetes.client.AppsV1Api(kube.api_client)
+    status = apps.read_namespaced_deployment(gateway, ns).status
+    assert status.ready_replicas == 2
+    token = kube.kubectl("create", "token", gateway, "-n", ns, "--duration", "10m")
+    assert token.returncode == 0, token.stderr
+    admin = yaml.safe_load(kube.kubeconfig.read_text())
+    sa_kubeconfig = tmp_path / "kubeconfig"
+    sa_kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": admin["clusters"][:1],
+                "users": [{"name": gateway, "user": {"token": token.stdout.strip()}}],
+                "contexts": [
+                    {"name": gateway, "context": {"cluster": admin["clusters"][0]["name"], "user": gateway}}
+                ],
+                "current-context": gateway,
+            }
+        )
+    )
+    container = apps.read_namespaced_deployment(gateway, ns).spec.template.spec.containers[0]
+    admin_port = free_port()
+    args = [a for a in container.args if not a.startswith("--admin-listen=")]
+    exe = shutil.which(container.command[0])
+    argv = [exe] if exe else [sys.executable, "-m", "sidecar.cli"]
+    argv += [*args, "--kubeconfig", str(sa_kubeconfig), "--listen-host", "127.0.0.1"]
+    argv += [f"--admin-listen=127.0.0.1:{admin_port}"]
+    process = ManagedProcess(gateway, argv, tmp_path / "gateway.log", cwd=REPO_ROOT, env={**os.environ})
+    try:
+        wait_until(
+            "the gateway's /readyz (its watch listed with the chart's RBAC)",
+            lambda: _http_status(f"http://127.0.0.1:{admin_port}/readyz") == 200,
+            60,
+            alive=[process, *kube.processes],
+        )
+    finally:
+        process.stop()
+    account = f"system:serviceaccount:{ns}:{gateway}"
+    for verb, group, resource, allowed in [
+        ("watch", "deployment.beamlit.com", "modeldeployments", True),
+        ("watch", "discovery.k8s.io", "endpointslices", True),
+        ("get", "", "secrets", False),
+        ("create", "discovery.k8s.io", "endpointslices", False),
+        ("patch", "deployment.beamlit.com", "modeldeployments", False),
+        ("list", "", "pods", False),
+    ]:
+        assert _allowed(kube, account, verb, group, resource, "default") is allowed, (verb, group, resource)
+
+
+def _http_status(url: str) -> int | None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
 def _readyz(port: int, ctx: ssl.SSLContext, server_name: str) -> int | None:
     try:
         with (

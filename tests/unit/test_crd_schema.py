@@ -165,6 +165,7 @@ def test_names_group_scope_and_status_subresource(crd, version):
         "Utilization": ".status.utilization",
         "Captured": ".status.captured",
         "Injected": ".status.injected",
+        "Stand-In": ".status.standIn.active",
         "Age": ".metadata.creationTimestamp",
     }
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]

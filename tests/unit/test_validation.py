@@ -94,6 +94,21 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "spec.offloadingConfig.behavior.cooldownSeconds",
     ),
     ("tolerance 2", {f"{OC}__behavior__tolerance": 2}, "spec.offloadingConfig.behavior.tolerance"),
+    (
+        "hold too long",
+        {f"{OC}__behavior__coldStartHoldSeconds": 301},
+        "spec.offloadingConfig.behavior.coldStartHoldSeconds",
+    ),
+    (
+        "hold negative",
+        {f"{OC}__behavior__coldStartHoldSeconds": -1},
+        "spec.offloadingConfig.behavior.coldStartHoldSeconds",
+    ),
+    (
+        "hold not an integer",
+        {f"{OC}__behavior__coldStartHoldSeconds": "10s"},
+        "spec.offloadingConfig.behavior.coldStartHoldSeconds",
+    ),
     ("host with scheme", {f"{RBK}__host": "http://remote:80"}, f"{RB}.host"),
     ("host with path", {f"{RBK}__host": "remote:80/v1"}, f"{RB}.host"),
     ("host with userinfo", {f"{RBK}__host": "user:pw@remote"}, f"{RB}.host"),

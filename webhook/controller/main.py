@@ -13,6 +13,7 @@ from typing import Any
 
 from crds.validation import ValidationSettings
 from webhook.cache import CONTROLLER_RESOURCES, RESOURCES, CacheSync, ClusterCache
+from webhook.controller import standin
 from webhook.controller.leader import LeaderElector, Timing
 from webhook.controller.runner import Controller, Evaluation, Options
 from webhook.controller.store import Fanout, Store
@@ -78,6 +79,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--leader-election-retry-period", type=positive_seconds, default=2.0, metavar="SECONDS"
     )
+    group.add_argument(
+        "--gateway-selector",
+        default="",
+        metavar="KEY=VALUE[,...]",
+        help="labels of the gateway's pods (offload-sidecar --mode gateway): while a workload has no "
+        "ready pod, its Service gets an EndpointSlice pointing at the ready ones; empty: no gateway, "
+        "nothing stands in (default: empty)",
+    )
+    group.add_argument(
+        "--gateway-namespace",
+        default=os.environ.get("POD_NAMESPACE") or "default",
+        help="namespace of the gateway's pods (default: $POD_NAMESPACE, else %(default)s)",
+    )
+    group.add_argument(
+        "--gateway-ports",
+        default=f"{standin.DEFAULT_PORTS[0]}-{standin.DEFAULT_PORTS[1]}",
+        metavar="LOW-HIGH",
+        help="the gateway ports handed out, one per ModelDeployment (default: %(default)s)",
+    )
 
 
 def positive_seconds(text: str) -> float:
@@ -89,6 +109,21 @@ def positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
     return value
+
+
+def gateway_settings(args: argparse.Namespace) -> standin.GatewaySettings | None:
+    """The gateway of --gateway-*, or None without --gateway-selector. ValueError names the flag."""
+    if not args.gateway_selector.strip():
+        return None
+    try:
+        selector = standin.parse_selector(args.gateway_selector)
+    except ValueError as exc:
+        raise ValueError(f"--gateway-selector: {exc}") from None
+    try:
+        ports = standin.parse_ports(args.gateway_ports)
+    except ValueError as exc:
+        raise ValueError(f"--gateway-ports: {exc}") from None
+    return standin.GatewaySettings(args.gateway_namespace, selector, ports)
 
 
 def identity() -> str:
@@ -154,6 +189,7 @@ def start(
         period=args.evaluation_period,
         validation=settings,
         signals_period=args.signals_period,
+        gateway=gateway_settings(args),
     )
     controller = Controller(
         api_client, store, options, evaluation=evaluation, leading=elector.leading, metrics=metrics
@@ -222,7 +258,7 @@ def release_all(
 
 
 def _released(store: Store) -> bool:
-    from webhook.cache import MODELDEPLOYMENTS, ROLEBINDINGS, SERVICES
+    from webhook.cache import ENDPOINTSLICES, MODELDEPLOYMENTS, ROLEBINDINGS, SERVICES
     from webhook.controller import capture, rbac
     from webhook.controller.reconcile import FINALIZER
 
@@ -239,5 +275,10 @@ def _released(store: Store) -> bool:
         for binding in store.list(ROLEBINDINGS, namespace):
             labels = (binding.get("metadata") or {}).get("labels") or {}
             if labels.get(rbac.MANAGED_BY_LABEL) == rbac.MANAGED_BY:
+                return False
+    for namespace in store.namespaces(ENDPOINTSLICES):
+        for endpoints in store.list(ENDPOINTSLICES, namespace):
+            owner = ((endpoints.get("metadata") or {}).get("labels") or {}).get(standin.MODELDEPLOYMENT_LABEL)
+            if owner and store.get(MODELDEPLOYMENTS, namespace, owner) is not None:
                 return False
     return True

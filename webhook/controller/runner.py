@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ from crds.signals import has_local_metrics
 from crds.validation import ValidationSettings, validate_object
 from webhook.cache import (
     DEPLOYMENTS,
+    ENDPOINTSLICES,
     MODELDEPLOYMENTS,
     PODS,
     REPLICASETS,
@@ -37,7 +38,7 @@ from webhook.cache import (
     STATEFULSETS,
 )
 from webhook.controller import pods as podq
-from webhook.controller import rbac, reconcile
+from webhook.controller import rbac, reconcile, standin
 from webhook.controller.conditions import Condition, merge, transitions
 from webhook.controller.store import Store
 from webhook.controller.workqueue import WorkQueue
@@ -80,6 +81,8 @@ class Options:
     # serve (read from the pods, no metrics API): the decision follows them within
     # seconds; its status is still written at most every `period` unless it changes.
     signals_period: float = 1.0
+    # The gateway that stands in for workloads with no ready pod (None: there is none).
+    gateway: standin.GatewaySettings | None = None
 
 
 def evaluation_period(model: Any, options: Options) -> float:
@@ -125,6 +128,7 @@ class Controller:
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
         self._rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
+        self._discovery = kubernetes.client.DiscoveryV1Api(api_client)
         self._api_exception = kubernetes.client.ApiException
         self.store = store
         self.options = options
@@ -140,6 +144,8 @@ class Controller:
         self._written: dict[str, set[str]] = {}
         self._evaluated_at: dict[Key, float] = {}
         self._published_at: dict[Key, float] = {}
+        # Gateway ports this process assigned, for as long as the store may not show them yet.
+        self._ports: dict[Key, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         store.set_on_change(self._changed)
@@ -149,6 +155,15 @@ class Controller:
     def _changed(self, resource: str, namespace: str) -> None:
         for md in self.store.list(MODELDEPLOYMENTS, namespace):
             self.queue.add((namespace, podq.name_of(md)))
+        gateway = self.options.gateway
+        if resource == PODS and gateway is not None and namespace == gateway.namespace:
+            self.enqueue_all()  # a gateway pod's readiness changes the slices of all
+        if resource == ENDPOINTSLICES:
+            # A slice whose ModelDeployment is gone is deleted by that key's reconcile.
+            for s in self.store.list(ENDPOINTSLICES, namespace):
+                owner = podq.labels_of(s).get(standin.MODELDEPLOYMENT_LABEL)
+                if owner:
+                    self.queue.add((namespace, owner))
 
     def enqueue_all(self) -> None:
         for namespace in self.store.namespaces(MODELDEPLOYMENTS):
@@ -252,11 +267,21 @@ class Controller:
             self._failures.pop(key, None)
             if self._metrics is not None:
                 self._metrics.without_sidecar(key, 0)
+            self._ports.pop(key, None)
+            for s in standin.ours_for(self.store.list(ENDPOINTSLICES, namespace), name):
+                self._ignore_missing(
+                    lambda s=s: self._discovery.delete_namespaced_endpoint_slice(podq.name_of(s), namespace)
+                )
             if self._evaluation is not None:
                 self._evaluation.forget(key)
             return None
         world = self.world(md)
-        if self._behind(md) or (world.service is not None and self._behind(world.service)):
+        slices = standin.ours_for(self.store.list(ENDPOINTSLICES, namespace), name)
+        if (
+            self._behind(md)
+            or (world.service is not None and self._behind(world.service))
+            or any(self._behind(s) for s in slices)
+        ):
             return 0.1  # our last write has not reached the store yet: acting now would undo it
         settings = reconcile.Settings(self.options.sidecar_cluster_role, release=self.options.release)
         status = md.get("status") or {}
@@ -298,11 +323,97 @@ class Controller:
         plan = reconcile.plan(world, settings)
         if self._metrics is not None:
             self._metrics.without_sidecar(key, plan.without_sidecar)
+        stand_in = self.stand_in(key, md, world)
+        self._carry_out_stand_in(md, stand_in)  # before the finalizer can go
         md = self._carry_out(md, plan, world.service)
         if plan.remove_finalizer or (md.get("metadata") or {}).get("deletionTimestamp"):
             return None
+        if stand_in.condition is not None:
+            plan = replace(plan, conditions=[*plan.conditions, stand_in.condition])
+        if self.options.gateway is not None or "standIn" in status:
+            decided = {**decided, "standIn": stand_in.status}
         self._write_status(md, plan, decided)
         return period if not self.options.release else None
+
+    # -- standing in (webhook.controller.standin) --
+
+    def stand_in(self, key: Key, md: Mapping[str, Any], world: reconcile.World) -> standin.StandInPlan:
+        """The stand-in plan of ``md`` from the store (a gateway port assigned if it needs one)."""
+        gateway = self.options.gateway
+        meta = md.get("metadata") or {}
+        releasing = self.options.release or bool(meta.get("deletionTimestamp")) or world.namespace_terminating
+        port = None
+        if gateway is not None and not releasing and standin.wants_port(world.model):
+            port = self._port_for(key, md, gateway)
+        else:
+            self._ports.pop(key, None)
+        gateway_pods = (
+            podq.selected_by(gateway.selector, self.store.list(PODS, gateway.namespace))
+            if gateway is not None
+            else []
+        )
+        return standin.plan(
+            standin.StandInWorld(
+                md,
+                world.model,
+                workload=world.workload,
+                workload_pods=world.workload_pods,
+                service=world.service,
+                service_pods=world.service_pods,
+                gateway_pods=gateway_pods,
+                slices=self.store.list(ENDPOINTSLICES, key[0]),
+                port=port,
+                releasing=releasing,
+            ),
+            gateway,
+        )
+
+    def _port_for(self, key: Key, md: Mapping[str, Any], gateway: standin.GatewaySettings) -> int | None:
+        def published(obj: Mapping[str, Any], k: Key) -> Any:
+            port = ((obj.get("status") or {}).get("standIn") or {}).get("port")
+            return port if port is not None else self._ports.get(k)
+
+        claims = []
+        for namespace in self.store.namespaces(MODELDEPLOYMENTS):
+            for other in self.store.list(MODELDEPLOYMENTS, namespace):
+                k = (namespace, podq.name_of(other))
+                port = published(other, k)
+                if isinstance(port, int) and k != key:
+                    created = str((other.get("metadata") or {}).get("creationTimestamp") or "")
+                    claims.append(standin.Claim(port, created, k))
+        created = str((md.get("metadata") or {}).get("creationTimestamp") or "")
+        port = standin.assign_port(key, created, published(md, key), claims, gateway.ports)
+        if port is None:
+            self._ports.pop(key, None)
+        else:
+            self._ports[key] = port
+        return port
+
+    def _carry_out_stand_in(self, md: Mapping[str, Any], plan: standin.StandInPlan) -> None:
+        namespace = str((md.get("metadata") or {}).get("namespace"))
+        changed = False  # the Event only when this reconcile did start or stop standing in
+        for action in plan.actions:
+            there = self.store.get(ENDPOINTSLICES, namespace, action.name)
+            try:
+                if action.verb == "delete":
+                    self._discovery.delete_namespaced_endpoint_slice(action.name, namespace)
+                elif action.verb == "create":
+                    self._discovery.create_namespaced_endpoint_slice(namespace, action.body)
+                elif action.verb == "patch":
+                    self._discovery.patch_namespaced_endpoint_slice(
+                        action.name, namespace, action.body, _content_type=JSON_PATCH
+                    )
+            except self._api_exception as exc:
+                # Gone already, or created by our last reconcile before the store saw it: done.
+                if (action.verb, exc.status) not in (("delete", 404), ("create", 409)):
+                    raise
+                continue
+            changed = changed or action.verb in ("create", "delete")
+            if action.verb == "patch" and there is not None:
+                self._wrote(there)  # the store's copy is stale until the watch brings ours
+        if plan.event is not None and changed:
+            self.event(md, *plan.event)
+            log.info("%s/%s: %s: %s", namespace, podq.name_of(md), plan.event[1], plan.event[2])
 
     def _behind(self, obj: Mapping[str, Any]) -> bool:
         meta = obj.get("metadata") or {}
@@ -419,6 +530,11 @@ class Controller:
         for cond in transitions(status.get("conditions"), plan.conditions):
             if cond.type == "Ready" or (cond.type == "Valid" and cond.status is not False):
                 continue  # Ready sums up the others, which have Events of their own
+            if cond.type == standin.REMOTE_STANDING_IN:
+                # Starting and stopping have their own Events (with the slice); only trouble warns.
+                if cond.status is False and cond.reason in standin.WARNING_REASONS:
+                    self.event(md, "Warning", cond.reason, cond.message)
+                continue
             if cond.type == "Offloading":
                 reason = "OffloadingStarted" if cond.status else "OffloadingStopped"
                 was = next((c for c in status.get("conditions") or [] if c.get("type") == "Offloading"), None)

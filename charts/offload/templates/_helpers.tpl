@@ -72,6 +72,46 @@ read what it needs (files/sidecar-role.yaml). */}}
 {{- printf "%s-dashboard" (include "offload.fullname" . | trunc 53 | trimSuffix "-") }}
 {{- end }}
 
+{{/* Name of the gateway's Deployment, PodDisruptionBudget, ServiceAccount and ClusterRole. */}}
+{{- define "offload.gateway.name" -}}
+{{- printf "%s-gateway" (include "offload.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "offload.gateway.serviceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create }}
+{{- default (include "offload.gateway.name" .) .Values.gateway.serviceAccount.name }}
+{{- else }}
+{{- .Values.gateway.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The gateway runs only beside the controller, which points Services at it. */}}
+{{- define "offload.gateway.enabled" -}}
+{{- if and .Values.gateway.enabled .Values.webhook.mutating.enabled .Values.controller.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Labels that select the gateway's pods (the controller's --gateway-selector too). */}}
+{{- define "offload.gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "offload.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{/* The same labels as a label selector string (key=value,...). */}}
+{{- define "offload.gateway.selector" -}}
+{{- $labels := include "offload.gateway.selectorLabels" . | fromYaml }}
+{{- $pairs := list }}
+{{- range $key := keys $labels | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%s" $key (get $labels $key)) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}
+
+{{- define "offload.gateway.labels" -}}
+{{ include "offload.labels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
 {{- define "offload.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -146,6 +186,21 @@ hold under --skip-schema-validation). */}}
 {{- $sidecarLimits := get $sidecarResources "limits" | default dict }}
 {{- if and (not (get $sidecarRequests "cpu")) (not (get $sidecarLimits "cpu")) }}
 {{- fail "sidecar.resources.requests.cpu: required: a sidecar without a cpu request makes every cpu Utilization metric of its pod invalid (the HPA's rule), for offloading and for an HPA on the same workload" }}
+{{- end }}
+{{- if include "offload.gateway.enabled" . }}
+{{- $range := splitList "-" .Values.gateway.portRange }}
+{{- if or (ne (len $range) 2) (lt (int (index $range 0)) 1) (gt (int (index $range 1)) 65535) (gt (int (index $range 0)) (int (index $range 1))) }}
+{{- fail (printf "gateway.portRange: must be FIRST-LAST with 1 <= FIRST <= LAST <= 65535, got %q" .Values.gateway.portRange) }}
+{{- end }}
+{{- if and (ge (int .Values.gateway.adminPort) (int (index $range 0))) (le (int .Values.gateway.adminPort) (int (index $range 1))) }}
+{{- fail (printf "gateway.adminPort: %v is inside gateway.portRange %s, where ModelDeployments get their ports" .Values.gateway.adminPort .Values.gateway.portRange) }}
+{{- end }}
+{{- if and .Values.gateway.podDisruptionBudget.enabled (gt (int .Values.gateway.replicaCount) 1) (ge (int .Values.gateway.podDisruptionBudget.minAvailable) (int .Values.gateway.replicaCount)) }}
+{{- fail (printf "gateway.podDisruptionBudget.minAvailable: %v would block every node drain with gateway.replicaCount %v; make it lower than replicaCount" .Values.gateway.podDisruptionBudget.minAvailable .Values.gateway.replicaCount) }}
+{{- end }}
+{{- if and (not .Values.gateway.serviceAccount.create) (not .Values.gateway.serviceAccount.name) }}
+{{- fail "gateway.serviceAccount.name: required when gateway.serviceAccount.create is false" }}
+{{- end }}
 {{- end }}
 {{- if and (not .Values.webhook.serviceAccount.create) (not .Values.webhook.serviceAccount.name) }}
 {{- fail "webhook.serviceAccount.name: required when webhook.serviceAccount.create is false" }}
