@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import sys
 
-from sidecar import routing
+from sidecar.proxy import routing
 
 
 class RandomSpread:

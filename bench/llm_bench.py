@@ -6,7 +6,7 @@ that saturates on its queue.
 
 On 127.0.0.1, for each policy in turn, with fresh processes:
 
-- the **local model**: ``sidecar.llmsim`` serving at most 4 requests at once, each 0.15 s
+- the **local model**: ``sidecar.demo.llmsim`` serving at most 4 requests at once, each 0.15 s
   to its first token then 16 tokens 25 ms apart (0.525 s: 7.6 req/s at most), the rest
   queued; it streams tokens as Server-Sent Events and sends its response head at once,
   as vLLM does. It burns 1 ms of CPU per token, so its CPU rises with the requests it
@@ -64,7 +64,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from sidecar.llmsim import Capacity
+from sidecar.demo.llmsim import Capacity
 
 LOCAL = Capacity(slots=4, prefill=0.15, tokens=16, token_interval=0.025, cpu_per_token=0.001)
 REMOTE = Capacity(slots=64, prefill=0.15, tokens=16, token_interval=0.025)
@@ -242,7 +242,7 @@ class Child:
 
 def llmsim(name: str, capacity: Capacity) -> list[str]:
     return [
-        sys.executable, "-m", "sidecar.llmsim", "--name", name, "--slots", str(capacity.slots),
+        sys.executable, "-m", "sidecar.demo.llmsim", "--name", name, "--slots", str(capacity.slots),
         "--prefill-ms", f"{capacity.prefill * 1000:g}", "--tokens", str(capacity.tokens),
         "--token-ms", f"{capacity.token_interval * 1000:g}",
         "--cpu-per-token-ms", f"{capacity.cpu_per_token * 1000:g}",

@@ -4,7 +4,7 @@ Separate from the proxy port, so that probes and scrapes never compete with
 model traffic and the proxy port serves nothing but the model.
 
 Rendering is pure (:func:`render_metrics`, :func:`status_document` over a
-:class:`ControlView` and the data path's :class:`~sidecar.stats.ProxyStats`).
+:class:`ControlView` and the data path's :class:`~sidecar.proxy.stats.ProxyStats`).
 The server is a few dozen lines on asyncio streams rather than Starlette under
 uvicorn: four GET endpoints need no framework, it saves ~6 MiB of RSS in a
 process injected into every model pod, and uvicorn would install signal
@@ -28,8 +28,8 @@ from typing import Any
 from crds.decision import NOT_EVALUATED, Decision
 from crds.model import MetricSpec, ModelDeployment
 from crds.observation import MetricObservation
-from sidecar.routing import RoutePlan
-from sidecar.stats import BACKENDS, Histogram, ProxyStats
+from sidecar.proxy.routing import RoutePlan
+from sidecar.proxy.stats import BACKENDS, Histogram, ProxyStats
 
 log = logging.getLogger("sidecar.admin")
 

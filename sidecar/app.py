@@ -9,7 +9,7 @@
 Standalone mode takes the ModelDeployment from a file and CPU from the local
 machine, and decides itself (crds/decision.py). Cluster mode (chosen by the injector's
 POD_NAMESPACE and MODELDEPLOYMENT_NAME, see
-:func:`sidecar.clustersource.cluster_mode_from_env`) watches its ModelDeployment and
+:func:`sidecar.cluster.config.cluster_mode_from_env`) watches its ModelDeployment and
 follows the decision the controller publishes in its status (:func:`follow_published`):
 one evaluation per ModelDeployment, not one per pod. Everything after the decision is
 the same code.
@@ -40,10 +40,10 @@ from crds.model import MetricSpec, ModelDeployment
 from crds.observation import MetricObservation
 from crds.status import PublishedDecision, format_time
 from sidecar.admin import AdminServer, ControlView
-from sidecar.interfaces import ConfigSource, MetricSource
-from sidecar.proxy import ProxyServer, ProxySettings
-from sidecar.routing import CaBundleContexts, RemoteTarget, RoutePlan, RoutingTable
-from sidecar.secretheaders import SecretHeaders, with_secret_headers
+from sidecar.control.interfaces import ConfigSource, MetricSource
+from sidecar.proxy.server import ProxyServer, ProxySettings
+from sidecar.proxy.routing import CaBundleContexts, RemoteTarget, RoutePlan, RoutingTable
+from sidecar.credentials.headers import SecretHeaders, with_secret_headers
 from sidecar.signals import (
     DEFAULT_WINDOW,
     ModelScraper,
@@ -52,7 +52,7 @@ from sidecar.signals import (
     SignalMetricSource,
     scrape_target,
 )
-from sidecar.stats import ProxyStats
+from sidecar.proxy.stats import ProxyStats
 
 log = logging.getLogger("sidecar")
 
@@ -122,7 +122,7 @@ def plan_for(
     """The RoutePlan of a configuration and a decision.
 
     ``ssl_context_for`` gives the context of the remote's caBundle; pass one
-    :class:`~sidecar.routing.CaBundleContexts` to share contexts between plans.
+    :class:`~sidecar.proxy.routing.CaBundleContexts` to share contexts between plans.
     """
     if passthrough_reason(model) is not None:
         return RoutePlan()
@@ -387,7 +387,7 @@ class Controller:
         if self.secret_headers is not None:
             remote = replace(remote, headers=with_secret_headers(remote.headers, self.secret_headers.headers))
         if self.needs_authorization:
-            from sidecar.oauth import with_authorization
+            from sidecar.credentials.oauth import with_authorization
 
             remote = with_authorization(remote, self.authorization)
         return replace(plan, remote=remote)
@@ -526,7 +526,7 @@ class Sidecar:
         if auth is None or auth.oauth_config is None:
             self.controller.set_authorization(None)
             return
-        from sidecar.oauth import oauth_for
+        from sidecar.credentials.oauth import oauth_for
 
         made = oauth_for(model, self.kube_client, self.settings.proxy.remote_ssl_context)
         self.controller.needs_authorization = True
@@ -577,7 +577,7 @@ class Sidecar:
         if not specs:
             self.controller.set_secret_headers(None)
             return
-        from sidecar.secretheaders import keeper_for
+        from sidecar.credentials.headers import keeper_for
 
         assert model is not None
         keeper = keeper_for(

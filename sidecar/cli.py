@@ -36,9 +36,9 @@ from pathlib import Path
 
 from crds.quantity import parse_quantity
 from sidecar.app import NoMetrics, PassThroughSource, Sidecar, SidecarSettings
-from sidecar.cpu import DEFAULT_WINDOW, LocalMetricSource, ProcessTreeReader, detect_reader, parse_cores
-from sidecar.kube import SERVICE_ACCOUNT_DIR_ENV
-from sidecar.proxy import ProxySettings
+from sidecar.standalone.metrics import DEFAULT_WINDOW, LocalMetricSource, ProcessTreeReader, detect_reader, parse_cores
+from sidecar.cluster.kube import SERVICE_ACCOUNT_DIR_ENV
+from sidecar.proxy.server import ProxySettings
 from sidecar.signals import DEFAULT_WINDOW as SIGNAL_WINDOW
 
 log = logging.getLogger("sidecar")
@@ -324,7 +324,7 @@ def settings_from(args: argparse.Namespace) -> SidecarSettings:
 
 
 def build_standalone(settings: SidecarSettings) -> Sidecar:
-    from sidecar.filesource import FileConfigSource
+    from sidecar.standalone.config import FileConfigSource
 
     assert settings.config_path is not None
     source = FileConfigSource(settings.config_path, poll_interval=min(1.0, settings.poll_interval))
@@ -368,8 +368,8 @@ def build_cluster(
 ) -> Sidecar:
     """The cluster-mode sidecar; when its environment or credentials are unusable, one that
     passes everything through to the local model and says why in /status. Never raises."""
-    from sidecar.clustersource import cluster_mode_from_env
-    from sidecar.kube import ConfigError
+    from sidecar.cluster.config import cluster_mode_from_env
+    from sidecar.cluster.kube import ConfigError
 
     source = f"{env.get('POD_NAMESPACE') or '?'}/{env.get('MODELDEPLOYMENT_NAME') or '?'}"
     why = None

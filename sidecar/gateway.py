@@ -54,10 +54,10 @@ from crds.model import GROUP, PLURAL, VERSION, ModelDeployment, RemoteBackend
 from crds.validation import ValidationSettings, parse_remote_backend, validate_object
 from sidecar.admin import AdminServer, ControlView, status_document
 from sidecar.app import Controller, NoMetrics, PassThroughSource, Sidecar, SidecarSettings
-from sidecar.proxy import ProxySettings
-from sidecar.routing import RoutePlan
-from sidecar.stats import ProxyStats
-from sidecar.upstream import CoarseClock, UpstreamConnection, UpstreamPool
+from sidecar.proxy.server import ProxySettings
+from sidecar.proxy.routing import RoutePlan
+from sidecar.proxy.stats import ProxyStats
+from sidecar.proxy.upstream import CoarseClock, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("sidecar.gateway")
 
@@ -168,7 +168,7 @@ def ready_endpoints(slices: Iterable[Mapping[str, Any]], port_name: str | None) 
 
 class LocalPods:
     """What a lane's ProxyServer takes for its local model (the pool interface of
-    :class:`sidecar.upstream.UpstreamPool`): the Service's ready pods, from ``endpoints()``.
+    :class:`sidecar.proxy.upstream.UpstreamPool`): the Service's ready pods, from ``endpoints()``.
 
     ``connect`` waits up to ``hold`` seconds for one to be there (``notify()`` says the
     endpoints changed) and connects to it, round robin; with none by then it raises
@@ -292,7 +292,7 @@ class ServiceEndpoints:
             self.task = None
 
     async def _run(self) -> None:
-        from sidecar.kube import Listed, list_and_watch
+        from sidecar.cluster.kube import Listed, list_and_watch
 
         path = f"/apis/discovery.k8s.io/v1/namespaces/{self.namespace}/endpointslices"
         params = {
@@ -493,7 +493,7 @@ class Gateway:
 
     async def follow(self) -> None:
         """Watch the ModelDeployments (cluster-wide or in ``namespaces``) and update on each change."""
-        from sidecar.kube import Listed, list_and_watch
+        from sidecar.cluster.kube import Listed, list_and_watch
 
         assert self.kube_client is not None
         namespaces = self.settings.namespaces or ("",)
@@ -767,7 +767,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sidecar.kube import ConfigError, KubeClient, in_cluster_config, load_kubeconfig
+    from sidecar.cluster.kube import ConfigError, KubeClient, in_cluster_config, load_kubeconfig
 
     env = dict(os.environ)
     parser = build_parser(env)

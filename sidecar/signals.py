@@ -10,7 +10,7 @@ scrapes from the model server, served on the admin port at ``/signals``.
 - **in flight** (``offload.beamlit.com/in-flight``): requests sent to the local model
   whose response has not ended; **waiting** (``offload.beamlit.com/waiting``): those of
   them without a byte of response body yet. The data path only increments and decrements
-  two integers (sidecar/exchange.py); the sampler reads them every ``SAMPLE_INTERVAL``
+  two integers (sidecar/proxy/exchange.py); the sampler reads them every ``SAMPLE_INTERVAL``
   and the value served is their mean over the last ``window`` seconds: uniform samples
   of a step function, an unbiased estimate of its time average (the concurrency Knative's
   queue-proxy reports), at no cost per request.
@@ -52,8 +52,8 @@ from crds.signals import (
     scraped_gauges,
     signal_value,
 )
-from sidecar.interfaces import MetricSource
-from sidecar.stats import ProxyStats
+from sidecar.control.interfaces import MetricSource
+from sidecar.proxy.stats import ProxyStats
 
 log = logging.getLogger("sidecar.signals")
 

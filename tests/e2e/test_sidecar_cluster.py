@@ -40,8 +40,8 @@ from paths import REPO_ROOT, TUTORIAL_CLUSTER_A
 
 from crds.decision import INITIAL, step
 from crds.model import OffloadingBehavior
-from sidecar.clustersource import ClusterConfigSource
-from sidecar.kube import ApiError, Backoff, KubeClient, load_kubeconfig
+from sidecar.cluster.config import ClusterConfigSource
+from sidecar.cluster.kube import ApiError, Backoff, KubeClient, load_kubeconfig
 from webhook.controller.evaluation import MetricsReader, decision_status
 
 pytestmark = pytest.mark.e2e
@@ -312,7 +312,7 @@ def test_the_per_modeldeployment_rules_open_exactly_the_referenced_secret(
     kube, namespace, modeldeployment_crd, sidecar_kubeconfig
 ) -> None:
     from crds.rbac import sidecar_rules_for
-    from sidecar.oauth import SecretKeyReader
+    from sidecar.credentials.oauth import SecretKeyReader
 
     doc = modeldeployment(
         namespace,

@@ -32,7 +32,7 @@ from test_controller import (  # noqa: F401 - cluster is a fixture
 from test_controller import modeldeployment as controller_modeldeployment
 
 from crds.signals import IN_FLIGHT
-from sidecar.llmsim import Capacity, LlmServer
+from sidecar.demo.llmsim import Capacity, LlmServer
 from tests.integration.servers import LoopThread
 from tests.integration.test_model_signals import Load
 from tests.integration.test_standalone import SidecarProcess

@@ -557,8 +557,8 @@ class ProxyHarness:
         remote_ssl: ssl.SSLContext | None = None,
         spillover: int | None = None,
     ):
-        from sidecar.proxy import ProxyServer, ProxySettings
-        from sidecar.routing import RoutePlan, RoutingTable
+        from sidecar.proxy.server import ProxyServer, ProxySettings
+        from sidecar.proxy.routing import RoutePlan, RoutingTable
 
         self.lt = lt
         self.local = lt.run(Upstream.started("local"))
@@ -566,7 +566,7 @@ class ProxyHarness:
         lt.run(self.remote.start(0, remote_ssl))
         self.target = None
         if with_remote:
-            from sidecar.routing import RemoteTarget
+            from sidecar.proxy.routing import RemoteTarget
 
             self.target = RemoteTarget(
                 scheme=remote_scheme,
@@ -593,7 +593,7 @@ class ProxyHarness:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def set_percentage(self, percentage: int) -> None:
-        from sidecar.routing import RoutePlan
+        from sidecar.proxy.routing import RoutePlan
 
         self.lt.call(
             lambda: self.routing.update(

@@ -13,9 +13,9 @@ from crds.decision import INITIAL, step
 from crds.model import OffloadingBehavior
 from crds.observation import MetricObservation
 from sidecar.admin import AdminServer, ControlView, configuration_document, render_metrics, status_document
-from sidecar.filesource import parse_document
-from sidecar.routing import RemoteTarget, RoutePlan
-from sidecar.stats import ProxyStats
+from sidecar.standalone.config import parse_document
+from sidecar.proxy.routing import RemoteTarget, RoutePlan
+from sidecar.proxy.stats import ProxyStats
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 TUTORIAL = (TESTDATA / "modeldeployments" / "tutorial.yaml").read_text()

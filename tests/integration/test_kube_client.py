@@ -1,4 +1,4 @@
-"""sidecar/kube.py and the cluster ConfigSource over real TLS, against a stand-in API
+"""sidecar/cluster/kube.py and the cluster ConfigSource over real TLS, against a stand-in API
 server on loopback that can expire watches, rotate tokens and go away on cue
 (tests/e2e/test_sidecar_cluster.py runs the same code against kube-apiserver)."""
 
@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from crds.model import GROUP, PLURAL, VERSION
-from sidecar.clustersource import ClusterConfigSource
-from sidecar.kube import (
+from sidecar.cluster.config import ClusterConfigSource
+from sidecar.cluster.kube import (
     ApiError,
     Backoff,
     ClusterConfig,
@@ -352,7 +352,7 @@ def test_the_token_never_appears_in_logs(tmp_path: Path, caplog: pytest.LogCaptu
 
 
 def test_cluster_mode_is_chosen_by_the_injectors_environment(tmp_path: Path) -> None:
-    from sidecar.clustersource import cluster_mode_from_env
+    from sidecar.cluster.config import cluster_mode_from_env
 
     assert cluster_mode_from_env({"POD_NAMESPACE": "models"}) is None
     pki = LoopbackPKI.create(tmp_path / "pki")

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from sidecar.breaker import BreakerSettings
-from sidecar.proxy import ProxySettings
+from sidecar.proxy.breaker import BreakerSettings
+from sidecar.proxy.server import ProxySettings
 from tests.integration.servers import LoopThread, ProxyHarness
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from crds.signals import IN_FLIGHT, WAITING
-from sidecar.llmsim import Capacity, LlmServer
+from sidecar.demo.llmsim import Capacity, LlmServer
 from tests.integration.servers import LoopThread
 from tests.integration.test_standalone import SidecarProcess
 from tests.modeldeployments import as_yaml, standalone

@@ -1,4 +1,4 @@
-"""sidecar/oauth.py against a real OAuth2 token endpoint process on loopback (over TLS
+"""sidecar/credentials/oauth.py against a real OAuth2 token endpoint process on loopback (over TLS
 with a custom CA): caching, single-flight refresh under concurrency, expiry, an
 endpoint that is down or hangs, a changed client secret, and no secret in logs."""
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.oauth import OAuthClient, with_authorization
-from sidecar.routing import RemoteTarget
+from sidecar.credentials.oauth import OAuthClient, with_authorization
+from sidecar.proxy.routing import RemoteTarget
 from tests.integration.fake_apiserver import LoopbackPKI
 from tests.integration.token_endpoint import EURO_TOKEN
 

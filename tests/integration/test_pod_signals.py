@@ -12,7 +12,7 @@ import pytest
 
 from crds.signals import IN_FLIGHT
 from crds.validation import validate_object
-from sidecar.llmsim import Capacity, LlmServer
+from sidecar.demo.llmsim import Capacity, LlmServer
 from tests.integration.servers import LoopThread
 from tests.integration.test_model_signals import Load
 from tests.integration.test_standalone import SidecarProcess

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from certs.issue import issue_ca, issue_serving_cert
-from sidecar.breaker import BreakerSettings
-from sidecar.proxy import ProxySettings
+from sidecar.proxy.breaker import BreakerSettings
+from sidecar.proxy.server import ProxySettings
 from tests.integration.servers import LoopThread, ProxyHarness, Upstream
 
 
@@ -145,7 +145,7 @@ def test_a_remote_that_drops_requests_unanswered_is_replaced_by_the_local_model(
     import asyncio
 
     server = lt.run(asyncio.start_server(drop_everything, "127.0.0.1", 0))
-    from sidecar.routing import RemoteTarget
+    from sidecar.proxy.routing import RemoteTarget
 
     port = server.sockets[0].getsockname()[1]
     h.target = RemoteTarget(scheme="http", host="127.0.0.1", port=port, authority=f"127.0.0.1:{port}")
@@ -257,8 +257,8 @@ def test_an_https_remote_with_an_untrusted_certificate_is_not_used(harnesses, tl
 def test_old_remote_targets_are_forgotten_and_requests_follow_the_newest(harnesses, lt):
     """A token refresh or caBundle change makes a new RemoteTarget: old ones (and
     their tokens, pools, breakers) are dropped beyond a few, the newest serves."""
-    from sidecar.proxy import MAX_KEPT_ROUTES
-    from sidecar.routing import RemoteTarget, RoutePlan
+    from sidecar.proxy.server import MAX_KEPT_ROUTES
+    from sidecar.proxy.routing import RemoteTarget, RoutePlan
 
     h = harnesses(percentage=100)
     with httpx.Client(base_url=h.url, timeout=10) as c:

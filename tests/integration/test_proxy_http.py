@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from sidecar.proxy import ProxySettings
+from sidecar.proxy.server import ProxySettings
 from tests.integration.servers import LoopThread, ProxyHarness, ResponseReader, exchange_raw, read_response
 
 

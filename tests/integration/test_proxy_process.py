@@ -157,7 +157,7 @@ def test_sigterm_during_load_and_open_streams_loses_nothing(local):
 
 
 def test_shutdown_turns_readiness_off_at_once_drains_in_flight_and_cuts_at_the_deadline(lt):
-    from sidecar.proxy import ProxySettings
+    from sidecar.proxy.server import ProxySettings
 
     h = ProxyHarness(lt, with_remote=False, settings=ProxySettings(shutdown_grace=0.3, tick=0.05))
     try:

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from sidecar.proxy import ProxySettings
+from sidecar.proxy.server import ProxySettings
 from tests.integration.servers import LoopThread, ProxyHarness, exchange_raw
 
 

@@ -10,7 +10,7 @@ from typing import Self
 
 import pytest
 
-from sidecar.filesource import FileConfigSource, load_file, parse_document
+from sidecar.standalone.config import FileConfigSource, load_file, parse_document
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 TUTORIAL = (TESTDATA / "modeldeployments" / "tutorial.yaml").read_text()
@@ -188,7 +188,7 @@ def test_an_invalid_edit_drops_the_configuration_and_logs_the_field(tmp_path, ca
             assert await watch.next() is None
             assert await watch.nothing_for(10)
 
-    with caplog.at_level(logging.ERROR, logger="sidecar.filesource"):
+    with caplog.at_level(logging.ERROR, logger="sidecar.standalone.config"):
         run(main())
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors

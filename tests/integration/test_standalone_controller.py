@@ -14,8 +14,8 @@ from pathlib import Path
 from crds.model import MetricSpec
 from crds.observation import MetricObservation
 from sidecar.app import Controller
-from sidecar.filesource import parse_document
-from sidecar.routing import RoutePlan, RoutingTable
+from sidecar.standalone.config import parse_document
+from sidecar.proxy.routing import RoutePlan, RoutingTable
 
 TUTORIAL = (
     Path(__file__).resolve().parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.breaker import BreakerSettings, CircuitBreaker
+from sidecar.proxy.breaker import BreakerSettings, CircuitBreaker
 
 
 def tripped(threshold=3, backoff=1.0, max_backoff=8.0, at=0.0):

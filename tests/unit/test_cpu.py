@@ -17,7 +17,7 @@ from crds.model import (
     PodsMetricSource,
     ResourceMetricSource,
 )
-from sidecar.cpu import (
+from sidecar.standalone.metrics import (
     CgroupV1Reader,
     CgroupV2Reader,
     CpuSample,

@@ -13,8 +13,8 @@ from crds.status import PublishedDecision
 from crds.validation import validate_object
 from sidecar.admin import render_metrics, status_document
 from sidecar.app import Controller, follow_published
-from sidecar.routing import RoutingTable
-from sidecar.stats import ProxyStats
+from sidecar.proxy.routing import RoutingTable
+from sidecar.proxy.stats import ProxyStats
 from tests.modeldeployments import standalone
 
 EVALUATED = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.http1 import (
+from sidecar.proxy.http1 import (
     BODY_CHUNKED,
     BODY_LENGTH,
     FRAME_CHUNKED,
@@ -26,7 +26,7 @@ from sidecar.http1 import (
     retry_after_seconds,
     split_response_head,
 )
-from sidecar.stats import Histogram, ProxyStats, status_class
+from sidecar.proxy.stats import Histogram, ProxyStats, status_class
 
 
 def inspect(headers, method=b"GET", target=b"/x", version="1.1"):

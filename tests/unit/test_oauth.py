@@ -1,4 +1,4 @@
-"""The pure parts of sidecar/oauth.py: token responses, client authentication, the
+"""The pure parts of sidecar/credentials/oauth.py: token responses, client authentication, the
 refresh schedule, the single flight (with an in-process stand-in for the HTTP POST)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from sidecar.oauth import (
+from sidecar.credentials.oauth import (
     AccessToken,
     OAuthClient,
     TokenError,
@@ -19,7 +19,7 @@ from sidecar.oauth import (
     parse_token_response,
     with_authorization,
 )
-from sidecar.routing import RemoteTarget
+from sidecar.proxy.routing import RemoteTarget
 
 
 def body(**doc: object) -> bytes:
@@ -199,7 +199,7 @@ def test_oauth_for_a_modeldeployment_reads_its_secret_reference() -> None:
     import yaml
 
     from crds.validation import validate_object
-    from sidecar.oauth import oauth_for
+    from sidecar.credentials.oauth import oauth_for
 
     tutorial = yaml.safe_load(
         (Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text()

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from sidecar.app import Sidecar, SidecarSettings, supervised
-from sidecar.filesource import parse_document
-from sidecar.oauth import OAuthClient
+from sidecar.standalone.config import parse_document
+from sidecar.credentials.oauth import OAuthClient
 from tests.modeldeployments import as_yaml, oauth_remote, standalone
 
 TOKEN_IN_MESSAGE = "tok-9f8e7d"  # what an exception's message might quote; never logged

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from crds.model import RemoteBackend
 from crds.validation import validate_object
 from sidecar.app import passthrough_reason, plan_for
-from sidecar.filesource import parse_document
-from sidecar.routing import CaBundleContexts, PercentageSpread, RemoteTarget, RoutePlan, RoutingTable
+from sidecar.standalone.config import parse_document
+from sidecar.proxy.routing import CaBundleContexts, PercentageSpread, RemoteTarget, RoutePlan, RoutingTable
 
 TUTORIAL = (
     Path(__file__).resolve().parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml"

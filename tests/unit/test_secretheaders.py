@@ -18,9 +18,9 @@ from crds.model import HeaderFromSecret, SecretKeyReference
 from crds.rbac import sidecar_rules_for
 from sidecar.admin import status_document
 from sidecar.app import Controller
-from sidecar.filesource import parse_document
-from sidecar.routing import RoutingTable
-from sidecar.secretheaders import (
+from sidecar.standalone.config import parse_document
+from sidecar.proxy.routing import RoutingTable
+from sidecar.credentials.headers import (
     SecretFileReader,
     SecretHeaderKeeper,
     SecretHeaders,
@@ -30,7 +30,7 @@ from sidecar.secretheaders import (
     secret_keys,
     with_secret_headers,
 )
-from sidecar.stats import ProxyStats
+from sidecar.proxy.stats import ProxyStats
 from tests.modeldeployments import as_yaml, standalone
 
 API_KEY = "k-7f3a9c1e"  # the value that must never be logged or shown

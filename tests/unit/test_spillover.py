@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from crds.validation import validate_object
 from sidecar.app import plan_for
-from sidecar.routing import NEVER, RemoteTarget, RoutePlan, RoutingTable
+from sidecar.proxy.routing import NEVER, RemoteTarget, RoutePlan, RoutingTable
 from tests.modeldeployments import standalone
 
 REMOTE = RemoteTarget("http", "remote.example", 80, "remote.example")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-log = logging.getLogger("sidecar.kube")
+log = logging.getLogger("sidecar.cluster.kube")
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # Set by the injector: the sidecar's own projected token, CA and namespace, mounted into the

@@ -1,7 +1,7 @@
 """The client side of the proxy port: one asyncio protocol per client connection.
 
 It parses requests with httptools (llhttp, strict), enforces the head limits,
-refuses what sidecar.http1 refuses (answering earlier pipelined requests first,
+refuses what sidecar.proxy.http1 refuses (answering earlier pipelined requests first,
 then a lingering close so the answer isn't reset), runs one Exchange at a time
 in request order (pipelined ones wait, reading paused), applies flow control
 both ways, and switches to a byte tunnel after a WebSocket 101.
@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from sidecar.exchange import Exchange
-from sidecar.http1 import BODY_CHUNKED, Rejection, inspect_request, render_error
-from sidecar.upstream import PAUSE_PIPELINE, PAUSE_REJECTED, PAUSE_UPGRADE, UpstreamConnection, set_nodelay
+from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.http1 import BODY_CHUNKED, Rejection, inspect_request, render_error
+from sidecar.proxy.upstream import PAUSE_PIPELINE, PAUSE_REJECTED, PAUSE_UPGRADE, UpstreamConnection, set_nodelay
 
 if TYPE_CHECKING:
-    from sidecar.proxy import ProxyServer, ProxySettings
+    from sidecar.proxy.server import ProxyServer, ProxySettings
 
 log = logging.getLogger("sidecar.proxy")
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 if TYPE_CHECKING:
-    from sidecar.exchange import Exchange
+    from sidecar.proxy.exchange import Exchange
 
 
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024  # an upstream's status line and fields, else 502

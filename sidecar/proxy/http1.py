@@ -1,6 +1,6 @@
 """HTTP/1.1 head rules for the proxy, as pure functions over parsed heads.
 
-The socket code (sidecar/client.py, sidecar/response.py) parses with httptools (llhttp, strict mode:
+The socket code (sidecar/proxy/client.py, sidecar/proxy/response.py) parses with httptools (llhttp, strict mode:
 it already refuses Content-Length together with Transfer-Encoding, duplicate
 Content-Length, obs-fold, bare LF, NUL and invalid tokens). What llhttp lets
 through but a reverse proxy must not forward anywhere is refused here:
@@ -13,7 +13,7 @@ through but a reverse proxy must not forward anywhere is refused here:
 
 A request the model itself would accept is refused nowhere else: what is only
 dangerous on one route is noted on the head (``remote_limits``) and keeps it off
-that route (sidecar.proxy), so it is served locally, byte for byte, instead:
+that route (sidecar.proxy.server), so it is served locally, byte for byte, instead:
 
 - ``LIMIT_PREFIX``: dot segments (``/../``, also percent-encoded or with
   ``;params``: ``/..;x/``), separators a remote may decode or normalise into

@@ -13,7 +13,7 @@ go there; as the last backend left, an open breaker does not stop it. Else the
 client gets a clear 502 (503 with Retry-After while shutting down, or the busy
 answer's status and Retry-After). Once any byte of a final response reached the
 client nothing is retried: a broken upstream then breaks the client's response.
-The response half lives in sidecar.response.
+The response half lives in sidecar.proxy.response.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from sidecar.http1 import (
+from sidecar.proxy.http1 import (
     BODY_CHUNKED,
     Rejection,
     RequestHead,
@@ -34,14 +34,14 @@ from sidecar.http1 import (
     render_request_head,
     retry_after_seconds,
 )
-from sidecar.response import ResponseRelay
-from sidecar.upstream import PAUSE_CONNECTING, PAUSE_UPSTREAM_FULL, UpstreamConnection, UpstreamPool
+from sidecar.proxy.response import ResponseRelay
+from sidecar.proxy.upstream import PAUSE_CONNECTING, PAUSE_UPSTREAM_FULL, UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
     import asyncio
 
-    from sidecar.client import ClientConnection
-    from sidecar.routing import RemoteTarget
+    from sidecar.proxy.client import ClientConnection
+    from sidecar.proxy.routing import RemoteTarget
 
 log = logging.getLogger("sidecar.proxy")
 

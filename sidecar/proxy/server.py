@@ -10,8 +10,8 @@ each piece read from one side is written to the other at once, and reading stops
 while the other side's write buffer is full (flat memory for any body size).
 
     client --ClientConnection--> Exchange --UpstreamConnection--> local | remote
-           (sidecar.client)   (sidecar.exchange,  (sidecar.upstream)
-                               sidecar.response)
+           (sidecar.proxy.client)   (sidecar.proxy.exchange,  (sidecar.proxy.upstream)
+                               sidecar.proxy.response)
 
 This module holds the settings, the server (listening, draining, the timer that
 drives timeouts, the remote's pools and circuit breakers) and a small CLI.
@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from urllib.parse import urlsplit
 
-from sidecar.breaker import BreakerSettings, CircuitBreaker
-from sidecar.client import ClientConnection
-from sidecar.http1 import LIMIT_PREFIX, LIMIT_TRACE, RequestHead, render_extra
-from sidecar.routing import RemoteTarget, RoutePlan, RoutingTable
-from sidecar.stats import ProxyStats
-from sidecar.upstream import CoarseClock, UpstreamPool
+from sidecar.proxy.breaker import BreakerSettings, CircuitBreaker
+from sidecar.proxy.client import ClientConnection
+from sidecar.proxy.http1 import LIMIT_PREFIX, LIMIT_TRACE, RequestHead, render_extra
+from sidecar.proxy.routing import RemoteTarget, RoutePlan, RoutingTable
+from sidecar.proxy.stats import ProxyStats
+from sidecar.proxy.upstream import CoarseClock, UpstreamPool
 
 log = logging.getLogger("sidecar.proxy")
 

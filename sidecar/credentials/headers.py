@@ -7,7 +7,7 @@ would only answer 401, so while any value is missing every request stays local.
 
 The values come from a reader per distinct Secret key:
 
-- cluster mode: :class:`sidecar.oauth.SecretKeyReader` (GET on the Secret, by
+- cluster mode: :class:`sidecar.credentials.oauth.SecretKeyReader` (GET on the Secret, by
   name, as the per-ModelDeployment Role allows), re-read every minute
   (``--secret-refresh``), sooner while it fails;
 - standalone mode: :class:`SecretFileReader` over ``--secrets-dir DIR``, where
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from crds.model import HeaderFromSecret
 
-log = logging.getLogger("sidecar.secretheaders")
+log = logging.getLogger("sidecar.credentials.headers")
 
 MAX_VALUE_BYTES = 16 * 1024  # a header value; a mounted file larger than this is not one
 FILE_PERIOD = 1.0  # seconds between reads of a mounted Secret file
@@ -229,7 +229,7 @@ def keeper_for(
     keys = secret_keys(specs)
     readers: dict[SecretKey, KeyReader]
     if kube_client is not None:
-        from sidecar.oauth import SecretKeyReader
+        from sidecar.credentials.oauth import SecretKeyReader
 
         assert namespace is not None
         readers = {k: SecretKeyReader(kube_client, namespace, *k) for k in keys}

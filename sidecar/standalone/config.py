@@ -29,7 +29,7 @@ import yaml
 from crds.model import KIND, ModelDeployment
 from crds.validation import ValidationSettings, validate_object
 
-log = logging.getLogger("sidecar.filesource")
+log = logging.getLogger("sidecar.standalone.config")
 
 MAX_FILE_BYTES = 1024 * 1024
 DEFAULT_VALIDATION = ValidationSettings()

@@ -1,7 +1,7 @@
 """The demo's LLM scenario: ``python -m sidecar.demo --scenario llm``.
 
 An LLM server on a GPU saturates on its queue while its CPU idles. Two identical lanes
-run side by side, all on 127.0.0.1, each a stand-in LLM server (``sidecar.llmsim``: 4
+run side by side, all on 127.0.0.1, each a stand-in LLM server (``sidecar.demo.llmsim``: 4
 requests at once, the rest queued, tokens streamed as Server-Sent Events, little CPU)
 behind its own offload-sidecar, both offloading to one stand-in remote:
 
@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.demo import Child
-from sidecar.llmsim import Capacity
+from sidecar.demo.cpu import Child
+from sidecar.demo.llmsim import Capacity
 
 MODEL = Capacity(slots=4, prefill=0.15, tokens=16, token_interval=0.025, cpu_per_token=0.0003)
 REMOTE = Capacity(slots=64, prefill=0.15, tokens=16, token_interval=0.025)
@@ -276,7 +276,7 @@ async def run_llm_demo(duration: float, workdir: Path, out, tty: bool) -> int:
 
     def llmsim(name: str, c: Capacity) -> list[str]:
         return [
-            sys.executable, "-m", "sidecar.llmsim", "--name", name, "--slots", str(c.slots),
+            sys.executable, "-m", "sidecar.demo.llmsim", "--name", name, "--slots", str(c.slots),
             "--prefill-ms", f"{c.prefill * 1000:g}", "--tokens", str(c.tokens),
             "--token-ms", f"{c.token_interval * 1000:g}", "--cpu-per-token-ms", f"{c.cpu_per_token * 1000:g}",
         ]  # fmt: skip

@@ -1,6 +1,6 @@
 """A stand-in LLM server for the demo, the mission benchmark and the tests.
 
-    python -m sidecar.llmsim --slots 4 --prefill-ms 100 --tokens 20 --token-ms 25
+    python -m sidecar.demo.llmsim --slots 4 --prefill-ms 100 --tokens 20 --token-ms 25
 
 Like vLLM or TGI on a GPU, it serves at most ``slots`` requests at once and queues the
 rest (first come, first served); a request then takes a fixed time: ``prefill-ms`` before
@@ -181,7 +181,7 @@ async def serve(name: str, capacity: Capacity, port: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sidecar.llmsim", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sidecar.demo.llmsim", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="local", help="named in every event (which server answered)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--slots", type=int, default=Capacity.slots, help="requests generated at once")

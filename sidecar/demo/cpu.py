@@ -1,6 +1,6 @@
 """The local demo: ``python -m sidecar.demo`` (no cluster, nothing to set up).
 
-``--scenario llm`` runs the LLM-serving scenario instead (sidecar/demo_llm.py): a model
+``--scenario llm`` runs the LLM-serving scenario instead (sidecar/demo/llm.py): a model
 server that saturates on its queue while its CPU stays low, where CPU-based offloading
 does nothing and the queue signal does. The default scenario:
 
@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="offload-demo-"))
     try:
         if args.scenario == "llm":
-            from sidecar.demo_llm import run_llm_demo
+            from sidecar.demo.llm import run_llm_demo
 
             return asyncio.run(run_llm_demo(args.duration, workdir, sys.stdout, tty))
         return asyncio.run(run_demo(plan, workdir, sys.stdout, tty))

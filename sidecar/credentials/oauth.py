@@ -32,9 +32,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from sidecar.routing import RemoteTarget
+from sidecar.proxy.routing import RemoteTarget
 
-log = logging.getLogger("sidecar.oauth")
+log = logging.getLogger("sidecar.credentials.oauth")
 
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024  # a token response is a few hundred bytes; JWTs a few KiB
 # RFC 6750 2.1 b64token: what can follow "Bearer " in a header as it is.
@@ -357,7 +357,7 @@ class SecretKeyReader:
 
     async def read(self) -> str | None:
         """The key's value (decoded), or None when the Secret or key is missing or unreadable."""
-        from sidecar.kube import KubeError
+        from sidecar.cluster.kube import KubeError
 
         where = f"Secret {self.namespace}/{self.name}"
         path = f"/api/v1/namespaces/{self.namespace}/secrets/{self.name}"

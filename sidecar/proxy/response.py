@@ -4,7 +4,7 @@ The Exchange is its response parser's protocol (httptools calls it back), and
 this class holds those callbacks and what they need: the response head is read
 from the raw bytes the UpstreamConnection keeps in ``head_buf`` (one regex over
 the fields instead of one Python call per field), re-rendered for the client
-(sidecar.http1), and body pieces are gathered in ``out`` and written once per
+(sidecar.proxy.http1), and body pieces are gathered in ``out`` and written once per
 upstream read. Endings (finish, failure, abort) belong to the Exchange.
 """
 
@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from sidecar.http1 import FRAME_CHUNKED, render_interim, render_response_head, split_response_head
+from sidecar.proxy.http1 import FRAME_CHUNKED, render_interim, render_response_head, split_response_head
 
 if TYPE_CHECKING:
-    from sidecar.client import ClientConnection
-    from sidecar.http1 import RequestHead
-    from sidecar.proxy import ProxyServer
-    from sidecar.routing import RemoteTarget
-    from sidecar.upstream import UpstreamConnection
+    from sidecar.proxy.client import ClientConnection
+    from sidecar.proxy.http1 import RequestHead
+    from sidecar.proxy.server import ProxyServer
+    from sidecar.proxy.routing import RemoteTarget
+    from sidecar.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger("sidecar.proxy")
 
