@@ -41,7 +41,7 @@ from decimal import Decimal
 from typing import Any
 
 from crds.model import LabelSelector, MetricSpec, MetricTarget
-from crds.observation import MetricObservation
+from crds.observation import MetricObservation, unit_of
 from crds.quantity import parse_quantity
 
 # --- settings -------------------------------------------------------------------------
@@ -287,7 +287,8 @@ def evaluate(
 def evaluate_metric(
     spec: MetricSpec, workload: Workload, reading: Reading, now: datetime, settings: HpaSettings
 ) -> MetricObservation:
-    return dataclasses.replace(_evaluate_metric(spec, workload, reading, now, settings), type=spec.type)
+    observation = _evaluate_metric(spec, workload, reading, now, settings)
+    return dataclasses.replace(observation, type=spec.type, unit=unit_of(spec_target(spec).type))
 
 
 def _evaluate_metric(
@@ -745,6 +746,13 @@ def object_reading(doc: Mapping[str, Any]) -> Reading:
 def unknown_observations(metrics: Sequence[MetricSpec], reason: str) -> list[MetricObservation]:
     """One unreadable observation per metric, each with its target and ``reason``."""
     return [
-        MetricObservation(metric_display_name(m), None, _target_number(spec_target(m)), reason, m.type)
+        MetricObservation(
+            metric_display_name(m),
+            None,
+            _target_number(spec_target(m)),
+            reason,
+            m.type,
+            unit_of(spec_target(m).type),
+        )
         for m in metrics
     ]

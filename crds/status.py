@@ -117,6 +117,8 @@ def _observation(entry: Any) -> MetricObservation | None:
         target,
         message if isinstance(message, str) else "",
         kind if isinstance(kind, str) else "",
+        # format_value writes a percentage with its "%": the unit travels with the value.
+        "percent" if str(entry.get("target")).endswith("%") else "quantity",
     )
 
 

@@ -37,7 +37,7 @@ from typing import Protocol
 
 from crds.hpa import metric_display_name, spec_target
 from crds.model import MetricSpec, MetricTarget
-from crds.observation import MetricObservation
+from crds.observation import MetricObservation, unit_of
 from crds.quantity import parse_quantity
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -370,6 +370,7 @@ class LocalMetricSource:
             name = metric_display_name(spec)
             target = spec_target(spec)
             goal = _target_number(target)
+            unit = unit_of(target.type)
             resource = _resource_name(spec)
             if resource == "cpu":
                 cpu = cpu or self._cpu()
@@ -379,17 +380,17 @@ class LocalMetricSource:
                 reading = memory
             else:
                 what = f"{spec.type} metric" if resource is None else f"resource {resource!r}"
-                out.append(MetricObservation(name, None, goal, f"{what}: {NOT_STANDALONE}", spec.type))
+                out.append(MetricObservation(name, None, goal, f"{what}: {NOT_STANDALONE}", spec.type, unit))
                 continue
             percent, amount, how = reading
             if target.type == "Utilization":
-                out.append(MetricObservation(name, percent, goal, how, spec.type))
+                out.append(MetricObservation(name, percent, goal, how, spec.type, unit))
             elif target.type == "AverageValue":
-                out.append(MetricObservation(name, amount, goal, how, spec.type))
+                out.append(MetricObservation(name, amount, goal, how, spec.type, unit))
             else:
                 out.append(
                     MetricObservation(
-                        name, None, goal, f"target type {target.type!r}: {NOT_STANDALONE}", spec.type
+                        name, None, goal, f"target type {target.type!r}: {NOT_STANDALONE}", spec.type, unit
                     )
                 )
         return out

@@ -215,6 +215,7 @@ def published(offloading: bool, *, age: float = 0.0, period: int = 15) -> dict[s
         50,
         "2 pods",
         "Resource",
+        "percent",
     )
     now = datetime.now(UTC) - timedelta(seconds=age)
     behavior = OffloadingBehavior(sustain_seconds=0, cooldown_seconds=0)

@@ -56,7 +56,7 @@ def busy_stats() -> ProxyStats:
 def offloading_view(observations=None) -> ControlView:
     model = parse_document(TUTORIAL).model
     observations = observations or [
-        MetricObservation(CPU, 80.0, 50.0, "cgroup v2"),
+        MetricObservation(CPU, 80.0, 50.0, "cgroup v2", unit="percent"),
         MetricObservation('"queue \\ depth" on pods', None, 10.0, "not available in standalone mode"),
     ]
     decision = step(INITIAL, observations, 0, OffloadingBehavior(percentage=50, sustain_seconds=0))
@@ -187,7 +187,7 @@ def test_the_decision_reason_code_follows_the_engine_through_on_and_off():
     assert decision_code(ControlView(model=model)) == "NotEvaluated"
     # cpu% over time: in the band, hot for the sustain window, cool for the cooldown, unreadable.
     for now, cpu in [(0, 50), (1, 80), (11, 80), (12, 50), (13, 30), (33, 30), (34, None)]:
-        observations = [MetricObservation(CPU, cpu, 50.0, "test")]
+        observations = [MetricObservation(CPU, cpu, 50.0, "test", unit="percent")]
         decision = step(state, observations, now, behavior)
         state = decision.state
         view = ControlView(model=model, observations=tuple(observations), decision=decision)

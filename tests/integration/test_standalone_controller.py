@@ -44,7 +44,7 @@ class FakeMetricSource:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
-        return [MetricObservation(CPU, self.percent, 50.0, "fake") for _ in metrics]
+        return [MetricObservation(CPU, self.percent, 50.0, "fake", unit="percent") for _ in metrics]
 
 
 class Clock:

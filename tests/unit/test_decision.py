@@ -20,7 +20,7 @@ BEHAVIOR = OffloadingBehavior(percentage=50, sustain_seconds=30, cooldown_second
 
 
 def cpu(percent: float | None, target: float = 50, reason: str = "") -> MetricObservation:
-    return MetricObservation(CPU, percent, target, reason)
+    return MetricObservation(CPU, percent, target, reason, unit="percent")
 
 
 def queue(value: float | None, target: float = 10, reason: str = "") -> MetricObservation:

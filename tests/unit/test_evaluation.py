@@ -267,7 +267,7 @@ def test_ready_replicas_counts_running_ready_pods_not_being_deleted() -> None:
 
 def cpu(percent: float | None) -> MetricObservation:
     return MetricObservation(
-        "resource cpu on pods (as a percentage of request)", percent, 50, "3 pods", "Resource"
+        "resource cpu on pods (as a percentage of request)", percent, 50, "3 pods", "Resource", "percent"
     )
 
 
