@@ -26,7 +26,6 @@ import gc
 import itertools
 import logging
 import os
-import re
 import ssl
 import sys
 import time
@@ -35,48 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crds.quantity import parse_quantity
-from sidecar.app import NoMetrics, PassThroughSource, Sidecar, SidecarSettings
-from sidecar.standalone.metrics import DEFAULT_WINDOW, LocalMetricSource, ProcessTreeReader, detect_reader, parse_cores
+from sidecar.app import Sidecar, SidecarSettings
 from sidecar.cluster.kube import SERVICE_ACCOUNT_DIR_ENV
+from sidecar.control.interfaces import NoMetrics, PassThroughSource
+from sidecar.options import HelpFormatter, address, duration, positive_duration
 from sidecar.proxy.server import ProxySettings
 from sidecar.signals import DEFAULT_WINDOW as SIGNAL_WINDOW
+from sidecar.standalone.config import FileConfigSource
+from sidecar.standalone.metrics import DEFAULT_WINDOW, LocalMetricSource, ProcessTreeReader, detect_reader, parse_cores
 
 log = logging.getLogger("sidecar")
 
 # The injector's default ports: what a pod's malformed OFFLOAD_*_PORT most likely meant.
 INJECTED_PROXY_PORT = 15080
 INJECTED_ADMIN_PORT = 15090
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def duration(text: str) -> float:
-    """``500ms``, ``1s``, ``2m``, ``1.5`` (seconds) -> seconds."""
-    match = _DURATION.fullmatch(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 500ms, 1s, 2m)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def positive_duration(text: str) -> float:
-    value = duration(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
-    return value
-
-
-def address(default_host: str):
-    def parse(text: str) -> tuple[str, int]:
-        """``host:port``, ``[v6]:port`` or a bare ``port`` (on ``default_host``)."""
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = default_host, text
-        host = host.strip("[]") or default_host
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise argparse.ArgumentTypeError(f"not host:port: {text!r}")
-        return host, int(port)
-
-    return parse
 
 
 def cores(text: str) -> float:
@@ -94,15 +65,6 @@ def memory_bytes(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
     return value
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the absent ones."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
 
 
 @dataclass(frozen=True)
@@ -167,7 +129,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "ModelDeployment from --config and CPU from the local cgroup (v2 or v1) or the host; "
         "cluster mode (POD_NAMESPACE and MODELDEPLOYMENT_NAME set, as the injector does) "
         "watches the API server.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--mode",
@@ -324,8 +286,6 @@ def settings_from(args: argparse.Namespace) -> SidecarSettings:
 
 
 def build_standalone(settings: SidecarSettings) -> Sidecar:
-    from sidecar.standalone.config import FileConfigSource
-
     assert settings.config_path is not None
     source = FileConfigSource(settings.config_path, poll_interval=min(1.0, settings.poll_interval))
     if settings.cpu_pid is not None:

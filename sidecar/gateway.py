@@ -45,19 +45,26 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from crds.model import GROUP, PLURAL, VERSION, ModelDeployment, RemoteBackend
 from crds.validation import ValidationSettings, parse_remote_backend, validate_object
-from sidecar.admin import AdminServer, ControlView, status_document
-from sidecar.app import Controller, NoMetrics, PassThroughSource, Sidecar, SidecarSettings
+from sidecar.admin.metrics import PROMETHEUS_TEXT
+from sidecar.admin.server import AdminServer, response
+from sidecar.admin.status import status_document
+from sidecar.app import Sidecar, SidecarSettings
+from sidecar.control.interfaces import NoMetrics, PassThroughSource
+from sidecar.control.state import OffloadingState
+from sidecar.control.view import ControlView
+from sidecar.options import HelpFormatter, address, duration, positive_duration
 from sidecar.proxy.server import ProxySettings
 from sidecar.proxy.routing import RoutePlan
 from sidecar.proxy.stats import ProxyStats
 from sidecar.proxy.upstream import CoarseClock, UpstreamConnection, UpstreamPool
+from sidecar.supervise import supervised
 
 log = logging.getLogger("sidecar.gateway")
 
@@ -275,11 +282,20 @@ class LocalPods:
 class ServiceEndpoints:
     """The EndpointSlices of one Service (all but the controller's stand-in slice), watched."""
 
-    def __init__(self, client: Any, namespace: str, service: str, on_change: Callable[[], None]):
+    def __init__(
+        self,
+        client: Any,
+        namespace: str,
+        service: str,
+        on_change: Callable[[], None],
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         self.client = client
         self.namespace = namespace
         self.service = service
         self.on_change = on_change
+        self.sleep = sleep  # between retries of the watch
         self.slices: dict[str, dict[str, Any]] = {}
         self.task: asyncio.Task[None] | None = None
 
@@ -298,7 +314,7 @@ class ServiceEndpoints:
         params = {
             "labelSelector": f"kubernetes.io/service-name={self.service},{MANAGED_BY_LABEL}!={STANDIN_MANAGER}"
         }
-        async for change in list_and_watch(self.client, path, params):
+        async for change in list_and_watch(self.client, path, params, sleep=self.sleep):
             if isinstance(change, Listed):
                 self.slices = {str(s["metadata"]["name"]): s for s in change.items}
             elif change.type == "DELETED":
@@ -311,8 +327,8 @@ class ServiceEndpoints:
 # --- one ModelDeployment's listener ----------------------------------------------------------------
 
 
-class GatewayController(Controller):
-    """The sidecar's control state, with the gateway's plan: the remote for every request
+class GatewayOffloading(OffloadingState):
+    """The sidecar's offloading state, with the gateway's plan: the remote for every request
     (``hold`` 0), or first the local pods waited for (``hold`` > 0; the remote after)."""
 
     hold = 0
@@ -327,7 +343,15 @@ class GatewayController(Controller):
 class Lane(Sidecar):
     """One ModelDeployment's listener: the sidecar's routing, credentials and proxy."""
 
-    def __init__(self, listener: Listener, settings: SidecarSettings, kube_client: Any):
+    def __init__(
+        self,
+        listener: Listener,
+        settings: SidecarSettings,
+        kube_client: Any,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         namespace, name = listener.key
         super().__init__(
             settings,
@@ -336,8 +360,10 @@ class Lane(Sidecar):
             mode="gateway",
             source=f"{namespace}/{name}",
             kube_client=kube_client,
+            clock=clock,
+            sleep=sleep,
         )
-        self.controller = GatewayController(
+        self.offloading: GatewayOffloading = GatewayOffloading(
             self.routing,
             NoMetrics(),
             mode="gateway",
@@ -366,11 +392,11 @@ class Lane(Sidecar):
         """Follow a changed ModelDeployment (same port)."""
         self.listener = listener
         model = listener.model
-        self.controller.hold = listener.hold
+        self.offloading.hold = listener.hold
         self.local.hold = float(listener.hold)
-        self.controller.apply_config(model)
-        self._configure_auth(model)
-        self._configure_secret_headers(model)
+        self.offloading.apply_config(model)
+        self.configure_auth(model)
+        self.configure_secret_headers(model)
         wanted = (
             (listener.key[0], listener.service) if listener.hold and self.kube_client is not None else None
         )
@@ -380,7 +406,7 @@ class Lane(Sidecar):
                 self.endpoints.stop()
                 self.endpoints = None
             if wanted is not None:
-                self.endpoints = ServiceEndpoints(self.kube_client, *wanted, self.local.notify)
+                self.endpoints = ServiceEndpoints(self.kube_client, *wanted, self.local.notify, sleep=self.sleep)
                 self.endpoints.start()
         self.local.notify()
 
@@ -435,9 +461,18 @@ class GatewaySettings:
 class Gateway:
     """Lanes kept in line with the ModelDeployments (``update``), and the admin port."""
 
-    def __init__(self, settings: GatewaySettings, kube_client: Any = None):
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        kube_client: Any = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         self.settings = settings
         self.kube_client = kube_client
+        self.clock = clock
+        self.sleep = sleep
         self.validation = ValidationSettings(default_remote_backend=settings.default_backend)
         self.lanes: dict[Key, Lane] = {}
         self.problems: dict[Key, str] = {}
@@ -473,7 +508,13 @@ class Gateway:
             for key, want in wanted.items():
                 lane = self.lanes.get(key)
                 if lane is None:
-                    lane = Lane(want, self.settings.lane_settings(want.port), self.kube_client)
+                    lane = Lane(
+                        want,
+                        self.settings.lane_settings(want.port),
+                        self.kube_client,
+                        clock=self.clock,
+                        sleep=self.sleep,
+                    )
                     self.lanes[key] = lane
                     lane.configure(want)
                     if await lane.listen():
@@ -503,7 +544,7 @@ class Gateway:
         async def one(namespace: str) -> None:
             where = f"/namespaces/{namespace}" if namespace else ""
             path = f"/apis/{GROUP}/{VERSION}{where}/{PLURAL}"
-            async for change in list_and_watch(self.kube_client, path):
+            async for change in list_and_watch(self.kube_client, path, sleep=self.sleep):
                 if isinstance(change, Listed):
                     seen[namespace] = {_key(o): o for o in change.items}
                     listed.add(namespace)
@@ -522,18 +563,20 @@ class Gateway:
     async def _retry(self) -> None:
         """Ports that could not be opened (still in use by a lane draining) are tried again."""
         while True:
-            await asyncio.sleep(RETRY_LISTEN_SECONDS)
+            await self.sleep(RETRY_LISTEN_SECONDS)
             if any(not lane.open for lane in self.lanes.values()):
                 await self.update()
 
     async def run(self, on_started: Callable[[Gateway], None] | None = None) -> None:
-        from sidecar.app import supervised
-
         self.admin_port = await self.admin.start(*self.settings.admin_listen)
         tasks = [asyncio.create_task(self._retry())]
         if self.kube_client is not None:
             tasks.append(
-                asyncio.create_task(supervised("the ModelDeployment watch", self.follow, lambda: None))
+                asyncio.create_task(
+                    supervised(
+                        "the ModelDeployment watch", self.follow, lambda: None, clock=self.clock, sleep=self.sleep
+                    )
+                )
             )
         if on_started is not None:
             on_started(self)
@@ -569,7 +612,7 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         lanes = {}
         for (namespace, name), lane in sorted(self.lanes.items()):
-            view: ControlView = lane.controller.view()
+            view: ControlView = lane.offloading.view()
             doc = status_document(view, lane.stats, ready=lane.open and not self.draining)
             doc["port"] = lane.listener.port
             doc["coldStartHoldSeconds"] = lane.listener.hold
@@ -650,15 +693,13 @@ class GatewayAdmin(AdminServer):
         self.gateway = gateway
 
     def respond(self, method: str, target: str) -> bytes:
-        from sidecar.admin import PROMETHEUS_TEXT, _response
-
         path = target.split("?", 1)[0]
         head_only = method == "HEAD"
         if method in ("GET", "HEAD") and path == "/status":
             body = (json.dumps(self.gateway.status(), indent=2) + "\n").encode()
-            return _response(200, "OK", "application/json", body, head_only)
+            return response(200, "OK", "application/json", body, head_only)
         if method in ("GET", "HEAD") and path == "/metrics":
-            return _response(200, "OK", PROMETHEUS_TEXT, self.gateway.metrics().encode(), head_only)
+            return response(200, "OK", PROMETHEUS_TEXT, self.gateway.metrics().encode(), head_only)
         return super().respond(method, target)
 
 
@@ -666,8 +707,6 @@ class GatewayAdmin(AdminServer):
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    from sidecar.cli import _HelpFormatter, address, duration, positive_duration
-
     env = os.environ if env is None else env
     defaults = ProxySettings()
     p = argparse.ArgumentParser(
@@ -675,7 +714,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         description="Serve the remote of each ModelDeployment whose status carries a gateway port "
         "(status.standIn.port, chosen by the controller), on that port: the controller points a "
         "Service at it while its workload has no ready pod.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--mode", choices=("gateway",), default="gateway", help=argparse.SUPPRESS)
     p.add_argument(

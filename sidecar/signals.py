@@ -33,14 +33,14 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httptools
 
 from crds.model import ModelDeployment, OffloadingConfig
-from crds.observation import MetricObservation
+from crds.observation import MetricObservation, unit_of
 from crds.signals import (
     IN_FLIGHT,
     SIDECAR_SIGNALS,
@@ -301,8 +301,13 @@ class ScrapeState:
 class ModelScraper:
     """Scrapes the model's gauges every ``target.interval`` seconds while configured."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         self.clock = clock
+        self.sleep = sleep
         self.state: ScrapeState | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -354,7 +359,7 @@ class ModelScraper:
                 log.exception("scraping the model's metrics failed")
                 state.error = "internal error while scraping; see the sidecar's log"
                 state.readings = {}
-            await asyncio.sleep(max(0.0, interval - (self.clock() - started)))
+            await self.sleep(max(0.0, interval - (self.clock() - started)))
 
 
 # --- what /signals serves -----------------------------------------------------------------------
@@ -440,7 +445,12 @@ class SignalBoard:
 
 def observation_of(metric_name: str, target_type: str, result: Aggregate) -> MetricObservation:
     return MetricObservation(
-        display_name(metric_name, target_type), result.current, result.target, result.reason
+        display_name(metric_name, target_type),
+        result.current,
+        result.target,
+        result.reason,
+        "Pods",
+        unit_of(target_type),
     )
 
 
@@ -449,29 +459,23 @@ class SignalMetricSource:
     model's gauges are evaluated from this pod's board (one pod: its value is the average,
     and the total); every other metric goes to ``inner`` (the local CPU and memory)."""
 
-    def __init__(
-        self,
-        inner: MetricSource,
-        board: SignalBoard,
-        config: Callable[[], OffloadingConfig | None],
-        pod: str = "this pod",
-    ):
+    def __init__(self, inner: MetricSource, board: SignalBoard, pod: str = "this pod"):
         self.inner = inner
         self.board = board
-        self.config = config
         self.pod = pod
 
-    async def observe(self, metrics: tuple[Any, ...]) -> list[MetricObservation]:
-        config = self.config()
+    async def observe(self, config: OffloadingConfig) -> list[MetricObservation]:
+        metrics = config.metrics
         names = [local_metric_name(m, config) for m in metrics]
         others = tuple(m for m, name in zip(metrics, names) if name is None)
-        from_inner = iter(await self.inner.observe(others) if others else [])
+        from_inner = iter(await self.inner.observe(replace(config, metrics=others)) if others else [])
         doc = self.board.document() if any(names) else None
         out = []
         for metric, name in zip(metrics, names):
             if name is None:
                 out.append(next(from_inner))
                 continue
+            assert metric.pods is not None  # local_metric_name names Pods metrics only
             target = metric.pods.target
             value, why = signal_value(doc, name, metric.pods.metric.selector)
             values = {self.pod: value} if value is not None else {}

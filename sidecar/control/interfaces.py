@@ -1,4 +1,4 @@
-"""The seams between the sidecar's parts, as small typed protocols.
+"""The seams between the sidecar's parts, as small typed protocols, and their null sources.
 
     ConfigSource  --ModelDeployment|None-->  the sidecar  <--observations--  MetricSource
                                                   |
@@ -12,10 +12,11 @@ has no MetricSource. The routing policy never knows which.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from crds.model import MetricSpec, ModelDeployment
+from crds.model import ModelDeployment, OffloadingConfig
 from crds.observation import MetricObservation
 
 
@@ -29,6 +30,29 @@ class ConfigSource(Protocol):
 
 
 class MetricSource(Protocol):
-    """Evaluates the given metrics now; one observation per metric, in order."""
+    """Evaluates ``config.metrics`` now: one observation per metric, in order.
 
-    async def observe(self, metrics: tuple[MetricSpec, ...]) -> list[MetricObservation]: ...
+    The whole offloadingConfig is given, from the configuration the caller holds, because
+    some metrics need more than their own spec (a model gauge's scrape settings in
+    ``modelMetrics``); a source reads nothing of the configuration by any other route.
+    """
+
+    async def observe(self, config: OffloadingConfig) -> list[MetricObservation]: ...
+
+
+class PassThroughSource:
+    """A ConfigSource with nothing to follow: no configuration, ever (pure pass-through).
+
+    The cluster-mode sidecar whose environment or credentials are unusable runs on it,
+    up and ready, rather than exiting."""
+
+    async def updates(self) -> AsyncIterator[ModelDeployment | None]:
+        yield None
+        await asyncio.Event().wait()  # until cancelled
+
+
+class NoMetrics:
+    """A MetricSource that can read nothing (each metric unknown)."""
+
+    async def observe(self, config: OffloadingConfig) -> list[MetricObservation]:
+        return [MetricObservation(str(m.type), None, 1.0, "no metrics source") for m in config.metrics]

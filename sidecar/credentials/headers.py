@@ -7,12 +7,12 @@ would only answer 401, so while any value is missing every request stays local.
 
 The values come from a reader per distinct Secret key:
 
-- cluster mode: :class:`sidecar.credentials.oauth.SecretKeyReader` (GET on the Secret, by
-  name, as the per-ModelDeployment Role allows), re-read every minute
+- cluster mode: :class:`sidecar.credentials.secrets.SecretKeyReader` (GET on the Secret,
+  by name, as the per-ModelDeployment Role allows), re-read every minute
   (``--secret-refresh``), sooner while it fails;
-- standalone mode: :class:`SecretFileReader` over ``--secrets-dir DIR``, where
-  ``DIR/<secret name>/<key>`` holds the value (the layout of a Secret mounted as
-  a volume), re-read every second.
+- standalone mode: :class:`sidecar.credentials.secrets.SecretFileReader` over
+  ``--secrets-dir DIR``, where ``DIR/<secret name>/<key>`` holds the value (the layout
+  of a Secret mounted as a volume), re-read every second.
 
 :class:`SecretHeaderKeeper` runs the readers and reports each change. Values
 are never logged nor shown in a repr or /status: problems name the Secret and
@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from crds.model import HeaderFromSecret
+from sidecar.credentials.secrets import KeyReader, SecretFileReader, SecretKeyReader, follow_key
 
 log = logging.getLogger("sidecar.credentials.headers")
 
-MAX_VALUE_BYTES = 16 * 1024  # a header value; a mounted file larger than this is not one
 FILE_PERIOD = 1.0  # seconds between reads of a mounted Secret file
 API_PERIOD = 60.0  # seconds between GETs of a Secret that reads fine
 
@@ -101,69 +101,15 @@ def with_secret_headers(
     return (*(h for h in target_headers if h[0].lower() not in names), *extra)
 
 
-# --- readers -----------------------------------------------------------------------------------------
-
-
-class KeyReader(Protocol):
-    """One Secret key: ``read`` gives its value or None, and then ``problem`` says why."""
-
-    problem: str | None
-
-    async def read(self) -> str | None: ...
-
-
-class SecretFileReader:
-    """``root/<name>/<key>``, as a Secret volume mounts it (values stripped of surrounding whitespace)."""
-
-    def __init__(self, root: Path, name: str, key: str):
-        self.root = root
-        self.name = name
-        self.key = key
-        self.problem: str | None = None
-
-    def __repr__(self) -> str:
-        return f"SecretFileReader({self.root}/{self.name}/{self.key})"
-
-    def _fail(self, problem: str) -> None:
-        if problem != self.problem:
-            log.warning("%s", problem)
-        self.problem = problem
-
-    async def read(self) -> str | None:
-        where = f"Secret {self.name} key {self.key!r} ({self.root}/{self.name}/{self.key})"
-        # A name or key that is a path of its own would read outside the Secret's folder.
-        if any(part in ("", ".", "..") or "/" in part for part in (self.name, self.key)):
-            self._fail(f"{where}: not a Secret name and key")
-            return None
-        path = self.root / self.name / self.key
-        try:
-            with path.open("rb") as f:
-                raw = f.read(MAX_VALUE_BYTES + 1)
-        except FileNotFoundError:
-            self._fail(f"{where}: no such file")
-            return None
-        except OSError as exc:
-            self._fail(f"{where}: cannot read ({exc.strerror or type(exc).__name__})")
-            return None
-        if len(raw) > MAX_VALUE_BYTES:
-            self._fail(f"{where}: larger than {MAX_VALUE_BYTES} bytes")
-            return None
-        try:
-            value = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            self._fail(f"{where}: not UTF-8 text")
-            return None
-        if self.problem is not None:
-            log.info("%s readable again", where)
-        self.problem = None
-        return value
+# --- the keeper ----------------------------------------------------------------------------------
 
 
 class SecretHeaderKeeper:
     """Keeps the headersFromSecrets of one remote current; calls ``on_change`` on every change.
 
     ``readers`` maps each Secret key to its reader. Each is read every
-    ``period`` seconds, and sooner while it fails (backing off from ``retry``).
+    ``period`` seconds, and sooner while it fails (backing off from ``retry``;
+    :func:`~sidecar.credentials.secrets.follow_key`), waiting with ``sleep``.
     """
 
     def __init__(
@@ -174,12 +120,14 @@ class SecretHeaderKeeper:
         *,
         period: float,
         retry: float = 1.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.specs = tuple(specs)
         self.readers = dict(readers)
         self.on_change = on_change
         self.period = period
         self.retry = retry
+        self.sleep = sleep
         self.values: dict[SecretKey, str | None] = {}
         self.current = resolve_secret_headers(self.specs, {})
 
@@ -197,19 +145,21 @@ class SecretHeaderKeeper:
             self.current = resolved
             self.on_change(resolved)
 
-    async def _follow(self, key: SecretKey, reader: KeyReader) -> None:
-        failures = 0
-        while True:
-            value = await reader.read()
+    def _read(self, key: SecretKey) -> Callable[[str | None], None]:
+        def record(value: str | None) -> None:
             self.values[key] = value
             self._update()
-            failures = min(failures + 1, 16) if value is None else 0
-            delay = min(self.period, self.retry * 2 ** (failures - 1)) if failures else self.period
-            await asyncio.sleep(delay)
+
+        return record
 
     async def run(self) -> None:
         self.on_change(self.current)
-        await asyncio.gather(*(self._follow(k, r) for k, r in self.readers.items()))
+        await asyncio.gather(
+            *(
+                follow_key(reader, self._read(key), period=self.period, retry=self.retry, sleep=self.sleep)
+                for key, reader in self.readers.items()
+            )
+        )
 
 
 def keeper_for(
@@ -220,6 +170,7 @@ def keeper_for(
     namespace: str | None = None,
     secrets_dir: Path | None = None,
     period: float = API_PERIOD,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> SecretHeaderKeeper | str:
     """The keeper for this mode, or why there can be none (standalone without ``--secrets-dir``).
 
@@ -229,15 +180,13 @@ def keeper_for(
     keys = secret_keys(specs)
     readers: dict[SecretKey, KeyReader]
     if kube_client is not None:
-        from sidecar.credentials.oauth import SecretKeyReader
-
         assert namespace is not None
         readers = {k: SecretKeyReader(kube_client, namespace, *k) for k in keys}
-        return SecretHeaderKeeper(specs, readers, on_change, period=period)
+        return SecretHeaderKeeper(specs, readers, on_change, period=period, sleep=sleep)
     if secrets_dir is None:
         return (
             "remoteBackend.headersFromSecrets needs the Secrets: in standalone mode give "
             "--secrets-dir DIR holding DIR/<secret name>/<key>"
         )
     readers = {k: SecretFileReader(secrets_dir, *k) for k in keys}
-    return SecretHeaderKeeper(specs, readers, on_change, period=FILE_PERIOD)
+    return SecretHeaderKeeper(specs, readers, on_change, period=FILE_PERIOD, sleep=sleep)

@@ -14,8 +14,8 @@ running, which renews the token before expiry) and publishes the remote target
 with the header via :func:`with_authorization`; :meth:`OAuthClient.current`
 answers without awaiting.
 
-:class:`SecretKeyReader` reads one key of a Secret (``clientSecretRef``, or a
-static API key) through the sidecar's Kubernetes client and notices changes.
+The client secret comes inline, or from a Secret (``clientSecretRef``) that
+:func:`oauth_for` gives a :class:`~sidecar.credentials.secrets.SecretKeyReader` for.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from crds.backoff import Backoff
+from sidecar.credentials.secrets import SecretKeyReader
 from sidecar.proxy.routing import RemoteTarget
 
 log = logging.getLogger("sidecar.credentials.oauth")
@@ -210,6 +212,7 @@ class OAuthClient:
         retry_min: float = 1.0,
         retry_max: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         post: PostFn = post_token_request,
     ):
         TokenRequest(token_url, client_id, "", scope, auth_method)  # validates early
@@ -222,7 +225,9 @@ class OAuthClient:
         self.timeout = timeout
         self.retry_min = retry_min
         self.retry_max = retry_max
+        self.backoff = Backoff(retry_min, retry_max, jitter=False)  # after failed fetches
         self._clock = clock
+        self._sleep = sleep
         self._post = post
         self._token: AccessToken | None = None
         self._inflight: asyncio.Future[str | None] | None = None
@@ -267,7 +272,11 @@ class OAuthClient:
             self._failures = 0
 
     async def run_refresher(self, on_change: Callable[[str | None], None]) -> None:
-        """Keeps a fresh token forever, calling ``on_change`` whenever the header changes."""
+        """Keeps a fresh token forever, calling ``on_change`` whenever the header changes.
+
+        Wakes shortly before expiry (:attr:`AccessToken.refresh_at`); while failing, when
+        the backoff allows the next attempt, or at expiry if that comes first (the header
+        is withdrawn then). Never more often than every 50 ms."""
         last: str | None = None
         while True:
             header = await self.authorization()
@@ -281,7 +290,7 @@ class OAuthClient:
                 wait = self._retry_at - now
                 if token is not None and now < token.expires_at:
                     wait = min(wait, token.expires_at - now)
-            await asyncio.sleep(max(0.05, wait))
+            await self._sleep(max(0.05, wait))
 
     # -- fetching ---------------------------------------------------------------------------------
 
@@ -294,7 +303,7 @@ class OAuthClient:
             status, body = await self._post(request, self.ssl_context, self.timeout)
             token = parse_token_response(status, body, self._clock())
         except Exception as exc:  # noqa: BLE001 - whatever the endpoint sent, no token is a failed fetch
-            delay = min(self.retry_max, self.retry_min * 2**self._failures)
+            delay = self.backoff.delay(self._failures)
             self._failures += 1
             self._retry_at = self._clock() + delay
             log.warning(
@@ -329,81 +338,14 @@ def with_authorization(target: RemoteTarget, header: str | None, name: str = "Au
     return replace(target, headers=(*kept, (name, header)))
 
 
-# --- Secrets -----------------------------------------------------------------------------------------
-
-
-class SecretKeyReader:
-    """One key of one Secret in the sidecar's namespace, read with GET (the Role grants get only).
-
-    ``problem`` says why the last read gave no value (naming the Secret and the
-    key, never a value); each new problem is logged once.
-    """
-
-    def __init__(self, client: Any, namespace: str, name: str, key: str):
-        self.client = client
-        self.namespace = namespace
-        self.name = name
-        self.key = key
-        self.version = ""
-        self.problem: str | None = None
-
-    def __repr__(self) -> str:
-        return f"SecretKeyReader({self.namespace}/{self.name}[{self.key}])"
-
-    def _fail(self, problem: str) -> None:
-        if problem != self.problem:
-            log.warning("%s", problem)
-        self.problem = problem
-
-    async def read(self) -> str | None:
-        """The key's value (decoded), or None when the Secret or key is missing or unreadable."""
-        from sidecar.cluster.kube import KubeError
-
-        where = f"Secret {self.namespace}/{self.name}"
-        path = f"/api/v1/namespaces/{self.namespace}/secrets/{self.name}"
-        try:
-            secret = await self.client.get(path)
-        except (KubeError, OSError, TimeoutError, ssl.SSLError) as exc:
-            self._fail(f"cannot read {where}: {type(exc).__name__} {exc}")
-            return None
-        self.version = str((secret.get("metadata") or {}).get("resourceVersion") or "")
-        data = secret.get("data") or {}
-        if self.key not in data:
-            self._fail(f"{where} has no key {self.key!r}")
-            return None
-        try:
-            value = base64.b64decode(data[self.key], validate=True).decode("utf-8").strip()
-        except ValueError:
-            self._fail(f"{where} key {self.key!r} is not base64 UTF-8 text")
-            return None
-        if self.problem is not None:
-            log.info("%s key %r readable again", where, self.key)
-        self.problem = None
-        return value
-
-    async def follow(
-        self, on_value: Callable[[str | None], None], period: float = 60.0, retry: float = 1.0
-    ) -> None:
-        """Reads every ``period`` seconds (sooner, backing off from ``retry``, while it fails);
-        calls ``on_value`` when the value or the problem changes."""
-        last: Any = object()
-        failures = 0
-        while True:
-            value = await self.read()
-            if (value, self.problem) != last:
-                last = (value, self.problem)
-                on_value(value)
-            failures = min(failures + 1, 16) if value is None else 0
-            await asyncio.sleep(min(period, retry * 2 ** (failures - 1)) if failures else period)
-
-
 def oauth_for(
     model: Any, client: Any, ssl_context: ssl.SSLContext | None = None
 ) -> tuple[OAuthClient, SecretKeyReader | None] | None:
     """The OAuth client a ModelDeployment's remote needs, and the reader of its secret.
 
     None when the remote has no OAuth config. The secret starts unknown when it
-    comes from a Secret: run ``reader.follow(oauth.set_secret)`` beside the proxy.
+    comes from a Secret: run
+    ``secrets.follow_key(reader, oauth.set_secret, period=...)`` beside the proxy.
     """
     config = model.spec.offloading_config
     backend = config.remote_backend if config else None

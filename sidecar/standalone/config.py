@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +93,10 @@ def load_file(path: Path, settings: ValidationSettings = DEFAULT_VALIDATION) -> 
 
 
 class FileConfigSource:
-    """Yields the file's ModelDeployment (or None) at start and on every change."""
+    """Yields the file's ModelDeployment (or None) at start and on every change.
+
+    Looks at the file every ``poll_interval`` seconds, waiting with ``sleep``.
+    """
 
     def __init__(
         self,
@@ -101,9 +104,11 @@ class FileConfigSource:
         *,
         poll_interval: float = 1.0,
         validation: ValidationSettings | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.path = Path(path)
         self.poll_interval = poll_interval
+        self.sleep = sleep
         self.validation = validation or ValidationSettings()
         self.current: ModelDeployment | None = None  # the last configuration yielded
         self.last: Loaded | None = None  # the last load, with its errors, for /status
@@ -140,7 +145,7 @@ class FileConfigSource:
         yield loaded.model
         pending_drop = False  # a missing/invalid file seen once, while a configuration is in force
         while True:
-            await asyncio.sleep(self.poll_interval)
+            await self.sleep(self.poll_interval)
             now = fingerprint(self.path)
             if now != seen:
                 seen = now

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Protocol
 
 from crds.hpa import metric_display_name, spec_target
-from crds.model import MetricSpec, MetricTarget
+from crds.model import MetricSpec, MetricTarget, OffloadingConfig
 from crds.observation import MetricObservation, unit_of
 from crds.quantity import parse_quantity
 
@@ -358,8 +358,8 @@ class LocalMetricSource:
         self.host_cpus = host_cpus or os.cpu_count() or 1
         self._samples: deque[CpuSample] = deque()
 
-    async def observe(self, metrics: tuple[MetricSpec, ...]) -> list[MetricObservation]:
-        return self.sample(metrics)
+    async def observe(self, config: OffloadingConfig) -> list[MetricObservation]:
+        return self.sample(config.metrics)
 
     def sample(self, metrics: tuple[MetricSpec, ...]) -> list[MetricObservation]:
         """One observation per metric; reads each resource at most once."""

@@ -70,7 +70,7 @@ def grafana_substituted(query: str) -> str:
 def product_metrics() -> set[str]:
     """Every series name the sidecar and the webhook expose (histograms with their _bucket,
     _sum and _count), plus Prometheus's own up."""
-    from sidecar.admin import render_metrics
+    from sidecar.admin.metrics import render_metrics
     from tests.integration.test_admin import busy_stats, offloading_view
     from webhook import metrics
 

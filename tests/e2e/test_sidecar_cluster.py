@@ -313,7 +313,7 @@ def test_the_per_modeldeployment_rules_open_exactly_the_referenced_secret(
     kube, namespace, modeldeployment_crd, sidecar_kubeconfig
 ) -> None:
     from crds.rbac import sidecar_rules_for
-    from sidecar.credentials.oauth import SecretKeyReader
+    from sidecar.credentials.secrets import SecretKeyReader
 
     doc = modeldeployment(
         namespace,

@@ -12,7 +12,10 @@ import pytest
 from crds.decision import INITIAL, step
 from crds.model import OffloadingBehavior
 from crds.observation import MetricObservation
-from sidecar.admin import AdminServer, ControlView, configuration_document, render_metrics, status_document
+from sidecar.admin.metrics import render_metrics
+from sidecar.admin.server import AdminServer
+from sidecar.admin.status import configuration_document, status_document
+from sidecar.control.view import ControlView
 from sidecar.standalone.config import parse_document
 from sidecar.proxy.routing import RemoteTarget, RoutePlan
 from sidecar.proxy.stats import ProxyStats
@@ -178,7 +181,7 @@ def test_info_names_the_modeldeployment_in_every_mode():
 
 
 def test_the_decision_reason_code_follows_the_engine_through_on_and_off():
-    from sidecar.admin import decision_code
+    from sidecar.admin.metrics import decision_code
 
     model = parse_document(TUTORIAL).model
     assert model is not None

@@ -16,7 +16,7 @@ import socket
 import pytest
 
 from crds.validation import validate_object
-from sidecar.app import plan_for
+from sidecar.control.plan import plan_for
 from tests.integration.servers import LoopThread, ProxyHarness, read_response
 from tests.modeldeployments import standalone
 

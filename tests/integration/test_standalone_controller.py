@@ -1,4 +1,4 @@
-"""The control loop's state machine (sidecar.app.Controller) with a held clock.
+"""The control loop's state machine (sidecar.control.state.OffloadingState) with a held clock.
 
 The metric source here is a fake (named so): it returns the observations the
 test sets, since the point is what the controller does with them; the real
@@ -11,9 +11,9 @@ import asyncio
 import logging
 from pathlib import Path
 
-from crds.model import MetricSpec
+from crds.model import OffloadingConfig
 from crds.observation import MetricObservation
-from sidecar.app import Controller
+from sidecar.control.state import OffloadingState
 from sidecar.standalone.config import parse_document
 from sidecar.proxy.routing import RoutePlan, RoutingTable
 
@@ -40,11 +40,11 @@ class FakeMetricSource:
         self.calls = 0
         self.gate: asyncio.Event | None = None
 
-    async def observe(self, metrics: tuple[MetricSpec, ...]) -> list[MetricObservation]:
+    async def observe(self, config: OffloadingConfig) -> list[MetricObservation]:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
-        return [MetricObservation(CPU, self.percent, 50.0, "fake", unit="percent") for _ in metrics]
+        return [MetricObservation(CPU, self.percent, 50.0, "fake", unit="percent") for _ in config.metrics]
 
 
 class Clock:
@@ -55,12 +55,12 @@ class Clock:
         return self.now
 
 
-def make() -> tuple[Controller, RoutingTable, FakeMetricSource, Clock]:
+def make() -> tuple[OffloadingState, RoutingTable, FakeMetricSource, Clock]:
     routing, metrics, clock = RoutingTable(), FakeMetricSource(), Clock()
-    return Controller(routing, metrics, clock=clock, wall=lambda: 1000.0 + clock.now), routing, metrics, clock
+    return OffloadingState(routing, metrics, clock=clock, wall=lambda: 1000.0 + clock.now), routing, metrics, clock
 
 
-def poll(controller: Controller, clock: Clock, until: float, every: float = 1.0) -> None:
+def poll(controller: OffloadingState, clock: Clock, until: float, every: float = 1.0) -> None:
     async def main():
         while clock.now < until:
             clock.now += every

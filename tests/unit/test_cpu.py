@@ -14,6 +14,7 @@ from crds.model import (
     MetricIdentifier,
     MetricSpec,
     MetricTarget,
+    OffloadingConfig,
     PodsMetricSource,
     ResourceMetricSource,
 )
@@ -390,5 +391,5 @@ def test_a_process_that_exited_is_an_unknown_value(tmp_path):
 def test_observe_is_the_async_face_of_sample(tmp_path):
     root = v2_tree(tmp_path)
     source = LocalMetricSource(CgroupV2Reader(root, tmp_path / "proc"), Clock())
-    (obs,) = asyncio.run(source.observe((MEMORY_50,)))
+    (obs,) = asyncio.run(source.observe(OffloadingConfig(metrics=(MEMORY_50,))))
     assert obs.current == pytest.approx(25.0)

@@ -1,5 +1,5 @@
 """Cluster mode's decision: the sidecar follows the controller's ``status.offloading``
-(sidecar.app.follow_published and the Controller wired to it), stale or not, and says
+(sidecar.control.published.follow_published and the OffloadingState wired to it), stale or not, and says
 so on /status and /metrics. No I/O: the published status is set by the test."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from typing import Any
 from crds.decision import INITIAL, DecisionState
 from crds.status import PublishedDecision
 from crds.validation import validate_object
-from sidecar.admin import render_metrics, status_document
-from sidecar.app import Controller, follow_published
+from sidecar.admin.metrics import render_metrics
+from sidecar.admin.status import status_document
+from sidecar.control.published import follow_published
+from sidecar.control.state import OffloadingState
 from sidecar.proxy.routing import RoutingTable
 from sidecar.proxy.stats import ProxyStats
 from tests.modeldeployments import standalone
@@ -105,9 +107,9 @@ class Holder:
         return self.value
 
 
-def cluster_controller(now: list[float]) -> tuple[Controller, RoutingTable, Holder]:
+def cluster_controller(now: list[float]) -> tuple[OffloadingState, RoutingTable, Holder]:
     routing, holder = RoutingTable(), Holder()
-    controller = Controller(routing, None, published=holder, wall=lambda: now[0], mode="cluster")
+    controller = OffloadingState(routing, None, published=holder, wall=lambda: now[0], mode="cluster")
     doc = standalone(9, percentage=50, metrics=True)
     model = validate_object(doc).model
     assert model is not None

@@ -16,8 +16,8 @@ import pytest
 
 from crds.model import HeaderFromSecret, SecretKeyReference
 from crds.rbac import sidecar_rules_for
-from sidecar.admin import status_document
-from sidecar.app import Controller
+from sidecar.admin.status import status_document
+from sidecar.control.state import OffloadingState
 from sidecar.standalone.config import parse_document
 from sidecar.proxy.routing import RoutingTable
 from sidecar.credentials.headers import (
@@ -215,9 +215,9 @@ class NoMetrics:
         return []
 
 
-def make_controller() -> tuple[Controller, RoutingTable]:
+def make_controller() -> tuple[OffloadingState, RoutingTable]:
     routing = RoutingTable()
-    controller = Controller(routing, NoMetrics())
+    controller = OffloadingState(routing, NoMetrics())
     controller.apply_config(model())
     asyncio.run(controller.evaluate())  # the static split: offloading on
     return controller, routing

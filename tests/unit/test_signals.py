@@ -318,9 +318,9 @@ class FixedSource:
     def __init__(self):
         self.asked: list[tuple] = []
 
-    async def observe(self, metrics):
-        self.asked.append(metrics)
-        return [MetricObservation(f"inner {m.type}", 10.0, 5.0, "inner") for m in metrics]
+    async def observe(self, config):
+        self.asked.append(config.metrics)
+        return [MetricObservation(f"inner {m.type}", 10.0, 5.0, "inner") for m in config.metrics]
 
 
 def test_the_standalone_source_serves_local_signals_and_passes_the_rest_on_in_order():
@@ -348,8 +348,8 @@ def test_the_standalone_source_serves_local_signals_and_passes_the_rest_on_in_or
     state = ScrapeState(TARGET, finished=clock.t, scrapes=1)
     state.readings = {"vllm:num_requests_waiting": GaugeReading((Series({}, 6.0),))}
     inner = FixedSource()
-    source = SignalMetricSource(inner, board_with(clock, state), lambda: model.spec.offloading_config)
-    got = asyncio.run(source.observe(model.spec.offloading_config.metrics))
+    source = SignalMetricSource(inner, board_with(clock, state))
+    got = asyncio.run(source.observe(model.spec.offloading_config))
     assert [(o.metric, o.current, o.target) for o in got] == [
         (f'"{IN_FLIGHT}" on pods', 2.0, 1.0),
         ("inner Resource", 10.0, 5.0),

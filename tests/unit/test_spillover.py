@@ -4,7 +4,7 @@ remote once the local model already has ``spillover`` requests in flight."""
 from __future__ import annotations
 
 from crds.validation import validate_object
-from sidecar.app import plan_for
+from sidecar.control.plan import plan_for
 from sidecar.proxy.routing import NEVER, RemoteTarget, RoutePlan, RoutingTable
 from tests.modeldeployments import standalone
 
