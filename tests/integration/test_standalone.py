@@ -225,10 +225,14 @@ def test_sigterm_fails_readiness_at_once_and_lets_a_request_in_flight_finish(tmp
 
         thread = threading.Thread(target=slow)
         thread.start()
-        time.sleep(0.3)  # the request is in flight
+        sidecar.wait_for(lambda s: s["counters"]["localInFlight"] == 1, what="the request in flight")
         os.kill(sidecar.proc.pid, signal.SIGTERM)
-        time.sleep(0.2)
-        assert sidecar.admin("/readyz")[0] == 503
+        # Not ready from the signal on, while the request (1.5 s) is still being served.
+        end = time.monotonic() + 1.0
+        while sidecar.admin("/readyz")[0] != 503:
+            assert time.monotonic() < end, "readyz still 200 a second after SIGTERM"
+            time.sleep(0.02)
+        assert thread.is_alive()
         thread.join(10)
         assert result["codes"] == [200]
         assert sidecar.proc.wait(15) == 0

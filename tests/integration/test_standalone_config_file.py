@@ -75,11 +75,21 @@ def test_missing_binary_and_oversized_files_are_errors_not_crashes(tmp_path):
 
 
 class Watch:
-    """Runs a source's updates() into a queue for the length of a test."""
+    """Runs a FileConfigSource's updates() into a queue for the length of a test, on a
+    FAKE sleep that lets the source look at the file only when the test says so
+    (:meth:`polls`): which poll saw which state of the file is the test's to decide."""
 
-    def __init__(self, source: FileConfigSource):
-        self.source = source
+    def __init__(self, path: Path):
+        self.source = FileConfigSource(path, poll_interval=POLL, sleep=self._sleep)
         self.queue: asyncio.Queue = asyncio.Queue()
+        self._asleep = asyncio.Event()  # the source waits for its next poll
+        self._wake = asyncio.Event()
+
+    async def _sleep(self, delay: float) -> None:
+        assert delay == POLL
+        self._wake.clear()
+        self._asleep.set()
+        await self._wake.wait()
 
     async def __aenter__(self) -> Self:
         async def pump() -> None:
@@ -96,11 +106,32 @@ class Watch:
         except asyncio.CancelledError:
             pass
 
-    async def next(self, timeout: float = 5.0):
-        return await asyncio.wait_for(self.queue.get(), timeout)
+    async def settled(self) -> None:
+        """Returns when the source waits for its next poll (the first load is done)."""
+        async with asyncio.timeout(5):
+            await self._asleep.wait()
+
+    async def polls(self, n: int = 1) -> None:
+        """Lets the source look at the file ``n`` times; returns when it waits again,
+        what it yielded meanwhile queued."""
+        for _ in range(n):
+            await self.settled()
+            self._asleep.clear()
+            self._wake.set()
+            await self.settled()
+
+    async def next(self, max_polls: int = 3):
+        """The next configuration yielded, letting the source poll for it at most ``max_polls`` times."""
+        await self.settled()
+        for _ in range(max_polls):
+            if not self.queue.empty():
+                break
+            await self.polls()
+        assert not self.queue.empty(), f"nothing yielded in {max_polls} polls"
+        return self.queue.get_nowait()
 
     async def nothing_for(self, polls: int) -> bool:
-        await asyncio.sleep(POLL * polls)
+        await self.polls(polls)
         return self.queue.empty()
 
 
@@ -117,7 +148,7 @@ def test_the_first_update_is_the_file_as_it_is(tmp_path):
     path.write_text(TUTORIAL)
 
     async def main():
-        async with Watch(FileConfigSource(path, poll_interval=POLL)) as watch:
+        async with Watch(path) as watch:
             assert percentage_of(await watch.next()) == 50
 
     run(main())
@@ -128,7 +159,7 @@ def test_an_edit_in_place_and_an_atomic_replace_are_both_picked_up(tmp_path):
     path.write_text(TUTORIAL)
 
     async def main():
-        async with Watch(FileConfigSource(path, poll_interval=POLL)) as watch:
+        async with Watch(path) as watch:
             await watch.next()
             path.write_text(with_percentage(20))  # same inode, new content
             assert percentage_of(await watch.next()) == 20
@@ -145,7 +176,7 @@ def test_rewriting_the_same_configuration_yields_nothing(tmp_path):
     path.write_text(TUTORIAL)
 
     async def main():
-        async with Watch(FileConfigSource(path, poll_interval=POLL)) as watch:
+        async with Watch(path) as watch:
             await watch.next()
             path.write_text(TUTORIAL + "\n# a comment\n")
             assert await watch.nothing_for(10)
@@ -156,22 +187,22 @@ def test_rewriting_the_same_configuration_yields_nothing(tmp_path):
 def test_a_deleted_file_means_pass_through_but_a_save_in_progress_does_not(tmp_path):
     path = tmp_path / "md.yaml"
     path.write_text(TUTORIAL)
-    source = FileConfigSource(path, poll_interval=0.2)
 
     async def main():
-        async with Watch(source) as watch:
+        async with Watch(path) as watch:
             await watch.next()
-            # Delete-then-write within one poll period: seen missing at most once.
-            await asyncio.sleep(0.1)
+            # Delete-then-write across one poll: seen missing once, then back: nothing changes.
             path.unlink()
-            await asyncio.sleep(0.25)
+            assert await watch.nothing_for(1)
             path.write_text(TUTORIAL)
-            await asyncio.sleep(0.5)
-            assert watch.queue.empty()
+            assert await watch.nothing_for(3)
+            # Missing at two polls in a row: dropped (pass-through) at the second.
             path.unlink()
-            assert await watch.next() is None
+            assert await watch.nothing_for(1)
+            await watch.polls(1)
+            assert watch.queue.get_nowait() is None
             path.write_text(with_percentage(10))
-            assert percentage_of(await watch.next()) == 10
+            assert percentage_of(await watch.next(max_polls=1)) == 10
 
     run(main())
 
@@ -179,10 +210,10 @@ def test_a_deleted_file_means_pass_through_but_a_save_in_progress_does_not(tmp_p
 def test_an_invalid_edit_drops_the_configuration_and_logs_the_field(tmp_path, caplog):
     path = tmp_path / "md.yaml"
     path.write_text(TUTORIAL)
-    source = FileConfigSource(path, poll_interval=POLL)
+    watch = Watch(path)
 
     async def main():
-        async with Watch(source) as watch:
+        async with watch:
             await watch.next()
             path.write_text(with_percentage(101))
             assert await watch.next() is None
@@ -194,14 +225,14 @@ def test_an_invalid_edit_drops_the_configuration_and_logs_the_field(tmp_path, ca
     assert len(errors) == 1, errors
     assert "spec.offloadingConfig.behavior.percentage: must be between 0 and 100, got 101" in errors[0]
     assert "passing every request to the local model" in errors[0]
-    assert source.last is not None and source.last.errors
+    assert watch.source.last is not None and watch.source.last.errors
 
 
 def test_a_file_missing_at_start_yields_none_then_the_model_once_written(tmp_path):
     path = tmp_path / "md.yaml"
 
     async def main():
-        async with Watch(FileConfigSource(path, poll_interval=POLL)) as watch:
+        async with Watch(path) as watch:
             assert await watch.next() is None
             path.write_text(TUTORIAL)
             assert percentage_of(await watch.next()) == 50

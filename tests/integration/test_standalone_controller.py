@@ -38,10 +38,12 @@ class FakeMetricSource:
     def __init__(self) -> None:
         self.percent: float | None = 20.0
         self.calls = 0
-        self.gate: asyncio.Event | None = None
+        self.gate: asyncio.Event | None = None  # when set: observe waits for it
+        self.observing = asyncio.Event()  # an observation has started
 
     async def observe(self, config: OffloadingConfig) -> list[MetricObservation]:
         self.calls += 1
+        self.observing.set()
         if self.gate is not None:
             await self.gate.wait()
         return [MetricObservation(CPU, self.percent, 50.0, "fake", unit="percent") for _ in config.metrics]
@@ -165,7 +167,7 @@ def test_a_configuration_change_during_a_slow_observation_discards_that_observat
     async def main():
         metrics.gate = asyncio.Event()
         pending = asyncio.create_task(controller.evaluate())
-        await asyncio.sleep(0.01)
+        await metrics.observing.wait()
         controller.apply_config(None)  # deleted while the metrics were being read
         metrics.gate.set()
         assert await pending is None

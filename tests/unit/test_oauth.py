@@ -133,7 +133,7 @@ class Endpoint:
 
     async def __call__(self, request: TokenRequest, ssl_context: object, timeout: float) -> tuple[int, bytes]:
         self.calls += 1
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # a yield: concurrent callers arrive while the fetch is pending
         if self.fail:
             raise ConnectionRefusedError(111, "Connection refused")
         return 200, body(access_token=f"t{self.calls}", expires_in=100)

@@ -1,8 +1,9 @@
 """headersFromSecrets: the headers a remote gets from Secrets, or why it is not used.
 
 Pure resolution, the mounted-Secret file reader on real files, the keeper's
-refresh with a held reader (a fake, named so: it returns what the test sets),
-the controller's plan and /status, and the RBAC rules that open those Secrets.
+refresh with a held reader (a fake, named so: it returns what the test sets) on a
+scripted sleep, the offloading state's plan and /status, and the RBAC rules that open
+those Secrets.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from sidecar.control.state import OffloadingState
 from sidecar.standalone.config import parse_document
 from sidecar.proxy.routing import RoutingTable
 from sidecar.credentials.headers import (
-    SecretFileReader,
     SecretHeaderKeeper,
     SecretHeaders,
     header_value_problem,
@@ -30,6 +30,7 @@ from sidecar.credentials.headers import (
     secret_keys,
     with_secret_headers,
 )
+from sidecar.credentials.secrets import SecretFileReader, follow_key
 from sidecar.proxy.stats import ProxyStats
 from tests.modeldeployments import as_yaml, standalone
 
@@ -177,32 +178,82 @@ class HeldReader:
         return self.value
 
 
+class ScriptedSleep:
+    """A FAKE sleep: records each delay; at the n-th call runs ``steps[n]`` (the world
+    changing while the loop waits), yields, and returns. Past the last step it parks the
+    loop for good and sets ``done``."""
+
+    def __init__(self, *steps) -> None:
+        self.steps = list(steps)
+        self.delays: list[float] = []
+        self.done = asyncio.Event()
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        if len(self.delays) > len(self.steps):
+            self.done.set()
+            await asyncio.Event().wait()
+        self.steps[len(self.delays) - 1]()
+        await asyncio.sleep(0)
+
+
+def nothing() -> None:
+    """A step of a ScriptedSleep in which nothing changes."""
+
+
+def setting(reader: HeldReader, value: str):
+    """A step of a ScriptedSleep in which the Secret's value becomes ``value``."""
+
+    def step() -> None:
+        reader.value = value
+
+    return step
+
+
 def test_the_keeper_reports_each_change_and_retries_a_failing_read_sooner():
+    reader = HeldReader()
+    seen: list[SecretHeaders] = []
+    sleep = ScriptedSleep(
+        nothing,  # failing: retried after 0.01 s
+        nothing,  # ... then 0.02 s
+        setting(reader, API_KEY),  # ... then 0.04 s, and the Secret appears
+        setting(reader, "rotated"),  # picked up at the next period
+        nothing,  # the same value again: nothing to report
+    )
+
     async def scenario() -> None:
-        reader = HeldReader()
-        seen: list[SecretHeaders] = []
         keeper = SecretHeaderKeeper(
-            SPECS[:1], {("remote-api", "apiKey"): reader}, seen.append, period=0.4, retry=0.01
+            SPECS[:1], {("remote-api", "apiKey"): reader}, seen.append, period=0.4, retry=0.01, sleep=sleep
         )
         task = asyncio.create_task(keeper.run())
-        await asyncio.sleep(0.1)
-        assert reader.reads >= 2  # failing: retried after 0.01, 0.02, 0.04 ... s, not every 0.4 s
-        assert not seen[-1].usable and "Secret missing" in seen[-1].problem
-        reader.value = API_KEY
-        while not seen[-1].usable:
-            await asyncio.sleep(0.01)
-        assert seen[-1].headers == (("X-Api-Key", API_KEY),)
-        reads = reader.reads
-        reader.value = "rotated"  # picked up at the next period
-        while seen[-1].headers != (("X-Api-Key", "rotated"),):
-            await asyncio.sleep(0.01)
-        assert reader.reads == reads + 1
-        changes = len(seen)
-        await asyncio.sleep(0.5)
-        assert len(seen) == changes  # same value: no new report
+        async with asyncio.timeout(10):
+            await sleep.done.wait()
         task.cancel()
 
     asyncio.run(scenario())
+    assert sleep.delays == pytest.approx([0.01, 0.02, 0.04, 0.4, 0.4, 0.4])
+    assert reader.reads == 6
+    assert [s.problem for s in seen[:2]] == [
+        "header X-Api-Key from Secret remote-api key 'apiKey': not read yet",
+        "header X-Api-Key from Secret remote-api key 'apiKey': Secret missing",
+    ]
+    assert [s.headers for s in seen[2:]] == [(("X-Api-Key", API_KEY),), (("X-Api-Key", "rotated"),)]
+
+
+def test_following_a_key_backs_off_up_to_the_period_and_hands_over_every_read():
+    reader = HeldReader()
+    got: list[str | None] = []
+    sleep = ScriptedSleep(*[nothing] * 7, setting(reader, "v"))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(follow_key(reader, got.append, period=5.0, retry=0.5, sleep=sleep))
+        async with asyncio.timeout(10):
+            await sleep.done.wait()
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert sleep.delays == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0, 5.0]
+    assert got == [None] * 8 + ["v"]
 
 
 # --- the controller's plan and /status -----------------------------------------------------------
