@@ -226,3 +226,33 @@ def test_oauth_for_a_modeldeployment_reads_its_secret_reference() -> None:
         "secret",
     )
     assert oauth.current() is None
+
+
+def test_the_refresher_sleeps_until_shortly_before_expiry_and_backs_off_while_failing() -> None:
+    """Driven by a FAKE clock and sleep: each sleep advances the clock by what was asked."""
+    now = [0.0]
+    waits: list[float] = []
+    published: list[str | None] = []
+    answers = iter([(200, body(access_token="t1", expires_in=100)), ConnectionRefusedError(), None])
+
+    async def post(request: TokenRequest, ssl_context: object, timeout: float) -> tuple[int, bytes]:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        if answer is None:
+            raise asyncio.CancelledError  # ends the test
+        return answer
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+        now[0] += delay
+
+    oauth = OAuthClient(
+        "https://auth.example/token", "id", "sec", clock=lambda: now[0], sleep=sleep, post=post, retry_min=2
+    )
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(oauth.run_refresher(published.append))
+    # Fetched at 0 (expires at 100, refreshed at 90); the refresh at 90 fails: the token is
+    # kept and the next attempt waits the backoff (2 s); at 92 the third fetch ends the test.
+    assert waits == [90.0, 2.0]
+    assert published == ["Bearer t1"]

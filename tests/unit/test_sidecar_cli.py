@@ -85,3 +85,22 @@ def test_with_no_usable_model_address_at_all_the_upstream_is_a_usage_error(capsy
 def test_the_mode_follows_the_injectors_environment(env, has_config, mode):
     assert choose_mode("auto", env, has_config) == mode
     assert choose_mode("standalone", env, has_config) == "standalone"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1m30s", 90.0), ("500ms", 0.5), ("2m", 120.0), ("1h0m5s", 3605.0), ("1.5", 1.5), ("30", 30.0)],
+)
+def test_durations_are_go_durations_or_bare_seconds(text, seconds):
+    args = build_parser({}).parse_args(
+        ["--upstream", "8000", "--poll-interval", text, "--shutdown-deadline", text]
+    )
+    assert args.poll_interval == seconds and args.shutdown_deadline == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1x", "m", "-1s", "1e3", "nan", "1m30"])
+def test_a_malformed_duration_is_a_usage_error_with_examples(text, capsys):
+    with pytest.raises(SystemExit):
+        build_parser({}).parse_args(["--upstream", "8000", f"--shutdown-deadline={text}"])
+    err = capsys.readouterr().err
+    assert "not a duration" in err and "1m30s" in err
