@@ -235,7 +235,9 @@ class Sidecar:
             # A TaskGroup: when one of the two fails the other is cancelled, not left running twice.
             async with asyncio.TaskGroup() as group:
                 group.create_task(
-                    follow_key(reader, oauth.set_secret, period=self.settings.secret_refresh, sleep=self.sleep)
+                    follow_key(
+                        reader, oauth.set_secret, period=self.settings.secret_refresh, sleep=self.sleep
+                    )
                 )
                 group.create_task(oauth.run_refresher(state.set_authorization))
 

@@ -41,7 +41,13 @@ from sidecar.options import HelpFormatter, address, duration, positive_duration
 from sidecar.proxy.server import ProxySettings
 from sidecar.signals import DEFAULT_WINDOW as SIGNAL_WINDOW
 from sidecar.standalone.config import FileConfigSource
-from sidecar.standalone.metrics import DEFAULT_WINDOW, LocalMetricSource, ProcessTreeReader, detect_reader, parse_cores
+from sidecar.standalone.metrics import (
+    DEFAULT_WINDOW,
+    LocalMetricSource,
+    ProcessTreeReader,
+    detect_reader,
+    parse_cores,
+)
 
 log = logging.getLogger("sidecar")
 
@@ -370,9 +376,10 @@ def build_cluster(
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if "--mode=gateway" in given or ("--mode", "gateway") in itertools.pairwise(given):
-        from sidecar import gateway  # its own flags: no local model, no upstream
+        # Its own flags (no local model, no upstream); the sidecar never loads the gateway.
+        from sidecar.gateway import cli as gateway_cli
 
-        return gateway.main([a for a in given if a != "--mode=gateway"])
+        return gateway_cli.main([a for a in given if a != "--mode=gateway"])
     env = dict(os.environ)
     parser = build_parser(env)
     args = parser.parse_args(argv)

@@ -506,7 +506,7 @@ def test_the_gateway_reads_modeldeployments_and_slices_and_only_the_secrets_it_i
 
 
 def test_the_gateway_runs_two_spread_replicas_that_drain_within_their_grace_period(default_render):
-    from sidecar.gateway import build_parser
+    from sidecar.gateway.cli import build_parser
 
     objects = by_kind(documents(default_render))
     deployment = objects["Deployment", GATEWAY]
@@ -543,7 +543,7 @@ def test_the_gateway_runs_two_spread_replicas_that_drain_within_their_grace_peri
 
 
 def test_the_default_remote_backend_reaches_the_gateway_as_the_webhook_gets_it(helm):
-    from sidecar.gateway import build_parser, settings_from
+    from sidecar.gateway.cli import build_parser, settings_from
 
     url = "https://models.example:8443/v1/$model"
     objects = by_kind(documents(helm.render("--set", f"defaultRemoteBackend={url}")))

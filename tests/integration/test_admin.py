@@ -16,9 +16,9 @@ from sidecar.admin.metrics import render_metrics
 from sidecar.admin.server import AdminServer
 from sidecar.admin.status import configuration_document, status_document
 from sidecar.control.view import ControlView
-from sidecar.standalone.config import parse_document
 from sidecar.proxy.routing import RemoteTarget, RoutePlan
 from sidecar.proxy.stats import ProxyStats
+from sidecar.standalone.config import parse_document
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 TUTORIAL = (TESTDATA / "modeldeployments" / "tutorial.yaml").read_text()

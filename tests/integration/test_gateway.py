@@ -17,7 +17,7 @@ import pytest
 
 from certs.issue import issue_ca, issue_serving_cert
 from crds.validation import parse_remote_backend
-from sidecar.gateway import Gateway, GatewaySettings
+from sidecar.gateway.process import Gateway, GatewaySettings
 from sidecar.proxy.server import ProxySettings
 from tests.e2e.controlplane.net import free_port
 from tests.integration.fake_apiserver import LoopbackPKI

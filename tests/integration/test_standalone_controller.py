@@ -14,8 +14,8 @@ from pathlib import Path
 from crds.model import OffloadingConfig
 from crds.observation import MetricObservation
 from sidecar.control.state import OffloadingState
-from sidecar.standalone.config import parse_document
 from sidecar.proxy.routing import RoutePlan, RoutingTable
+from sidecar.standalone.config import parse_document
 
 TUTORIAL = (
     Path(__file__).resolve().parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml"
@@ -59,7 +59,12 @@ class Clock:
 
 def make() -> tuple[OffloadingState, RoutingTable, FakeMetricSource, Clock]:
     routing, metrics, clock = RoutingTable(), FakeMetricSource(), Clock()
-    return OffloadingState(routing, metrics, clock=clock, wall=lambda: 1000.0 + clock.now), routing, metrics, clock
+    return (
+        OffloadingState(routing, metrics, clock=clock, wall=lambda: 1000.0 + clock.now),
+        routing,
+        metrics,
+        clock,
+    )
 
 
 def poll(controller: OffloadingState, clock: Clock, until: float, every: float = 1.0) -> None:

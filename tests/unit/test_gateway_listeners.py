@@ -8,7 +8,7 @@ import pytest
 
 from crds.model import RemoteBackend
 from crds.validation import ValidationSettings
-from sidecar.gateway import listeners_from, ready_endpoints
+from sidecar.gateway.listeners import listeners_from, ready_endpoints
 from tests.integration.test_gateway import md
 
 REMOTE = {"host": "remote.example:80", "scheme": "http"}

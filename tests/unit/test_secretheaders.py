@@ -19,8 +19,6 @@ from crds.model import HeaderFromSecret, SecretKeyReference
 from crds.rbac import sidecar_rules_for
 from sidecar.admin.status import status_document
 from sidecar.control.state import OffloadingState
-from sidecar.standalone.config import parse_document
-from sidecar.proxy.routing import RoutingTable
 from sidecar.credentials.headers import (
     SecretHeaderKeeper,
     SecretHeaders,
@@ -31,7 +29,9 @@ from sidecar.credentials.headers import (
     with_secret_headers,
 )
 from sidecar.credentials.secrets import SecretFileReader, follow_key
+from sidecar.proxy.routing import RoutingTable
 from sidecar.proxy.stats import ProxyStats
+from sidecar.standalone.config import parse_document
 from tests.modeldeployments import as_yaml, standalone
 
 API_KEY = "k-7f3a9c1e"  # the value that must never be logged or shown

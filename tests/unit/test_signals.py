@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from crds.model import LabelSelector, LabelSelectorRequirement, MetricTarget
 from crds.signals import IN_FLIGHT, WAITING, aggregate, selector_matches, signal_value
 from sidecar.control.interfaces import MetricObservation
+from sidecar.proxy.stats import ProxyStats
 from sidecar.signals import (
     GaugeReading,
     ModelScraper,
@@ -29,7 +30,6 @@ from sidecar.signals import (
     parse_gauges,
     window_mean,
 )
-from sidecar.proxy.stats import ProxyStats
 
 VLLM = """\
 # HELP vllm:num_requests_running Number of requests currently running on GPU.
