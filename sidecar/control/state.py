@@ -149,7 +149,7 @@ class OffloadingState:
         if offloading:
             self.transitions["on"] += 1
             self.offloading_since = self.wall()
-            plan = plan_for(self.model, True)
+            plan = plan_for(self.model, True, self.ssl_contexts)
             log.info(
                 "offloading started: %d%% of requests to %s: %s",
                 plan.percentage,
@@ -161,9 +161,8 @@ class OffloadingState:
             self.offloading_since = None
             log.info("offloading stopped: every request to the local model: %s", reason)
 
-    @staticmethod
-    def _describe_target(model: ModelDeployment | None) -> str:
-        plan = plan_for(model, False)
+    def _describe_target(self, model: ModelDeployment | None) -> str:
+        plan = plan_for(model, False, self.ssl_contexts)  # the shared contexts: no new SSLContext
         if plan.remote is None:
             return "nowhere"
         r = plan.remote
