@@ -292,7 +292,7 @@ class ServiceEndpoints:
             self.task = None
 
     async def _run(self) -> None:
-        from sidecar.cluster.kube import Listed, list_and_watch
+        from sidecar.cluster.informer import Listed, list_and_watch
 
         path = f"/apis/discovery.k8s.io/v1/namespaces/{self.namespace}/endpointslices"
         params = {
@@ -493,7 +493,7 @@ class Gateway:
 
     async def follow(self) -> None:
         """Watch the ModelDeployments (cluster-wide or in ``namespaces``) and update on each change."""
-        from sidecar.cluster.kube import Listed, list_and_watch
+        from sidecar.cluster.informer import Listed, list_and_watch
 
         assert self.kube_client is not None
         namespaces = self.settings.namespaces or ("",)
@@ -767,7 +767,8 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sidecar.cluster.kube import ConfigError, KubeClient, in_cluster_config, load_kubeconfig
+    from sidecar.cluster.client import KubeClient
+    from sidecar.cluster.credentials import CredentialsError, in_cluster_config, load_kubeconfig
 
     env = dict(os.environ)
     parser = build_parser(env)
@@ -776,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from(args, parser)
     try:
         credentials = load_kubeconfig(args.kubeconfig) if args.kubeconfig else in_cluster_config(env)
-    except ConfigError as exc:
+    except CredentialsError as exc:
         # Unlike the sidecar, nothing depends on this process being up: say why and stop.
         print(f"offload-sidecar --mode gateway: no cluster credentials: {exc}", file=sys.stderr)
         return 2

@@ -140,7 +140,7 @@ class _Message:
 class ResponseStream:
     """A response whose head has arrived; the body is read from the connection on demand."""
 
-    def __init__(self, reader: asyncio.StreamReader, message: _Message, max_body: int):
+    def __init__(self, reader: asyncio.StreamReader, message: _Message, max_body: int | None):
         self._reader = reader
         self._message = message
         self._max_body = max_body
@@ -168,7 +168,7 @@ class ResponseStream:
             while message.pieces:
                 piece = message.pieces.pop(0)
                 self._body_bytes += len(piece)
-                if self._body_bytes > self._max_body:
+                if self._max_body is not None and self._body_bytes > self._max_body:
                     raise ResponseTooLarge(f"the response body is larger than {self._max_body} bytes")
                 yield piece
             if message.complete:
@@ -183,6 +183,8 @@ class ResponseStream:
 
     async def read(self) -> bytes:
         """The whole body (at most ``max_body`` bytes, else ResponseTooLarge)."""
+        if self._max_body is None:
+            raise ValueError("read() needs a max_body: only pieces() may stream without one")
         return b"".join([piece async for piece in self.pieces()])
 
 
@@ -207,9 +209,12 @@ class Connection:
         body: bytes = b"",
         *,
         max_head: int = MAX_HEAD_BYTES,
-        max_body: int,
+        max_body: int | None,
     ) -> ResponseStream:
-        """Writes the request and reads the response's head (see :func:`render_request`)."""
+        """Writes the request and reads the response's head (see :func:`render_request`).
+
+        ``max_body`` None: the body is unbounded as a whole, for a stream its reader bounds
+        piece by piece (a watch)."""
         self._writer.write(render_request(method, target, headers, body))
         await self._writer.drain()
         message = _Message()
@@ -225,7 +230,7 @@ class Connection:
             if not message.head_complete and received > max_head:
                 raise ResponseTooLarge(f"the response head is larger than {max_head} bytes")
         length = message.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_body:
+        if max_body is not None and length.isdigit() and int(length) > max_body:
             raise ResponseTooLarge(f"the response body is larger than {max_body} bytes")
         self._last = ResponseStream(self._reader, message, max_body)
         return self._last

@@ -68,7 +68,7 @@ ORIGINAL_TARGET_PORT_ANNOTATION = PREFIX + "original-target-port"
 PROMETHEUS_PREFIX = "prometheus.io/"
 
 # The sidecar's own service-account credentials (see the module's docstring). The sidecar
-# reads the directory from SERVICE_ACCOUNT_DIR_ENV (sidecar.cluster.kube agrees on both names).
+# reads the directory from SERVICE_ACCOUNT_DIR_ENV (sidecar.cluster.credentials agrees on both names).
 TOKEN_VOLUME = "offload-proxy-token"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/offload.beamlit.com/serviceaccount"
 SERVICE_ACCOUNT_DIR_ENV = "OFFLOAD_SERVICEACCOUNT_DIR"

@@ -1,4 +1,4 @@
-"""sidecar/cluster/kube.py and the cluster ConfigSource over real TLS, against a stand-in API
+"""sidecar/cluster/ (credentials, client, informer) and the cluster ConfigSource over real TLS, against a stand-in API
 server on loopback that can expire watches, rotate tokens and go away on cue
 (tests/e2e/test_sidecar_cluster.py runs the same code against kube-apiserver)."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,18 +17,10 @@ import yaml
 
 from crds.model import GROUP, PLURAL, VERSION
 from sidecar.cluster.config import ClusterConfigSource
-from sidecar.cluster.kube import (
-    ApiError,
-    Backoff,
-    ClusterConfig,
-    ConfigError,
-    KubeClient,
-    Listed,
-    WatchEvent,
-    in_cluster_config,
-    list_and_watch,
-    load_kubeconfig,
-)
+from crds.backoff import Backoff
+from sidecar.cluster.client import ApiError, KubeClient, WatchEvent
+from sidecar.cluster.credentials import ClusterConfig, CredentialsError, in_cluster_config, load_kubeconfig
+from sidecar.cluster.informer import Listed, list_and_watch
 from tests.integration.fake_apiserver import FakeApiServer, LoopbackPKI
 
 NAMESPACE = "models"
@@ -95,7 +86,7 @@ async def until(what: str, condition: Callable[[], bool]) -> None:
 
 
 def fast_backoff() -> Backoff:
-    return Backoff(base=0.05, cap=0.2, rng=random.Random(7))
+    return Backoff(base=0.05, cap=0.2)
 
 
 # --- credentials -----------------------------------------------------------------------------------
@@ -176,17 +167,17 @@ def test_in_cluster_config_reads_the_service_account_files(tmp_path: Path) -> No
     assert "abc" not in repr(config)
     v6 = in_cluster_config({"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}, account)
     assert v6.server == "https://[fd00::1]:443"
-    with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
+    with pytest.raises(CredentialsError, match="KUBERNETES_SERVICE_HOST"):
         in_cluster_config({}, account)
     (account / "token").unlink()
-    with pytest.raises(ConfigError, match="token: missing"):
+    with pytest.raises(CredentialsError, match="token: missing"):
         in_cluster_config(env, account)
 
 
 def test_kubeconfig_problems_name_the_field(tmp_path: Path) -> None:
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump({"current-context": "x", "contexts": []}))
-    with pytest.raises(ConfigError, match="contexts: no entry named 'x'"):
+    with pytest.raises(CredentialsError, match="contexts: no entry named 'x'"):
         load_kubeconfig(path)
     path.write_text(
         yaml.safe_dump(
@@ -198,7 +189,7 @@ def test_kubeconfig_problems_name_the_field(tmp_path: Path) -> None:
             }
         )
     )
-    with pytest.raises(ConfigError, match="exec and auth-provider plugins are not supported"):
+    with pytest.raises(CredentialsError, match="exec and auth-provider plugins are not supported"):
         load_kubeconfig(path)
 
 
@@ -373,5 +364,5 @@ def test_cluster_mode_is_chosen_by_the_injectors_environment(tmp_path: Path) -> 
     # A value that does not parse is ignored (logged), never a sidecar that cannot start.
     mode = cluster_mode_from_env({**env, "OFFLOAD_DEFAULT_REMOTE_BACKEND": "models.example"})
     assert mode is not None and mode.config.validation.default_remote_backend is None
-    with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
+    with pytest.raises(CredentialsError, match="KUBERNETES_SERVICE_HOST"):
         cluster_mode_from_env({"POD_NAMESPACE": "models", "MODELDEPLOYMENT_NAME": "my-model"})

@@ -184,9 +184,9 @@ def test_the_sidecar_alone_gets_its_own_token_even_when_the_pod_automounts_none(
 
 
 def test_the_sidecar_reads_its_credentials_where_the_injector_mounts_them():
-    from sidecar.cluster import kube
+    from sidecar.cluster import credentials
 
-    assert kube.SERVICE_ACCOUNT_DIR_ENV == SERVICE_ACCOUNT_DIR_ENV
+    assert credentials.SERVICE_ACCOUNT_DIR_ENV == SERVICE_ACCOUNT_DIR_ENV
 
 
 # --- pods the sidecar cannot run in ------------------------------------------------------------
