@@ -322,3 +322,46 @@ def test_https_refuses_a_server_the_system_cas_do_not_know(tmp_path: Path):
             await fetch(f"https://127.0.0.1:{port}/", timeout=STEP, max_body=10)
 
     serve(handler, scenario, ssl_context=pki.server_context())
+
+
+# --- its users: the token endpoint's POST ---------------------------------------------------------
+
+
+def test_a_token_answer_in_chunks_is_read_whole_and_the_form_is_posted():
+    from sidecar.credentials.oauth import TokenRequest, post_token_request
+
+    token = b'{"access_token": "abc", "expires_in": 60}'
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(token), token)
+    handler, requests = answering(answer)
+
+    async def scenario(port: int) -> None:
+        request = TokenRequest(f"http://127.0.0.1:{port}/oauth/token", "offloader", "s3cret")
+        assert await post_token_request(request, None, STEP) == (200, token)
+
+    serve(handler, scenario)
+    head, _, form = requests[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /oauth/token HTTP/1.1\r\n") and b"\r\nAuthorization: Basic " in head
+    assert form == b"grant_type=client_credentials"
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (b"s3cret-looking garbage\r\n\r\n", "not usable HTTP"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", "not usable HTTP"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n", "too large"),
+    ],
+    ids=["not-http", "cut-short", "too-large"],
+)
+def test_a_token_answer_that_is_not_usable_http_is_a_token_error_quoting_nothing(answer: bytes, why: str):
+    from sidecar.credentials.oauth import TokenError, TokenRequest, post_token_request
+
+    handler, _ = answering(answer)
+
+    async def scenario(port: int) -> None:
+        request = TokenRequest(f"http://127.0.0.1:{port}/token", "offloader", "s3cret")
+        with pytest.raises(TokenError, match=why) as caught:
+            await post_token_request(request, None, STEP)
+        assert "s3cret" not in str(caught.value)
+
+    serve(handler, scenario)
