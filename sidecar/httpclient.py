@@ -61,9 +61,7 @@ class Response:
     body: bytes = field(repr=False)
 
 
-def render_request(
-    method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes = b""
-) -> bytes:
+def render_request(method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes = b"") -> bytes:
     """The request's bytes; Content-Length is added when there is a body, or for POST.
 
     ``target`` is in origin-form (``/path?query``) and ``headers`` must carry ``Host``.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crds.model import ModelDeployment
+from webhook.reasons import Reason
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
@@ -146,19 +147,21 @@ def controlled_by_workload(owner: Owner | None, workload: Workload) -> bool:
 
 # --- the decision -------------------------------------------------------------------------------
 
-SELECTED = "Selected"
-NO_MATCH = "NoMatchingModelDeployment"
-DISABLED = "ModelDeploymentDisabled"
-OTHER_CONTROLLER = "OwnedByAnotherController"
-
 
 @dataclass(frozen=True)
 class Selection:
-    reason: str
+    """The ModelDeployment ``chosen`` for a pod, or ``reason`` (NoMatchingModelDeployment,
+    ModelDeploymentDisabled, OwnedByAnotherController) why none was, and a sentence."""
+
+    reason: Reason | None  # None when one was chosen
     chosen: CachedModelDeployment | None = None
     workload: Workload | None = None
     message: str = ""
     warnings: tuple[str, ...] = ()
+
+    @property
+    def selected(self) -> bool:
+        return self.chosen is not None
 
 
 WorkloadLookup = Callable[[str, str, str], "Workload | None"]  # (kind, namespace, name)
@@ -206,12 +209,13 @@ def select(
                     f"{chosen.model.name!r} (also: {others})"
                 ),
             )
-        return Selection(
-            SELECTED, chosen, workload, f"selected by ModelDeployment {chosen.model.name}", warnings
-        )
+        return Selection(None, chosen, workload, f"selected by ModelDeployment {chosen.model.name}", warnings)
     if disabled:
         names = ", ".join(sorted(c.model.name for c in disabled))
-        return Selection(DISABLED, message=f"ModelDeployment {names} selects this pod but is disabled")
+        return Selection(
+            Reason.MODELDEPLOYMENT_DISABLED,
+            message=f"ModelDeployment {names} selects this pod but is disabled",
+        )
     if other_controller:
         cand, workload = min(other_controller, key=lambda pair: pair[0].order)
         assert owner is not None
@@ -219,5 +223,7 @@ def select(
             f"labels match {workload.kind} {workload.name!r} of ModelDeployment {cand.model.name!r}, "
             f"but the pod is controlled by {owner.kind} {owner.name!r}"
         )
-        return Selection(OTHER_CONTROLLER, message=message)
-    return Selection(NO_MATCH, message="no enabled ModelDeployment selects this pod")
+        return Selection(Reason.OWNED_BY_ANOTHER_CONTROLLER, message=message)
+    return Selection(
+        Reason.NO_MATCHING_MODELDEPLOYMENT, message="no enabled ModelDeployment selects this pod"
+    )

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crds.backoff import Backoff
 from crds.model import GROUP, PLURAL, VERSION, ModelDeployment
 from crds.status import PublishedDecision
 from crds.validation import ValidationSettings, parse_remote_backend, validate_object
-from crds.backoff import Backoff
 from sidecar.cluster.client import KubeClient, WatchEvent
 from sidecar.cluster.credentials import in_cluster_config, load_kubeconfig
 from sidecar.cluster.informer import RETRY, Listed, list_and_watch

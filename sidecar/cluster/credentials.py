@@ -101,7 +101,9 @@ def load_kubeconfig(path: Path, context: str | None = None) -> ClusterConfig:
     if not isinstance(server, str):
         raise CredentialsError(f"{where}: clusters[{ctx.get('cluster')}].cluster.server: required")
     if cluster.get("insecure-skip-tls-verify"):
-        raise CredentialsError(f"{where}: insecure-skip-tls-verify is not supported: give certificate-authority")
+        raise CredentialsError(
+            f"{where}: insecure-skip-tls-verify is not supported: give certificate-authority"
+        )
     if "exec" in user or "auth-provider" in user:
         raise CredentialsError(
             f"{where}: users[{ctx.get('user')}]: exec and auth-provider plugins are not supported"

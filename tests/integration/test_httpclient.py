@@ -109,7 +109,9 @@ def test_a_body_without_length_or_chunking_ends_when_the_server_closes():
 
 
 def test_an_interim_100_continue_is_skipped_and_a_post_carries_its_length():
-    handler, requests = answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+    handler, requests = answering(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+    )
 
     async def scenario(port: int) -> None:
         response = await fetch(
@@ -331,7 +333,10 @@ def test_a_token_answer_in_chunks_is_read_whole_and_the_form_is_posted():
     from sidecar.credentials.oauth import TokenRequest, post_token_request
 
     token = b'{"access_token": "abc", "expires_in": 60}'
-    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(token), token)
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+        len(token),
+        token,
+    )
     handler, requests = answering(answer)
 
     async def scenario(port: int) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from crds.model import GROUP, PLURAL, VERSION
-from sidecar.cluster.config import ClusterConfigSource
 from crds.backoff import Backoff
+from crds.model import GROUP, PLURAL, VERSION
 from sidecar.cluster.client import ApiError, KubeClient, WatchEvent
+from sidecar.cluster.config import ClusterConfigSource
 from sidecar.cluster.credentials import ClusterConfig, CredentialsError, in_cluster_config, load_kubeconfig
 from sidecar.cluster.informer import Listed, list_and_watch
 from tests.integration.fake_apiserver import FakeApiServer, LoopbackPKI

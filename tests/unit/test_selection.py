@@ -7,11 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crds.model import ModelDeployment, ModelDeploymentSpec, ObjectReference
+from webhook.reasons import Reason
 from webhook.selection import (
-    DISABLED,
-    NO_MATCH,
-    OTHER_CONTROLLER,
-    SELECTED,
     CachedModelDeployment,
     LabelSelector,
     Owner,
@@ -190,26 +187,26 @@ def lookup(kind, namespace, name):
 
 def test_an_enabled_modeldeployment_whose_workload_selects_the_pod_is_chosen():
     chosen = select("models", {"app": "llm"}, None, [md("a")], lookup)
-    assert chosen.reason == SELECTED and chosen.chosen.model.name == "a" and chosen.warnings == ()
+    assert chosen.selected and chosen.chosen.model.name == "a" and chosen.warnings == ()
     assert chosen.workload.name == "llm"
 
 
 def test_the_workload_kind_matters():
-    assert select("models", {"app": "sts"}, None, [md("a")], lookup).reason == NO_MATCH
-    assert select("models", {"app": "sts"}, None, [md("a", kind="StatefulSet")], lookup).reason == SELECTED
+    assert select("models", {"app": "sts"}, None, [md("a")], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
+    assert select("models", {"app": "sts"}, None, [md("a", kind="StatefulSet")], lookup).selected
 
 
 def test_no_candidates_no_workload_or_an_unusable_selector_is_no_match():
-    assert select("models", {"app": "llm"}, None, [], lookup).reason == NO_MATCH
-    assert select("models", {"app": "llm"}, None, [md("a", "gone")], lookup).reason == NO_MATCH
-    assert select("models", {"app": "llm"}, None, [md("a", "broken")], lookup).reason == NO_MATCH
+    assert select("models", {"app": "llm"}, None, [], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
+    assert select("models", {"app": "llm"}, None, [md("a", "gone")], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
+    assert select("models", {"app": "llm"}, None, [md("a", "broken")], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
 
 
 def test_a_modeldeployment_of_another_namespace_never_selects():
     other = md("a", namespace="elsewhere")
-    assert select("models", {"app": "llm"}, None, [other], lookup).reason == NO_MATCH
+    assert select("models", {"app": "llm"}, None, [other], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
     cross = md("a", workload_namespace="elsewhere")  # invalid anyway; never a pod of this namespace
-    assert select("models", {"app": "llm"}, None, [cross], lookup).reason == NO_MATCH
+    assert select("models", {"app": "llm"}, None, [cross], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
 
 
 def test_several_matches_pick_the_oldest_then_the_name_and_warn():
@@ -228,17 +225,17 @@ def test_several_matches_pick_the_oldest_then_the_name_and_warn():
 
 def test_a_disabled_match_is_reported_as_such_and_an_enabled_one_wins_over_it():
     off = md("off", enabled=False)
-    assert select("models", {"app": "llm"}, None, [off], lookup).reason == DISABLED
+    assert select("models", {"app": "llm"}, None, [off], lookup).reason is Reason.MODELDEPLOYMENT_DISABLED
     chosen = select(
         "models", {"app": "llm"}, None, [off, md("on", "llm2", created="2027-01-01T00:00:00Z")], lookup
     )
-    assert chosen.reason == SELECTED and chosen.chosen.model.name == "on" and chosen.warnings == ()
+    assert chosen.selected and chosen.chosen.model.name == "on" and chosen.warnings == ()
 
 
 def test_a_pod_controlled_by_something_else_is_not_the_workloads():
     job = Owner("Job", "llm-bench")
     chosen = select("models", {"app": "llm"}, job, [md("a")], lookup)
-    assert chosen.reason == OTHER_CONTROLLER
+    assert chosen.reason is Reason.OWNED_BY_ANOTHER_CONTROLLER
     assert chosen.message == (
         "labels match Deployment 'llm' of ModelDeployment 'a', but the pod is controlled by Job 'llm-bench'"
     )
