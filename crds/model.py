@@ -8,6 +8,7 @@ The autoscaling/v2 MetricSpec types mirror Kubernetes' own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,15 +152,43 @@ class OffloadingBehavior:
 
 @dataclass(frozen=True)
 class LabelSelectorRequirement:
+    """One metav1.LabelSelectorRequirement: ``key``, ``operator`` (In, NotIn, Exists,
+    DoesNotExist; validation refuses others) and ``values``."""
+
     key: str
     operator: str
     values: tuple[str, ...] = ()
 
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "In":
+            return self.key in labels and labels[self.key] in self.values
+        if self.operator == "NotIn":
+            return self.key not in labels or labels[self.key] not in self.values
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        return False  # an operator validation refuses matches nothing
+
 
 @dataclass(frozen=True)
 class LabelSelector:
+    """metav1.LabelSelector: ``match_labels`` and ``match_expressions``, ANDed; an empty
+    selector matches every label set.
+
+    >>> LabelSelector({"app": "llm"}, (LabelSelectorRequirement("tier", "NotIn", ("gpu",)),)).matches(
+    ...     {"app": "llm", "tier": "cpu"}
+    ... )
+    True
+    """
+
     match_labels: dict[str, str] = field(default_factory=dict)
     match_expressions: tuple[LabelSelectorRequirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if any(labels.get(key) != value for key, value in self.match_labels.items()):
+            return False
+        return all(requirement.matches(labels) for requirement in self.match_expressions)
 
 
 @dataclass(frozen=True)

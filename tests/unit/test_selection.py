@@ -6,13 +6,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crds.model import ModelDeployment, ModelDeploymentSpec, ObjectReference
+from crds.model import (
+    LabelSelector,
+    LabelSelectorRequirement,
+    ModelDeployment,
+    ModelDeploymentSpec,
+    ObjectReference,
+)
 from webhook.reasons import Reason
 from webhook.selection import (
     CachedModelDeployment,
-    LabelSelector,
     Owner,
-    Requirement,
     Workload,
     controlled_by_workload,
     parse_label_selector,
@@ -21,6 +25,7 @@ from webhook.selection import (
 )
 
 LABELS = {"app": "llm", "tier": "model", "empty": ""}
+NO_MATCH = Reason.NO_MATCHING_MODELDEPLOYMENT
 
 
 @pytest.mark.parametrize(
@@ -99,11 +104,12 @@ label_values = st.sampled_from(["x", "y", "z"])
 @given(
     labels=st.dictionaries(label_keys, label_values),
     key=label_keys,
-    values=st.frozensets(label_values, min_size=1),
+    values=st.lists(label_values, min_size=1, unique=True).map(tuple),
 )
 def test_in_and_notin_are_complements_and_exists_and_doesnotexist_too(labels, key, values):
-    assert Requirement(key, "In", values).matches(labels) != Requirement(key, "NotIn", values).matches(labels)
-    assert Requirement(key, "Exists").matches(labels) != Requirement(key, "DoesNotExist").matches(labels)
+    req = LabelSelectorRequirement
+    assert req(key, "In", values).matches(labels) != req(key, "NotIn", values).matches(labels)
+    assert req(key, "Exists").matches(labels) != req(key, "DoesNotExist").matches(labels)
 
 
 @given(labels=st.dictionaries(label_keys, label_values), wanted=st.dictionaries(label_keys, label_values))
@@ -192,21 +198,21 @@ def test_an_enabled_modeldeployment_whose_workload_selects_the_pod_is_chosen():
 
 
 def test_the_workload_kind_matters():
-    assert select("models", {"app": "sts"}, None, [md("a")], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
+    assert select("models", {"app": "sts"}, None, [md("a")], lookup).reason is NO_MATCH
     assert select("models", {"app": "sts"}, None, [md("a", kind="StatefulSet")], lookup).selected
 
 
 def test_no_candidates_no_workload_or_an_unusable_selector_is_no_match():
-    assert select("models", {"app": "llm"}, None, [], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
-    assert select("models", {"app": "llm"}, None, [md("a", "gone")], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
-    assert select("models", {"app": "llm"}, None, [md("a", "broken")], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
+    assert select("models", {"app": "llm"}, None, [], lookup).reason is NO_MATCH
+    assert select("models", {"app": "llm"}, None, [md("a", "gone")], lookup).reason is NO_MATCH
+    assert select("models", {"app": "llm"}, None, [md("a", "broken")], lookup).reason is NO_MATCH
 
 
 def test_a_modeldeployment_of_another_namespace_never_selects():
     other = md("a", namespace="elsewhere")
-    assert select("models", {"app": "llm"}, None, [other], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
+    assert select("models", {"app": "llm"}, None, [other], lookup).reason is NO_MATCH
     cross = md("a", workload_namespace="elsewhere")  # invalid anyway; never a pod of this namespace
-    assert select("models", {"app": "llm"}, None, [cross], lookup).reason is Reason.NO_MATCHING_MODELDEPLOYMENT
+    assert select("models", {"app": "llm"}, None, [cross], lookup).reason is NO_MATCH
 
 
 def test_several_matches_pick_the_oldest_then_the_name_and_warn():
@@ -246,7 +252,7 @@ def test_a_pod_controlled_by_something_else_is_not_the_workloads():
     assert chosen.chosen.model.name == "b" and chosen.warnings == ()
 
 
-def test_selector_tuple_form_is_order_independent():
+def test_a_parsed_selector_is_the_api_type_and_its_key_order_does_not_matter():
     one = parse_label_selector({"matchLabels": {"a": "1", "b": "2"}})
     two = parse_label_selector({"matchLabels": {"b": "2", "a": "1"}})
     assert one == two and isinstance(one, LabelSelector)

@@ -46,8 +46,8 @@ from crds.hpa import (
     PodUsageReading,
     PodValuesReading,
     Reading,
+    ScaleTargetPods,
     Unreadable,
-    Workload,
     evaluate,
     object_reading,
     parse_external_value_list,
@@ -231,7 +231,7 @@ class MetricsReader:
             status_replicas = sum(
                 1 for p in parsed if not p.deleted and p.phase not in ("Failed", "Succeeded")
             )
-        workload = Workload(pods=parsed, status_replicas=status_replicas)
+        workload = ScaleTargetPods(pods=parsed, status_replicas=status_replicas)
         readings = self._readings(metrics, namespace, query, config)
         settings = self.settings
         if config is not None and config.behavior.tolerance != settings.tolerance:
