@@ -39,8 +39,12 @@ MAX_COLD_START_HOLD_SECONDS = 300
 
 
 @dataclass(frozen=True)
-class ObjectReference:
-    """The workload whose pods serve the model (Deployment or StatefulSet)."""
+class WorkloadReference:
+    """``modelSourceRef``: the workload whose pods serve the model (Deployment or StatefulSet).
+
+    Shaped like autoscaling/v2's CrossVersionObjectReference (an HPA's ``scaleTargetRef``)
+    plus a namespace, with the CRD's defaults; not core/v1's ObjectReference.
+    """
 
     name: str
     api_version: str = "apps/v1"
@@ -59,16 +63,18 @@ class ServiceReference:
 
 @dataclass(frozen=True)
 class SecretKeySelector:
-    name: str
-    key: str = "clientSecret"
-
-
-@dataclass(frozen=True)
-class SecretKeyReference:
-    """One key of a Secret in the ModelDeployment's namespace."""
+    """core/v1 SecretKeySelector: one key of a Secret in the ModelDeployment's namespace."""
 
     name: str
     key: str
+
+
+@dataclass(frozen=True)
+class ClientSecretKeySelector(SecretKeySelector):
+    """``oauthConfig.clientSecretRef``: a SecretKeySelector whose key defaults to
+    ``clientSecret``, as the CRD (and the Beamlit controller) default it."""
+
+    key: str = "clientSecret"
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class HeaderFromSecret:
     """A header set on offloaded requests whose value is read from a Secret (an API key)."""
 
     name: str
-    secret_key_ref: SecretKeyReference
+    secret_key_ref: SecretKeySelector
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class OAuthConfig:
 
     client_id: str | None = None
     token_url: str | None = None
-    client_secret_ref: SecretKeySelector | None = None
+    client_secret_ref: ClientSecretKeySelector | None = None
     # The Beamlit controller's inline form; accepted, warned about.
     client_secret: str | None = None
 
@@ -289,7 +295,7 @@ class OffloadingConfig:
 @dataclass(frozen=True)
 class ModelDeploymentSpec:
     model: str
-    model_source_ref: ObjectReference
+    model_source_ref: WorkloadReference
     enabled: bool = True
     environment: str = DEFAULT_ENVIRONMENT
     service_ref: ServiceReference | None = None

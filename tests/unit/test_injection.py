@@ -7,7 +7,7 @@ import copy
 import jsonpatch
 import pytest
 
-from crds.model import ModelDeployment, ModelDeploymentSpec, ObjectReference, ServiceReference
+from crds.model import ModelDeployment, ModelDeploymentSpec, ServiceReference, WorkloadReference
 from tests.unit.podcheck import pod_problems
 from webhook.injection import (
     CONFIG_VERSION_ANNOTATION,
@@ -52,7 +52,7 @@ LLM_SERVICE_REF = ServiceReference(name="llm", target_port=80)
 
 def selection(service_ref=LLM_SERVICE_REF):
     spec = ModelDeploymentSpec(
-        model="m", model_source_ref=ObjectReference(name="llm"), service_ref=service_ref
+        model="m", model_source_ref=WorkloadReference(name="llm"), service_ref=service_ref
     )
     chosen = CachedModelDeployment(ModelDeployment(name="my-md", namespace="models", spec=spec))
     return Selection(None, chosen, Workload("Deployment", "models", "llm", None), "selected")

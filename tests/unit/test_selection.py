@@ -11,7 +11,7 @@ from crds.model import (
     LabelSelectorRequirement,
     ModelDeployment,
     ModelDeploymentSpec,
-    ObjectReference,
+    WorkloadReference,
 )
 from webhook.reasons import Reason
 from webhook.selection import (
@@ -167,7 +167,7 @@ def md(
 ):
     spec = ModelDeploymentSpec(
         model="m",
-        model_source_ref=ObjectReference(name=workload, kind=kind, namespace=workload_namespace),
+        model_source_ref=WorkloadReference(name=workload, kind=kind, namespace=workload_namespace),
         enabled=enabled,
     )
     return CachedModelDeployment(ModelDeployment(name=name, namespace=namespace, spec=spec), created)

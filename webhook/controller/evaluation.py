@@ -62,9 +62,9 @@ from crds.model import (
     LabelSelector,
     MetricSpec,
     ModelDeployment,
-    ObjectReference,
     OffloadingBehavior,
     OffloadingConfig,
+    WorkloadReference,
 )
 from crds.observation import MetricObservation
 from crds.signals import local_metric_name
@@ -245,7 +245,7 @@ class MetricsReader:
     # -- the workload's selector ---------------------------------------------------------------
 
     def _selector(
-        self, namespace: str, ref: ObjectReference, given: str | Mapping[str, Any] | LabelSelector | None
+        self, namespace: str, ref: WorkloadReference, given: str | Mapping[str, Any] | LabelSelector | None
     ) -> str:
         if isinstance(given, str):
             return given
