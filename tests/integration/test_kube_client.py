@@ -52,8 +52,22 @@ def run(scenario: Callable[[FakeApiServer, Path], Awaitable[None]], tmp_path: Pa
     asyncio.run(main())
 
 
-def client_for(server: FakeApiServer, tmp_path: Path, **kwargs: Any) -> KubeClient:
-    return KubeClient(load_kubeconfig(server.kubeconfig(tmp_path / "kubeconfig", **kwargs)))
+def client_for(server: FakeApiServer, tmp_path: Path, **kwargs: Any) -> RecordingClient:
+    return RecordingClient(load_kubeconfig(server.kubeconfig(tmp_path / "kubeconfig", **kwargs)))
+
+
+class RecordingClient(KubeClient):
+    """The real client, also noting the resourceVersion of every watch event it receives
+    (bookmarks included), so that a test can wait until one has arrived."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.versions_seen: list[str] = []
+
+    async def watch(self, *args: Any, **kwargs: Any) -> AsyncIterator[WatchEvent]:
+        async for event in super().watch(*args, **kwargs):
+            self.versions_seen.append(event.resource_version)
+            yield event
 
 
 class Collector:
@@ -215,7 +229,7 @@ def test_watch_follows_changes_resumes_from_bookmarks_and_relists_after_410(tmp_
         # A bookmark moves the resourceVersion on without an event for the caller...
         await server.bookmark()
         bookmark_version = str(server.version)
-        await asyncio.sleep(0.2)
+        await until("the bookmark reaches the client", lambda: bookmark_version in client.versions_seen)
         # ... and a dropped watch resumes from it, without listing again.
         server.drop_watches()
         await until("a second watch", lambda: len(server.watches_seen()) >= 2)
@@ -229,7 +243,7 @@ def test_watch_follows_changes_resumes_from_bookmarks_and_relists_after_410(tmp_
         await server.stop()
         await server.put(modeldeployment(percentage=90))
         await server.compact()
-        await asyncio.sleep(0.3)
+        await until("the client finds the server gone", lambda: bool(client.failures))
         await server.start(port)
         relisted = await events.next()
         assert isinstance(relisted, Listed), relisted
