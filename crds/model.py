@@ -192,9 +192,14 @@ class LabelSelector:
     match_expressions: tuple[LabelSelectorRequirement, ...] = ()
 
     def matches(self, labels: Mapping[str, str]) -> bool:
-        if any(labels.get(key) != value for key, value in self.match_labels.items()):
-            return False
-        return all(requirement.matches(labels) for requirement in self.match_expressions)
+        # Plain loops: this runs for every candidate of every admitted pod.
+        for key, value in self.match_labels.items():
+            if labels.get(key) != value:
+                return False
+        for requirement in self.match_expressions:
+            if not requirement.matches(labels):
+                return False
+        return True
 
 
 @dataclass(frozen=True)
