@@ -108,8 +108,9 @@ class PodUsage:
 
 
 @dataclass(frozen=True)
-class Workload:
-    """The workload's pods (by its label selector) and its status.replicas."""
+class ScaleTargetPods:
+    """The scale target's pods (by its label selector) and its status.replicas: what the
+    replica calculator counts (webhook.selection.Workload is the workload as selection sees it)."""
 
     pods: tuple[PodInfo, ...]
     status_replicas: int
@@ -273,7 +274,7 @@ def parse_external_value_list(obj: Mapping[str, Any]) -> tuple[int, ...]:
 
 def evaluate(
     metrics: Sequence[MetricSpec],
-    workload: Workload,
+    workload: ScaleTargetPods,
     readings: Sequence[Reading],
     now: datetime,
     settings: HpaSettings = HpaSettings(),
@@ -285,14 +286,14 @@ def evaluate(
 
 
 def evaluate_metric(
-    spec: MetricSpec, workload: Workload, reading: Reading, now: datetime, settings: HpaSettings
+    spec: MetricSpec, workload: ScaleTargetPods, reading: Reading, now: datetime, settings: HpaSettings
 ) -> MetricObservation:
     observation = _evaluate_metric(spec, workload, reading, now, settings)
     return dataclasses.replace(observation, type=spec.type, unit=unit_of(spec_target(spec).type))
 
 
 def _evaluate_metric(
-    spec: MetricSpec, workload: Workload, reading: Reading, now: datetime, settings: HpaSettings
+    spec: MetricSpec, workload: ScaleTargetPods, reading: Reading, now: datetime, settings: HpaSettings
 ) -> MetricObservation:
     name = metric_display_name(spec)
     target = spec_target(spec)
@@ -500,7 +501,7 @@ def _utilization_of(values: Mapping[str, int], requests: Mapping[str, int]) -> i
 def _utilization(
     name: str,
     target: MetricTarget,
-    workload: Workload,
+    workload: ScaleTargetPods,
     samples: dict[str, PodSample],
     resource: str,
     container: str | None,
@@ -563,7 +564,7 @@ def _utilization(
 def _pod_average(
     name: str,
     target: MetricTarget,
-    workload: Workload,
+    workload: ScaleTargetPods,
     samples: dict[str, PodSample],
     resource: str,
     now: datetime,
@@ -668,7 +669,7 @@ def _recount(
 
 
 def _whole_value(
-    name: str, target: MetricTarget, workload: Workload, value: int, what: str
+    name: str, target: MetricTarget, workload: ScaleTargetPods, value: int, what: str
 ) -> MetricObservation:
     goal = _target_milli(target) / 1000
     if target.type == "AverageValue":

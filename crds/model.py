@@ -8,6 +8,7 @@ The autoscaling/v2 MetricSpec types mirror Kubernetes' own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +39,12 @@ MAX_COLD_START_HOLD_SECONDS = 300
 
 
 @dataclass(frozen=True)
-class ObjectReference:
-    """The workload whose pods serve the model (Deployment or StatefulSet)."""
+class WorkloadReference:
+    """``modelSourceRef``: the workload whose pods serve the model (Deployment or StatefulSet).
+
+    Shaped like autoscaling/v2's CrossVersionObjectReference (an HPA's ``scaleTargetRef``)
+    plus a namespace, with the CRD's defaults; not core/v1's ObjectReference.
+    """
 
     name: str
     api_version: str = "apps/v1"
@@ -58,16 +63,18 @@ class ServiceReference:
 
 @dataclass(frozen=True)
 class SecretKeySelector:
-    name: str
-    key: str = "clientSecret"
-
-
-@dataclass(frozen=True)
-class SecretKeyReference:
-    """One key of a Secret in the ModelDeployment's namespace."""
+    """core/v1 SecretKeySelector: one key of a Secret in the ModelDeployment's namespace."""
 
     name: str
     key: str
+
+
+@dataclass(frozen=True)
+class ClientSecretKeySelector(SecretKeySelector):
+    """``oauthConfig.clientSecretRef``: a SecretKeySelector whose key defaults to
+    ``clientSecret``, as the CRD (and the Beamlit controller) default it."""
+
+    key: str = "clientSecret"
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,7 @@ class HeaderFromSecret:
     """A header set on offloaded requests whose value is read from a Secret (an API key)."""
 
     name: str
-    secret_key_ref: SecretKeyReference
+    secret_key_ref: SecretKeySelector
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ class OAuthConfig:
 
     client_id: str | None = None
     token_url: str | None = None
-    client_secret_ref: SecretKeySelector | None = None
+    client_secret_ref: ClientSecretKeySelector | None = None
     # The Beamlit controller's inline form; accepted, warned about.
     client_secret: str | None = None
 
@@ -151,15 +158,48 @@ class OffloadingBehavior:
 
 @dataclass(frozen=True)
 class LabelSelectorRequirement:
+    """One metav1.LabelSelectorRequirement: ``key``, ``operator`` (In, NotIn, Exists,
+    DoesNotExist; validation refuses others) and ``values``."""
+
     key: str
     operator: str
     values: tuple[str, ...] = ()
 
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "In":
+            return self.key in labels and labels[self.key] in self.values
+        if self.operator == "NotIn":
+            return self.key not in labels or labels[self.key] not in self.values
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        return False  # an operator validation refuses matches nothing
+
 
 @dataclass(frozen=True)
 class LabelSelector:
+    """metav1.LabelSelector: ``match_labels`` and ``match_expressions``, ANDed; an empty
+    selector matches every label set.
+
+    >>> LabelSelector({"app": "llm"}, (LabelSelectorRequirement("tier", "NotIn", ("gpu",)),)).matches(
+    ...     {"app": "llm", "tier": "cpu"}
+    ... )
+    True
+    """
+
     match_labels: dict[str, str] = field(default_factory=dict)
     match_expressions: tuple[LabelSelectorRequirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        # Plain loops: this runs for every candidate of every admitted pod.
+        for key, value in self.match_labels.items():
+            if labels.get(key) != value:
+                return False
+        for requirement in self.match_expressions:
+            if not requirement.matches(labels):
+                return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -260,7 +300,7 @@ class OffloadingConfig:
 @dataclass(frozen=True)
 class ModelDeploymentSpec:
     model: str
-    model_source_ref: ObjectReference
+    model_source_ref: WorkloadReference
     enabled: bool = True
     environment: str = DEFAULT_ENVIRONMENT
     service_ref: ServiceReference | None = None

@@ -115,21 +115,7 @@ def describe_local_names(extra: Iterable[str] = ()) -> str:
 
 def selector_matches(selector: LabelSelector | None, labels: Mapping[str, str]) -> bool:
     """Whether a series' labels satisfy a metric's label selector (None matches all)."""
-    if selector is None:
-        return True
-    if any(labels.get(key) != value for key, value in selector.match_labels.items()):
-        return False
-    for req in selector.match_expressions:
-        present = req.key in labels
-        if req.operator == "In" and (not present or labels[req.key] not in req.values):
-            return False
-        if req.operator == "NotIn" and present and labels[req.key] in req.values:
-            return False
-        if req.operator == "Exists" and not present:
-            return False
-        if req.operator == "DoesNotExist" and present:
-            return False
-    return True
+    return selector is None or selector.matches(labels)
 
 
 def _number(value: Any) -> float | None:

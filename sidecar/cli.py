@@ -35,7 +35,7 @@ from pathlib import Path
 
 from crds.quantity import parse_quantity
 from sidecar.app import Sidecar, SidecarSettings
-from sidecar.cluster.kube import SERVICE_ACCOUNT_DIR_ENV
+from sidecar.cluster.credentials import SERVICE_ACCOUNT_DIR_ENV
 from sidecar.control.interfaces import NoMetrics, PassThroughSource
 from sidecar.options import HelpFormatter, address, duration, positive_duration
 from sidecar.proxy.server import ProxySettings
@@ -335,13 +335,13 @@ def build_cluster(
     """The cluster-mode sidecar; when its environment or credentials are unusable, one that
     passes everything through to the local model and says why in /status. Never raises."""
     from sidecar.cluster.config import cluster_mode_from_env
-    from sidecar.cluster.kube import ConfigError
+    from sidecar.cluster.credentials import CredentialsError
 
     source = f"{env.get('POD_NAMESPACE') or '?'}/{env.get('MODELDEPLOYMENT_NAME') or '?'}"
     why = None
     try:
         cluster = cluster_mode_from_env(env)
-    except ConfigError as exc:
+    except CredentialsError as exc:
         cluster, why = None, str(exc)
     except Exception as exc:  # noqa: BLE001 - e.g. an unusable client certificate: never fatal
         cluster, why = None, f"credentials: {type(exc).__name__}: {exc}"

@@ -6,6 +6,9 @@ handlers turn a ``AdmissionRequest`` into a response with ``allow``/``deny``.
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,16 +86,28 @@ def _review(response: dict[str, Any]) -> dict[str, Any]:
 
 
 def allow(
-    uid: str, *, warnings: list[str] | tuple[str, ...] = (), patch: str | None = None
+    uid: str,
+    *,
+    warnings: list[str] | tuple[str, ...] = (),
+    patch: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """An allowing AdmissionReview; ``patch`` is a base64-encoded JSONPatch."""
+    """An allowing AdmissionReview; ``patch`` is the JSONPatch (RFC 6902 operations), sent
+    base64-encoded as admission.k8s.io/v1 requires (none when empty).
+
+    >>> allow("u1", patch=[{"op": "add", "path": "/a", "value": 1}])["response"]["patch"]
+    'W3sib3AiOiJhZGQiLCJwYXRoIjoiL2EiLCJ2YWx1ZSI6MX1d'
+    """
     response: dict[str, Any] = {"uid": uid, "allowed": True}
     if warnings:
         response["warnings"] = list(warnings)
-    if patch is not None:
+    if patch:
         response["patchType"] = "JSONPatch"
-        response["patch"] = patch
+        response["patch"] = _encode_patch(patch)
     return _review(response)
+
+
+def _encode_patch(patch: Sequence[Mapping[str, Any]]) -> str:
+    return base64.b64encode(json.dumps(list(patch), separators=(",", ":")).encode()).decode()
 
 
 def deny(

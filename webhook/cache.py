@@ -1,32 +1,25 @@
-"""The admission path's view of the cluster, kept current by watches.
+"""The admission path's view of the cluster, in memory (no I/O: webhook/watches.py keeps it
+current).
 
 ``ClusterCache`` holds what injection needs, compacted from the API objects: valid
 ModelDeployments indexed by namespace (a pod's lookup costs its namespace's count, not
 the cluster's), the label selectors of Deployments and StatefulSets, and the ports of
 Services. Writers (one watch thread per resource) replace per-namespace maps rather than
 mutating them, so a reader on the event loop always sees a consistent map without a lock.
-
-``CacheSync`` runs the watches with the ``kubernetes`` client: list (paginated), then
-watch from the list's resourceVersion with bookmarks; a watch that expires (410 Gone)
-is resumed by a fresh list, which replaces the resource's state wholesale (no stale
-entries survive a missed deletion); other failures are retried with jittered exponential
-backoff. ``ready()`` is true once every resource has been listed and none has been
+A fresh list replaces a resource's state wholesale (no stale entries survive a missed
+deletion). ``ready()`` is true once every resource has been listed and none has been
 failing for longer than ``stale_after`` seconds: a webhook that cannot see the cluster
 leaves the Service's endpoints rather than answering from an old picture forever.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from crds.model import GROUP, PLURAL, VERSION
 from crds.validation import ValidationSettings, validate_object
 from webhook.injection import ORIGINAL_TARGET_PORT_ANNOTATION, ServiceInfo, ServicePort
 from webhook.selection import CachedModelDeployment, Workload, parse_label_selector
@@ -52,7 +45,8 @@ WORKLOAD_KINDS = {DEPLOYMENTS: "Deployment", STATEFULSETS: "StatefulSet"}
 # --- compacting API objects ------------------------------------------------------------------------
 
 
-def _meta(obj: Any) -> dict[str, Any]:
+def meta_of(obj: Any) -> dict[str, Any]:
+    """An API object's metadata, {} when it has none usable."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     return meta if isinstance(meta, dict) else {}
 
@@ -61,7 +55,7 @@ def modeldeployment_from(obj: Any, settings: ValidationSettings) -> CachedModelD
     """The cached form of a ModelDeployment; None when invalid (treated as absent)."""
     result = validate_object(obj, settings)
     if result.model is None:
-        meta = _meta(obj)
+        meta = meta_of(obj)
         log.warning(
             "ModelDeployment %s/%s is invalid, ignored: %s",
             meta.get("namespace"),
@@ -69,11 +63,11 @@ def modeldeployment_from(obj: Any, settings: ValidationSettings) -> CachedModelD
             result.message(),
         )
         return None
-    return CachedModelDeployment(result.model, str(_meta(obj).get("creationTimestamp") or ""))
+    return CachedModelDeployment(result.model, str(meta_of(obj).get("creationTimestamp") or ""))
 
 
 def workload_from(kind: str, obj: Any) -> Workload:
-    meta = _meta(obj)
+    meta = meta_of(obj)
     spec = obj.get("spec") if isinstance(obj, dict) else None
     try:
         selector = parse_label_selector((spec or {}).get("selector"), "spec.selector")
@@ -94,7 +88,7 @@ def _port_value(value: Any) -> int | str | None:
 
 
 def service_from(obj: Any) -> ServiceInfo:
-    meta = _meta(obj)
+    meta = meta_of(obj)
     spec = obj.get("spec") if isinstance(obj, dict) else None
     ports = []
     for port in (spec or {}).get("ports") or []:
@@ -200,7 +194,7 @@ class ClusterCache:
 
     def apply(self, resource: str, event_type: str, obj: Any) -> None:
         """One watch event (ADDED, MODIFIED, DELETED)."""
-        meta = _meta(obj)
+        meta = meta_of(obj)
         namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
         deleted = event_type == "DELETED"
         with self._write:
@@ -233,197 +227,3 @@ class ClusterCache:
                 self._services = services
             else:
                 raise ValueError(f"unknown resource {resource!r}")
-
-
-# --- the watches -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Jittered exponential backoff: base * 2^attempt, capped, times a factor in [0.5, 1]."""
-
-    base: float = 0.5
-    cap: float = 30.0
-
-    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        return min(self.cap, self.base * (2 ** min(attempt, 16))) * (0.5 + rand() / 2)
-
-
-class Gone(Exception):
-    """The watch's resourceVersion is too old (HTTP 410): list again."""
-
-
-def list_functions(api_client: Any) -> dict[str, Callable[..., Any]]:
-    """The kubernetes client's list calls of each resource, cluster-wide."""
-    import kubernetes
-
-    apps = kubernetes.client.AppsV1Api(api_client)
-    core = kubernetes.client.CoreV1Api(api_client)
-    custom = kubernetes.client.CustomObjectsApi(api_client)
-    rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
-    discovery = kubernetes.client.DiscoveryV1Api(api_client)
-
-    def list_modeldeployments(**kwargs: Any) -> Any:
-        return custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
-
-    def list_standin_slices(**kwargs: Any) -> Any:
-        return discovery.list_endpoint_slice_for_all_namespaces(
-            label_selector=STANDIN_SLICES_SELECTOR, **kwargs
-        )
-
-    # The Watch helper reads the list call's docstring for its return type; a plain
-    # function has none and we ask for raw objects anyway.
-    return {
-        MODELDEPLOYMENTS: list_modeldeployments,
-        DEPLOYMENTS: apps.list_deployment_for_all_namespaces,
-        STATEFULSETS: apps.list_stateful_set_for_all_namespaces,
-        SERVICES: core.list_service_for_all_namespaces,
-        PODS: core.list_pod_for_all_namespaces,
-        REPLICASETS: apps.list_replica_set_for_all_namespaces,
-        ROLEBINDINGS: rbac.list_role_binding_for_all_namespaces,
-        ENDPOINTSLICES: list_standin_slices,
-    }
-
-
-class WatchSink(Protocol):
-    """What the watches write into: ``ClusterCache``, the controller's store, or both."""
-
-    def replace(self, resource: str, objects: Iterable[Any]) -> None: ...
-    def apply(self, resource: str, event_type: str, obj: Any) -> None: ...
-    def mark_listed(self, resource: str) -> None: ...
-    def mark_failing(self, resource: str) -> None: ...
-    def synced(self) -> bool: ...
-
-
-class CacheSync:
-    """One thread per resource: list, watch, relist on 410, back off on errors."""
-
-    def __init__(
-        self,
-        cache: WatchSink,
-        api_client: Any,
-        *,
-        resources: Sequence[str] = RESOURCES,
-        watch_timeout: int = 300,
-        page_size: int = 500,
-        backoff: Backoff = Backoff(),
-        list_functions_: dict[str, Callable[..., Any]] | None = None,
-    ) -> None:
-        self.cache = cache
-        self._functions = list_functions_ or list_functions(api_client)
-        self._watch_timeout = watch_timeout
-        self._page_size = page_size
-        self._backoff = backoff
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._watches: dict[str, Any] = {}
-        self._resources = tuple(resources)
-        self.relists: dict[str, int] = {r: 0 for r in self._resources}
-
-    def start(self) -> None:
-        for resource in self._resources:
-            thread = threading.Thread(
-                target=self._run, args=(resource,), name=f"watch-{resource}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        for watch in list(self._watches.values()):
-            watch.stop()
-        for thread in self._threads:
-            thread.join(timeout)
-
-    def wait_synced(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.cache.synced():
-                return True
-            if self._stop.wait(0.05):
-                return False
-        return self.cache.synced()
-
-    # -- one resource --
-
-    def _run(self, resource: str) -> None:
-        attempt = 0
-        while not self._stop.is_set():
-            try:
-                version = self._list(resource)
-                self.relists[resource] += 1
-                self.cache.mark_listed(resource)
-                attempt = 0
-                self._watch(resource, version)
-            except Gone:
-                log.info("watch of %s expired (410 Gone): listing again", resource)
-                continue
-            except Exception as exc:  # noqa: BLE001 - the API server is unreachable, refuses us, or sends junk
-                if self._stop.is_set():
-                    return  # stop() cut the watch's connection
-                self.cache.mark_failing(resource)
-                delay = self._backoff.delay(attempt)
-                attempt += 1
-                log.warning(
-                    "watch of %s failed (%s: %s); retrying in %.1fs",
-                    resource,
-                    type(exc).__name__,
-                    _short(exc),
-                    delay,
-                )
-                self._stop.wait(delay)
-
-    def _list(self, resource: str) -> str:
-        function = self._functions[resource]
-        items: list[Any] = []
-        token = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": self._page_size, "_preload_content": False}
-            if token:
-                kwargs["_continue"] = token
-            response = function(**kwargs)
-            try:
-                page = json.loads(response.data)
-            finally:
-                response.release_conn()
-            items.extend(page.get("items") or [])
-            meta = page.get("metadata") or {}
-            token = meta.get("continue")
-            if not token:
-                self.cache.replace(resource, items)
-                log.info(
-                    "listed %d %s (resourceVersion %s)", len(items), resource, meta.get("resourceVersion")
-                )
-                return str(meta.get("resourceVersion") or "")
-
-    def _watch(self, resource: str, version: str) -> None:
-        import kubernetes
-
-        while not self._stop.is_set():
-            # return_type=object: events stay plain dicts (no model classes built per event).
-            watch = kubernetes.watch.Watch(return_type=object)
-            self._watches[resource] = watch
-            try:
-                for event in watch.stream(
-                    self._functions[resource],
-                    resource_version=version,
-                    timeout_seconds=self._watch_timeout,
-                    allow_watch_bookmarks=True,
-                ):
-                    kind, obj = event.get("type"), event.get("raw_object")
-                    if kind in ("ADDED", "MODIFIED", "DELETED"):
-                        self.cache.apply(resource, kind, obj)
-                    version = str(_meta(obj).get("resourceVersion") or version)
-                    if self._stop.is_set():
-                        return
-            except kubernetes.client.ApiException as exc:
-                if exc.status == 410:
-                    raise Gone from None
-                raise
-            finally:
-                self._watches.pop(resource, None)
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).replace("\n", " ")
-    return text[:200]

@@ -14,7 +14,7 @@ import uvicorn
 from crds.validation import ValidationSettings, parse_remote_backend
 from webhook import apicalls, metrics
 from webhook.app import build_app
-from webhook.cache import CacheSync, ClusterCache
+from webhook.cache import ClusterCache
 from webhook.controller import main as controller_main
 from webhook.controller.evaluation import ControllerEvaluation, MetricsReader
 from webhook.controller.podsignals import signals_reader
@@ -23,6 +23,7 @@ from webhook.injector_config import ConfigError, load_config
 from webhook.mutating import answer_pod
 from webhook.tls import DEFAULT_INTERVAL, CertificateError, ReloadingCertificate
 from webhook.validating import answer_modeldeployment
+from webhook.watches import CacheSync
 
 log = logging.getLogger("webhook")
 

@@ -39,7 +39,6 @@ types where injection reads it is ``MalformedPod``, the message naming the field
 from __future__ import annotations
 
 import copy
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -58,7 +57,8 @@ from webhook.injector_config import (
     check_quantity,
     check_requests_within_limits,
 )
-from webhook.selection import SELECTED, Selection
+from webhook.reasons import WARNED, Reason
+from webhook.selection import Selection
 
 PREFIX = "offload.beamlit.com/"
 INJECT_ANNOTATION = PREFIX + "inject"
@@ -68,7 +68,7 @@ ORIGINAL_TARGET_PORT_ANNOTATION = PREFIX + "original-target-port"
 PROMETHEUS_PREFIX = "prometheus.io/"
 
 # The sidecar's own service-account credentials (see the module's docstring). The sidecar
-# reads the directory from SERVICE_ACCOUNT_DIR_ENV (sidecar.cluster.kube agrees on both names).
+# reads the directory from SERVICE_ACCOUNT_DIR_ENV (sidecar.cluster.credentials agrees on both names).
 TOKEN_VOLUME = "offload-proxy-token"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/offload.beamlit.com/serviceaccount"
 SERVICE_ACCOUNT_DIR_ENV = "OFFLOAD_SERVICEACCOUNT_DIR"
@@ -96,45 +96,6 @@ OVERRIDES = (
     OVERRIDE_ADMIN_PORT,
     OVERRIDE_NATIVE_SIDECAR,
     OVERRIDE_MODEL_PORT,
-)
-
-
-class Reason(str, enum.Enum):
-    """Stable codes for what happened to a pod, for logs, metrics and tests."""
-
-    INJECTED = "Injected"
-    ALREADY_INJECTED = "AlreadyInjected"
-    OPTED_OUT = "OptedOut"
-    NO_MATCHING_MODELDEPLOYMENT = "NoMatchingModelDeployment"
-    MODELDEPLOYMENT_DISABLED = "ModelDeploymentDisabled"
-    OWNED_BY_ANOTHER_CONTROLLER = "OwnedByAnotherController"
-    HOST_NETWORK = "HostNetwork"
-    NO_MODEL_PORT = "NoModelPort"
-    PORT_CONFLICT = "PortConflict"
-    BAD_OVERRIDE = "BadOverride"
-    CACHE_NOT_SYNCED = "CacheNotSynced"
-    NOT_A_POD_CREATE = "NotAPodCreate"
-    WINDOWS_POD = "WindowsPod"
-    VOLUME_CONFLICT = "VolumeConflict"
-    MALFORMED_POD = "MalformedPod"
-    INTERNAL_ERROR = "InternalError"
-
-
-# Reasons a user should hear about (as an admission warning); the others are the normal
-# state of most pods in a cluster, logged only.
-WARNED = frozenset(
-    {
-        Reason.OWNED_BY_ANOTHER_CONTROLLER,
-        Reason.HOST_NETWORK,
-        Reason.NO_MODEL_PORT,
-        Reason.PORT_CONFLICT,
-        Reason.BAD_OVERRIDE,
-        Reason.CACHE_NOT_SYNCED,
-        Reason.WINDOWS_POD,
-        Reason.VOLUME_CONFLICT,
-        Reason.MALFORMED_POD,
-        Reason.INTERNAL_ERROR,
-    }
 )
 
 
@@ -693,8 +654,9 @@ def inject(
     opt = annotations.get(INJECT_ANNOTATION)
     if opt is not None and opt.lower() == "false":
         return not_injected(Reason.OPTED_OUT, f'annotation {INJECT_ANNOTATION}: "false"')
-    if selection.reason != SELECTED or selection.chosen is None:
-        return not_injected(Reason(selection.reason), selection.message, selection.warnings)
+    if selection.chosen is None:
+        assert selection.reason is not None  # a Selection without a choice says why
+        return not_injected(selection.reason, selection.message, selection.warnings)
     md = selection.chosen.model
     warnings = selection.warnings
     if opt is not None and opt.lower() != "true":

@@ -11,8 +11,6 @@ wrong JSON types are ``MalformedPod`` (naming the field), and a bug here is
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -95,10 +93,6 @@ def decide(request: AdmissionRequest, view: ClusterView, config: InjectorConfig)
     return inject(pod, selection, service, config)
 
 
-def encode_patch(patch: Sequence[dict[str, Any]]) -> str:
-    return base64.b64encode(json.dumps(list(patch), separators=(",", ":")).encode()).decode()
-
-
 def review_pod(request: AdmissionRequest, *, view: ClusterView, config: InjectorConfig) -> dict[str, Any]:
     """The AdmissionReview answering /mutate-pods: always allowed, patched when injected."""
     return answer_pod(request, view=view, config=config).review
@@ -129,8 +123,7 @@ def answer_pod(request: AdmissionRequest, *, view: ClusterView, config: Injector
         request.uid,
         outcome.message,
     )
-    patch = encode_patch(outcome.patch) if outcome.patch else None
-    review = allow(request.uid, warnings=outcome.warnings, patch=patch)
+    review = allow(request.uid, warnings=outcome.warnings, patch=outcome.patch)
     if outcome.injected:
         return Reviewed(review, metrics.INJECTED, outcome.reason.value)
     if outcome.reason is not Reason.NOT_A_POD_CREATE:

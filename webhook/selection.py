@@ -6,9 +6,10 @@ can overlap between workloads, so a pod whose controller is plainly something el
 Job, a DaemonSet, the ReplicaSet of another Deployment) is not the workload's pod even
 when its labels match: that is reported, not injected.
 
-Label selectors follow metav1.LabelSelector: matchLabels and matchExpressions are ANDed;
-In, NotIn, Exists, DoesNotExist; an empty selector matches every pod (apps/v1 refuses
-empty selectors on workloads, so that case only arises from hand-made data).
+A workload's label selector is read into ``crds.model.LabelSelector`` (metav1.LabelSelector:
+matchLabels and matchExpressions are ANDed; In, NotIn, Exists, DoesNotExist); an empty
+selector matches every pod (apps/v1 refuses empty selectors on workloads, so that case only
+arises from hand-made data).
 """
 
 from __future__ import annotations
@@ -17,40 +18,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from crds.model import ModelDeployment
+from crds.model import LabelSelector, LabelSelectorRequirement, ModelDeployment
+from webhook.reasons import Reason
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
 # --- label selectors ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Requirement:
-    key: str
-    operator: str
-    values: frozenset[str] = frozenset()
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        if self.operator == "In":
-            return self.key in labels and labels[self.key] in self.values
-        if self.operator == "NotIn":
-            return self.key not in labels or labels[self.key] not in self.values
-        if self.operator == "Exists":
-            return self.key in labels
-        return self.key not in labels  # DoesNotExist (parse refuses anything else)
-
-
-@dataclass(frozen=True)
-class LabelSelector:
-    match_labels: tuple[tuple[str, str], ...] = ()
-    match_expressions: tuple[Requirement, ...] = ()
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        for key, value in self.match_labels:
-            if labels.get(key) != value:
-                return False
-        return all(req.matches(labels) for req in self.match_expressions)
 
 
 def parse_label_selector(data: Any, path: str = "selector") -> LabelSelector:
@@ -81,8 +55,8 @@ def parse_label_selector(data: Any, path: str = "selector") -> LabelSelector:
             raise ValueError(f"{where}.values: must be non-empty for {operator}")
         if operator in ("Exists", "DoesNotExist") and values:
             raise ValueError(f"{where}.values: must be empty for {operator}")
-        requirements.append(Requirement(expr["key"], operator, frozenset(values)))
-    return LabelSelector(tuple(sorted(labels.items())), tuple(requirements))
+        requirements.append(LabelSelectorRequirement(expr["key"], operator, tuple(values)))
+    return LabelSelector(dict(labels), tuple(requirements))
 
 
 # --- workloads and candidates ------------------------------------------------------------------
@@ -146,19 +120,21 @@ def controlled_by_workload(owner: Owner | None, workload: Workload) -> bool:
 
 # --- the decision -------------------------------------------------------------------------------
 
-SELECTED = "Selected"
-NO_MATCH = "NoMatchingModelDeployment"
-DISABLED = "ModelDeploymentDisabled"
-OTHER_CONTROLLER = "OwnedByAnotherController"
-
 
 @dataclass(frozen=True)
 class Selection:
-    reason: str
+    """The ModelDeployment ``chosen`` for a pod, or ``reason`` (NoMatchingModelDeployment,
+    ModelDeploymentDisabled, OwnedByAnotherController) why none was, and a sentence."""
+
+    reason: Reason | None  # None when one was chosen
     chosen: CachedModelDeployment | None = None
     workload: Workload | None = None
     message: str = ""
     warnings: tuple[str, ...] = ()
+
+    @property
+    def selected(self) -> bool:
+        return self.chosen is not None
 
 
 WorkloadLookup = Callable[[str, str, str], "Workload | None"]  # (kind, namespace, name)
@@ -206,12 +182,13 @@ def select(
                     f"{chosen.model.name!r} (also: {others})"
                 ),
             )
-        return Selection(
-            SELECTED, chosen, workload, f"selected by ModelDeployment {chosen.model.name}", warnings
-        )
+        return Selection(None, chosen, workload, f"selected by ModelDeployment {chosen.model.name}", warnings)
     if disabled:
         names = ", ".join(sorted(c.model.name for c in disabled))
-        return Selection(DISABLED, message=f"ModelDeployment {names} selects this pod but is disabled")
+        return Selection(
+            Reason.MODELDEPLOYMENT_DISABLED,
+            message=f"ModelDeployment {names} selects this pod but is disabled",
+        )
     if other_controller:
         cand, workload = min(other_controller, key=lambda pair: pair[0].order)
         assert owner is not None
@@ -219,5 +196,7 @@ def select(
             f"labels match {workload.kind} {workload.name!r} of ModelDeployment {cand.model.name!r}, "
             f"but the pod is controlled by {owner.kind} {owner.name!r}"
         )
-        return Selection(OTHER_CONTROLLER, message=message)
-    return Selection(NO_MATCH, message="no enabled ModelDeployment selects this pod")
+        return Selection(Reason.OWNED_BY_ANOTHER_CONTROLLER, message=message)
+    return Selection(
+        Reason.NO_MATCHING_MODELDEPLOYMENT, message="no enabled ModelDeployment selects this pod"
+    )

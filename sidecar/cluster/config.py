@@ -12,7 +12,7 @@ sidecar reads nothing else: no pods, no metrics, whatever the workload's size.
 - invalid (it slipped in while the webhook was down) -> None, and the errors
   are logged once per resourceVersion, each with its field path;
 - the API server gone -> nothing is yielded: the last known configuration and
-  decision stay in force while :func:`sidecar.cluster.kube.list_and_watch` reconnects with
+  decision stay in force while :func:`sidecar.cluster.informer.list_and_watch` reconnects with
   jittered backoff; an expired watch (410) is resumed by listing again.
 """
 
@@ -26,18 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crds.backoff import Backoff
 from crds.model import GROUP, PLURAL, VERSION, ModelDeployment
 from crds.status import PublishedDecision
 from crds.validation import ValidationSettings, parse_remote_backend, validate_object
-from sidecar.cluster.kube import (
-    Backoff,
-    KubeClient,
-    Listed,
-    WatchEvent,
-    in_cluster_config,
-    list_and_watch,
-    load_kubeconfig,
-)
+from sidecar.cluster.client import KubeClient, WatchEvent
+from sidecar.cluster.credentials import in_cluster_config, load_kubeconfig
+from sidecar.cluster.informer import RETRY, Listed, list_and_watch
 
 log = logging.getLogger("sidecar.cluster.config")
 
@@ -52,7 +47,7 @@ class ClusterConfigSource:
         name: str,
         *,
         validation: ValidationSettings | None = None,
-        backoff: Backoff | None = None,
+        backoff: Backoff = RETRY,
     ):
         self.client = client
         self.namespace = namespace
@@ -148,7 +143,7 @@ def cluster_mode_from_env(env: Mapping[str, str] | None = None) -> ClusterMode |
 
     POD_NAMESPACE and MODELDEPLOYMENT_NAME select it; credentials come from
     KUBECONFIG when set (tests, development), else from the pod's service account.
-    Raises sidecar.cluster.kube.ConfigError when the credentials are unusable.
+    Raises sidecar.cluster.credentials.CredentialsError when the credentials are unusable.
     """
     env = os.environ if env is None else env
     namespace, name = env.get("POD_NAMESPACE"), env.get("MODELDEPLOYMENT_NAME")

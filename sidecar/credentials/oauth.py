@@ -34,6 +34,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from crds.backoff import Backoff
 from sidecar.credentials.secrets import SecretKeyReader
+from sidecar.httpclient import HttpError, ResponseTooLarge, fetch
 from sidecar.proxy.routing import RemoteTarget
 
 log = logging.getLogger("sidecar.credentials.oauth")
@@ -130,67 +131,29 @@ class TokenRequest:
 async def post_token_request(
     request: TokenRequest, ssl_context: ssl.SSLContext | None, timeout: float
 ) -> tuple[int, bytes]:
-    """POST the form over a fresh connection; returns status and body."""
-    url = urlsplit(request.token_url)
-    host = url.hostname or ""
-    port = url.port or (443 if url.scheme == "https" else 80)
-    context = (ssl_context or ssl.create_default_context()) if url.scheme == "https" else None
+    """POST the form over a fresh connection; returns status and body. TokenError when the
+    answer is not HTTP or over MAX_TOKEN_RESPONSE_BYTES."""
     extra, body = request.encode()
-    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    head = [
-        f"POST {path} HTTP/1.1",
-        f"Host: {url.netloc.rpartition('@')[2]}",
-        "Content-Type: application/x-www-form-urlencoded",
-        "Accept: application/json",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        *(f"{k}: {v}" for k, v in extra.items()),
+    headers = [
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("Accept", "application/json"),
+        *extra.items(),
     ]
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=context, server_hostname=host if context else None
+    try:
+        response = await fetch(
+            request.token_url,
+            method="POST",
+            headers=headers,
+            body=body,
+            ssl_context=ssl_context,
+            timeout=timeout,
+            max_body=MAX_TOKEN_RESPONSE_BYTES,
         )
-        try:
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-            await writer.drain()
-            raw = await reader.read(MAX_TOKEN_RESPONSE_BYTES + 1)
-            while len(raw) <= MAX_TOKEN_RESPONSE_BYTES and (more := await reader.read(65536)):
-                raw += more
-        finally:
-            writer.transport.abort()  # Connection: close; and a timed-out read must not linger
-    if len(raw) > MAX_TOKEN_RESPONSE_BYTES:
-        raise TokenError("the token endpoint's answer is too large")
-    return _split_response(raw)
-
-
-def _split_response(raw: bytes) -> tuple[int, bytes]:
-    head, sep, body = raw.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise TokenError("the token endpoint's answer is not HTTP")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-        body = _dechunk(body)
-    elif b"content-length" in headers:
-        body = body[: int(headers[b"content-length"])]
-    return int(parts[1]), body
-
-
-def _dechunk(data: bytes) -> bytes:
-    out, pos = [], 0
-    while True:
-        end = data.find(b"\r\n", pos)
-        if end < 0:
-            raise TokenError("the token endpoint's chunked answer is cut short")
-        size = int(data[pos:end].split(b";")[0], 16)
-        if size == 0:
-            return b"".join(out)
-        out.append(data[end + 2 : end + 2 + size])
-        pos = end + 2 + size + 2
+    except ResponseTooLarge:
+        raise TokenError("the token endpoint's answer is too large") from None
+    except HttpError as exc:  # its message never quotes the answer
+        raise TokenError(f"the token endpoint's answer is not usable HTTP: {exc}") from None
+    return response.status, response.body
 
 
 PostFn = Callable[[TokenRequest, ssl.SSLContext | None, float], Awaitable[tuple[int, bytes]]]

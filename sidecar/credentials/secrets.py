@@ -95,7 +95,7 @@ class SecretKeyReader(_Problems):
     async def read(self) -> str | None:
         """The key's value (decoded), or None when the Secret or key is missing or unreadable."""
         # Only cluster mode reads Secrets through the API: standalone never loads the client.
-        from sidecar.cluster.kube import KubeError
+        from sidecar.cluster.client import KubeError
 
         where = f"Secret {self.namespace}/{self.name}"
         path = f"/api/v1/namespaces/{self.namespace}/secrets/{self.name}"

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from sidecar.httpclient import HttpError, fetch
+
 TOKENS = 8  # SSE events per response
 CPU_PER_TOKEN = 0.0025  # seconds of model-server CPU per token: 20 ms per request
 REFERENCE = "500m"  # the model's CPU request: Utilization is measured against it
@@ -49,6 +51,7 @@ PERCENTAGE = 50
 LOW_RATE = 6.0  # req/s: ~24% of the reference
 HIGH_RATE = 40.0  # req/s: ~160% (still ~80% with half of it offloaded)
 MAX_IN_FLIGHT = 64
+MAX_BODY = 16 * 1024 * 1024  # a response the demo reads: a token stream or /status
 
 # --- the sample servers (run as child processes: python -m sidecar.demo --serve model) ----------
 
@@ -221,21 +224,13 @@ class Tally:
 
 
 async def http_get(port: int, target: str, timeout: float = 30.0) -> tuple[int, bytes]:
-    """One GET with ``Connection: close``; the raw body (still chunk-framed if chunked)."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(
-                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
-            )
-            raw = await reader.read()
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split(b" ")
-    if len(status_line) < 2 or not status_line[1].isdigit():
-        raise ConnectionError(f"no HTTP response ({raw[:60]!r})")
-    return int(status_line[1]), body
+    """One GET to 127.0.0.1:``port`` with ``Connection: close``: the status and the body
+    (de-chunked). ConnectionError when the answer is not a whole HTTP response."""
+    try:
+        response = await fetch(f"http://127.0.0.1:{port}{target}", timeout=timeout, max_body=MAX_BODY)
+    except HttpError as exc:
+        raise ConnectionError(f"no usable HTTP response: {exc}") from exc
+    return response.status, response.body
 
 
 _SERVER = re.compile(rb'"server": "(\w+)"')

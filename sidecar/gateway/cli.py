@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from crds.validation import parse_remote_backend
-from sidecar.cluster.kube import ConfigError, KubeClient, in_cluster_config, load_kubeconfig
+from sidecar.cluster.client import KubeClient
+from sidecar.cluster.credentials import CredentialsError, in_cluster_config, load_kubeconfig
 from sidecar.gateway.process import Gateway, GatewaySettings
 from sidecar.options import HelpFormatter, address, duration, positive_duration
 from sidecar.proxy.server import ProxySettings
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from(args, parser)
     try:
         credentials = load_kubeconfig(args.kubeconfig) if args.kubeconfig else in_cluster_config(env)
-    except ConfigError as exc:
+    except CredentialsError as exc:
         # Unlike the sidecar, nothing depends on this process being up: say why and stop.
         print(f"offload-sidecar --mode gateway: no cluster credentials: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sidecar.cluster.kube import Listed, list_and_watch
+from sidecar.cluster.informer import Listed, list_and_watch
 from sidecar.proxy.upstream import CoarseClock, UpstreamConnection, UpstreamPool
 
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"

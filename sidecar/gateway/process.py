@@ -19,7 +19,7 @@ from sidecar.admin.metrics import PROMETHEUS_TEXT, escape
 from sidecar.admin.server import AdminServer, response
 from sidecar.admin.status import status_document
 from sidecar.app import SidecarSettings
-from sidecar.cluster.kube import Listed, list_and_watch
+from sidecar.cluster.informer import Listed, list_and_watch
 from sidecar.control.view import ControlView
 from sidecar.gateway.lane import Lane
 from sidecar.gateway.listeners import Key, key_of, listeners_from

@@ -41,7 +41,9 @@ from paths import REPO_ROOT, TUTORIAL_CLUSTER_A
 from crds.decision import INITIAL, step
 from crds.model import OffloadingBehavior
 from sidecar.cluster.config import ClusterConfigSource
-from sidecar.cluster.kube import ApiError, Backoff, KubeClient, load_kubeconfig
+from crds.backoff import Backoff
+from sidecar.cluster.client import ApiError, KubeClient
+from sidecar.cluster.credentials import load_kubeconfig
 from webhook.controller.evaluation import MetricsReader, decision_status
 
 pytestmark = pytest.mark.e2e

@@ -1,6 +1,6 @@
 """A stand-in Kubernetes API server on loopback, for the client's failure paths.
 
-FAKE: it serves only what sidecar/cluster/kube.py asks of one resource collection (GET
+FAKE: it serves only what sidecar/cluster/client.py asks of one resource collection (GET
 of a list, watch with resourceVersion, bookmarks, 410 Gone once history is
 compacted, bearer-token checks) over real TLS, with knobs to expire watches,
 drop connections and stop answering. The e2e tier runs the same client against

@@ -1,4 +1,4 @@
-"""The webhook's cache (CacheSync) with the kubernetes client against stand-in API servers
+"""The webhook's watches (webhook/watches.py, CacheSync) with the kubernetes client against stand-in API servers
 on loopback TLS (FAKE: tests/integration/fake_apiserver.py, one per collection, because
 the real API server cannot be made to expire a watch or vanish on cue; the e2e tier runs
 the same code against the real one): initial list, events, 410 Gone -> relist, the API
@@ -16,15 +16,9 @@ import pytest
 from tests.e2e.controlplane.process import wait_until
 from tests.integration.fake_apiserver import FakeApiServer, LoopbackPKI
 from tests.integration.servers import LoopThread
-from webhook.cache import (
-    DEPLOYMENTS,
-    MODELDEPLOYMENTS,
-    SERVICES,
-    STATEFULSETS,
-    Backoff,
-    CacheSync,
-    ClusterCache,
-)
+from crds.backoff import Backoff
+from webhook.cache import DEPLOYMENTS, MODELDEPLOYMENTS, SERVICES, STATEFULSETS, ClusterCache
+from webhook.watches import CacheSync
 
 COLLECTIONS = {
     MODELDEPLOYMENTS: ("/apis/deployment.beamlit.com/v1alpha1/modeldeployments", "ModelDeploymentList"),
@@ -150,7 +144,7 @@ def test_lists_then_follows_events(cluster):
 
 
 def test_an_expired_watch_is_resumed_by_a_fresh_list_that_drops_what_was_missed(cluster, caplog):
-    caplog.set_level(logging.INFO, logger="webhook.cache")
+    caplog.set_level(logging.INFO, logger="webhook.watches")
     loop, servers, cache, sync = cluster
     mds = servers[MODELDEPLOYMENTS]
     loop.run(mds.put(md("a")))

@@ -1,4 +1,4 @@
-"""sidecar/cluster/kube.py and the cluster ConfigSource over real TLS, against a stand-in API
+"""sidecar/cluster/ (credentials, client, informer) and the cluster ConfigSource over real TLS, against a stand-in API
 server on loopback that can expire watches, rotate tokens and go away on cue
 (tests/e2e/test_sidecar_cluster.py runs the same code against kube-apiserver)."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,20 +15,12 @@ from typing import Any
 import pytest
 import yaml
 
+from crds.backoff import Backoff
 from crds.model import GROUP, PLURAL, VERSION
+from sidecar.cluster.client import ApiError, KubeClient, WatchEvent
 from sidecar.cluster.config import ClusterConfigSource
-from sidecar.cluster.kube import (
-    ApiError,
-    Backoff,
-    ClusterConfig,
-    ConfigError,
-    KubeClient,
-    Listed,
-    WatchEvent,
-    in_cluster_config,
-    list_and_watch,
-    load_kubeconfig,
-)
+from sidecar.cluster.credentials import ClusterConfig, CredentialsError, in_cluster_config, load_kubeconfig
+from sidecar.cluster.informer import Listed, list_and_watch
 from tests.integration.fake_apiserver import FakeApiServer, LoopbackPKI
 
 NAMESPACE = "models"
@@ -61,8 +52,22 @@ def run(scenario: Callable[[FakeApiServer, Path], Awaitable[None]], tmp_path: Pa
     asyncio.run(main())
 
 
-def client_for(server: FakeApiServer, tmp_path: Path, **kwargs: Any) -> KubeClient:
-    return KubeClient(load_kubeconfig(server.kubeconfig(tmp_path / "kubeconfig", **kwargs)))
+def client_for(server: FakeApiServer, tmp_path: Path, **kwargs: Any) -> RecordingClient:
+    return RecordingClient(load_kubeconfig(server.kubeconfig(tmp_path / "kubeconfig", **kwargs)))
+
+
+class RecordingClient(KubeClient):
+    """The real client, also noting the resourceVersion of every watch event it receives
+    (bookmarks included), so that a test can wait until one has arrived."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.versions_seen: list[str] = []
+
+    async def watch(self, *args: Any, **kwargs: Any) -> AsyncIterator[WatchEvent]:
+        async for event in super().watch(*args, **kwargs):
+            self.versions_seen.append(event.resource_version)
+            yield event
 
 
 class Collector:
@@ -95,7 +100,7 @@ async def until(what: str, condition: Callable[[], bool]) -> None:
 
 
 def fast_backoff() -> Backoff:
-    return Backoff(base=0.05, cap=0.2, rng=random.Random(7))
+    return Backoff(base=0.05, cap=0.2)
 
 
 # --- credentials -----------------------------------------------------------------------------------
@@ -176,17 +181,17 @@ def test_in_cluster_config_reads_the_service_account_files(tmp_path: Path) -> No
     assert "abc" not in repr(config)
     v6 = in_cluster_config({"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}, account)
     assert v6.server == "https://[fd00::1]:443"
-    with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
+    with pytest.raises(CredentialsError, match="KUBERNETES_SERVICE_HOST"):
         in_cluster_config({}, account)
     (account / "token").unlink()
-    with pytest.raises(ConfigError, match="token: missing"):
+    with pytest.raises(CredentialsError, match="token: missing"):
         in_cluster_config(env, account)
 
 
 def test_kubeconfig_problems_name_the_field(tmp_path: Path) -> None:
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump({"current-context": "x", "contexts": []}))
-    with pytest.raises(ConfigError, match="contexts: no entry named 'x'"):
+    with pytest.raises(CredentialsError, match="contexts: no entry named 'x'"):
         load_kubeconfig(path)
     path.write_text(
         yaml.safe_dump(
@@ -198,7 +203,7 @@ def test_kubeconfig_problems_name_the_field(tmp_path: Path) -> None:
             }
         )
     )
-    with pytest.raises(ConfigError, match="exec and auth-provider plugins are not supported"):
+    with pytest.raises(CredentialsError, match="exec and auth-provider plugins are not supported"):
         load_kubeconfig(path)
 
 
@@ -224,7 +229,7 @@ def test_watch_follows_changes_resumes_from_bookmarks_and_relists_after_410(tmp_
         # A bookmark moves the resourceVersion on without an event for the caller...
         await server.bookmark()
         bookmark_version = str(server.version)
-        await asyncio.sleep(0.2)
+        await until("the bookmark reaches the client", lambda: bookmark_version in client.versions_seen)
         # ... and a dropped watch resumes from it, without listing again.
         server.drop_watches()
         await until("a second watch", lambda: len(server.watches_seen()) >= 2)
@@ -238,7 +243,7 @@ def test_watch_follows_changes_resumes_from_bookmarks_and_relists_after_410(tmp_
         await server.stop()
         await server.put(modeldeployment(percentage=90))
         await server.compact()
-        await asyncio.sleep(0.3)
+        await until("the client finds the server gone", lambda: bool(client.failures))
         await server.start(port)
         relisted = await events.next()
         assert isinstance(relisted, Listed), relisted
@@ -373,5 +378,5 @@ def test_cluster_mode_is_chosen_by_the_injectors_environment(tmp_path: Path) -> 
     # A value that does not parse is ignored (logged), never a sidecar that cannot start.
     mode = cluster_mode_from_env({**env, "OFFLOAD_DEFAULT_REMOTE_BACKEND": "models.example"})
     assert mode is not None and mode.config.validation.default_remote_backend is None
-    with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
+    with pytest.raises(CredentialsError, match="KUBERNETES_SERVICE_HOST"):
         cluster_mode_from_env({"POD_NAMESPACE": "models", "MODELDEPLOYMENT_NAME": "my-model"})

@@ -23,7 +23,7 @@ from crds.validation import ValidationSettings
 from tests.unit.test_golden import CONFIG, cluster, load_case, review_for
 from webhook.app import build_app
 from webhook.cli import tls_server
-from webhook.injection import Reason
+from webhook.reasons import Reason
 from webhook.mutating import answer_pod
 from webhook.tls import ReloadingCertificate
 from webhook.validating import answer_modeldeployment

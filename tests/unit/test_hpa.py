@@ -23,8 +23,8 @@ from crds.hpa import (
     ObjectReading,
     PodUsageReading,
     PodValuesReading,
+    ScaleTargetPods,
     Unreadable,
-    Workload,
     evaluate,
     milli,
     parse_external_value_list,
@@ -44,9 +44,9 @@ def load(*parts: str) -> Any:
     return json.loads(DATA.joinpath(*parts).read_text())
 
 
-def workload(case: str) -> Workload:
+def workload(case: str) -> ScaleTargetPods:
     pods = parse_pod_list(load(case, "pods.json"))
-    return Workload(pods=pods, status_replicas=len(pods))
+    return ScaleTargetPods(pods=pods, status_replicas=len(pods))
 
 
 def usage(case: str) -> PodUsageReading:
@@ -157,7 +157,7 @@ def test_no_samples_at_all_is_unknown_not_zero() -> None:
 
 
 def test_no_pods_is_unknown() -> None:
-    [obs] = evaluate([resource("cpu", util(50))], Workload((), 0), [PodUsageReading(())], NOW)
+    [obs] = evaluate([resource("cpu", util(50))], ScaleTargetPods((), 0), [PodUsageReading(())], NOW)
     assert obs.current is None
     assert "no pods" in obs.reason
 
@@ -292,7 +292,7 @@ def test_object_and_external_metrics(
 
 def test_average_over_no_replicas_is_unknown() -> None:
     metric = spec({**EXTERNAL, "external": {**EXTERNAL["external"], "target": avg("20")}})
-    [obs] = evaluate([metric], Workload((), 0), [ExternalReading((50_000,))], NOW)
+    [obs] = evaluate([metric], ScaleTargetPods((), 0), [ExternalReading((50_000,))], NOW)
     assert obs.current is None
     assert "no replicas" in obs.reason
 
@@ -329,7 +329,7 @@ def test_pod_level_requests_take_precedence_for_whole_pod_metrics() -> None:
     for item in obj["items"]:
         item["spec"]["resources"] = {"requests": {"cpu": "1"}}
     pods = parse_pod_list(obj)
-    [obs] = evaluate([resource("cpu", util(50))], Workload(pods, 3), [usage("three-ready")], NOW)
+    [obs] = evaluate([resource("cpu", util(50))], ScaleTargetPods(pods, 3), [usage("three-ready")], NOW)
     assert obs.current == 501 * 100 // 3000
 
 

@@ -7,7 +7,7 @@ import copy
 import jsonpatch
 import pytest
 
-from crds.model import ModelDeployment, ModelDeploymentSpec, ObjectReference, ServiceReference
+from crds.model import ModelDeployment, ModelDeploymentSpec, ServiceReference, WorkloadReference
 from tests.unit.podcheck import pod_problems
 from webhook.injection import (
     CONFIG_VERSION_ANNOTATION,
@@ -15,8 +15,6 @@ from webhook.injection import (
     SERVICE_ACCOUNT_DIR,
     SERVICE_ACCOUNT_DIR_ENV,
     TOKEN_VOLUME,
-    WARNED,
-    Reason,
     ServiceInfo,
     ServicePort,
     apply_overrides,
@@ -27,7 +25,8 @@ from webhook.injection import (
     windows_only,
 )
 from webhook.injector_config import ConfigError, InjectorConfig
-from webhook.selection import SELECTED, CachedModelDeployment, Selection, Workload
+from webhook.reasons import WARNED, Reason
+from webhook.selection import CachedModelDeployment, Selection, Workload
 
 CONFIG = InjectorConfig(
     image="reg.example/offload:1",
@@ -53,10 +52,10 @@ LLM_SERVICE_REF = ServiceReference(name="llm", target_port=80)
 
 def selection(service_ref=LLM_SERVICE_REF):
     spec = ModelDeploymentSpec(
-        model="m", model_source_ref=ObjectReference(name="llm"), service_ref=service_ref
+        model="m", model_source_ref=WorkloadReference(name="llm"), service_ref=service_ref
     )
     chosen = CachedModelDeployment(ModelDeployment(name="my-md", namespace="models", spec=spec))
-    return Selection(SELECTED, chosen, Workload("Deployment", "models", "llm", None), "selected")
+    return Selection(None, chosen, Workload("Deployment", "models", "llm", None), "selected")
 
 
 SERVICE = ServiceInfo("models", "llm", (ServicePort(80, "http"),))
@@ -184,9 +183,9 @@ def test_the_sidecar_alone_gets_its_own_token_even_when_the_pod_automounts_none(
 
 
 def test_the_sidecar_reads_its_credentials_where_the_injector_mounts_them():
-    from sidecar.cluster import kube
+    from sidecar.cluster import credentials
 
-    assert kube.SERVICE_ACCOUNT_DIR_ENV == SERVICE_ACCOUNT_DIR_ENV
+    assert credentials.SERVICE_ACCOUNT_DIR_ENV == SERVICE_ACCOUNT_DIR_ENV
 
 
 # --- pods the sidecar cannot run in ------------------------------------------------------------
@@ -501,9 +500,13 @@ def test_a_port_conflict_can_be_resolved_by_annotation():
 
 
 def test_selection_reasons_pass_through_unchanged():
-    for reason in ("NoMatchingModelDeployment", "ModelDeploymentDisabled", "OwnedByAnotherController"):
+    for reason in (
+        Reason.NO_MATCHING_MODELDEPLOYMENT,
+        Reason.MODELDEPLOYMENT_DISABLED,
+        Reason.OWNED_BY_ANOTHER_CONTROLLER,
+    ):
         outcome = inject(pod(), Selection(reason, message="why"), SERVICE, CONFIG)
-        assert outcome.reason.value == reason and outcome.patch == () and outcome.message == "why"
+        assert outcome.reason is reason and outcome.patch == () and outcome.message == "why"
 
 
 # --- the patch ---------------------------------------------------------------------------------

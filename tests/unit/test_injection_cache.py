@@ -13,7 +13,6 @@ from webhook.cache import (
     RESOURCES,
     SERVICES,
     STATEFULSETS,
-    Backoff,
     ClusterCache,
     service_from,
     workload_from,
@@ -193,14 +192,6 @@ def test_unknown_resources_are_refused():
         ClusterCache().replace("pods", [])
     with pytest.raises(ValueError):
         ClusterCache().apply("pods", "ADDED", {})
-
-
-def test_backoff_grows_is_capped_and_jittered():
-    backoff = Backoff(base=0.5, cap=30)
-    assert backoff.delay(0, rand=lambda: 1.0) == 0.5
-    assert backoff.delay(3, rand=lambda: 1.0) == 4.0
-    assert backoff.delay(50, rand=lambda: 1.0) == 30
-    assert backoff.delay(3, rand=lambda: 0.0) == 2.0
 
 
 def test_the_cache_does_not_keep_references_to_the_event_objects():

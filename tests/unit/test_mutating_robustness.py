@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from tests.unit.test_golden import CACHE, CASES, CONFIG, load_case, patch_of, review_for
 from webhook import metrics
 from webhook.admission import parse_review
-from webhook.injection import CONTAINER_NAME, Reason
+from webhook.injection import CONTAINER_NAME
 from webhook.mutating import answer_pod
+from webhook.reasons import Reason
 
 REASONS = {r.value for r in Reason}
 

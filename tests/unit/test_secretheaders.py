@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from crds.model import HeaderFromSecret, SecretKeyReference
+from crds.model import HeaderFromSecret, SecretKeySelector
 from crds.rbac import sidecar_rules_for
 from sidecar.admin.status import status_document
 from sidecar.control.state import OffloadingState
@@ -37,9 +37,9 @@ from tests.modeldeployments import as_yaml, standalone
 API_KEY = "k-7f3a9c1e"  # the value that must never be logged or shown
 
 SPECS = (
-    HeaderFromSecret("X-Api-Key", SecretKeyReference("remote-api", "apiKey")),
-    HeaderFromSecret("X-Tenant", SecretKeyReference("remote-api", "tenant")),
-    HeaderFromSecret("X-Other", SecretKeyReference("other", "apiKey")),
+    HeaderFromSecret("X-Api-Key", SecretKeySelector("remote-api", "apiKey")),
+    HeaderFromSecret("X-Tenant", SecretKeySelector("remote-api", "tenant")),
+    HeaderFromSecret("X-Other", SecretKeySelector("other", "apiKey")),
 )
 
 API_KEY_FROM_SECRET = {"name": "X-Api-Key", "secretKeyRef": {"name": "remote-api", "key": "apiKey"}}

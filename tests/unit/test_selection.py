@@ -6,16 +6,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crds.model import ModelDeployment, ModelDeploymentSpec, ObjectReference
-from webhook.selection import (
-    DISABLED,
-    NO_MATCH,
-    OTHER_CONTROLLER,
-    SELECTED,
-    CachedModelDeployment,
+from crds.model import (
     LabelSelector,
+    LabelSelectorRequirement,
+    ModelDeployment,
+    ModelDeploymentSpec,
+    WorkloadReference,
+)
+from webhook.reasons import Reason
+from webhook.selection import (
+    CachedModelDeployment,
     Owner,
-    Requirement,
     Workload,
     controlled_by_workload,
     parse_label_selector,
@@ -24,6 +25,7 @@ from webhook.selection import (
 )
 
 LABELS = {"app": "llm", "tier": "model", "empty": ""}
+NO_MATCH = Reason.NO_MATCHING_MODELDEPLOYMENT
 
 
 @pytest.mark.parametrize(
@@ -102,11 +104,12 @@ label_values = st.sampled_from(["x", "y", "z"])
 @given(
     labels=st.dictionaries(label_keys, label_values),
     key=label_keys,
-    values=st.frozensets(label_values, min_size=1),
+    values=st.lists(label_values, min_size=1, unique=True).map(tuple),
 )
 def test_in_and_notin_are_complements_and_exists_and_doesnotexist_too(labels, key, values):
-    assert Requirement(key, "In", values).matches(labels) != Requirement(key, "NotIn", values).matches(labels)
-    assert Requirement(key, "Exists").matches(labels) != Requirement(key, "DoesNotExist").matches(labels)
+    req = LabelSelectorRequirement
+    assert req(key, "In", values).matches(labels) != req(key, "NotIn", values).matches(labels)
+    assert req(key, "Exists").matches(labels) != req(key, "DoesNotExist").matches(labels)
 
 
 @given(labels=st.dictionaries(label_keys, label_values), wanted=st.dictionaries(label_keys, label_values))
@@ -164,7 +167,7 @@ def md(
 ):
     spec = ModelDeploymentSpec(
         model="m",
-        model_source_ref=ObjectReference(name=workload, kind=kind, namespace=workload_namespace),
+        model_source_ref=WorkloadReference(name=workload, kind=kind, namespace=workload_namespace),
         enabled=enabled,
     )
     return CachedModelDeployment(ModelDeployment(name=name, namespace=namespace, spec=spec), created)
@@ -190,26 +193,26 @@ def lookup(kind, namespace, name):
 
 def test_an_enabled_modeldeployment_whose_workload_selects_the_pod_is_chosen():
     chosen = select("models", {"app": "llm"}, None, [md("a")], lookup)
-    assert chosen.reason == SELECTED and chosen.chosen.model.name == "a" and chosen.warnings == ()
+    assert chosen.selected and chosen.chosen.model.name == "a" and chosen.warnings == ()
     assert chosen.workload.name == "llm"
 
 
 def test_the_workload_kind_matters():
-    assert select("models", {"app": "sts"}, None, [md("a")], lookup).reason == NO_MATCH
-    assert select("models", {"app": "sts"}, None, [md("a", kind="StatefulSet")], lookup).reason == SELECTED
+    assert select("models", {"app": "sts"}, None, [md("a")], lookup).reason is NO_MATCH
+    assert select("models", {"app": "sts"}, None, [md("a", kind="StatefulSet")], lookup).selected
 
 
 def test_no_candidates_no_workload_or_an_unusable_selector_is_no_match():
-    assert select("models", {"app": "llm"}, None, [], lookup).reason == NO_MATCH
-    assert select("models", {"app": "llm"}, None, [md("a", "gone")], lookup).reason == NO_MATCH
-    assert select("models", {"app": "llm"}, None, [md("a", "broken")], lookup).reason == NO_MATCH
+    assert select("models", {"app": "llm"}, None, [], lookup).reason is NO_MATCH
+    assert select("models", {"app": "llm"}, None, [md("a", "gone")], lookup).reason is NO_MATCH
+    assert select("models", {"app": "llm"}, None, [md("a", "broken")], lookup).reason is NO_MATCH
 
 
 def test_a_modeldeployment_of_another_namespace_never_selects():
     other = md("a", namespace="elsewhere")
-    assert select("models", {"app": "llm"}, None, [other], lookup).reason == NO_MATCH
+    assert select("models", {"app": "llm"}, None, [other], lookup).reason is NO_MATCH
     cross = md("a", workload_namespace="elsewhere")  # invalid anyway; never a pod of this namespace
-    assert select("models", {"app": "llm"}, None, [cross], lookup).reason == NO_MATCH
+    assert select("models", {"app": "llm"}, None, [cross], lookup).reason is NO_MATCH
 
 
 def test_several_matches_pick_the_oldest_then_the_name_and_warn():
@@ -228,17 +231,17 @@ def test_several_matches_pick_the_oldest_then_the_name_and_warn():
 
 def test_a_disabled_match_is_reported_as_such_and_an_enabled_one_wins_over_it():
     off = md("off", enabled=False)
-    assert select("models", {"app": "llm"}, None, [off], lookup).reason == DISABLED
+    assert select("models", {"app": "llm"}, None, [off], lookup).reason is Reason.MODELDEPLOYMENT_DISABLED
     chosen = select(
         "models", {"app": "llm"}, None, [off, md("on", "llm2", created="2027-01-01T00:00:00Z")], lookup
     )
-    assert chosen.reason == SELECTED and chosen.chosen.model.name == "on" and chosen.warnings == ()
+    assert chosen.selected and chosen.chosen.model.name == "on" and chosen.warnings == ()
 
 
 def test_a_pod_controlled_by_something_else_is_not_the_workloads():
     job = Owner("Job", "llm-bench")
     chosen = select("models", {"app": "llm"}, job, [md("a")], lookup)
-    assert chosen.reason == OTHER_CONTROLLER
+    assert chosen.reason is Reason.OWNED_BY_ANOTHER_CONTROLLER
     assert chosen.message == (
         "labels match Deployment 'llm' of ModelDeployment 'a', but the pod is controlled by Job 'llm-bench'"
     )
@@ -249,7 +252,7 @@ def test_a_pod_controlled_by_something_else_is_not_the_workloads():
     assert chosen.chosen.model.name == "b" and chosen.warnings == ()
 
 
-def test_selector_tuple_form_is_order_independent():
+def test_a_parsed_selector_is_the_api_type_and_its_key_order_does_not_matter():
     one = parse_label_selector({"matchLabels": {"a": "1", "b": "2"}})
     two = parse_label_selector({"matchLabels": {"b": "2", "a": "1"}})
     assert one == two and isinstance(one, LabelSelector)

@@ -46,8 +46,8 @@ from crds.hpa import (
     PodUsageReading,
     PodValuesReading,
     Reading,
+    ScaleTargetPods,
     Unreadable,
-    Workload,
     evaluate,
     object_reading,
     parse_external_value_list,
@@ -62,9 +62,9 @@ from crds.model import (
     LabelSelector,
     MetricSpec,
     ModelDeployment,
-    ObjectReference,
     OffloadingBehavior,
     OffloadingConfig,
+    WorkloadReference,
 )
 from crds.observation import MetricObservation
 from crds.signals import local_metric_name
@@ -231,7 +231,7 @@ class MetricsReader:
             status_replicas = sum(
                 1 for p in parsed if not p.deleted and p.phase not in ("Failed", "Succeeded")
             )
-        workload = Workload(pods=parsed, status_replicas=status_replicas)
+        workload = ScaleTargetPods(pods=parsed, status_replicas=status_replicas)
         readings = self._readings(metrics, namespace, query, config)
         settings = self.settings
         if config is not None and config.behavior.tolerance != settings.tolerance:
@@ -245,7 +245,7 @@ class MetricsReader:
     # -- the workload's selector ---------------------------------------------------------------
 
     def _selector(
-        self, namespace: str, ref: ObjectReference, given: str | Mapping[str, Any] | LabelSelector | None
+        self, namespace: str, ref: WorkloadReference, given: str | Mapping[str, Any] | LabelSelector | None
     ) -> str:
         if isinstance(given, str):
             return given

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from crds.validation import ValidationSettings
-from webhook.cache import CONTROLLER_RESOURCES, RESOURCES, CacheSync, ClusterCache
+from webhook.cache import CONTROLLER_RESOURCES, RESOURCES, ClusterCache
 from webhook.controller import standin
 from webhook.controller.leader import LeaderElector, Timing
 from webhook.controller.runner import Controller, Evaluation, Options
 from webhook.controller.store import Fanout, Store
+from webhook.watches import CacheSync
 
 log = logging.getLogger("webhook.controller")
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from crds.backoff import Backoff
 from crds.model import GROUP, PLURAL, VERSION
 from crds.signals import has_local_metrics
 from crds.validation import ValidationSettings, validate_object
@@ -106,6 +107,14 @@ def publishes(status: Mapping[str, Any], decided: Mapping[str, Any], since: floa
     return since >= period
 
 
+# A key whose reconcile failed waits 0.5 s, 1 s, 2 s, ... at most 30 s. No jitter: each key
+# retries alone, as controller-runtime's per-item exponential limiter does.
+RETRY = Backoff(base=0.5, cap=30.0, jitter=False)
+# A conflict (409) or a refused write (422) is retried almost at once: the next attempt
+# reads the object's new version.
+REQUEUE_AFTER_CONFLICT = 0.2
+
+
 def _rfc3339(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -122,6 +131,7 @@ class Controller:
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         clock: Callable[[], float] = time.monotonic,
         metrics: Any = None,
+        backoff: Backoff = RETRY,
     ) -> None:
         import kubernetes
 
@@ -137,6 +147,7 @@ class Controller:
         self._wall = wall_clock
         self._clock = clock
         self._metrics = metrics
+        self._backoff = backoff
         self.queue = WorkQueue(clock)
         self._failures: dict[Key, int] = {}
         # uid -> resourceVersions an object had before our writes to it: while the store still
@@ -204,21 +215,25 @@ class Controller:
                 self.queue.add_after(key, requeue)
         except self._api_exception as exc:
             result = "requeue" if exc.status in (409, 422) else "error"
-            attempt = self._failures.get(key, 0)
-            self._failures[key] = attempt + 1
-            delay = 0.2 if result == "requeue" else min(30.0, 0.5 * 2**attempt)
+            delay = self._retry_delay(key)  # a conflict counts as a failure too
+            if result == "requeue":
+                delay = REQUEUE_AFTER_CONFLICT
             level = logging.INFO if result == "requeue" else logging.WARNING
             log.log(level, "reconcile %s/%s: API %s %s; again in %.1fs", *key, exc.status, exc.reason, delay)
             self.queue.add_after(key, delay)
         except Exception:
             result = "error"
-            attempt = self._failures.get(key, 0)
-            self._failures[key] = attempt + 1
             log.exception("reconcile %s/%s failed", *key)
-            self.queue.add_after(key, min(30.0, 0.5 * 2**attempt))
+            self.queue.add_after(key, self._retry_delay(key))
         finally:
             if self._metrics is not None:
                 self._metrics.reconciled(result, self._clock() - started)
+
+    def _retry_delay(self, key: Key) -> float:
+        """The wait before this key's next attempt; counts the failure (a success resets it)."""
+        failures = self._failures.get(key, 0)
+        self._failures[key] = failures + 1
+        return self._backoff.delay(failures)
 
     # -- one ModelDeployment --
 

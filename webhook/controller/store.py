@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from webhook.cache import WatchSink
+from webhook.watches import WatchSink
 
 OnChange = Callable[[str, str], None]
 
