@@ -1,7 +1,8 @@
-"""``python -m sidecar.demo``: see :func:`sidecar.demo.cpu.main`."""
+"""``python -m sidecar.demo``: see :func:`sidecar.demo.cli.main`."""
 
 import sys
 
-from sidecar.demo.cpu import main
+from sidecar.demo.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

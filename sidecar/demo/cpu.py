@@ -24,23 +24,19 @@ off again with no failed request.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from sidecar.demo.child import Child
 from sidecar.httpclient import HttpError, fetch
 
 TOKENS = 8  # SSE events per response
@@ -381,39 +377,6 @@ async def watch(
 # --- processes ----------------------------------------------------------------------------------------
 
 
-class Child:
-    """A child process that prints ``listening on host:port`` when it is ready."""
-
-    def __init__(self, name: str, args: list[str], log: Path):
-        self.name = name
-        self.log_path = log
-        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        self.port = 0
-        self.admin_port = 0
-
-    async def ready(self, timeout: float = 30.0) -> None:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
-        ports = [int(p) for p in re.findall(r"listening on [^:\s]+:(\d+)", line)]
-        if not ports:
-            raise RuntimeError(f"{self.name} did not start: {line!r}\n{self.log_path.read_text()[-2000:]}")
-        self.port = ports[0]
-        self.admin_port = ports[1] if len(ports) > 1 else 0
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-        return self.proc.returncode
-
 
 def sidecar_command(config: Path, model: Child, plan: Plan) -> list[str]:
     return [
@@ -521,54 +484,3 @@ def summarize(tally: Tally, events: list[tuple[float, bool, str]], final: dict, 
 # --- entry point ----------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sidecar.demo",
-        description="Local demo of offloading: a CPU-bound model server, a stand-in remote and "
-        "offload-sidecar in standalone mode; rising then falling load, shown live.",
-    )
-    parser.add_argument(
-        "--duration", type=float, default=60.0, help="seconds of load (default 60; at least 10)"
-    )
-    parser.add_argument("--plain", action="store_true", help="periodic lines instead of a redrawn display")
-    parser.add_argument(
-        "--scenario",
-        choices=("cpu", "llm"),
-        default="cpu",
-        help="cpu: a CPU-bound model and the tutorial's CPU target; llm: an LLM server saturating on its "
-        "queue while its CPU stays low, with and without the queue signal",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the working directory (config and logs)")
-    parser.add_argument("--serve", choices=("model", "remote"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.serve:
-        cpu = CPU_PER_TOKEN if args.serve == "model" else 0.0
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_sample("local" if args.serve == "model" else "remote", cpu))
-        return 0
-
-    if args.duration < 10:
-        parser.error("--duration must be at least 10 seconds (the windows need time to play out)")
-    if not sys.platform.startswith("linux"):
-        parser.error("the demo measures CPU from /proc: it runs on Linux")
-    plan = Plan.for_duration(args.duration)
-    tty = sys.stdout.isatty() and not args.plain and os.environ.get("TERM") != "dumb"
-    workdir = Path(tempfile.mkdtemp(prefix="offload-demo-"))
-    try:
-        if args.scenario == "llm":
-            from sidecar.demo.llm import run_llm_demo
-
-            return asyncio.run(run_llm_demo(args.duration, workdir, sys.stdout, tty))
-        return asyncio.run(run_demo(plan, workdir, sys.stdout, tty))
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if args.keep:
-            print(f"  files: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,7 +41,8 @@ from controlplane.admission import mutating_webhook_configuration
 from controlplane.net import free_port
 from controlplane.process import ManagedProcess, wait_until
 
-from sidecar.demo.cpu import Child, http_get
+from sidecar.demo.child import Child
+from sidecar.demo.cpu import http_get
 from tests.chart.helm import Helm, by_kind, documents, find_helm
 from tests.promql_check import (
     ANNOTATION_LABEL,
