@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import kubernetes
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from controlplane import binaries
-from controlplane.cluster import ControlPlane
-from controlplane.process import wait_until
-from controlplane.webhook_process import WebhookServer, start_webhook
-from node.cluster import RealNodeCluster
-from node.images import build_images
-from node.release import HelmRelease, create_restricted_namespace
-from paths import CRD
+from tests.e2e.controlplane import binaries
+from tests.e2e.controlplane.cluster import ControlPlane
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.controlplane.webhook_process import WebhookServer, start_webhook
+from tests.e2e.node.cluster import RealNodeCluster
+from tests.e2e.node.images import build_images
+from tests.e2e.node.release import HelmRelease, create_restricted_namespace
+from tests.e2e.paths import CRD
 
 log = logging.getLogger("e2e")
 

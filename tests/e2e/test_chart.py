@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import kubernetes
 import pytest
 import yaml
-from controlplane.net import free_port
-from controlplane.process import ManagedProcess, wait_until
 from cryptography import x509
-from paths import REPO_ROOT
+
+from tests.e2e.controlplane.net import free_port
+from tests.e2e.controlplane.process import ManagedProcess, wait_until
+from tests.e2e.paths import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 

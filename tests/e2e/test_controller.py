@@ -22,13 +22,14 @@ from typing import Any
 import kubernetes
 import pytest
 import urllib3
-from controlplane.admission import mutating_webhook_configuration
-from controlplane.process import wait_until
-from controlplane.webhook_process import WebhookServer, _console_script
+
+from crds.model import API_VERSION, GROUP, PLURAL, VERSION
+from tests.e2e.controlplane.admission import mutating_webhook_configuration
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.controlplane.webhook_process import WebhookServer, _console_script
 
 pytestmark = pytest.mark.e2e
 
-GROUP, VERSION, PLURAL = "deployment.beamlit.com", "v1alpha1", "modeldeployments"
 FINALIZER = "offload.beamlit.com/controller"
 ORIGINAL = "offload.beamlit.com/original-target-port"
 SIDECAR_ROLE = "offload-e2e-sidecar"
@@ -91,7 +92,7 @@ def modeldeployment(
     name="vllm", target_port=80, service_name="vllm", workload="vllm", **spec
 ) -> dict[str, Any]:
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
+        "apiVersion": API_VERSION,
         "kind": "ModelDeployment",
         "metadata": {"name": name},
         "spec": {
@@ -782,7 +783,7 @@ def test_the_tutorial_as_written_ends_captured_and_undoes_itself(
     default (plus the restart the README asks for): the Service's port ends pointing at
     offload-proxy and its EndpointSlices list only injected pods on the sidecar's port;
     deleting the ModelDeployment restores the Service and removes its RoleBinding."""
-    from paths import TUTORIAL_CLUSTER_A, TUTORIAL_MODELDEPLOYMENT
+    from tests.e2e.paths import TUTORIAL_CLUSTER_A, TUTORIAL_MODELDEPLOYMENT
 
     server = start_controller(run_webhook, kube, "default", tmp_path)
     wait_until(

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 
 import kubernetes
-import modeldeployments as md
 import pytest
-from paths import TUTORIAL_MODELDEPLOYMENT
+
+from tests import modeldeployments as md
+from tests.e2e.paths import TUTORIAL_MODELDEPLOYMENT
 
 pytestmark = pytest.mark.e2e
 
@@ -97,7 +98,7 @@ def test_api_server_rejects_schema_violations_as_kubectl_shows_them(
     changes, field, words = SCHEMA_VIOLATIONS[case]
     doc = md.variant("bad", changes)
 
-    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.to_yaml(doc))
+    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.as_yaml(doc))
     assert applied.returncode != 0, f"kubectl apply accepted {case}: {applied.stdout}"
     assert 'The ModelDeployment "bad" is invalid: ' in applied.stderr
     assert f"{field}: " in applied.stderr and words in applied.stderr, applied.stderr
@@ -110,14 +111,14 @@ def test_api_server_rejects_schema_violations_as_kubectl_shows_them(
 
 def test_api_server_rejects_missing_required_fields(kube, modeldeployment_crd, namespace):
     doc = md.variant("bad", {}, remove=("spec.modelSourceRef",))
-    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.to_yaml(doc))
+    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.as_yaml(doc))
     assert applied.returncode != 0
     assert "spec.modelSourceRef: Required value" in applied.stderr, applied.stderr
 
 
 def test_api_server_rejects_unknown_fields_under_strict_validation(kube, modeldeployment_crd, namespace):
     doc = md.variant("bad", {"spec.offloadingConfig.remoteBackend.hots": "typo:80"})
-    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.to_yaml(doc))
+    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.as_yaml(doc))
     assert applied.returncode != 0
     assert 'unknown field "spec.offloadingConfig.remoteBackend.hots"' in applied.stderr, applied.stderr
 

@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import kubernetes
-import modeldeployments as md
 import pytest
 import yaml
-from controlplane.admission import mutating_webhook_configuration
-from controlplane.process import wait_until
-from controlplane.webhook_process import WebhookServer
-from paths import REPO_ROOT, TUTORIAL_CLUSTER_A
+
+from tests import modeldeployments as md
+from tests.e2e.controlplane.admission import mutating_webhook_configuration
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.controlplane.webhook_process import WebhookServer
+from tests.e2e.paths import REPO_ROOT, TUTORIAL_CLUSTER_A
 
 pytestmark = pytest.mark.e2e
 

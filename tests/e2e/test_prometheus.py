@@ -37,12 +37,13 @@ from typing import Any, Self
 import kubernetes
 import pytest
 import yaml
-from controlplane.admission import mutating_webhook_configuration
-from controlplane.net import free_port
-from controlplane.process import ManagedProcess, wait_until
 
+from crds.model import GROUP, PLURAL, VERSION
 from sidecar.demo.cpu import Child, http_get
 from tests.chart.helm import Helm, by_kind, documents, find_helm
+from tests.e2e.controlplane.admission import mutating_webhook_configuration
+from tests.e2e.controlplane.net import free_port
+from tests.e2e.controlplane.process import ManagedProcess, wait_until
 from tests.promql_check import (
     ANNOTATION_LABEL,
     GRAFANA_VARIABLES,
@@ -55,7 +56,6 @@ from tests.promql_check import (
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "deployment.beamlit.com", "v1alpha1", "modeldeployments"
 SIDECAR_NAMESPACE = "team-a"  # the namespace label of the sidecars' targets
 WEBHOOK_NAMESPACE = "offload-system"  # and of the webhook's (its release namespace)
 TOKENS = 2  # SSE tokens per request: 5 ms of the model server's CPU each

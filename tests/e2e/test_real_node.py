@@ -11,11 +11,12 @@ import subprocess
 
 import kubernetes
 import pytest
-from controlplane.process import wait_until
-from node import host
-from node.cluster import NODE_NAME
-from node.traffic import Load, send, wait_until_serving
-from node.workloads import (
+
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.node import host
+from tests.e2e.node.cluster import NODE_NAME
+from tests.e2e.node.traffic import Load, send, wait_until_serving
+from tests.e2e.node.workloads import (
     apply,
     cluster_ip,
     model_deployment,

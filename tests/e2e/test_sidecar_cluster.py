@@ -31,17 +31,17 @@ from typing import Any
 
 import httpx
 import kubernetes
-import modeldeployments as md
 import pytest
 import yaml
-from controlplane.process import wait_until
-from fake_metrics_server import FakeMetricsServer
-from paths import REPO_ROOT, TUTORIAL_CLUSTER_A
 
 from crds.decision import INITIAL, step
 from crds.model import OffloadingBehavior
 from sidecar.cluster.config import ClusterConfigSource
 from sidecar.cluster.kube import ApiError, Backoff, KubeClient, load_kubeconfig
+from tests import modeldeployments as md
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.fake_metrics_server import FakeMetricsServer
+from tests.e2e.paths import REPO_ROOT, TUTORIAL_CLUSTER_A
 from webhook.controller.evaluation import MetricsReader, decision_status
 
 pytestmark = pytest.mark.e2e
@@ -371,7 +371,7 @@ class SidecarProcess:
         *extra: str,
         env: dict[str, str] | None = None,
     ):
-        from controlplane.net import free_port
+        from tests.e2e.controlplane.net import free_port
 
         self.port, self.admin_port = free_port(), free_port()
         env = {
@@ -701,9 +701,8 @@ def test_the_controller_decides_from_the_metrics_and_a_sidecar_follows_both_ways
     fake metrics server through the aggregation layer, publishes the decision in the status
     (with an Event, shown by kubectl get mdd), and a sidecar process following that
     ModelDeployment splits exactly as decided."""
-    from test_controller import Cluster, deployment, service, start_controller
-    from test_controller import modeldeployment as controller_modeldeployment
-
+    from tests.e2e.test_controller import Cluster, deployment, service, start_controller
+    from tests.e2e.test_controller import modeldeployment as controller_modeldeployment
     from tests.integration.servers import LoopThread, Upstream
 
     sustain, cooldown, period = 4, 4, 2

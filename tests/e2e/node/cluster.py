@@ -22,12 +22,13 @@ from typing import Any, Self
 
 import kubernetes
 import yaml
-from controlplane.binaries import Binaries, NodeBinaries, version_of
-from controlplane.cluster import ControlPlane
-from controlplane.kubeconfig import write_kubeconfig
-from controlplane.net import free_port
-from controlplane.pki import ClusterPKI
-from controlplane.process import ManagedProcess, wait_until
+
+from tests.e2e.controlplane.binaries import Binaries, NodeBinaries, version_of
+from tests.e2e.controlplane.cluster import ControlPlane
+from tests.e2e.controlplane.kubeconfig import write_kubeconfig
+from tests.e2e.controlplane.net import free_port
+from tests.e2e.controlplane.pki import ClusterPKI
+from tests.e2e.controlplane.process import ManagedProcess, wait_until
 
 from . import host
 from .host import (

@@ -7,7 +7,8 @@ from typing import Any
 
 import kubernetes
 import yaml
-from controlplane.process import wait_until
+
+from tests.e2e.controlplane.process import wait_until
 
 MODEL_IMAGE = "localhost/offload-e2e-model:1"  # tests/e2e/node/images/model, built here
 
