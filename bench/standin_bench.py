@@ -38,12 +38,12 @@ from tests.e2e.controlplane import binaries
 from tests.e2e.controlplane.cluster import ControlPlane
 from tests.e2e.controlplane.process import wait_until
 from tests.e2e.controlplane.webhook_process import start_webhook
+from tests.e2e.objects import apply
 from tests.e2e.paths import CRD, TUTORIAL_CLUSTER_A
 from tests.e2e.standin_support import (
     GATEWAY_LABELS,
     GatewayProcess,
     Recorder,
-    apply,
     gateway_deployment,
     tutorial_modeldeployment,
 )

@@ -66,7 +66,7 @@ def variant(
     """A copy of `base` (the tutorial's by default) named `name` (metadata reduced to the
     name; kept as it is when None), with dotted paths set to new values (e.g.
     {"spec.offloadingConfig.behavior.percentage": 150}; a number indexes a list) and the
-    paths in `remove` deleted. A missing last key is added; a missing parent is a KeyError."""
+    paths in `remove` deleted. Missing keys on the way to a new value are added."""
     doc = copy.deepcopy(dict(base) if base is not None else tutorial())
     if name is not None:
         doc["metadata"] = {"name": name}
@@ -151,5 +151,5 @@ def _parent(doc: dict[str, Any], path: str) -> tuple[Any, Any]:
     *head, last = path.split(".")
     node: Any = doc
     for key in head:
-        node = node[int(key)] if isinstance(node, list) else node[key]
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
     return node, (int(last) if isinstance(node, list) else last)

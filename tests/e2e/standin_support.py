@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
-import yaml
 
 from tests.e2e.controlplane.net import free_port
 from tests.e2e.controlplane.process import ManagedProcess, wait_until
@@ -148,11 +147,6 @@ class Recorder:
 
     def slice_event(self, kind: str, after: float) -> tuple[float, dict[str, Any]] | None:
         return next(((t, obj) for t, k, obj in self.slices if t >= after and k == kind), None)
-
-
-def apply(kube: Any, docs: list[dict[str, Any]], namespace: str) -> None:
-    done = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(docs))
-    assert done.returncode == 0, done.stderr
 
 
 def gateway_deployment(replicas: int = 2) -> dict[str, Any]:

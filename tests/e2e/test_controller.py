@@ -24,55 +24,31 @@ import pytest
 import urllib3
 
 from crds.model import API_VERSION, GROUP, PLURAL, VERSION
+from tests.e2e import objects
 from tests.e2e.controlplane.admission import mutating_webhook_configuration
 from tests.e2e.controlplane.process import wait_until
-from tests.e2e.controlplane.webhook_process import WebhookServer, _console_script
+from tests.e2e.controlplane.webhook_process import WebhookServer, _console_script, injector_config
 
 pytestmark = pytest.mark.e2e
 
 FINALIZER = "offload.beamlit.com/controller"
 ORIGINAL = "offload.beamlit.com/original-target-port"
 SIDECAR_ROLE = "offload-e2e-sidecar"
-INJECTOR_CONFIG = """\
-configVersion: "e2e-controller"
-image: ghcr.io/model-offloading/offload:e2e
-proxyPort: 15080
-adminPort: 15090
-nativeSidecar: true
-resources:
-  requests: {cpu: 50m, memory: 64Mi}
-  limits: {memory: 128Mi}
-"""
+INJECTOR_CONFIG = injector_config("e2e-controller")
 
 
 # --- objects ---------------------------------------------------------------------------------------
 
 
 def deployment(name="vllm", replicas=2, labels=None, service_account="vllm", cpu="2") -> dict[str, Any]:
-    labels = labels or {"app": "vllm"}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "serviceAccountName": service_account,
-                    "containers": [
-                        {
-                            "name": "model",
-                            "image": "vllm/vllm-openai:latest",
-                            "ports": [{"name": "http", "containerPort": 8000}],
-                            "resources": {"requests": {"cpu": cpu}},
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    """The model's workload: vLLM's image on port 8000 (named http), requesting `cpu`."""
+    return objects.deployment(
+        name,
+        [objects.vllm_container(cpu)],
+        labels=labels or {"app": "vllm"},
+        replicas=replicas,
+        service_account=service_account,
+    )
 
 
 def service(ports=None, **spec) -> dict[str, Any]:

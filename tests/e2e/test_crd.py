@@ -10,6 +10,7 @@ import kubernetes
 import pytest
 
 from tests import modeldeployments as md
+from tests.e2e.objects import modeldeployment_absent
 from tests.e2e.paths import TUTORIAL_MODELDEPLOYMENT
 
 pytestmark = pytest.mark.e2e
@@ -106,7 +107,7 @@ def test_api_server_rejects_schema_violations_as_kubectl_shows_them(
     status = _create_expecting_error(kube, namespace, doc)
     assert status["code"] == 422 and status["reason"] == "Invalid"
     assert field in [cause.get("field") for cause in status["details"]["causes"]], status
-    assert _absent(kube, namespace, "bad")
+    assert modeldeployment_absent(kube.api_client, namespace, "bad")
 
 
 def test_api_server_rejects_missing_required_fields(kube, modeldeployment_crd, namespace):
@@ -147,12 +148,3 @@ def _create_expecting_error(kube, namespace: str, doc: dict) -> dict:
     with pytest.raises(kubernetes.client.ApiException) as refused:
         api.create_namespaced_custom_object(md.GROUP, md.VERSION, namespace, md.PLURAL, doc)
     return json.loads(refused.value.body)
-
-
-def _absent(kube, namespace: str, name: str) -> bool:
-    api = kubernetes.client.CustomObjectsApi(kube.api_client)
-    try:
-        api.get_namespaced_custom_object(md.GROUP, md.VERSION, namespace, md.PLURAL, name)
-    except kubernetes.client.ApiException as exc:
-        return exc.status == 404
-    return False

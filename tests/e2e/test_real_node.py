@@ -17,7 +17,6 @@ from tests.e2e.node import host
 from tests.e2e.node.cluster import NODE_NAME
 from tests.e2e.node.traffic import Load, send, wait_until_serving
 from tests.e2e.node.workloads import (
-    apply,
     cluster_ip,
     model_deployment,
     rollout,
@@ -25,6 +24,7 @@ from tests.e2e.node.workloads import (
     service,
     wait_for_endpoints,
 )
+from tests.e2e.objects import apply
 
 pytestmark = pytest.mark.e2e
 

@@ -41,22 +41,15 @@ from sidecar.cluster.kube import ApiError, Backoff, KubeClient, load_kubeconfig
 from tests import modeldeployments as md
 from tests.e2e.controlplane.process import wait_until
 from tests.e2e.fake_metrics_server import FakeMetricsServer
+from tests.e2e.objects import apply
 from tests.e2e.paths import REPO_ROOT, TUTORIAL_CLUSTER_A
 from webhook.controller.evaluation import MetricsReader, decision_status
 
 pytestmark = pytest.mark.e2e
 
-GROUP_MD = "deployment.beamlit.com"
 ROLE_FILE = REPO_ROOT / "charts" / "offload" / "files" / "sidecar-role.yaml"
 CLUSTER_ROLE = "offload-sidecar-e2e"
 ACCOUNT = "model-server"
-
-
-def apply(kube, doc: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> None:
-    docs = doc if isinstance(doc, list) else [doc]
-    args = ["apply", "-f", "-"] + (["-n", namespace] if namespace else [])
-    done = kube.kubectl(*args, stdin=yaml.safe_dump_all(docs))
-    assert done.returncode == 0, done.stderr
 
 
 def modeldeployment(namespace: str, **changes: Any) -> dict[str, Any]:
@@ -70,6 +63,18 @@ def modeldeployment(namespace: str, **changes: Any) -> dict[str, Any]:
     )
     doc["metadata"]["namespace"] = namespace
     return doc
+
+
+def grant_modeldeployment_role(kube, namespace: str, rules: list[dict[str, Any]]) -> None:
+    """The per-ModelDeployment Role ``my-model-sidecar`` with `rules` (crds.rbac's), bound to
+    the model's ServiceAccount, as the controller grants it."""
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "my-model-sidecar"}, "rules": rules}  # fmt: skip
+    apply(kube, role, namespace)
+    done = kube.kubectl(
+        "create", "rolebinding", "my-model-sidecar", "--role=my-model-sidecar",
+        f"--serviceaccount={namespace}:{ACCOUNT}", "-n", namespace,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.fixture
@@ -329,13 +334,7 @@ def test_the_per_modeldeployment_rules_open_exactly_the_referenced_secret(
     model = ClusterConfigSource(None, namespace, "my-model").model_of(doc)  # type: ignore[arg-type]
     assert model is not None
     rules = sidecar_rules_for(model)
-    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "my-model-sidecar"}, "rules": rules}  # fmt: skip
-    apply(kube, role, namespace)
-    done = kube.kubectl(
-        "create", "rolebinding", "my-model-sidecar", "--role=my-model-sidecar",
-        f"--serviceaccount={namespace}:{ACCOUNT}", "-n", namespace,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    grant_modeldeployment_role(kube, namespace, rules)
     for name, value in (("remote-credentials", "s3cret"), ("unrelated", "other")):
         done = kube.kubectl(
             "create", "secret", "generic", name, f"--from-literal=clientSecret={value}", "-n", namespace
@@ -624,13 +623,7 @@ def test_headers_from_secrets_are_read_with_the_per_modeldeployment_role_and_fol
         assert rules == [
             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["remote-api"], "verbs": ["get"]}
         ]
-        role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "my-model-sidecar"}, "rules": rules}  # fmt: skip
-        apply(kube, role, namespace)
-        done = kube.kubectl(
-            "create", "rolebinding", "my-model-sidecar", "--role=my-model-sidecar",
-            f"--serviceaccount={namespace}:{ACCOUNT}", "-n", namespace,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+        grant_modeldeployment_role(kube, namespace, rules)
 
         def secret(value: str) -> None:
             apply(
@@ -784,9 +777,7 @@ def test_the_controller_decides_from_the_metrics_and_a_sidecar_follows_both_ways
             if sidecar is not None:
                 sidecar.stop()
             # Deleted while the controller runs, so its finalizer comes off.
-            c.custom.delete_namespaced_custom_object(
-                GROUP_MD, "v1alpha1", namespace, "modeldeployments", "my-model"
-            )
+            c.custom.delete_namespaced_custom_object(md.GROUP, md.VERSION, namespace, md.PLURAL, "my-model")
             c.wait("the ModelDeployment gone", lambda: c.md("my-model") is None, 30)
             for upstream in (local, remote):
                 loop.run(upstream.stop())

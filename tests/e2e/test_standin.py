@@ -26,12 +26,12 @@ import yaml
 from crds.model import GROUP, PLURAL, VERSION
 from tests.e2e.controlplane.admission import mutating_webhook_configuration
 from tests.e2e.controlplane.process import wait_until
+from tests.e2e.objects import apply
 from tests.e2e.paths import TUTORIAL_CLUSTER_A
 from tests.e2e.standin_support import (
     GATEWAY_LABELS,
     GatewayProcess,
     Recorder,
-    apply,
     gateway_deployment,
     tutorial_modeldeployment,
 )

@@ -15,7 +15,8 @@ from tests import modeldeployments as md
 from tests.e2e.controlplane.process import wait_until
 from tests.e2e.node.release import NAMESPACE
 from tests.e2e.node.traffic import Load, get, wait_until_serving
-from tests.e2e.node.workloads import apply, cluster_ip, model_deployment, rollout, running_pods, service
+from tests.e2e.node.workloads import cluster_ip, model_deployment, rollout, running_pods, service
+from tests.e2e.objects import apply
 
 pytestmark = pytest.mark.e2e
 

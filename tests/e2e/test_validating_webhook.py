@@ -20,6 +20,7 @@ from tests.e2e.controlplane.admission import (
 )
 from tests.e2e.controlplane.process import wait_until
 from tests.e2e.controlplane.webhook_process import WebhookServer
+from tests.e2e.objects import modeldeployment_absent
 from tests.e2e.paths import TUTORIAL_MODELDEPLOYMENT
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +56,7 @@ def test_api_server_denies_a_bad_modeldeployment_with_our_field_path(kube, valid
     assert applied.returncode != 0, applied.stdout
     assert f'admission webhook "{WEBHOOK_NAME}" denied the request' in applied.stderr, applied.stderr
     assert "spec.offloadingConfig.remoteBackend.host: must be host[:port] without a scheme" in applied.stderr
-    assert _absent(kube, namespace, "bad-host")
+    assert modeldeployment_absent(kube.api_client, namespace, "bad-host")
 
 
 def test_api_server_denies_the_tutorial_in_another_namespace(kube, validating_webhook, namespace):
@@ -136,12 +137,3 @@ def _wait_until_webhook_is_called(kube) -> None:
         return False
 
     wait_until("the API server to call the validating webhook", denied_by_webhook, 30, alive=kube.processes)
-
-
-def _absent(kube, namespace: str, name: str) -> bool:
-    api = kubernetes.client.CustomObjectsApi(kube.api_client)
-    try:
-        api.get_namespaced_custom_object(md.GROUP, md.VERSION, namespace, md.PLURAL, name)
-    except kubernetes.client.ApiException as exc:
-        return exc.status == 404
-    return False

@@ -24,7 +24,7 @@ import kubernetes
 import yaml
 
 from tests.e2e.controlplane.binaries import Binaries, NodeBinaries, version_of
-from tests.e2e.controlplane.cluster import ControlPlane
+from tests.e2e.controlplane.cluster import ControlPlane, node_ready
 from tests.e2e.controlplane.kubeconfig import write_kubeconfig
 from tests.e2e.controlplane.net import free_port
 from tests.e2e.controlplane.pki import ClusterPKI
@@ -284,7 +284,7 @@ class RealNodeCluster:
         )
         core = kubernetes.client.CoreV1Api(self.plane.api_client)
         wait_until(
-            f"node {NODE_NAME} Ready", lambda: _node_ready(core, NODE_NAME), STARTUP_TIMEOUT, alive=[proc]
+            f"node {NODE_NAME} Ready", lambda: node_ready(core, NODE_NAME), STARTUP_TIMEOUT, alive=[proc]
         )
 
     def _start_kube_proxy(self) -> None:
@@ -399,11 +399,6 @@ class RealNodeCluster:
             return any(c.type == "Available" and c.status == "True" for c in conditions)
 
         wait_until(f"APIService {METRICS_API} Available", available, STARTUP_TIMEOUT, alive=[proc])
-
-
-def _node_ready(core: kubernetes.client.CoreV1Api, name: str) -> bool:
-    node = core.read_node(name)
-    return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
 
 
 def _cni_config() -> dict[str, Any]:
