@@ -39,6 +39,7 @@ from crds.model import OffloadingBehavior
 from sidecar.cluster.config import ClusterConfigSource
 from sidecar.cluster.kube import ApiError, Backoff, KubeClient, load_kubeconfig
 from tests import modeldeployments as md
+from tests.e2e.controlplane.kubeconfig import write_service_account_kubeconfig
 from tests.e2e.controlplane.process import wait_until
 from tests.e2e.fake_metrics_server import FakeMetricsServer
 from tests.e2e.objects import apply
@@ -89,24 +90,7 @@ def sidecar_kubeconfig(kube, namespace, tmp_path) -> Path:
     ):  # fmt: skip
         done = kube.kubectl(*args)
         assert done.returncode == 0, done.stderr
-    token = kube.kubectl("create", "token", ACCOUNT, "-n", namespace, "--duration=1h")
-    assert token.returncode == 0, token.stderr
-    admin = yaml.safe_load(Path(kube.kubeconfig).read_text())
-    cluster = admin["clusters"][0]["cluster"]
-    path = tmp_path / "sidecar-kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "e2e", "cluster": cluster}],
-                "users": [{"name": ACCOUNT, "user": {"token": token.stdout.strip()}}],
-                "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": ACCOUNT}}],
-                "current-context": "e2e",
-            }
-        )
-    )
-    return path
+    return write_service_account_kubeconfig(tmp_path / "sidecar-kubeconfig", kube, namespace, ACCOUNT)
 
 
 def test_the_sidecar_role_allows_its_modeldeployment_and_nothing_else(
