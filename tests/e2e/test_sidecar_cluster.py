@@ -229,9 +229,33 @@ def ready_php_apache_pods(kube, namespace: str, count: int = 2) -> list[dict[str
         return ready if len(ready) == count else []
 
     wait_until(f"{count} Running, Ready php-apache pods", ready_pods, 90, alive=kube.processes)
-    pods = ready_pods()
-    time.sleep(2)  # a sample must postdate readiness by its window (1 s), as the HPA requires for cpu
-    return pods
+    return ready_pods()
+
+
+def wait_until_samples_postdate_readiness(kube, namespace: str, pods: list[str], selector: str) -> None:
+    """Polls the pods' PodMetrics through the API server until each pod's sample was taken
+    at least its window after the pod became Ready: only then does the HPA's rule for cpu
+    (crds/hpa.py) count the sample of a pod that is still in its initialization period."""
+    core = kubernetes.client.CoreV1Api(kube.api_client)
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+    ready_since = {}
+    for name in pods:
+        conditions = core.read_namespaced_pod(name, namespace).status.conditions or []
+        (ready,) = [c for c in conditions if c.type == "Ready" and c.status == "True"]
+        ready_since[name] = ready.last_transition_time
+
+    def postdate() -> bool:
+        listed = custom.list_namespaced_custom_object(
+            "metrics.k8s.io", "v1beta1", namespace, "pods", label_selector=selector
+        )
+        taken = {
+            item["metadata"]["name"]: datetime.fromisoformat(item["timestamp"])
+            - timedelta(seconds=float(item["window"].removesuffix("s")))
+            for item in listed["items"]
+        }
+        return all(name in taken and taken[name] >= since for name, since in ready_since.items())
+
+    wait_until("metrics samples a window younger than readiness", postdate, 30, alive=kube.processes)
 
 
 @pytest.fixture
@@ -274,6 +298,9 @@ def test_the_controllers_evaluation_crosses_the_target_both_ways_with_as_many_re
 
         reader = MetricsReader(kube.api_client)
         serve_usage("180m")  # 90% of the 200m request, against a 50% target
+        wait_until_samples_postdate_readiness(
+            kube, namespace, [p["metadata"]["name"] for p in pods], "run=php-apache"
+        )
         [hot] = reader.observe(model, pods)
         assert (hot.current, hot.target) == (90, 50), hot.reason
         assert hot.reason == f"{count} pod{'s' if count > 1 else ''}"
@@ -690,13 +717,15 @@ def test_the_controller_decides_from_the_metrics_and_a_sidecar_follows_both_ways
     c.create(service())
     c.wait("2 ready pods", lambda: len(c.ready_pods()) == 2, 60)
     pods = [p.metadata.name for p in c.ready_pods()]
-    time.sleep(2)  # a sample must postdate readiness by its window (1 s), as the HPA requires for cpu
 
     def usage(cpu: str) -> None:
         for pod in pods:
             fake_metrics_server.set_usage(
                 namespace, pod, {"app": "vllm"}, {"model": {"cpu": cpu, "memory": "10Mi"}}
             )
+
+    usage("40m")  # 20% of the 200m request: cool
+    wait_until_samples_postdate_readiness(kube, namespace, pods, "app=vllm")
 
     def status() -> dict[str, Any]:
         return (c.md("my-model") or {}).get("status") or {}
@@ -707,8 +736,7 @@ def test_the_controller_decides_from_the_metrics_and_a_sidecar_follows_both_ways
         md = controller_modeldeployment(name="my-model")
         md["spec"]["offloadingConfig"]["remoteBackend"]["host"] = f"127.0.0.1:{remote.port}"
         md["spec"]["offloadingConfig"]["behavior"].update(sustainSeconds=sustain, cooldownSeconds=cooldown)
-        usage("40m")  # 20% of the 200m request: cool
-        c.create(md)
+        c.create(md)  # its pods' usage: 20% of the 200m request, cool
         sidecar = None
         try:
             c.wait(
