@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from crds.decision import INITIAL, step
-from crds.model import OffloadingBehavior
+from crds.model import GROUP, PLURAL, VERSION, OffloadingBehavior
 from sidecar.cluster.config import ClusterConfigSource
 from sidecar.cluster.kube import ApiError, Backoff, KubeClient, load_kubeconfig
 from tests import modeldeployments as md
@@ -789,7 +789,7 @@ def test_the_controller_decides_from_the_metrics_and_a_sidecar_follows_both_ways
             if sidecar is not None:
                 sidecar.stop()
             # Deleted while the controller runs, so its finalizer comes off.
-            c.custom.delete_namespaced_custom_object(md.GROUP, md.VERSION, namespace, md.PLURAL, "my-model")
+            c.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "my-model")
             c.wait("the ModelDeployment gone", lambda: c.md("my-model") is None, 30)
             for upstream in (local, remote):
                 loop.run(upstream.stop())
