@@ -158,8 +158,15 @@ class Cluster:
         ]
 
     def restart(self, name="vllm") -> None:
-        done = self.kube.kubectl("rollout", "restart", f"deployment/{name}", "-n", self.namespace)
-        assert done.returncode == 0, done.stderr
+        """kubectl rollout restart. kubectl refuses a second restart in the same second (its
+        restartedAt annotation counts seconds), so that refusal is retried into the next one."""
+        deadline = time.monotonic() + 5
+        while True:
+            done = self.kube.kubectl("rollout", "restart", f"deployment/{name}", "-n", self.namespace)
+            if done.returncode == 0:
+                return
+            assert "within the past second" in done.stderr and time.monotonic() < deadline, done.stderr
+            time.sleep(0.1)
 
     def events(self, reason: str, name="vllm") -> list[Any]:
         items = self.core.list_namespaced_event(
