@@ -30,24 +30,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
 import kubernetes
 import yaml
-from controlplane import binaries
-from controlplane.cluster import ControlPlane
-from controlplane.process import wait_until
-from controlplane.webhook_process import start_webhook
-from paths import CRD, TUTORIAL_CLUSTER_A
-from standin_support import (
+
+from tests.e2e.controlplane import binaries
+from tests.e2e.controlplane.cluster import ControlPlane
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.controlplane.webhook_process import start_webhook
+from tests.e2e.objects import apply
+from tests.e2e.paths import CRD, TUTORIAL_CLUSTER_A
+from tests.e2e.standin_support import (
     GATEWAY_LABELS,
     GatewayProcess,
     Recorder,
-    apply,
     gateway_deployment,
     tutorial_modeldeployment,
 )
-
 from tests.integration.servers import LoopThread, Upstream
 
 NAMESPACE = "bench"

@@ -131,7 +131,7 @@ def _decode_value(hint: Any, data: Any, path: str, errors: list[FieldError]) -> 
         if item is Any:
             return dict(data)
         return {k: _decode_value(item, v, f"{path}[{k}]", errors) for k, v in data.items()}
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _decode_dataclass(hint, data, path, errors)
     if hint is float:
         if isinstance(data, bool) or not isinstance(data, (int, float)):

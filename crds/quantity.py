@@ -25,7 +25,7 @@ _DECIMAL = {
 }
 
 
-def parse_quantity(text: str | int) -> Decimal:
+def parse_quantity(text: object) -> Decimal:
     """Parse a quantity; raises ValueError with the offending text.
 
     >>> parse_quantity("250m")

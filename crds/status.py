@@ -162,7 +162,7 @@ class PublishedDecision:
             message=message if isinstance(message, str) else "",
             last_transition=parse_time(decision.get("lastTransitionTime")),
             last_evaluation=parse_time(decision.get("lastEvaluationTime")),
-            period_seconds=float(period) if _int(period) is not None and period > 0 else None,
+            period_seconds=float(seconds) if (seconds := _int(period)) is not None and seconds > 0 else None,
             observed_generation=_int(status.get("observedGeneration")),
             utilization=shown if isinstance(shown, str) else "",
             observations=tuple(o for o in observations if o is not None),

@@ -1,18 +1,82 @@
-"""Standalone ModelDeployment documents for the sidecar tests, built as dicts.
-
-(tests/e2e/modeldeployments.py derives cluster documents from the tutorial's.)
-"""
+"""ModelDeployment documents for every test tier, built one way: a base document (the
+tutorial's, or the standalone sidecar's minimal one) copied, renamed and edited by dotted
+paths with `variant`. `standalone` names the edits the sidecar tests make most."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from crds.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
+__all__ = [
+    "API_VERSION",
+    "CPU_AT_50_PERCENT",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "STANDALONE",
+    "TUTORIAL_FILE",
+    "VERSION",
+    "as_yaml",
+    "oauth_remote",
+    "published",
+    "standalone",
+    "tutorial",
+    "variant",
+]
+
+TUTORIAL_FILE = Path(__file__).parent / "testdata" / "modeldeployments" / "tutorial.yaml"
 
 CPU_AT_50_PERCENT = {
     "type": "Resource",
     "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 50}},
 }
+
+# my-model as a standalone sidecar reads it from a file: no serviceRef, no namespace.
+STANDALONE: dict[str, Any] = {
+    "apiVersion": API_VERSION,
+    "kind": KIND,
+    "metadata": {"name": "my-model"},
+    "spec": {
+        "model": "my-model",
+        "modelSourceRef": {"name": "model"},
+        "offloadingConfig": {"remoteBackend": {"scheme": "http"}, "behavior": {"percentage": 100}},
+    },
+}
+
+
+def tutorial() -> dict[str, Any]:
+    """The README tutorial's ModelDeployment (tests/testdata/modeldeployments/tutorial.yaml)."""
+    return yaml.safe_load(TUTORIAL_FILE.read_text())
+
+
+def variant(
+    name: str | None = None,
+    changes: Mapping[str, Any] | None = None,
+    remove: Iterable[str] = (),
+    *,
+    base: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A copy of `base` (the tutorial's by default) named `name` (metadata reduced to the
+    name; kept as it is when None), with dotted paths set to new values (e.g.
+    {"spec.offloadingConfig.behavior.percentage": 150}; a number indexes a list) and the
+    paths in `remove` deleted. Missing keys on the way to a new value are added."""
+    doc = copy.deepcopy(dict(base) if base is not None else tutorial())
+    if name is not None:
+        doc["metadata"] = {"name": name}
+    for path, value in (changes or {}).items():
+        parent, key = _parent(doc, path)
+        parent[key] = copy.deepcopy(value)
+    for path in remove:
+        parent, key = _parent(doc, path)
+        del parent[key]
+    return doc
 
 
 def standalone(
@@ -31,29 +95,26 @@ def standalone(
     remoteBackend fields, `behavior` behavior fields, `metrics` a CPU target of 50%.
     Without metrics it is a static split (behavior.staticSplit, offloading at all times)
     unless `static_split` is False (then it never offloads)."""
-    spec: dict[str, Any] = {"model": "my-model"}
+    backend = "spec.offloadingConfig.remoteBackend"
+    changes: dict[str, Any] = {
+        f"{backend}.host": host or f"127.0.0.1:{remote_port}",
+        f"{backend}.scheme": scheme,
+        **{f"{backend}.{key}": value for key, value in (remote or {}).items()},
+        "spec.offloadingConfig.behavior.percentage": percentage,
+        **{f"spec.offloadingConfig.behavior.{key}": value for key, value in (behavior or {}).items()},
+    }
     if enabled is not None:
-        spec["enabled"] = enabled
-    spec["modelSourceRef"] = {"name": "model"}
-    offloading: dict[str, Any] = {
-        "remoteBackend": {"host": host or f"127.0.0.1:{remote_port}", "scheme": scheme, **(remote or {})},
-        "behavior": {"percentage": percentage, **(behavior or {})},
-    }
+        changes["spec.enabled"] = enabled
     if static_split if static_split is not None else not metrics:
-        offloading["behavior"]["staticSplit"] = True
+        changes["spec.offloadingConfig.behavior.staticSplit"] = True
     if metrics:
-        offloading["metrics"] = [CPU_AT_50_PERCENT]
-    spec["offloadingConfig"] = offloading
-    return {
-        "apiVersion": "deployment.beamlit.com/v1alpha1",
-        "kind": "ModelDeployment",
-        "metadata": {"name": "my-model"},
-        "spec": spec,
-    }
+        changes["spec.offloadingConfig.metrics"] = [CPU_AT_50_PERCENT]
+    return variant(changes=changes, base=STANDALONE)
 
 
-def as_yaml(doc: dict[str, Any]) -> str:
-    return yaml.safe_dump(doc, sort_keys=False)
+def as_yaml(doc: Mapping[str, Any]) -> str:
+    """`doc` as YAML, keys in the order written."""
+    return yaml.safe_dump(dict(doc), sort_keys=False)
 
 
 def oauth_remote(client_id: str, token_url: str, secret: str) -> dict[str, Any]:
@@ -69,8 +130,6 @@ def oauth_remote(client_id: str, token_url: str, secret: str) -> dict[str, Any]:
 def published(offloading: bool = True, reason: str = "StaticSplit") -> dict[str, Any]:
     """A ``status`` as the controller publishes it (crds/status.py), evaluated just now:
     what a cluster-mode sidecar follows."""
-    from datetime import UTC, datetime
-
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
         "observedGeneration": 1,
@@ -86,3 +145,11 @@ def published(offloading: bool = True, reason: str = "StaticSplit") -> dict[str,
             "metrics": [],
         },
     }
+
+
+def _parent(doc: dict[str, Any], path: str) -> tuple[Any, Any]:
+    *head, last = path.split(".")
+    node: Any = doc
+    for key in head:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    return node, (int(last) if isinstance(node, list) else last)

@@ -217,6 +217,7 @@ def _check_objects(node: Mapping[str, Any], key: str, path: str) -> str | None:
 
 
 def _container_problem(container: Mapping[str, Any], path: str) -> str | None:
+    expected: type
     for key, expected in (("name", str), ("image", str)):
         if problem := _check(container, key, expected, path):
             return problem

@@ -365,8 +365,8 @@ def field_block(headers: list[tuple[bytes, bytes]]) -> bytes:
 def split_response_head(head: bytes) -> tuple[bytes, bytes]:
     """A raw response head without its blank line -> (``200 OK``, the field block).
 
-    >>> split_response_head(b"HTTP/1.0 200 OK\r\nA: b")
-    (b'200 OK', b'\r\nA: b')
+    >>> split_response_head(b"HTTP/1.0 200 OK\\r\\nA: b")
+    (b'200 OK', b'\\r\\nA: b')
     """
     end = head.find(b"\r\n")
     if end < 0:

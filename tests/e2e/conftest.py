@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import kubernetes
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from controlplane import binaries
-from controlplane.cluster import ControlPlane
-from controlplane.process import wait_until
-from controlplane.webhook_process import WebhookServer, start_webhook
-from node.cluster import RealNodeCluster
-from node.images import build_images
-from node.release import HelmRelease, create_restricted_namespace
-from paths import CRD
+from tests.e2e.controlplane import binaries
+from tests.e2e.controlplane.cluster import ControlPlane
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.controlplane.webhook_process import WebhookServer, start_webhook
+from tests.e2e.node.cluster import RealNodeCluster
+from tests.e2e.node.images import build_images
+from tests.e2e.node.release import HelmRelease, create_restricted_namespace
+from tests.e2e.paths import CRD
 
 log = logging.getLogger("e2e")
 
@@ -141,12 +137,13 @@ def core(kube) -> kubernetes.client.CoreV1Api:
     return kubernetes.client.CoreV1Api(kube.api_client)
 
 
-@pytest.fixture
-def namespace(kube, request) -> Iterator[str]:
-    """A fresh namespace for one test, deleted afterwards."""
+def _fresh_namespace(
+    api_client: kubernetes.client.ApiClient, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A namespace named after the test (plus a random suffix), deleted afterwards."""
     slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"{slug}-{uuid.uuid4().hex[:6]}"
-    api = kubernetes.client.CoreV1Api(kube.api_client)
+    api = kubernetes.client.CoreV1Api(api_client)
     api.create_namespace({"metadata": {"name": name, "labels": {"offload-e2e": "true"}}})
     yield name
     try:
@@ -154,6 +151,12 @@ def namespace(kube, request) -> Iterator[str]:
     except kubernetes.client.ApiException as exc:
         if exc.status != 404:  # a test may have deleted it
             raise
+
+
+@pytest.fixture
+def namespace(kube, request) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards."""
+    yield from _fresh_namespace(kube.api_client, request)
 
 
 @pytest.fixture
@@ -210,12 +213,7 @@ def tutorial_in_default_namespace(kube) -> Iterator[None]:
 @pytest.fixture
 def node_namespace(real_node, request) -> Iterator[str]:
     """A fresh namespace on the real node's cluster for one test, deleted afterwards."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    name = f"{slug}-{uuid.uuid4().hex[:6]}"
-    api = kubernetes.client.CoreV1Api(real_node.api_client)
-    api.create_namespace({"metadata": {"name": name, "labels": {"offload-e2e": "true"}}})
-    yield name
-    api.delete_namespace(name, propagation_policy="Background")
+    yield from _fresh_namespace(real_node.api_client, request)
 
 
 @pytest.fixture(scope="session")

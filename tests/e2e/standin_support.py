@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
-import yaml
-from controlplane.net import free_port
-from controlplane.process import ManagedProcess, wait_until
-from controlplane.webhook_process import REPO_ROOT, _console_script
+
+from tests.e2e.controlplane.net import free_port
+from tests.e2e.controlplane.process import ManagedProcess, wait_until
+from tests.e2e.controlplane.webhook_process import REPO_ROOT, _console_script
 
 GATEWAY_LABELS = {"app": "offload-gateway-e2e"}
 STANDIN_LABEL = "endpointslice.kubernetes.io/managed-by=controller.offload.beamlit.com"
@@ -149,11 +149,6 @@ class Recorder:
         return next(((t, obj) for t, k, obj in self.slices if t >= after and k == kind), None)
 
 
-def apply(kube: Any, docs: list[dict[str, Any]], namespace: str) -> None:
-    done = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(docs))
-    assert done.returncode == 0, done.stderr
-
-
 def gateway_deployment(replicas: int = 2) -> dict[str, Any]:
     """The gateway's pods as kwok runs them: Ready with a pod IP, running no code."""
     return {
@@ -173,7 +168,7 @@ def gateway_deployment(replicas: int = 2) -> dict[str, Any]:
 
 def tutorial_modeldeployment(namespace: str, remote_port: int, **behavior: Any) -> dict[str, Any]:
     """The tutorial's ModelDeployment in ``namespace``, its remote a real server on loopback."""
-    import modeldeployments as md
+    from tests import modeldeployments as md
 
     doc = md.variant(
         "my-model",

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 import kubernetes
 import pytest
 import yaml
-from controlplane.net import free_port
-from controlplane.process import ManagedProcess, wait_until
 from cryptography import x509
-from paths import REPO_ROOT
+
+from tests.e2e.controlplane.kubeconfig import write_service_account_kubeconfig
+from tests.e2e.controlplane.net import free_port
+from tests.e2e.controlplane.process import ManagedProcess, wait_until
+from tests.e2e.paths import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -300,23 +302,8 @@ def test_offload_webhook_runs_as_the_chart_configures_it_and_syncs_with_its_rbac
     kube = release.kube
     ns = release.namespace
     core = kubernetes.client.CoreV1Api(kube.api_client)
-    token = kube.kubectl("create", "token", WEBHOOK, "-n", ns, "--duration", "10m")
-    assert token.returncode == 0, token.stderr
-    admin = yaml.safe_load(kube.kubeconfig.read_text())
-    sa_kubeconfig = tmp_path / "kubeconfig"
-    sa_kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": admin["clusters"][:1],
-                "users": [{"name": WEBHOOK, "user": {"token": token.stdout.strip()}}],
-                "contexts": [
-                    {"name": WEBHOOK, "context": {"cluster": admin["clusters"][0]["name"], "user": WEBHOOK}}
-                ],
-                "current-context": WEBHOOK,
-            }
-        )
+    sa_kubeconfig = write_service_account_kubeconfig(
+        tmp_path / "kubeconfig", kube, ns, WEBHOOK, duration="10m"
     )
     secret = release.secret_data()
     (tmp_path / "tls").mkdir()
@@ -361,23 +348,8 @@ def test_the_gateway_runs_as_the_chart_configures_it_with_its_own_read_only_rbac
     apps = kubernetes.client.AppsV1Api(kube.api_client)
     status = apps.read_namespaced_deployment(gateway, ns).status
     assert status.ready_replicas == 2
-    token = kube.kubectl("create", "token", gateway, "-n", ns, "--duration", "10m")
-    assert token.returncode == 0, token.stderr
-    admin = yaml.safe_load(kube.kubeconfig.read_text())
-    sa_kubeconfig = tmp_path / "kubeconfig"
-    sa_kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": admin["clusters"][:1],
-                "users": [{"name": gateway, "user": {"token": token.stdout.strip()}}],
-                "contexts": [
-                    {"name": gateway, "context": {"cluster": admin["clusters"][0]["name"], "user": gateway}}
-                ],
-                "current-context": gateway,
-            }
-        )
+    sa_kubeconfig = write_service_account_kubeconfig(
+        tmp_path / "kubeconfig", kube, ns, gateway, duration="10m"
     )
     container = apps.read_namespaced_deployment(gateway, ns).spec.template.spec.containers[0]
     admin_port = free_port()

@@ -22,56 +22,33 @@ from typing import Any
 import kubernetes
 import pytest
 import urllib3
-from controlplane.admission import mutating_webhook_configuration
-from controlplane.process import wait_until
-from controlplane.webhook_process import WebhookServer, _console_script
+
+from crds.model import API_VERSION, GROUP, PLURAL, VERSION
+from tests.e2e import objects
+from tests.e2e.controlplane.admission import mutating_webhook_configuration
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.controlplane.webhook_process import WebhookServer, _console_script, injector_config
 
 pytestmark = pytest.mark.e2e
 
-GROUP, VERSION, PLURAL = "deployment.beamlit.com", "v1alpha1", "modeldeployments"
 FINALIZER = "offload.beamlit.com/controller"
 ORIGINAL = "offload.beamlit.com/original-target-port"
 SIDECAR_ROLE = "offload-e2e-sidecar"
-INJECTOR_CONFIG = """\
-configVersion: "e2e-controller"
-image: ghcr.io/model-offloading/offload:e2e
-proxyPort: 15080
-adminPort: 15090
-nativeSidecar: true
-resources:
-  requests: {cpu: 50m, memory: 64Mi}
-  limits: {memory: 128Mi}
-"""
+INJECTOR_CONFIG = injector_config("e2e-controller")
 
 
 # --- objects ---------------------------------------------------------------------------------------
 
 
 def deployment(name="vllm", replicas=2, labels=None, service_account="vllm", cpu="2") -> dict[str, Any]:
-    labels = labels or {"app": "vllm"}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "serviceAccountName": service_account,
-                    "containers": [
-                        {
-                            "name": "model",
-                            "image": "vllm/vllm-openai:latest",
-                            "ports": [{"name": "http", "containerPort": 8000}],
-                            "resources": {"requests": {"cpu": cpu}},
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    """The model's workload: vLLM's image on port 8000 (named http), requesting `cpu`."""
+    return objects.deployment(
+        name,
+        [objects.vllm_container(cpu)],
+        labels=labels or {"app": "vllm"},
+        replicas=replicas,
+        service_account=service_account,
+    )
 
 
 def service(ports=None, **spec) -> dict[str, Any]:
@@ -91,7 +68,7 @@ def modeldeployment(
     name="vllm", target_port=80, service_name="vllm", workload="vllm", **spec
 ) -> dict[str, Any]:
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
+        "apiVersion": API_VERSION,
         "kind": "ModelDeployment",
         "metadata": {"name": name},
         "spec": {
@@ -181,8 +158,15 @@ class Cluster:
         ]
 
     def restart(self, name="vllm") -> None:
-        done = self.kube.kubectl("rollout", "restart", f"deployment/{name}", "-n", self.namespace)
-        assert done.returncode == 0, done.stderr
+        """kubectl rollout restart. kubectl refuses a second restart in the same second (its
+        restartedAt annotation counts seconds), so that refusal is retried into the next one."""
+        deadline = time.monotonic() + 5
+        while True:
+            done = self.kube.kubectl("rollout", "restart", f"deployment/{name}", "-n", self.namespace)
+            if done.returncode == 0:
+                return
+            assert "within the past second" in done.stderr and time.monotonic() < deadline, done.stderr
+            time.sleep(0.1)
 
     def events(self, reason: str, name="vllm") -> list[Any]:
         items = self.core.list_namespaced_event(
@@ -782,7 +766,7 @@ def test_the_tutorial_as_written_ends_captured_and_undoes_itself(
     default (plus the restart the README asks for): the Service's port ends pointing at
     offload-proxy and its EndpointSlices list only injected pods on the sidecar's port;
     deleting the ModelDeployment restores the Service and removes its RoleBinding."""
-    from paths import TUTORIAL_CLUSTER_A, TUTORIAL_MODELDEPLOYMENT
+    from tests.e2e.paths import TUTORIAL_CLUSTER_A, TUTORIAL_MODELDEPLOYMENT
 
     server = start_controller(run_webhook, kube, "default", tmp_path)
     wait_until(

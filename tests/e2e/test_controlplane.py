@@ -10,9 +10,10 @@ import subprocess
 import kubernetes
 import pytest
 import yaml
-from controlplane.cluster import NODE_NAME, POD_CIDR
-from controlplane.process import wait_until
-from paths import TUTORIAL_CLUSTER_A
+
+from tests.e2e.controlplane.cluster import NODE_NAME, POD_CIDR
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.paths import TUTORIAL_CLUSTER_A
 
 pytestmark = pytest.mark.e2e
 

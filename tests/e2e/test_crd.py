@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 
 import kubernetes
-import modeldeployments as md
 import pytest
-from paths import TUTORIAL_MODELDEPLOYMENT
+
+from tests import modeldeployments as md
+from tests.e2e.objects import modeldeployment_absent
+from tests.e2e.paths import TUTORIAL_MODELDEPLOYMENT
 
 pytestmark = pytest.mark.e2e
 
@@ -97,7 +99,7 @@ def test_api_server_rejects_schema_violations_as_kubectl_shows_them(
     changes, field, words = SCHEMA_VIOLATIONS[case]
     doc = md.variant("bad", changes)
 
-    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.to_yaml(doc))
+    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.as_yaml(doc))
     assert applied.returncode != 0, f"kubectl apply accepted {case}: {applied.stdout}"
     assert 'The ModelDeployment "bad" is invalid: ' in applied.stderr
     assert f"{field}: " in applied.stderr and words in applied.stderr, applied.stderr
@@ -105,19 +107,19 @@ def test_api_server_rejects_schema_violations_as_kubectl_shows_them(
     status = _create_expecting_error(kube, namespace, doc)
     assert status["code"] == 422 and status["reason"] == "Invalid"
     assert field in [cause.get("field") for cause in status["details"]["causes"]], status
-    assert _absent(kube, namespace, "bad")
+    assert modeldeployment_absent(kube.api_client, namespace, "bad")
 
 
 def test_api_server_rejects_missing_required_fields(kube, modeldeployment_crd, namespace):
     doc = md.variant("bad", {}, remove=("spec.modelSourceRef",))
-    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.to_yaml(doc))
+    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.as_yaml(doc))
     assert applied.returncode != 0
     assert "spec.modelSourceRef: Required value" in applied.stderr, applied.stderr
 
 
 def test_api_server_rejects_unknown_fields_under_strict_validation(kube, modeldeployment_crd, namespace):
     doc = md.variant("bad", {"spec.offloadingConfig.remoteBackend.hots": "typo:80"})
-    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.to_yaml(doc))
+    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.as_yaml(doc))
     assert applied.returncode != 0
     assert 'unknown field "spec.offloadingConfig.remoteBackend.hots"' in applied.stderr, applied.stderr
 
@@ -146,12 +148,3 @@ def _create_expecting_error(kube, namespace: str, doc: dict) -> dict:
     with pytest.raises(kubernetes.client.ApiException) as refused:
         api.create_namespaced_custom_object(md.GROUP, md.VERSION, namespace, md.PLURAL, doc)
     return json.loads(refused.value.body)
-
-
-def _absent(kube, namespace: str, name: str) -> bool:
-    api = kubernetes.client.CustomObjectsApi(kube.api_client)
-    try:
-        api.get_namespaced_custom_object(md.GROUP, md.VERSION, namespace, md.PLURAL, name)
-    except kubernetes.client.ApiException as exc:
-        return exc.status == 404
-    return False

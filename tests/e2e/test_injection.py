@@ -15,28 +15,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import kubernetes
-import modeldeployments as md
 import pytest
 import yaml
-from controlplane.admission import mutating_webhook_configuration
-from controlplane.process import wait_until
-from controlplane.webhook_process import WebhookServer
-from paths import REPO_ROOT, TUTORIAL_CLUSTER_A
+
+from tests import modeldeployments as md
+from tests.e2e import objects
+from tests.e2e.controlplane.admission import mutating_webhook_configuration
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.controlplane.webhook_process import WebhookServer, injector_config
+from tests.e2e.paths import REPO_ROOT, TUTORIAL_CLUSTER_A
 
 pytestmark = pytest.mark.e2e
 
 GOLDEN = REPO_ROOT / "tests" / "testdata" / "inject"
 SIDECAR = "offload-proxy"
-INJECTOR_CONFIG = """\
-configVersion: "e2e-1"
-image: ghcr.io/model-offloading/offload:e2e
-proxyPort: 15080
-adminPort: 15090
-nativeSidecar: true
-resources:
-  requests: {cpu: 50m, memory: 64Mi}
-  limits: {memory: 128Mi}
-"""
+INJECTOR_CONFIG = injector_config("e2e-1")
 
 
 @pytest.fixture
@@ -92,21 +85,8 @@ def create_modeldeployment(kube, namespace: str) -> None:
 
 
 def unrelated_deployment(name: str, replicas: int) -> dict:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "containers": [{"name": "web", "image": "nginx:1.27", "ports": [{"containerPort": 80}]}]
-                },
-            },
-        },
-    }
+    web = {"name": "web", "image": "nginx:1.27", "ports": [{"containerPort": 80}]}
+    return objects.deployment(name, [web], labels={"app": name}, replicas=replicas)
 
 
 def sidecars(pod) -> list:

@@ -37,13 +37,16 @@ from typing import Any, Self
 import kubernetes
 import pytest
 import yaml
-from controlplane.admission import mutating_webhook_configuration
-from controlplane.net import free_port
-from controlplane.process import ManagedProcess, wait_until
 
+from crds.model import GROUP, PLURAL, VERSION
 from sidecar.demo.child import Child
 from sidecar.demo.cpu import http_get
 from tests.chart.helm import Helm, by_kind, documents, find_helm
+from tests.e2e import objects
+from tests.e2e.controlplane.admission import mutating_webhook_configuration
+from tests.e2e.controlplane.net import free_port
+from tests.e2e.controlplane.process import ManagedProcess, wait_until
+from tests.e2e.controlplane.webhook_process import injector_config
 from tests.promql_check import (
     ANNOTATION_LABEL,
     GRAFANA_VARIABLES,
@@ -56,21 +59,12 @@ from tests.promql_check import (
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "deployment.beamlit.com", "v1alpha1", "modeldeployments"
 SIDECAR_NAMESPACE = "team-a"  # the namespace label of the sidecars' targets
 WEBHOOK_NAMESPACE = "offload-system"  # and of the webhook's (its release namespace)
 TOKENS = 2  # SSE tokens per request: 5 ms of the model server's CPU each
 LOW, HIGH = 2.0, 30.0  # requests/s per ModelDeployment: ~10% and ~150% of 100m
 HELD = 15  # seconds an alert's condition must hold to count as firing here (its `for`, scaled)
-INJECTOR_CONFIG = """\
-configVersion: "e2e-prometheus"
-image: ghcr.io/model-offloading/offload:e2e
-proxyPort: 15080
-adminPort: 15090
-nativeSidecar: true
-resources:
-  requests: {cpu: 50m, memory: 64Mi}
-"""
+INJECTOR_CONFIG = injector_config("e2e-prometheus", memory_limit=None)
 CHART_VALUES = (
     *("--set", "monitoring.prometheusRule.enabled=true"),
     *("--set", "monitoring.grafanaDashboard.enabled=true"),
@@ -191,28 +185,7 @@ def prometheus_config(targets: dict[str, int], webhook_port: int, ca_file: Path)
 
 
 def workload(name: str, labels: dict[str, str], replicas: int = 2) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "model",
-                            "image": "vllm/vllm-openai:latest",
-                            "ports": [{"name": "http", "containerPort": 8000}],
-                            "resources": {"requests": {"cpu": "1"}},
-                        }
-                    ]
-                },
-            },
-        },
-    }
+    return objects.deployment(name, [objects.vllm_container("1")], labels=labels, replicas=replicas)
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import subprocess
 
 import kubernetes
 import pytest
-from controlplane.process import wait_until
-from node import host
-from node.cluster import NODE_NAME
-from node.traffic import Load, send, wait_until_serving
-from node.workloads import (
-    apply,
+
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.node import host
+from tests.e2e.node.cluster import NODE_NAME
+from tests.e2e.node.traffic import Load, send, wait_until_serving
+from tests.e2e.node.workloads import (
     cluster_ip,
     model_deployment,
     rollout,
@@ -24,6 +24,7 @@ from node.workloads import (
     service,
     wait_for_endpoints,
 )
+from tests.e2e.objects import apply
 
 pytestmark = pytest.mark.e2e
 

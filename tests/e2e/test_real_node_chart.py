@@ -7,9 +7,10 @@ them over TLS verified with the chart's caBundle."""
 from __future__ import annotations
 
 import kubernetes
-import modeldeployments as md
 import pytest
-from node.release import NAMESPACE
+
+from tests import modeldeployments as md
+from tests.e2e.node.release import NAMESPACE
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +78,7 @@ def test_the_api_server_calls_the_webhook_pods_through_the_chart_ca_bundle(
     bad = md.variant("bad-host", {"spec.offloadingConfig.remoteBackend.host": "http://example.invalid"})
     for ref in ("modelSourceRef", "serviceRef"):
         bad["spec"][ref]["namespace"] = node_namespace
-    refused = real_node.kubectl("apply", "-n", node_namespace, "-f", "-", stdin=md.to_yaml(bad))
+    refused = real_node.kubectl("apply", "-n", node_namespace, "-f", "-", stdin=md.as_yaml(bad))
     assert refused.returncode != 0, refused.stdout
     assert 'admission webhook "validate.modeldeployments.deployment.beamlit.com" denied the request' in (
         refused.stderr
@@ -86,5 +87,5 @@ def test_the_api_server_calls_the_webhook_pods_through_the_chart_ca_bundle(
     good = md.variant("good", {})
     for ref in ("modelSourceRef", "serviceRef"):
         good["spec"][ref]["namespace"] = node_namespace
-    admitted = real_node.kubectl("apply", "-n", node_namespace, "-f", "-", stdin=md.to_yaml(good))
+    admitted = real_node.kubectl("apply", "-n", node_namespace, "-f", "-", stdin=md.as_yaml(good))
     assert admitted.returncode == 0, admitted.stderr

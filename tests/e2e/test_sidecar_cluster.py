@@ -31,34 +31,28 @@ from typing import Any
 
 import httpx
 import kubernetes
-import modeldeployments as md
 import pytest
 import yaml
-from controlplane.process import wait_until
-from fake_metrics_server import FakeMetricsServer
-from paths import REPO_ROOT, TUTORIAL_CLUSTER_A
 
-from crds.decision import INITIAL, step
-from crds.model import OffloadingBehavior
-from sidecar.cluster.config import ClusterConfigSource
 from crds.backoff import Backoff
+from crds.decision import INITIAL, step
+from crds.model import GROUP, PLURAL, VERSION, OffloadingBehavior
 from sidecar.cluster.client import ApiError, KubeClient
+from sidecar.cluster.config import ClusterConfigSource
 from sidecar.cluster.credentials import load_kubeconfig
+from tests import modeldeployments as md
+from tests.e2e.controlplane.kubeconfig import write_service_account_kubeconfig
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.fake_metrics_server import FakeMetricsServer
+from tests.e2e.objects import apply
+from tests.e2e.paths import REPO_ROOT, TUTORIAL_CLUSTER_A
 from webhook.controller.evaluation import MetricsReader, decision_status
 
 pytestmark = pytest.mark.e2e
 
-GROUP_MD = "deployment.beamlit.com"
 ROLE_FILE = REPO_ROOT / "charts" / "offload" / "files" / "sidecar-role.yaml"
 CLUSTER_ROLE = "offload-sidecar-e2e"
 ACCOUNT = "model-server"
-
-
-def apply(kube, doc: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> None:
-    docs = doc if isinstance(doc, list) else [doc]
-    args = ["apply", "-f", "-"] + (["-n", namespace] if namespace else [])
-    done = kube.kubectl(*args, stdin=yaml.safe_dump_all(docs))
-    assert done.returncode == 0, done.stderr
 
 
 def modeldeployment(namespace: str, **changes: Any) -> dict[str, Any]:
@@ -74,6 +68,18 @@ def modeldeployment(namespace: str, **changes: Any) -> dict[str, Any]:
     return doc
 
 
+def grant_modeldeployment_role(kube, namespace: str, rules: list[dict[str, Any]]) -> None:
+    """The per-ModelDeployment Role ``my-model-sidecar`` with `rules` (crds.rbac's), bound to
+    the model's ServiceAccount, as the controller grants it."""
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "my-model-sidecar"}, "rules": rules}  # fmt: skip
+    apply(kube, role, namespace)
+    done = kube.kubectl(
+        "create", "rolebinding", "my-model-sidecar", "--role=my-model-sidecar",
+        f"--serviceaccount={namespace}:{ACCOUNT}", "-n", namespace,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.fixture
 def sidecar_kubeconfig(kube, namespace, tmp_path) -> Path:
     """A kubeconfig with the token of a ServiceAccount bound to the sidecar's Role only."""
@@ -86,24 +92,7 @@ def sidecar_kubeconfig(kube, namespace, tmp_path) -> Path:
     ):  # fmt: skip
         done = kube.kubectl(*args)
         assert done.returncode == 0, done.stderr
-    token = kube.kubectl("create", "token", ACCOUNT, "-n", namespace, "--duration=1h")
-    assert token.returncode == 0, token.stderr
-    admin = yaml.safe_load(Path(kube.kubeconfig).read_text())
-    cluster = admin["clusters"][0]["cluster"]
-    path = tmp_path / "sidecar-kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "e2e", "cluster": cluster}],
-                "users": [{"name": ACCOUNT, "user": {"token": token.stdout.strip()}}],
-                "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": ACCOUNT}}],
-                "current-context": "e2e",
-            }
-        )
-    )
-    return path
+    return write_service_account_kubeconfig(tmp_path / "sidecar-kubeconfig", kube, namespace, ACCOUNT)
 
 
 def test_the_sidecar_role_allows_its_modeldeployment_and_nothing_else(
@@ -243,9 +232,33 @@ def ready_php_apache_pods(kube, namespace: str, count: int = 2) -> list[dict[str
         return ready if len(ready) == count else []
 
     wait_until(f"{count} Running, Ready php-apache pods", ready_pods, 90, alive=kube.processes)
-    pods = ready_pods()
-    time.sleep(2)  # a sample must postdate readiness by its window (1 s), as the HPA requires for cpu
-    return pods
+    return ready_pods()
+
+
+def wait_until_samples_postdate_readiness(kube, namespace: str, pods: list[str], selector: str) -> None:
+    """Polls the pods' PodMetrics through the API server until each pod's sample was taken
+    at least its window after the pod became Ready: only then does the HPA's rule for cpu
+    (crds/hpa.py) count the sample of a pod that is still in its initialization period."""
+    core = kubernetes.client.CoreV1Api(kube.api_client)
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+    ready_since = {}
+    for name in pods:
+        conditions = core.read_namespaced_pod(name, namespace).status.conditions or []
+        (ready,) = [c for c in conditions if c.type == "Ready" and c.status == "True"]
+        ready_since[name] = ready.last_transition_time
+
+    def postdate() -> bool:
+        listed = custom.list_namespaced_custom_object(
+            "metrics.k8s.io", "v1beta1", namespace, "pods", label_selector=selector
+        )
+        taken = {
+            item["metadata"]["name"]: datetime.fromisoformat(item["timestamp"])
+            - timedelta(seconds=float(item["window"].removesuffix("s")))
+            for item in listed["items"]
+        }
+        return all(name in taken and taken[name] >= since for name, since in ready_since.items())
+
+    wait_until("metrics samples a window younger than readiness", postdate, 30, alive=kube.processes)
 
 
 @pytest.fixture
@@ -288,6 +301,9 @@ def test_the_controllers_evaluation_crosses_the_target_both_ways_with_as_many_re
 
         reader = MetricsReader(kube.api_client)
         serve_usage("180m")  # 90% of the 200m request, against a 50% target
+        wait_until_samples_postdate_readiness(
+            kube, namespace, [p["metadata"]["name"] for p in pods], "run=php-apache"
+        )
         [hot] = reader.observe(model, pods)
         assert (hot.current, hot.target) == (90, 50), hot.reason
         assert hot.reason == f"{count} pod{'s' if count > 1 else ''}"
@@ -332,13 +348,7 @@ def test_the_per_modeldeployment_rules_open_exactly_the_referenced_secret(
     model = ClusterConfigSource(None, namespace, "my-model").model_of(doc)  # type: ignore[arg-type]
     assert model is not None
     rules = sidecar_rules_for(model)
-    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "my-model-sidecar"}, "rules": rules}  # fmt: skip
-    apply(kube, role, namespace)
-    done = kube.kubectl(
-        "create", "rolebinding", "my-model-sidecar", "--role=my-model-sidecar",
-        f"--serviceaccount={namespace}:{ACCOUNT}", "-n", namespace,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    grant_modeldeployment_role(kube, namespace, rules)
     for name, value in (("remote-credentials", "s3cret"), ("unrelated", "other")):
         done = kube.kubectl(
             "create", "secret", "generic", name, f"--from-literal=clientSecret={value}", "-n", namespace
@@ -374,7 +384,7 @@ class SidecarProcess:
         *extra: str,
         env: dict[str, str] | None = None,
     ):
-        from controlplane.net import free_port
+        from tests.e2e.controlplane.net import free_port
 
         self.port, self.admin_port = free_port(), free_port()
         env = {
@@ -627,13 +637,7 @@ def test_headers_from_secrets_are_read_with_the_per_modeldeployment_role_and_fol
         assert rules == [
             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["remote-api"], "verbs": ["get"]}
         ]
-        role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "my-model-sidecar"}, "rules": rules}  # fmt: skip
-        apply(kube, role, namespace)
-        done = kube.kubectl(
-            "create", "rolebinding", "my-model-sidecar", "--role=my-model-sidecar",
-            f"--serviceaccount={namespace}:{ACCOUNT}", "-n", namespace,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+        grant_modeldeployment_role(kube, namespace, rules)
 
         def secret(value: str) -> None:
             apply(
@@ -704,9 +708,8 @@ def test_the_controller_decides_from_the_metrics_and_a_sidecar_follows_both_ways
     fake metrics server through the aggregation layer, publishes the decision in the status
     (with an Event, shown by kubectl get mdd), and a sidecar process following that
     ModelDeployment splits exactly as decided."""
-    from test_controller import Cluster, deployment, service, start_controller
-    from test_controller import modeldeployment as controller_modeldeployment
-
+    from tests.e2e.test_controller import Cluster, deployment, service, start_controller
+    from tests.e2e.test_controller import modeldeployment as controller_modeldeployment
     from tests.integration.servers import LoopThread, Upstream
 
     sustain, cooldown, period = 4, 4, 2
@@ -717,13 +720,15 @@ def test_the_controller_decides_from_the_metrics_and_a_sidecar_follows_both_ways
     c.create(service())
     c.wait("2 ready pods", lambda: len(c.ready_pods()) == 2, 60)
     pods = [p.metadata.name for p in c.ready_pods()]
-    time.sleep(2)  # a sample must postdate readiness by its window (1 s), as the HPA requires for cpu
 
     def usage(cpu: str) -> None:
         for pod in pods:
             fake_metrics_server.set_usage(
                 namespace, pod, {"app": "vllm"}, {"model": {"cpu": cpu, "memory": "10Mi"}}
             )
+
+    usage("40m")  # 20% of the 200m request: cool
+    wait_until_samples_postdate_readiness(kube, namespace, pods, "app=vllm")
 
     def status() -> dict[str, Any]:
         return (c.md("my-model") or {}).get("status") or {}
@@ -734,8 +739,7 @@ def test_the_controller_decides_from_the_metrics_and_a_sidecar_follows_both_ways
         md = controller_modeldeployment(name="my-model")
         md["spec"]["offloadingConfig"]["remoteBackend"]["host"] = f"127.0.0.1:{remote.port}"
         md["spec"]["offloadingConfig"]["behavior"].update(sustainSeconds=sustain, cooldownSeconds=cooldown)
-        usage("40m")  # 20% of the 200m request: cool
-        c.create(md)
+        c.create(md)  # its pods' usage: 20% of the 200m request, cool
         sidecar = None
         try:
             c.wait(
@@ -788,9 +792,7 @@ def test_the_controller_decides_from_the_metrics_and_a_sidecar_follows_both_ways
             if sidecar is not None:
                 sidecar.stop()
             # Deleted while the controller runs, so its finalizer comes off.
-            c.custom.delete_namespaced_custom_object(
-                GROUP_MD, "v1alpha1", namespace, "modeldeployments", "my-model"
-            )
+            c.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "my-model")
             c.wait("the ModelDeployment gone", lambda: c.md("my-model") is None, 30)
             for upstream in (local, remote):
                 loop.run(upstream.stop())

@@ -22,17 +22,17 @@ from typing import Any
 
 import kubernetes
 import pytest
-from test_controller import (  # noqa: F401 - cluster is a fixture
+
+from crds.signals import IN_FLIGHT
+from sidecar.demo.llmsim import Capacity, LlmServer
+from tests.e2e.test_controller import (  # noqa: F401 - cluster is a fixture
     Cluster,
     api_requests,
     cluster,
     deployment,
     service,
 )
-from test_controller import modeldeployment as controller_modeldeployment
-
-from crds.signals import IN_FLIGHT
-from sidecar.demo.llmsim import Capacity, LlmServer
+from tests.e2e.test_controller import modeldeployment as controller_modeldeployment
 from tests.integration.servers import LoopThread
 from tests.integration.test_model_signals import Load
 from tests.integration.test_standalone import SidecarProcess

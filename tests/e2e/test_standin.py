@@ -22,19 +22,20 @@ import httpx
 import kubernetes
 import pytest
 import yaml
-from controlplane.admission import mutating_webhook_configuration
-from controlplane.process import wait_until
-from paths import TUTORIAL_CLUSTER_A
-from standin_support import (
+
+from crds.model import GROUP, PLURAL, VERSION
+from tests.e2e.controlplane.admission import mutating_webhook_configuration
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.objects import apply
+from tests.e2e.paths import TUTORIAL_CLUSTER_A
+from tests.e2e.standin_support import (
     GATEWAY_LABELS,
     GatewayProcess,
     Recorder,
-    apply,
     gateway_deployment,
     tutorial_modeldeployment,
 )
-from test_controller import GROUP, PLURAL, VERSION, Cluster, start_controller
-
+from tests.e2e.test_controller import Cluster, start_controller
 from tests.integration.servers import LoopThread, Upstream
 
 pytestmark = pytest.mark.e2e

@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 
 import kubernetes
-import modeldeployments as md
 import pytest
-from controlplane.process import wait_until
-from node.release import NAMESPACE
-from node.traffic import Load, get, wait_until_serving
-from node.workloads import apply, cluster_ip, model_deployment, rollout, running_pods, service
+
+from tests import modeldeployments as md
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.node.release import NAMESPACE
+from tests.e2e.node.traffic import Load, get, wait_until_serving
+from tests.e2e.node.workloads import cluster_ip, model_deployment, rollout, running_pods, service
+from tests.e2e.objects import apply
 
 pytestmark = pytest.mark.e2e
 

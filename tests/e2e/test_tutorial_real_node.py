@@ -37,18 +37,19 @@ from typing import Any
 import kubernetes
 import pytest
 import yaml
-from controlplane.process import wait_until
-from node.traffic import Load, Tally, get, send, wait_until_serving
-from node.workloads import (
+
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.node.traffic import Load, Tally, get, send, wait_until_serving
+from tests.e2e.node.workloads import (
     MODEL_IMAGE,
-    apply,
     describe_pods,
     pod_json,
     rollout,
     running_pods,
     wait_for_endpoints,
 )
-from paths import TUTORIAL_CLUSTER_A, TUTORIAL_MODELDEPLOYMENT
+from tests.e2e.objects import apply
+from tests.e2e.paths import TUTORIAL_CLUSTER_A, TUTORIAL_MODELDEPLOYMENT
 
 pytestmark = pytest.mark.e2e
 

@@ -9,17 +9,19 @@ import json
 from collections.abc import Iterator
 
 import kubernetes
-import modeldeployments as md
 import pytest
-from controlplane.admission import (
+
+from tests import modeldeployments as md
+from tests.e2e.controlplane.admission import (
     MODELDEPLOYMENT_RULE,
     apply_validating_webhook_configuration,
     delete_validating_webhook_configuration,
     validating_webhook_configuration,
 )
-from controlplane.process import wait_until
-from controlplane.webhook_process import WebhookServer
-from paths import TUTORIAL_MODELDEPLOYMENT
+from tests.e2e.controlplane.process import wait_until
+from tests.e2e.controlplane.webhook_process import WebhookServer
+from tests.e2e.objects import modeldeployment_absent
+from tests.e2e.paths import TUTORIAL_MODELDEPLOYMENT
 
 pytestmark = pytest.mark.e2e
 
@@ -50,11 +52,11 @@ def validating_webhook(kube, modeldeployment_crd, run_webhook) -> Iterator[Webho
 def test_api_server_denies_a_bad_modeldeployment_with_our_field_path(kube, validating_webhook, namespace):
     """The schema allows any string as host; our webhook says why this one is wrong."""
     doc = _bad_host(namespace)
-    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.to_yaml(doc))
+    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.as_yaml(doc))
     assert applied.returncode != 0, applied.stdout
     assert f'admission webhook "{WEBHOOK_NAME}" denied the request' in applied.stderr, applied.stderr
     assert "spec.offloadingConfig.remoteBackend.host: must be host[:port] without a scheme" in applied.stderr
-    assert _absent(kube, namespace, "bad-host")
+    assert modeldeployment_absent(kube.api_client, namespace, "bad-host")
 
 
 def test_api_server_denies_the_tutorial_in_another_namespace(kube, validating_webhook, namespace):
@@ -96,7 +98,7 @@ def test_failure_policy_fail_refuses_modeldeployments_while_the_webhook_is_down(
     kube, validating_webhook, namespace
 ):
     validating_webhook.stop()
-    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.to_yaml(_good(namespace)))
+    applied = kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=md.as_yaml(_good(namespace)))
     assert applied.returncode != 0, applied.stdout
     assert f'failed calling webhook "{WEBHOOK_NAME}"' in applied.stderr, applied.stderr
 
@@ -135,12 +137,3 @@ def _wait_until_webhook_is_called(kube) -> None:
         return False
 
     wait_until("the API server to call the validating webhook", denied_by_webhook, 30, alive=kube.processes)
-
-
-def _absent(kube, namespace: str, name: str) -> bool:
-    api = kubernetes.client.CustomObjectsApi(kube.api_client)
-    try:
-        api.get_namespaced_custom_object(md.GROUP, md.VERSION, namespace, md.PLURAL, name)
-    except kubernetes.client.ApiException as exc:
-        return exc.status == 404
-    return False

@@ -12,9 +12,10 @@ import yaml
 
 from certs.issue import issue_ca
 from crds.validation import ValidationSettings, check_host, parse_remote_backend, validate_object
+from tests import modeldeployments as md
 
 DATA = Path(__file__).parents[1] / "testdata" / "modeldeployments"
-TUTORIAL = yaml.safe_load((DATA / "tutorial.yaml").read_text())
+TUTORIAL = md.tutorial()
 BEAMLIT_SAMPLE = yaml.safe_load((DATA / "beamlit-sample.yaml").read_text())
 
 RB = "spec.offloadingConfig.remoteBackend"
@@ -30,22 +31,13 @@ OAUTH_OK = {
 
 
 def edited(**changes: Any) -> dict[str, Any]:
-    """The tutorial's ModelDeployment with dotted-path edits (None deletes)."""
-    obj = copy.deepcopy(TUTORIAL)
-    obj["metadata"]["namespace"] = "default"
-    for dotted, value in changes.items():
-        keys = dotted.split("__")
-        node = obj
-        for key in keys[:-1]:
-            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
-        last = keys[-1]
-        if value is None:
-            del node[last]
-        elif isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return obj
+    """The tutorial's ModelDeployment in namespace default with edits: ``spec__model="x"``
+    sets spec.model (``__`` separates the path's keys), None deletes the field."""
+    paths = {key.replace("__", "."): value for key, value in changes.items()}
+    return md.variant(
+        changes={"metadata.namespace": "default", **{p: v for p, v in paths.items() if v is not None}},
+        remove=[path for path, value in paths.items() if value is None],
+    )
 
 
 def metric(member: str, body: dict[str, Any], type_: str | None = None) -> list[dict[str, Any]]:

@@ -14,8 +14,6 @@ a concurrent change (a ``kubectl apply`` of the old Service) makes the patch fai
 than be overwritten; the next reconcile reads the new version.
 """
 
-from __future__ import annotations
-
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any

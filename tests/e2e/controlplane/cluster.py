@@ -327,7 +327,7 @@ class ControlPlane:
             return
         wait_until(
             f"node {NODE_NAME} Ready",
-            lambda: _node_ready(core, NODE_NAME),
+            lambda: node_ready(core, NODE_NAME),
             STARTUP_TIMEOUT,
             alive=self.processes,
         )
@@ -339,7 +339,8 @@ class ControlPlane:
         )
 
 
-def _node_ready(core: kubernetes.client.CoreV1Api, name: str) -> bool:
+def node_ready(core: kubernetes.client.CoreV1Api, name: str) -> bool:
+    """True when the Node `name` reports condition Ready=True."""
     node = core.read_node(name)
     return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
 

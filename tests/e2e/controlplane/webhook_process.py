@@ -26,6 +26,22 @@ def _console_script(name: str, module: str) -> list[str]:
     return [path] if path else [sys.executable, "-m", module]
 
 
+def injector_config(version: str, *, memory_limit: str | None = "128Mi") -> str:
+    """The injector config (``offload-webhook --injector-config``) of the e2e tier's
+    webhooks: the e2e image, native sidecars, small requests. `version` is its
+    configVersion, `memory_limit` the sidecar's memory limit (None: no limit)."""
+    text = f"""\
+configVersion: "{version}"
+image: ghcr.io/model-offloading/offload:e2e
+proxyPort: 15080
+adminPort: 15090
+nativeSidecar: true
+resources:
+  requests: {{cpu: 50m, memory: 64Mi}}
+"""
+    return text + (f"  limits: {{memory: {memory_limit}}}\n" if memory_limit else "")
+
+
 def issue_certificates(out_dir: Path) -> None:
     """offload-certs: ca.crt, tls.crt and tls.key valid for 127.0.0.1 and localhost."""
     argv = _console_script("offload-certs", "certs.cli") + [

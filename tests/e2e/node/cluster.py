@@ -22,12 +22,13 @@ from typing import Any, Self
 
 import kubernetes
 import yaml
-from controlplane.binaries import Binaries, NodeBinaries, version_of
-from controlplane.cluster import ControlPlane
-from controlplane.kubeconfig import write_kubeconfig
-from controlplane.net import free_port
-from controlplane.pki import ClusterPKI
-from controlplane.process import ManagedProcess, wait_until
+
+from tests.e2e.controlplane.binaries import Binaries, NodeBinaries, version_of
+from tests.e2e.controlplane.cluster import ControlPlane, node_ready
+from tests.e2e.controlplane.kubeconfig import write_kubeconfig
+from tests.e2e.controlplane.net import free_port
+from tests.e2e.controlplane.pki import ClusterPKI
+from tests.e2e.controlplane.process import ManagedProcess, wait_until
 
 from . import host
 from .host import (
@@ -283,7 +284,7 @@ class RealNodeCluster:
         )
         core = kubernetes.client.CoreV1Api(self.plane.api_client)
         wait_until(
-            f"node {NODE_NAME} Ready", lambda: _node_ready(core, NODE_NAME), STARTUP_TIMEOUT, alive=[proc]
+            f"node {NODE_NAME} Ready", lambda: node_ready(core, NODE_NAME), STARTUP_TIMEOUT, alive=[proc]
         )
 
     def _start_kube_proxy(self) -> None:
@@ -398,11 +399,6 @@ class RealNodeCluster:
             return any(c.type == "Available" and c.status == "True" for c in conditions)
 
         wait_until(f"APIService {METRICS_API} Available", available, STARTUP_TIMEOUT, alive=[proc])
-
-
-def _node_ready(core: kubernetes.client.CoreV1Api, name: str) -> bool:
-    node = core.read_node(name)
-    return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
 
 
 def _cni_config() -> dict[str, Any]:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kubernetes
-from paths import REPO_ROOT
+
+from tests.e2e.paths import REPO_ROOT
 
 CHART = REPO_ROOT / "charts" / "offload"
 RELEASE = "offload"

@@ -6,17 +6,11 @@ import json
 from typing import Any
 
 import kubernetes
-import yaml
-from controlplane.process import wait_until
+
+from tests.e2e import objects
+from tests.e2e.controlplane.process import wait_until
 
 MODEL_IMAGE = "localhost/offload-e2e-model:1"  # tests/e2e/node/images/model, built here
-
-
-def apply(cluster, docs: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> None:
-    docs = docs if isinstance(docs, list) else [docs]
-    args = ["apply", "-f", "-"] + (["-n", namespace] if namespace else [])
-    done = cluster.kubectl(*args, stdin=yaml.safe_dump_all(docs))
-    assert done.returncode == 0, f"kubectl apply failed: {done.stderr}"
 
 
 def model_deployment(
@@ -34,16 +28,7 @@ def model_deployment(
     }
     if served_by:
         container["env"] = [{"name": "SERVED_BY", "value": served_by}]
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
-        },
-    }
+    return objects.deployment(name, [container], labels=labels, replicas=replicas)
 
 
 def service(
