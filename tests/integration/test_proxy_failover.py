@@ -257,7 +257,7 @@ def test_an_https_remote_with_an_untrusted_certificate_is_not_used(harnesses, tl
 def test_old_remote_targets_are_forgotten_and_requests_follow_the_newest(harnesses, lt):
     """A token refresh or caBundle change makes a new RemoteTarget: old ones (and
     their tokens, pools, breakers) are dropped beyond a few, the newest serves."""
-    from sidecar.proxy.server import MAX_KEPT_ROUTES
+    from sidecar.proxy.remote import MAX_KEPT_ROUTES
     from sidecar.proxy.routing import RemoteTarget, RoutePlan
 
     h = harnesses(percentage=100)
@@ -277,12 +277,12 @@ def test_old_remote_targets_are_forgotten_and_requests_follow_the_newest(harness
             r = c.get("/echo")
             assert r.status_code == 200 and r.json()["server"] == "remote"
             assert {n.lower(): v for n, v in r.json()["headers"]}["authorization"] == f"Bearer token-{i}"
-            pools = lt.call(lambda: list(h.proxy._pools.values()))
-            assert len(h.proxy._routes) <= MAX_KEPT_ROUTES + 1
-            assert len(pools) <= MAX_KEPT_ROUTES + 1 and len(h.proxy._breakers) <= MAX_KEPT_ROUTES + 1
+            pools = lt.call(lambda: list(h.proxy.remotes.pools.values()))
+            assert len(h.proxy.remotes.routes) <= MAX_KEPT_ROUTES + 1
+            assert len(pools) <= MAX_KEPT_ROUTES + 1 and len(h.proxy.remotes.breakers) <= MAX_KEPT_ROUTES + 1
             if i == 0:
                 first_pool = pools[0]
-    kept_tokens = {dict(t.headers)["Authorization"] for t in h.proxy._routes}
+    kept_tokens = {dict(t.headers)["Authorization"] for t in h.proxy.remotes.routes}
     assert "Bearer token-99" in kept_tokens and "Bearer token-0" not in kept_tokens
     assert first_pool.closed and not first_pool.idle  # its connections were closed with it
     assert h.remote.count() == 100 and h.local.count() == 0
@@ -309,7 +309,7 @@ def test_a_remote_that_cannot_be_encoded_is_never_a_500_but_served_locally(harne
 
 
 def remote_breaker(h):
-    (breaker,) = h.proxy._breakers.values()
+    (breaker,) = h.proxy.remotes.breakers.values()
     return breaker
 
 
