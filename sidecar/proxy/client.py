@@ -52,7 +52,9 @@ class ClientConnection(asyncio.Protocol):
         "held_size",
         "in_head",
         "ip",
+        "clock",
         "last_activity",
+        "max_header_bytes",
         "max_header_count",
         "parser",
         "parsing",
@@ -85,6 +87,8 @@ class ClientConnection(asyncio.Protocol):
         self.raw_head_bytes = 0  # bytes of an unfinished head in earlier reads
         self.read_size = 0  # bytes in the read being parsed
         self.max_header_count = server.settings.max_header_count
+        self.max_header_bytes = server.settings.max_header_bytes
+        self.clock = server.clock
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.last_activity = 0.0
@@ -110,11 +114,11 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.ip = peer[0].encode("ascii")
-        self.last_activity = self.server.clock.now
+        self.last_activity = self.clock.now
         self.server.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.server.clock.now
+        self.last_activity = self.clock.now
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
@@ -164,7 +168,7 @@ class ClientConnection(asyncio.Protocol):
                 self.raw_head_bytes += len(data)
             elif not self.feed_completed:  # this read began with this head
                 self.raw_head_bytes = len(data)
-            if self.raw_head_bytes > self.server.settings.max_header_bytes:
+            if self.raw_head_bytes > self.max_header_bytes:
                 self.rejection = Rejection(431, "request header section too large")
                 self.reject()
 
@@ -197,7 +201,7 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.last_activity = self.server.clock.now
+        self.last_activity = self.clock.now
         ex = self.current
         if ex is not None:
             ex.resume_response()
@@ -236,17 +240,15 @@ class ClientConnection(asyncio.Protocol):
         if self.closing:
             return
         headers = self.headers
-        settings = self.server.settings
+        limit = self.max_header_bytes
         # The head lies within this read and the earlier reads of it: only when
         # those could exceed the limit is the head itself measured.
-        if self.raw_head_bytes + self.read_size > settings.max_header_bytes:
-            if len(self.url) > settings.max_header_bytes:
+        if self.raw_head_bytes + self.read_size > limit:
+            if len(self.url) > limit:
                 self.rejection = Rejection(431, "request target too long")
                 raise _Reject
-            if len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > settings.max_header_bytes:
-                self.rejection = Rejection(
-                    431, f"header section larger than {settings.max_header_bytes} bytes"
-                )
+            if len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > limit:
+                self.rejection = Rejection(431, f"header section larger than {limit} bytes")
                 raise _Reject
         parser = self.parser
         head = inspect_request(parser.get_method(), self.url, parser.get_http_version(), headers)
@@ -255,8 +257,6 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject
         exchange = Exchange(self, head)
         self.parsing = exchange
-        if self.server.draining:
-            exchange.keep_alive = False
         if self.current is None:
             self.current = exchange
             exchange.start()

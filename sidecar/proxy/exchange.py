@@ -116,13 +116,13 @@ class Exchange:
         self.pool: UpstreamPool | None = None
         self.upstream: UpstreamConnection | None = None
         self.connect_task: asyncio.Task | None = None
-        self.pending: list[bytes] = []  # body read from the client, not yet sent on
+        self.pending: list[bytes] | None = None  # body read from the client, not yet sent on
         self.sent: list[bytes] | None = []  # body sent on, kept for a retry (None: too big)
         self.sent_size = 0
         self.request_complete = False
         self.reused = False
         self.done = False
-        self.keep_alive = head.keep_alive
+        self.keep_alive = head.keep_alive and not self.server.draining  # draining: close after it
         self.t_start = 0.0
         self.attempts = 0
         self.tried_local = False
@@ -135,12 +135,14 @@ class Exchange:
         # Bytes for the upstream, gathered while one client read is parsed and
         # written once after it: one send per read, like a C proxy.
         self.up_out: list[bytes] = []
-        # The response (reset per attempt by bind).
+        # The response. Set per attempt by bind: parser, head_buf (the response
+        # head's bytes until it is complete), head_pos (where in head_buf the next
+        # head starts, after a 1xx), frame (how the body travels, FRAME_*).
         self.parser: Any = None
+        self.head_buf: bytes
+        self.head_pos: int
+        self.frame: int
         self.status = 0
-        self.head_buf = b""  # the response head's bytes until it is complete
-        self.head_pos = 0  # where in head_buf the next head starts (after a 1xx)
-        self.frame = -1
         self.final = False  # the final response head was received
         self.eof_body = False  # the upstream ends this response body by closing
         self.continue_sent = False
@@ -245,11 +247,11 @@ class Exchange:
         up_out.append(data)
         pending = self.pending
         if self.sent:  # a retry: what the last attempt sent goes first
-            pending = self.sent + pending
+            pending = self.sent + pending if pending else self.sent
             self.sent = []
             self.sent_size = 0
         if pending:
-            self.pending = []
+            self.pending = None
             for chunk in pending:
                 self.send_body(chunk)
         if self.request_complete and head.body == BODY_CHUNKED:
@@ -572,7 +574,10 @@ class Exchange:
             if not self.client.feeding:
                 self.flush_up()
         elif not self.done:
-            self.pending.append(chunk)
+            if self.pending is None:
+                self.pending = [chunk]
+            else:
+                self.pending.append(chunk)
 
     def request_done(self) -> None:
         self.request_complete = True
@@ -601,8 +606,8 @@ class Exchange:
         conn = self.upstream
         if conn is not None:
             self.upstream = None
-            conn.release()
             # Never after an upgrade attempt: what the upstream did with it is unknown.
+            # (Either way the connection carries nothing any more.)
             if reusable and self.request_complete and not self.head.websocket:
                 self.pool.put(conn)  # type: ignore[union-attr]
             else:

@@ -220,7 +220,7 @@ def inspect_request(
                     head.forwarded_proto = True
                 else:
                     head.forwarded_host = True
-            lines.append(b"%b: %b\r\n" % (name, value))
+            lines.append(b"".join((name, b": ", value, b"\r\n")))  # cheaper than bytes %
             names.append(lname)
         elif lname == b"host":
             hosts += 1

@@ -43,6 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "clock",
         "closed",
         "idle_since",
         "last_activity",
@@ -56,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
+        self.clock = pool.clock
         self.transport: Any = None
         self.reader: ResponseReader | None = None
         self.sender: ReadPauses | None = None
@@ -70,7 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         while this connection's write buffer is full."""
         self.reader = reader
         self.sender = sender
-        self.last_activity = self.pool.clock.now
+        self.last_activity = self.clock.now
 
     def release(self) -> None:
         """The request is answered: nothing is carried (the pool may keep it)."""
@@ -97,7 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
         set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.pool.clock.now
+        self.last_activity = self.clock.now
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
@@ -186,11 +188,13 @@ class UpstreamPool:
         return None
 
     def put(self, conn: UpstreamConnection) -> None:
+        """Keep ``conn`` for the next request to this upstream (or close it when full)."""
         if conn.closed:
             return
         if len(self.idle) >= self.max_idle or self.closed:
             conn.close()
             return
+        conn.reader = conn.sender = None  # idle: it carries nothing (what release() does, inlined)
         conn.resume_reading()
         conn.idle_since = self.clock.now
         self.idle.append(conn)
