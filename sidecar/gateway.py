@@ -666,7 +666,7 @@ class GatewayAdmin(AdminServer):
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    from sidecar.cli import _HelpFormatter, address, duration, positive_duration
+    from sidecar.options import HelpFormatter as _HelpFormatter, address, duration, positive_duration
 
     env = os.environ if env is None else env
     defaults = ProxySettings()

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.demo.cpu import Child
+from sidecar.demo.child import Child
 from sidecar.demo.llmsim import Capacity
 
 MODEL = Capacity(slots=4, prefill=0.15, tokens=16, token_interval=0.025, cpu_per_token=0.0003)

@@ -42,6 +42,7 @@ class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests, runs their exchanges in order."""
 
     __slots__ = (
+        "clock",
         "closing",
         "current",
         "eof",
@@ -52,7 +53,6 @@ class ClientConnection(asyncio.Protocol):
         "held_size",
         "in_head",
         "ip",
-        "clock",
         "last_activity",
         "max_header_bytes",
         "max_header_count",

@@ -399,7 +399,9 @@ class Exchange:
             self.upstream_upgraded(data[exc.args[0] :])
             return
         except httptools.HttpParserError as exc:
-            if conn is not None and not conn.closed:  # closed: the request went to the other backend (Retried)
+            if (
+                conn is not None and not conn.closed
+            ):  # closed: the request went to the other backend (Retried)
                 self.upstream_broken(f"invalid response from upstream: {exc}")
             return
         if self.out:

@@ -239,7 +239,9 @@ class RemoteRoutes:
             breaker = self.breakers.get(key)
             if breaker is None:
                 breaker = self.breakers[key] = CircuitBreaker(self.settings.breaker)
-            route = routes[target] = RemoteRoute(target, encoded, pool, breaker, stats=self.stats, time=self.time)
+            route = routes[target] = RemoteRoute(
+                target, encoded, pool, breaker, stats=self.stats, time=self.time
+            )
             if len(routes) > MAX_KEPT_ROUTES + 1:
                 self._forget_old_routes()
         else:

@@ -1,0 +1,65 @@
+"""Command-line value types shared by ``offload-sidecar`` and its gateway mode.
+
+Durations are Go durations, as Kubernetes users write them (``1m30s``, ``500ms``), parsed
+by :func:`crds.hpa.parse_go_duration`; a bare number is seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+
+from crds.hpa import parse_go_duration
+
+_SECONDS = re.compile(r"\d+(?:\.\d+)?")  # a bare number of seconds
+
+
+def duration(text: str) -> float:
+    """``500ms``, ``1s``, ``2m``, ``1m30s``, ``1.5`` (seconds) -> seconds.
+
+    >>> duration("1m30s"), duration("500ms"), duration("1.5")
+    (90.0, 0.5, 1.5)
+    """
+    text = text.strip()
+    if _SECONDS.fullmatch(text):
+        return float(text)
+    try:
+        if not text:
+            raise ValueError(text)
+        return parse_go_duration(text).total_seconds()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (examples: 500ms, 1s, 2m, 1m30s)"
+        ) from None
+
+
+def positive_duration(text: str) -> float:
+    value = duration(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
+    return value
+
+
+def address(default_host: str) -> Callable[[str], tuple[str, int]]:
+    """The parser of ``host:port``, ``[v6]:port`` or a bare ``port`` (on ``default_host``)."""
+
+    def parse(text: str) -> tuple[str, int]:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = default_host, text
+        host = host.strip("[]") or default_host
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"not host:port: {text!r}")
+        return host, int(port)
+
+    return parse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the absent ones."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
