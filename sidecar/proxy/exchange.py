@@ -219,7 +219,7 @@ class Exchange:
         client = self.client
         reading = client.reading
         self.upstream = conn
-        conn.carry(self, reading)
+        conn.carry(self)
         self.reused = reused
         self.parser = httptools.HttpResponseParser(self)
         self.final = False
@@ -545,7 +545,14 @@ class Exchange:
             self.flush()
         self.client.open_tunnel(conn)
 
-    # --- the client's signals --------------------------------------------------------
+    # --- flow control and timeouts ------------------------------------------------------
+
+    def upstream_full(self) -> None:
+        """The upstream isn't taking bytes as fast as the client sends: stop reading the client."""
+        self.client.reading.pause(PAUSE_UPSTREAM_FULL)
+
+    def upstream_drained(self) -> None:
+        self.client.reading.unpause(PAUSE_UPSTREAM_FULL)
 
     def pause_response(self) -> None:
         """The client isn't taking bytes: stop reading the upstream's response."""

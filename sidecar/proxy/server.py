@@ -43,6 +43,9 @@ class ProxyServer:
 
     ``ready`` turns False the moment shutdown begins (``on_ready_change`` is called
     with the new value) so the admin port's /readyz can fail at once.
+
+    ``loop`` is the event loop its connections use; ``start`` sets it to the running
+    loop. Given, connections can be driven without listening (protocol tests).
     """
 
     def __init__(
@@ -52,6 +55,8 @@ class ProxyServer:
         settings: ProxySettings = ProxySettings(),
         stats: ProxyStats | None = None,
         on_ready_change: Callable[[bool], None] | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
     ):
         self.routing = routing
         self.local = local
@@ -69,7 +74,7 @@ class ProxyServer:
         self.draining = False
         self.ready = False
         self.port = 0
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.loop: asyncio.AbstractEventLoop = loop  # type: ignore[assignment]
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._idle: asyncio.Event | None = None

@@ -15,16 +15,15 @@ import asyncio
 import ssl
 from typing import Any, Protocol
 
-from sidecar.proxy.flow import PAUSE_UPSTREAM_FULL, CoarseClock, ReadPauses, set_nodelay
+from sidecar.proxy.flow import CoarseClock, set_nodelay
 
 
-class ResponseReader(Protocol):
-    """What an upstream connection hands its bytes and its end to while it carries
-    a request: the request's Exchange.
+class Carried(Protocol):
+    """What an upstream connection tells the request it carries: the request's Exchange.
 
     Breaks the reversed dependency upstream -> exchange: sidecar.proxy.exchange
     binds these connections (it imports this module), so this module names only
-    the two calls it makes.
+    the calls it makes.
     """
 
     def response_data(self, data: bytes) -> None:
@@ -33,13 +32,19 @@ class ResponseReader(Protocol):
     def upstream_lost(self) -> None:
         """The connection closed while carrying the request."""
 
+    def upstream_full(self) -> None:
+        """The connection's write buffer is full: stop reading the request body."""
+
+    def upstream_drained(self) -> None:
+        """The write buffer drained: read the request body again."""
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream: idle in its pool, or carrying one request.
 
-    While it carries one, its bytes go to the ``reader`` and a full write buffer
-    pauses the ``sender``'s reading (the client whose request body it carries);
-    after a WebSocket 101, bytes go straight to and from the client's transport.
+    While it carries one, its bytes, its end and its write buffer's state go to
+    that request (``carried``); after a WebSocket 101, bytes go straight to and
+    from the client's transport.
     """
 
     __slots__ = (
@@ -47,10 +52,9 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "idle_since",
         "last_activity",
+        "carried",
         "pool",
-        "reader",
         "reading_paused",
-        "sender",
         "transport",
         "tunnel",
     )
@@ -59,32 +63,27 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.clock = pool.clock
         self.transport: Any = None
-        self.reader: ResponseReader | None = None
-        self.sender: ReadPauses | None = None
+        self.carried: Carried | None = None
         self.closed = False
         self.idle_since = 0.0
         self.last_activity = 0.0
         self.tunnel: Any = None  # the client transport once a WebSocket is switched
         self.reading_paused = False
 
-    def carry(self, reader: ResponseReader, sender: ReadPauses) -> None:
-        """Carry one request: the response goes to ``reader``; ``sender`` is paused
-        while this connection's write buffer is full."""
-        self.reader = reader
-        self.sender = sender
+    def carry(self, request: Carried) -> None:
+        """Carry one request: what arrives from now on is its response."""
+        self.carried = request
         self.last_activity = self.clock.now
 
     def release(self) -> None:
         """The request is answered: nothing is carried (the pool may keep it)."""
-        self.reader = None
-        self.sender = None
+        self.carried = None
 
     def open_tunnel(self, client_transport: Any, held: list[bytes] | None) -> None:
         """A WebSocket 101 was relayed: from now on bytes go straight to
         ``client_transport``. ``held``: what the client sent after its upgrade
         request, written first (the upstream reads it as WebSocket frames now)."""
-        self.reader = None
-        self.sender = None
+        self.carried = None
         if held:
             self.transport.writelines(held)
         self.tunnel = client_transport
@@ -103,34 +102,33 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
-        reader = self.reader
-        if reader is None:  # an idle connection talking: don't trust it further
+        carried = self.carried
+        if carried is None:  # an idle connection talking: don't trust it further
             self.close()
             return
-        reader.response_data(data)
+        carried.response_data(data)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        reader = self.reader
-        if reader is not None:
-            self.reader = None
-            self.sender = None
-            reader.upstream_lost()
+        carried = self.carried
+        if carried is not None:
+            self.carried = None
+            carried.upstream_lost()
         elif self.tunnel is not None:
             self.tunnel.close()
 
     def pause_writing(self) -> None:
-        if self.sender is not None:
-            self.sender.pause(PAUSE_UPSTREAM_FULL)
+        if self.carried is not None:
+            self.carried.upstream_full()
         elif self.tunnel is not None:
             self.tunnel.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.sender is not None:
-            self.sender.unpause(PAUSE_UPSTREAM_FULL)
+        if self.carried is not None:
+            self.carried.upstream_drained()
         elif self.tunnel is not None:
             self.tunnel.resume_reading()
 
@@ -146,8 +144,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close without reusing (an unfinished or doubtful exchange)."""
-        self.reader = None
-        self.sender = None
+        self.carried = None
         if not self.closed:
             self.closed = True
             self.transport.abort()
@@ -194,7 +191,7 @@ class UpstreamPool:
         if len(self.idle) >= self.max_idle or self.closed:
             conn.close()
             return
-        conn.reader = conn.sender = None  # idle: it carries nothing (what release() does, inlined)
+        conn.carried = None  # idle: it carries nothing (release(), inlined)
         conn.resume_reading()
         conn.idle_since = self.clock.now
         self.idle.append(conn)
