@@ -13,7 +13,7 @@ import pytest
 from certs.issue import issue_ca, issue_serving_cert
 from sidecar.proxy.breaker import BreakerSettings
 from sidecar.proxy.server import ProxySettings
-from tests.integration.servers import LoopThread, ProxyHarness, Upstream
+from tests.integration.servers import LoopThread, ProxyHarness, Upstream, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,9 @@ def test_the_breaker_probes_again_and_closes_when_the_remote_is_back(harnesses, 
         revived = Upstream("remote")
         lt.run(revived.start(port))
         h.remote = revived
-        time.sleep(0.3)
+        # The next request probes once the breaker's backoff is over, on the proxy's clock.
+        breaker = remote_breaker(h)
+        wait_until(lambda: lt.call(h.proxy.loop.time) >= breaker.retry_at, "the breaker's backoff is over")
         assert [c.get("/echo").headers["x-upstream"] for _ in range(5)] == ["remote"] * 5
     assert h.proxy.stats.breaker_state == "closed"
 
@@ -198,7 +200,8 @@ def test_while_shutting_down_a_dead_local_model_is_a_503_with_retry_after(harnes
     import asyncio
 
     future = asyncio.run_coroutine_threadsafe(h.proxy.shutdown(3.0), lt.loop)
-    time.sleep(0.1)  # within the grace: still accepting, no longer ready
+    wait_until(lambda: h.proxy.draining, "the shutdown began")  # within the grace: still accepting
+    assert not h.proxy.ready
     with httpx.Client(base_url=h.url, timeout=10) as c:
         r = c.get("/echo")
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
