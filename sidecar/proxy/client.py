@@ -255,7 +255,7 @@ class ClientConnection(asyncio.Protocol):
         if type(head) is Rejection:
             self.rejection = head
             raise _Reject
-        exchange = Exchange(self, head)
+        exchange = Exchange(self, head)  # type: ignore[arg-type]  # not a Rejection here
         self.parsing = exchange
         if self.current is None:
             self.current = exchange
@@ -341,7 +341,7 @@ class ClientConnection(asyncio.Protocol):
 
     # --- flow ----------------------------------------------------------------------
 
-    def exchange_finished(self, exchange: Any) -> None:
+    def exchange_finished(self, exchange: Exchange) -> None:
         if exchange is not self.current:
             return
         self.current = None

@@ -22,10 +22,11 @@ from sidecar.proxy.server import ProxyServer, ProxySettings
 from sidecar.proxy.upstream import UpstreamConnection
 
 
-class FakeTransport:
+class FakeTransport(asyncio.Transport):
     """Stands in for a connected TCP socket's asyncio transport."""
 
     def __init__(self, protocol: Any, peer: tuple[str, int] = ("127.0.0.1", 40000)):
+        super().__init__()
         self.protocol = protocol
         self.peer = peer
         self.data = bytearray()  # everything written, in order
