@@ -10,7 +10,7 @@ product's own code: the ProxyServer (not listening), its pools, the parsers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -36,10 +36,10 @@ class FakeTransport(asyncio.Transport):
         self.aborted = False
 
     # what the protocols call
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.data += data
 
-    def writelines(self, pieces: list[bytes]) -> None:
+    def writelines(self, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
         for piece in pieces:
             self.data += piece
 
