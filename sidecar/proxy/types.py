@@ -3,10 +3,12 @@
 The data path's objects are created top down: the server makes a ClientConnection
 per connection, a client makes an Exchange per request, an Exchange binds an
 UpstreamConnection. Each also reports back up (a connection closed, an exchange
-finished, the upstream's bytes arrived). Those back-references are typed here,
-by what they may use, so that no module imports the module above it; the
-modules import downwards only (server -> client -> exchange -> upstream -> flow).
-Protocols cost nothing at run time.
+finished). Those back-references are typed here, by what they may use, so that
+no module imports the module above it; the modules import downwards only
+(server -> client -> exchange -> remote -> upstream -> flow). The upstream side's
+own back-reference, what a connection tells the request it carries, is
+:class:`sidecar.proxy.upstream.Carried`, declared where it is used. Protocols
+cost nothing at run time: this module is imported only for type checking.
 """
 
 from __future__ import annotations
