@@ -90,6 +90,10 @@ def drive(port: int, request: bytes, count: int, connections: int) -> None:
             s.close()
 
 
+def has_totals(path: Path) -> bool:
+    return any(line.startswith(("summary:", "totals:")) for line in path.read_text().splitlines())
+
+
 def callgrind_total(path: Path) -> int:
     for line in path.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
@@ -135,10 +139,14 @@ def measure(
         subprocess.run(
             ["callgrind_control", "-d", f"{workload}", str(proc.pid)], check=True, capture_output=True
         )
-        time.sleep(0.5)
-        dumps = sorted(tmp.glob(f"callgrind.{workload}.{proc.pid}.*"))
-        if not dumps:
-            raise RuntimeError("callgrind wrote no dump")
+        # The dump is complete once its totals line is written.
+        deadline = time.monotonic() + 30
+        while not (dumps := sorted(tmp.glob(f"callgrind.{workload}.{proc.pid}.*"))) or not has_totals(
+            dumps[-1]
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("callgrind wrote no complete dump")
+            time.sleep(0.05)
         if annotate:
             shutil.copy(dumps[-1], f"/tmp/callgrind.{workload}.out")
             text = subprocess.run(
