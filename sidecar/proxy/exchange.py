@@ -609,8 +609,13 @@ class Exchange:
     def finish(self, reusable: bool) -> None:
         self.done = True
         self.parser = None  # no reference cycle: freed by refcount, not by the GC
-        if self.out:
-            self.flush()
+        out = self.out
+        if out:  # flush(), inlined: once per request
+            if len(out) == 1:
+                self.client.transport.write(out[0])
+            else:
+                self.client.transport.writelines(out)
+            out.clear()
         server = self.server
         conn = self.upstream
         if conn is not None:

@@ -192,7 +192,8 @@ class UpstreamPool:
             conn.close()
             return
         conn.carried = None  # idle: it carries nothing (release(), inlined)
-        conn.resume_reading()
+        if conn.reading_paused:  # a client that was slow to read: read again while idle
+            conn.resume_reading()
         conn.idle_since = self.clock.now
         self.idle.append(conn)
 
