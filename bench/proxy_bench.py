@@ -25,6 +25,11 @@ generator and the upstream share core 1:
 HAProxy runs with one thread and `option http-no-delay` (its default batches SSE
 events by 100-200 ms). The table prints each figure, HAProxy's, their ratio, and
 the goal from the issue. It installs nothing; it needs: apt-get install -y haproxy nginx wrk
+
+To compare two versions of the sidecar in one run (same machine, same minute),
+give each source tree: ``--source before=/path/to/old/checkout --source after=.``.
+Each runs as its own target (its tree first on the child's PYTHONPATH, and its
+working directory); a table per version follows, then one side by side.
 """
 
 from __future__ import annotations
@@ -163,12 +168,33 @@ backend be
     return proc
 
 
-def _start_python_relay(command: list[str], port: int, upstream: int) -> Proc:
+def parse_source(text: str) -> tuple[str, Path]:
+    """``LABEL=DIR`` (or just ``DIR``, labelled by its name) -> (label, absolute DIR).
+
+    >>> parse_source("before=/tmp/old")
+    ('before', PosixPath('/tmp/old'))
+    """
+    label, _, directory = text.rpartition("=")
+    path = Path(directory).resolve()
+    return label or path.name, path
+
+
+def source_env(source: Path) -> dict[str, str]:
+    """The environment of a child that must import the product from ``source``:
+    that tree first on PYTHONPATH (the child's working directory is set to it too,
+    as ``python -m`` puts the working directory before PYTHONPATH)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _start_python_relay(command: list[str], port: int, upstream: int, source: Path = REPO) -> Proc:
     """A Python proxy (the sidecar or the bare relay) on the proxy core, in front of upstream."""
     proc = Proc(
         [sys.executable, *command, "--listen", f"127.0.0.1:{port}", "--local", f"127.0.0.1:{upstream}"],
         PROXY_CORE,
-        cwd=REPO,
+        cwd=source,
+        env=source_env(source),
     )
     wait_port(port)
     return proc
@@ -178,8 +204,9 @@ def start_bare_relay(port: int, upstream: int) -> Proc:
     return _start_python_relay([str(HERE / "bare_relay.py")], port, upstream)
 
 
-def start_sidecar(port: int, upstream: int) -> Proc:
-    return _start_python_relay(["-m", "sidecar.proxy"], port, upstream)
+def start_sidecar(port: int, upstream: int, source: Path = REPO) -> Proc:
+    """``python -m sidecar.proxy`` from the tree ``source``."""
+    return _start_python_relay(["-m", "sidecar.proxy"], port, upstream, source)
 
 
 # --- wrk -----------------------------------------------------------------------------------
@@ -377,28 +404,37 @@ def check_tools() -> None:
 
 
 @contextmanager
-def proxies(tmp: Path, upstream: int, tag: str, bare: bool):
-    hp, sp, bp = free_port(), free_port(), free_port()
-    haproxy = start_haproxy(tmp, hp, upstream, tag)
-    sidecar = start_sidecar(sp, upstream)
-    targets = {"haproxy": (haproxy, hp), "sidecar": (sidecar, sp)}
-    if bare:
-        targets["bare"] = (start_bare_relay(bp, upstream), bp)
+def proxies(tmp: Path, upstream: int, tag: str, bare: bool, sources: dict[str, Path]):
+    """HAProxy, one sidecar per source (named by :func:`sidecar_names`), the bare relay."""
+    hp, bp = free_port(), free_port()
+    targets = {"haproxy": (start_haproxy(tmp, hp, upstream, tag), hp)}
     try:
+        for name, source in zip(sidecar_names(sources), sources.values()):
+            sp = free_port()
+            targets[name] = (start_sidecar(sp, upstream, source), sp)
+        if bare:
+            targets["bare"] = (start_bare_relay(bp, upstream), bp)
         yield targets
     finally:
         for proc, _ in targets.values():
             proc.stop()
 
 
-def request_runs(tmp: Path, seconds: float, repeats: int, bare: bool) -> dict:
+def sidecar_names(sources: dict[str, Path]) -> list[str]:
+    """``sidecar`` for the one tree of a plain run, ``sidecar:LABEL`` per tree when comparing."""
+    if list(sources) == ["sidecar"]:
+        return ["sidecar"]
+    return [f"sidecar:{label}" for label in sources]
+
+
+def request_runs(tmp: Path, seconds: float, repeats: int, bare: bool, sources: dict[str, Path]) -> dict:
     """Runs alternate between targets and repeat, and medians are kept: this
     machine is shared, and a burst of someone else's work should hit all alike."""
     nginx_port = free_port()
     nginx = start_nginx(tmp, nginx_port)
     out: dict = {}
     try:
-        with proxies(tmp, nginx_port, "http", bare) as targets:
+        with proxies(tmp, nginx_port, "http", bare, sources) as targets:
             time.sleep(0.5)
             for name, (proc, port) in targets.items():
                 out[f"{name}.rss_idle"] = proc.status_kib("VmRSS") / 1024
@@ -445,7 +481,7 @@ def request_runs(tmp: Path, seconds: float, repeats: int, bare: bool) -> dict:
     return out
 
 
-def streaming_runs(tmp: Path, events: int, interval: float, bare: bool) -> dict:
+def streaming_runs(tmp: Path, events: int, interval: float, bare: bool, sources: dict[str, Path]) -> dict:
     sse_port = free_port()
     server = Proc(
         [sys.executable, __file__, "--sse-server", str(sse_port), str(events), str(interval)], LOAD_CORE
@@ -453,7 +489,7 @@ def streaming_runs(tmp: Path, events: int, interval: float, bare: bool) -> dict:
     wait_port(sse_port)
     out: dict = {}
     try:
-        with proxies(tmp, sse_port, "sse", bare) as targets:
+        with proxies(tmp, sse_port, "sse", bare, sources) as targets:
             for streams in (10, 1000):
                 # Straight to the upstream, in the same run: the reference printed beside.
                 everyone = {"direct": (None, sse_port), **targets}
@@ -546,11 +582,11 @@ def ratio(reference, value) -> str:
     return f"{value / reference:.2f}x" if ok else "-"
 
 
-def print_table(results: dict) -> None:
+def print_table(results: dict, sidecar: str = "sidecar") -> None:
     bare = any(k.startswith("bare.") for k in results)
     header = (
         "figure",
-        "sidecar",
+        sidecar,
         "HAProxy",
         "ratio",
         "goal",
@@ -560,7 +596,7 @@ def print_table(results: dict) -> None:
     )
     rows = []
     for label, key, unit, goal, check in ROWS:
-        s, h = results.get(f"sidecar.{key}"), results.get(f"haproxy.{key}")
+        s, h = results.get(f"{sidecar}.{key}"), results.get(f"haproxy.{key}")
         if s is None or h is None:
             continue
         met = "" if check is None else ("yes" if check(s, h) else "NO")
@@ -571,12 +607,32 @@ def print_table(results: dict) -> None:
         d = results.get(f"direct.{key}")  # the same figure without a proxy, same run
         row += ("-" if d is None else fmt(d),)
         rows.append(row)
+    print_rows(header, rows)
+
+
+def print_rows(header: tuple[str, ...], rows: list[tuple]) -> None:
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
     line = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
     print(line.format(*header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line.format(*r))
+
+
+def print_comparison(results: dict, names: list[str]) -> None:
+    """The versions side by side: each figure and its ratio to HAProxy's, same run."""
+    header = ("figure", *(f"{n} {col}" for n in names for col in ("", "/ HAProxy")), "HAProxy")
+    rows = []
+    for label, key, unit, _, _ in ROWS:
+        h = results.get(f"haproxy.{key}")
+        values = [results.get(f"{n}.{key}") for n in names]
+        if h is None or any(v is None for v in values):
+            continue
+        cells: list[str] = []
+        for v in values:
+            cells += (fmt(v), ratio(h, v))
+        rows.append((f"{label} ({unit})" if unit else label, *cells, fmt(h)))
+    print_rows(tuple(h.strip() for h in header), rows)
 
 
 def main() -> int:
@@ -605,6 +661,13 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     parser.add_argument(
+        "--source",
+        action="append",
+        type=parse_source,
+        metavar="LABEL=DIR",
+        help="a source tree to run the sidecar from (repeat to compare versions in one run)",
+    )
+    parser.add_argument(
         "--no-bare",
         dest="bare",
         action="store_false",
@@ -612,16 +675,24 @@ def main() -> int:
     )
     args = parser.parse_args()
     check_tools()
+    sources = dict(args.source) if args.source else {"sidecar": REPO}
+    names = sidecar_names(sources)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp:
-        results = request_runs(Path(tmp), args.seconds, args.repeats, args.bare)
-        results.update(streaming_runs(Path(tmp), events=50, interval=0.02, bare=args.bare))
+        results = request_runs(Path(tmp), args.seconds, args.repeats, args.bare, sources)
+        results.update(streaming_runs(Path(tmp), events=50, interval=0.02, bare=args.bare, sources=sources))
     print(
         f"\nsidecar proxy vs HAProxy 1 thread, each pinned to core {PROXY_CORE}; nginx 1 KiB / SSE upstream "
         f"and the load on core {LOAD_CORE}; {args.seconds:g} s per run, median of {args.repeats}; "
         f"{time.monotonic() - started:.0f} s in all\n"
     )
-    print_table(results)
+    for name, source in zip(names, sources.values()):
+        if len(names) > 1:
+            print(f"\n{name}: {source}\n")
+        print_table(results, name)
+    if len(names) > 1:
+        print("\nside by side, same run\n")
+        print_comparison(results, names)
     if args.json:
         print(json.dumps(results, indent=1, sort_keys=True))
     return 0

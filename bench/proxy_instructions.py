@@ -17,6 +17,11 @@ connection, so every read carries exactly one request or one response:
 - ``post``: POST with a 256-byte Content-Length body;
 - ``get4``: GET on 4 connections taking turns (more connections, same work).
 
+To compare versions in one run, give each source tree:
+``--source before=/path/to/old/checkout --source after=.``; each workload is then
+counted for each tree in turn (its tree first on the child's PYTHONPATH) and
+printed side by side with the difference.
+
 Needs valgrind and nginx (apt-get install -y valgrind nginx).
 """
 
@@ -36,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from proxy_bench import free_port, start_nginx, wait_port
+from proxy_bench import free_port, parse_source, source_env, start_nginx, wait_port
 
 GET = (
     b"GET /1k?q=1 HTTP/1.1\r\nHost: model.example\r\nUser-Agent: bench/1.0\r\nAccept: */*\r\n"
@@ -85,6 +90,10 @@ def drive(port: int, request: bytes, count: int, connections: int) -> None:
             s.close()
 
 
+def has_totals(path: Path) -> bool:
+    return any(line.startswith(("summary:", "totals:")) for line in path.read_text().splitlines())
+
+
 def callgrind_total(path: Path) -> int:
     for line in path.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
@@ -93,7 +102,14 @@ def callgrind_total(path: Path) -> int:
 
 
 def measure(
-    tmp: Path, upstream: int, workload: str, requests: int, annotate: bool, bare: bool = False
+    tmp: Path,
+    upstream: int,
+    workload: str,
+    requests: int,
+    annotate: bool,
+    bare: bool = False,
+    source: Path = REPO,
+    hash_seed: int = 0,
 ) -> float:
     request = {"post": POST, "minimal": GET_MINIMAL}.get(workload, GET)
     connections = 4 if workload == "get4" else 1
@@ -111,7 +127,10 @@ def measure(
             "--local",
             f"127.0.0.1:{upstream}",
         ],
-        cwd=REPO,
+        cwd=source,
+        # A fixed hash seed: with a random one, dict and set layouts (and so the
+        # counts) differ by a few hundred instructions from one process to the next.
+        env=source_env(source) | {"PYTHONHASHSEED": str(hash_seed)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -123,10 +142,14 @@ def measure(
         subprocess.run(
             ["callgrind_control", "-d", f"{workload}", str(proc.pid)], check=True, capture_output=True
         )
-        time.sleep(0.5)
-        dumps = sorted(tmp.glob(f"callgrind.{workload}.{proc.pid}.*"))
-        if not dumps:
-            raise RuntimeError("callgrind wrote no dump")
+        # The dump is complete once its totals line is written.
+        deadline = time.monotonic() + 30
+        while not (dumps := sorted(tmp.glob(f"callgrind.{workload}.{proc.pid}.*"))) or not has_totals(
+            dumps[-1]
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("callgrind wrote no complete dump")
+            time.sleep(0.05)
         if annotate:
             shutil.copy(dumps[-1], f"/tmp/callgrind.{workload}.out")
             text = subprocess.run(
@@ -158,7 +181,22 @@ def main() -> int:
     parser.add_argument("--workload", action="append", choices=("get", "minimal", "post", "get4"))
     parser.add_argument("--annotate", action="store_true", help="print callgrind_annotate's top functions")
     parser.add_argument("--bare", action="store_true", help="also count bench/bare_relay.py, the floor")
+    parser.add_argument(
+        "--source",
+        action="append",
+        type=parse_source,
+        metavar="LABEL=DIR",
+        help="a source tree to run the sidecar from (repeat to compare versions in one run)",
+    )
+    parser.add_argument(
+        "--hash-seed",
+        type=int,
+        action="append",
+        help="PYTHONHASHSEED of the proxy (repeat: the mean of several)",
+    )
     args = parser.parse_args()
+    seeds = args.hash_seed or [0]
+    sources = dict(args.source) if args.source else {"sidecar": REPO}
     missing = [t for t in ("valgrind", "callgrind_control", "nginx") if shutil.which(t) is None]
     if missing:
         print(f"missing: {', '.join(missing)}", file=sys.stderr)
@@ -170,8 +208,28 @@ def main() -> int:
         try:
             wait_port(nginx_port)
             for workload in args.workload or ["get", "minimal", "post", "get4"]:
-                per_request = measure(tmp, nginx_port, workload, args.requests, args.annotate)
-                line = f"{workload:5} sidecar {per_request:9,.0f} instructions per request"
+                counts = {
+                    label: sum(
+                        measure(
+                            tmp,
+                            nginx_port,
+                            workload,
+                            args.requests,
+                            args.annotate,
+                            source=source,
+                            hash_seed=seed,
+                        )
+                        for seed in seeds
+                    )
+                    / len(seeds)
+                    for label, source in sources.items()
+                }
+                line = f"{workload:7} " + "; ".join(f"{label} {n:9,.0f}" for label, n in counts.items())
+                line += " instructions per request"
+                if len(counts) > 1:
+                    first, *_, last = counts.values()
+                    line += f"; last minus first {last - first:+,.0f} ({(last - first) / first:+.2%})"
+                per_request = counts[next(iter(counts))]
                 if args.bare:
                     floor = measure(tmp, nginx_port, workload, args.requests, False, bare=True)
                     line += f"; bare relay {floor:9,.0f}; sidecar minus bare {per_request - floor:9,.0f}"

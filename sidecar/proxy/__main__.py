@@ -1,7 +1,7 @@
-"""``python -m sidecar.proxy``: see :func:`sidecar.proxy.server.main`."""
+"""``python -m sidecar.proxy``: see :func:`sidecar.proxy.cli.main`."""
 
 import sys
 
-from sidecar.proxy.server import main
+from sidecar.proxy.cli import main
 
 sys.exit(main())

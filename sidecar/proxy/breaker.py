@@ -3,6 +3,9 @@
 closed --N consecutive failures--> open --backoff elapsed--> half_open
 half_open --probe succeeds--> closed;  --probe fails--> open (backoff doubles, capped)
 
+The backoff is :class:`crds.backoff.Backoff` without jitter: ``backoff_seconds``
+after the breaker opens, doubled per failed probe, at most ``max_backoff_seconds``.
+
 While open, the proxy serves the remote's share locally instead of paying a
 connect timeout per request. In half_open exactly one request probes the remote;
 if its outcome never arrives (the client left), another probe is allowed after
@@ -19,6 +22,8 @@ request's outcome closes or reopens it like any probe's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from crds.backoff import Backoff
 
 CLOSED = "closed"
 OPEN = "open"
@@ -49,14 +54,20 @@ class CircuitBreaker:
     'closed'
     """
 
-    __slots__ = ("backoff", "failures", "retry_at", "settings", "state")
+    __slots__ = ("failed_probes", "failures", "policy", "retry_at", "settings", "state")
 
     def __init__(self, settings: BreakerSettings = BreakerSettings()):
         self.settings = settings
+        self.policy = Backoff(settings.backoff_seconds, settings.max_backoff_seconds, jitter=False)
         self.state = CLOSED
         self.failures = 0  # consecutive
-        self.backoff = settings.backoff_seconds
+        self.failed_probes = 0  # consecutive, since the breaker last closed
         self.retry_at = 0.0  # when open: the next probe may start; half_open: the probe times out
+
+    @property
+    def backoff(self) -> float:
+        """Seconds from opening (or from a probe's start) to the next probe."""
+        return self.policy.delay(self.failed_probes)
 
     def allow(self, now: float) -> bool:
         """May a request go to the remote now? In half_open, True once per backoff."""
@@ -89,12 +100,12 @@ class CircuitBreaker:
     def record_success(self, now: float) -> None:
         self.state = CLOSED
         self.failures = 0
-        self.backoff = self.settings.backoff_seconds
+        self.failed_probes = 0
 
     def record_failure(self, now: float) -> None:
         self.failures += 1
         if self.state == HALF_OPEN:
-            self.backoff = min(self.backoff * 2, self.settings.max_backoff_seconds)
+            self.failed_probes += 1
             self._open(now)
         elif self.state == CLOSED and self.failures >= self.settings.failure_threshold:
             self._open(now)

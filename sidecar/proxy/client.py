@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.flow import PAUSE_PIPELINE, PAUSE_REJECTED, PAUSE_UPGRADE, ReadPauses, set_nodelay
 from sidecar.proxy.http1 import BODY_CHUNKED, Rejection, inspect_request, render_error
-from sidecar.proxy.upstream import PAUSE_PIPELINE, PAUSE_REJECTED, PAUSE_UPGRADE, UpstreamConnection, set_nodelay
+from sidecar.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from sidecar.proxy.server import ProxyServer, ProxySettings
+    from sidecar.proxy.settings import ProxySettings
+    from sidecar.proxy.types import Server
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -40,6 +42,7 @@ class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests, runs their exchanges in order."""
 
     __slots__ = (
+        "clock",
         "closing",
         "current",
         "eof",
@@ -51,13 +54,14 @@ class ClientConnection(asyncio.Protocol):
         "in_head",
         "ip",
         "last_activity",
+        "max_header_bytes",
         "max_header_count",
         "parser",
         "parsing",
-        "paused",
         "queue",
         "raw_head_bytes",
         "read_size",
+        "reading",
         "rejection",
         "replaying",
         "server",
@@ -69,7 +73,9 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, server: ProxyServer):
+    reading: ReadPauses  # why this connection is not being read; made with the transport
+
+    def __init__(self, server: Server):
         self.server = server
         self.transport: Any = None
         self.parser = httptools.HttpRequestParser(self)
@@ -77,11 +83,12 @@ class ClientConnection(asyncio.Protocol):
         self.current: Exchange | None = None  # the exchange being answered
         self.parsing: Exchange | None = None  # the exchange whose request is being read
         self.queue: deque[Exchange] | None = None  # pipelined requests waiting
-        self.paused = 0
         self.in_head = False
         self.raw_head_bytes = 0  # bytes of an unfinished head in earlier reads
         self.read_size = 0  # bytes in the read being parsed
         self.max_header_count = server.settings.max_header_count
+        self.max_header_bytes = server.settings.max_header_bytes
+        self.clock = server.clock
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.last_activity = 0.0
@@ -102,15 +109,16 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.reading = ReadPauses(transport)
         set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.ip = peer[0].encode("ascii")
-        self.last_activity = self.server.clock.now
+        self.last_activity = self.clock.now
         self.server.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.server.clock.now
+        self.last_activity = self.clock.now
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
@@ -160,7 +168,7 @@ class ClientConnection(asyncio.Protocol):
                 self.raw_head_bytes += len(data)
             elif not self.feed_completed:  # this read began with this head
                 self.raw_head_bytes = len(data)
-            if self.raw_head_bytes > self.server.settings.max_header_bytes:
+            if self.raw_head_bytes > self.max_header_bytes:
                 self.rejection = Rejection(431, "request header section too large")
                 self.reject()
 
@@ -171,12 +179,12 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.reading.stop()
         self.parsing = None
         self.server.connection_closed(self)
         if self.tunnel_conn is not None:
             self.server.stats.tunnels -= 1
-            self.tunnel_conn.tunnel = None
-            self.tunnel_conn.transport.close()
+            self.tunnel_conn.close_tunnel()
             self.tunnel_conn = None
         if self.current is not None:
             self.current.client_gone()
@@ -186,17 +194,17 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         ex = self.current
-        if ex is not None and ex.upstream is not None:
-            ex.upstream.pause_reading()
+        if ex is not None:
+            ex.pause_response()
         elif self.tunnel_conn is not None:
             self.tunnel_conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.last_activity = self.server.clock.now
+        self.last_activity = self.clock.now
         ex = self.current
-        if ex is not None and ex.upstream is not None:
-            ex.upstream.resume_reading()
+        if ex is not None:
+            ex.resume_response()
         elif self.tunnel_conn is not None:
             self.tunnel_conn.resume_reading()
 
@@ -210,7 +218,7 @@ class ClientConnection(asyncio.Protocol):
         self.url = b""
         self.headers = []
         if self.current is not None:
-            self.pause(PAUSE_PIPELINE)
+            self.reading.pause(PAUSE_PIPELINE)
 
     def on_url(self, url: bytes) -> None:
         if not self.replaying:
@@ -232,27 +240,23 @@ class ClientConnection(asyncio.Protocol):
         if self.closing:
             return
         headers = self.headers
-        settings = self.server.settings
+        limit = self.max_header_bytes
         # The head lies within this read and the earlier reads of it: only when
         # those could exceed the limit is the head itself measured.
-        if self.raw_head_bytes + self.read_size > settings.max_header_bytes:
-            if len(self.url) > settings.max_header_bytes:
+        if self.raw_head_bytes + self.read_size > limit:
+            if len(self.url) > limit:
                 self.rejection = Rejection(431, "request target too long")
                 raise _Reject
-            if len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > settings.max_header_bytes:
-                self.rejection = Rejection(
-                    431, f"header section larger than {settings.max_header_bytes} bytes"
-                )
+            if len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > limit:
+                self.rejection = Rejection(431, f"header section larger than {limit} bytes")
                 raise _Reject
         parser = self.parser
         head = inspect_request(parser.get_method(), self.url, parser.get_http_version(), headers)
         if type(head) is Rejection:
             self.rejection = head
             raise _Reject
-        exchange = Exchange(self, head)  # type: ignore[arg-type]
+        exchange = Exchange(self, head)  # type: ignore[arg-type]  # not a Rejection here
         self.parsing = exchange
-        if self.server.draining:
-            exchange.keep_alive = False
         if self.current is None:
             self.current = exchange
             exchange.start()
@@ -286,7 +290,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if exchange.head.websocket:
             self.upgrading = exchange
-            self.pause(PAUSE_UPGRADE)
+            self.reading.pause(PAUSE_UPGRADE)
             self.held = []
             self.held_size = 0
             if rest:
@@ -326,29 +330,16 @@ class ClientConnection(asyncio.Protocol):
         self.upgrading = None
         held = self.held
         self.held = None
-        if held:  # sent after the upgrade request: the upstream reads them as WebSocket frames now
-            conn.transport.writelines(held)
+        conn.open_tunnel(self.transport, held)
         self.tunnel_conn = conn
         self.tunnel = conn.transport
-        conn.tunnel = self.transport
         if self.write_paused:
             conn.pause_reading()
-        self.paused = 0
+        self.reading.clear()
         if not self.closing:
             self.transport.resume_reading()
 
     # --- flow ----------------------------------------------------------------------
-
-    def pause(self, reason: int) -> None:
-        if not self.paused and not self.closing:
-            self.transport.pause_reading()
-        self.paused |= reason
-
-    def unpause(self, reason: int) -> None:
-        if self.paused & reason:
-            self.paused &= ~reason
-            if not self.paused and not self.closing:
-                self.transport.resume_reading()
 
     def exchange_finished(self, exchange: Exchange) -> None:
         if exchange is not self.current:
@@ -372,11 +363,12 @@ class ClientConnection(asyncio.Protocol):
             nxt = queue.popleft()
             self.current = nxt
             if not queue:
-                self.unpause(PAUSE_PIPELINE)
+                self.reading.unpause(PAUSE_PIPELINE)
             nxt.start()
             return
-        if self.paused:
-            self.unpause(PAUSE_PIPELINE)
+        reading = self.reading
+        if reading.reasons:
+            reading.unpause(PAUSE_PIPELINE)
         if self.rejection is not None:
             self.send_rejection()
         elif self.eof:
@@ -384,7 +376,7 @@ class ClientConnection(asyncio.Protocol):
 
     def reject(self) -> None:
         """Refuse the request being parsed: answer once earlier ones are answered, close."""
-        self.pause(PAUSE_REJECTED)
+        self.reading.pause(PAUSE_REJECTED)
         exchange = self.parsing
         if exchange is not None and not exchange.request_complete:
             # Broken mid-body (a bad chunk): that request can't be completed.
@@ -409,6 +401,7 @@ class ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closing:
             self.closing = True
+            self.reading.stop()
             self.transport.close()  # flushes what was written
 
     def linger_close(self) -> None:
@@ -417,15 +410,17 @@ class ClientConnection(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
+        self.reading.stop()
         transport = self.transport
         if transport.can_write_eof():
             transport.write_eof()
-        self.paused = 0
+        self.reading.clear()
         transport.resume_reading()
         self.server.loop.call_later(LINGER_SECONDS, transport.close)
 
     def abort(self) -> None:
         self.closing = True
+        self.reading.stop()
         self.transport.abort()
 
     def check_timeouts(self, now: float, settings: ProxySettings) -> None:
@@ -435,16 +430,11 @@ class ClientConnection(asyncio.Protocol):
         if conn is not None:
             if now - max(self.last_activity, conn.last_activity) > settings.tunnel_idle_timeout:
                 self.close()
-                conn.transport.close()
+                conn.close_tunnel()
             return
         exchange = self.current
         if exchange is not None:
-            if exchange.connect_task is not None or exchange.done:
-                return
-            up = exchange.upstream
-            last = self.last_activity if up is None else max(self.last_activity, up.last_activity)
-            if now - last > settings.read_timeout:
-                exchange.timed_out()
+            exchange.check_read_timeout(now, self.last_activity, settings.read_timeout)
             return
         if now - self.last_activity > settings.client_idle_timeout:
             if self.in_head:

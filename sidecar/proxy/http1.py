@@ -1,6 +1,6 @@
 """HTTP/1.1 head rules for the proxy, as pure functions over parsed heads.
 
-The socket code (sidecar/proxy/client.py, sidecar/proxy/response.py) parses with httptools (llhttp, strict mode:
+The socket code (sidecar/proxy/client.py, sidecar/proxy/exchange.py) parses with httptools (llhttp, strict mode:
 it already refuses Content-Length together with Transfer-Encoding, duplicate
 Content-Length, obs-fold, bare LF, NUL and invalid tokens). What llhttp lets
 through but a reverse proxy must not forward anywhere is refused here:
@@ -220,7 +220,7 @@ def inspect_request(
                     head.forwarded_proto = True
                 else:
                     head.forwarded_host = True
-            lines.append(b"%b: %b\r\n" % (name, value))
+            lines.append(b"".join((name, b": ", value, b"\r\n")))  # cheaper than bytes %
             names.append(lname)
         elif lname == b"host":
             hosts += 1

@@ -87,7 +87,9 @@ class ProxyStats:
       http_503 / http_429 (a busy answer not relayed, the request sent elsewhere).
     - ``rejected_total[status]``: requests refused by the proxy (4xx/5xx it made).
     - ``client_aborts_total``: clients gone before their response ended.
-    - ``breaker_state``: "closed" | "open" | "half_open" for the remote backend.
+    - ``breaker_state``: "closed" | "open" | "half_open": the state last reported by
+      a remote's circuit breaker. There is one breaker per remote address and TLS
+      context (sidecar.proxy.remote); with one remote in use, it is that remote's.
     - ``in_flight``: requests being proxied now; ``open_connections``: client
       connections open now; ``tunnels``: WebSocket tunnels open now.
     - ``local_in_flight``: requests sent to the local model whose response has not

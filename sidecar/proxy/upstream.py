@@ -1,8 +1,8 @@
 """Keep-alive connections to the two upstreams (the local model, the remote backend).
 
-An :class:`UpstreamConnection` is a raw asyncio protocol; while it carries an
-exchange, bytes from the upstream go straight into that exchange's response
-parser (or, after a WebSocket 101, straight to the client). An
+An :class:`UpstreamConnection` is a raw asyncio protocol; while it carries a
+request, bytes from the upstream go to that request's Exchange (or, after a
+WebSocket 101, straight to the client). An
 :class:`UpstreamPool` keeps idle connections per upstream, newest first, and
 closes those idle longer than the pool's idle timeout (kept below common model
 servers' own keep-alive timeouts, e.g. uvicorn's 5 s, so the proxy rarely reuses
@@ -12,34 +12,47 @@ a connection the upstream is closing).
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import httptools
-
-if TYPE_CHECKING:
-    from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.flow import CoarseClock, set_nodelay
 
 
-MAX_RESPONSE_HEAD_BYTES = 64 * 1024  # an upstream's status line and fields, else 502
+class Carried(Protocol):
+    """What an upstream connection tells the request it carries: the request's Exchange.
 
+    Breaks the reversed dependency upstream -> exchange: sidecar.proxy.exchange
+    binds these connections (it imports this module), so this module names only
+    the calls it makes.
+    """
 
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # already closed
-            pass
+    def response_data(self, data: bytes) -> None:
+        """Bytes the upstream sent: (part of) the response to relay."""
+
+    def upstream_lost(self) -> None:
+        """The connection closed while carrying the request."""
+
+    def upstream_full(self) -> None:
+        """The connection's write buffer is full: stop reading the request body."""
+
+    def upstream_drained(self) -> None:
+        """The write buffer drained: read the request body again."""
 
 
 class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream: idle in its pool, or carrying one request.
+
+    While it carries one, its bytes, its end and its write buffer's state go to
+    that request (``carried``); after a WebSocket 101, bytes go straight to and
+    from the client's transport.
+    """
+
     __slots__ = (
+        "clock",
         "closed",
-        "exchange",
         "idle_since",
         "last_activity",
+        "carried",
         "pool",
         "reading_paused",
         "transport",
@@ -48,69 +61,74 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
+        self.clock = pool.clock
         self.transport: Any = None
-        self.exchange: Exchange | None = None
+        self.carried: Carried | None = None
         self.closed = False
         self.idle_since = 0.0
         self.last_activity = 0.0
         self.tunnel: Any = None  # the client transport once a WebSocket is switched
         self.reading_paused = False
 
+    def carry(self, request: Carried) -> None:
+        """Carry one request: what arrives from now on is its response."""
+        self.carried = request
+        self.last_activity = self.clock.now
+
+    def release(self) -> None:
+        """The request is answered: nothing is carried (the pool may keep it)."""
+        self.carried = None
+
+    def open_tunnel(self, client_transport: Any, held: list[bytes] | None) -> None:
+        """A WebSocket 101 was relayed: from now on bytes go straight to
+        ``client_transport``. ``held``: what the client sent after its upgrade
+        request, written first (the upstream reads it as WebSocket frames now)."""
+        self.carried = None
+        if held:
+            self.transport.writelines(held)
+        self.tunnel = client_transport
+
+    def close_tunnel(self) -> None:
+        """The client's side of the tunnel is gone or idle: close after what was written."""
+        self.tunnel = None
+        self.transport.close()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.pool.clock.now
+        self.last_activity = self.clock.now
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
-        exchange = self.exchange
-        if exchange is None:  # an idle connection talking: don't trust it further
+        carried = self.carried
+        if carried is None:  # an idle connection talking: don't trust it further
             self.close()
             return
-        if not exchange.final:  # (part of) a response head: kept for its fields
-            buf = exchange.head_buf
-            exchange.head_buf = buf + data if buf else data
-        try:
-            exchange.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            exchange.upstream_upgraded(data[exc.args[0] :])
-            return
-        except httptools.HttpParserError as exc:
-            if not self.closed:  # closed: its exchange went to the other backend (Retried)
-                exchange.upstream_broken(f"invalid response from upstream: {exc}")
-            return
-        if exchange.out:
-            exchange.flush()
-        if not exchange.final and exchange.upstream is self:
-            if exchange.head_pos:  # past a 1xx: drop what was relayed
-                exchange.head_buf = exchange.head_buf[exchange.head_pos :]
-                exchange.head_pos = 0
-            if len(exchange.head_buf) > MAX_RESPONSE_HEAD_BYTES:
-                exchange.upstream_broken(f"response head larger than {MAX_RESPONSE_HEAD_BYTES} bytes")
+        carried.response_data(data)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        exchange = self.exchange
-        if exchange is not None:
-            self.exchange = None
-            exchange.upstream_lost(self)
+        carried = self.carried
+        if carried is not None:
+            self.carried = None
+            carried.upstream_lost()
         elif self.tunnel is not None:
             self.tunnel.close()
 
     def pause_writing(self) -> None:
-        if self.exchange is not None:
-            self.exchange.client.pause(PAUSE_UPSTREAM_FULL)
+        if self.carried is not None:
+            self.carried.upstream_full()
         elif self.tunnel is not None:
             self.tunnel.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.exchange is not None:
-            self.exchange.client.unpause(PAUSE_UPSTREAM_FULL)
+        if self.carried is not None:
+            self.carried.upstream_drained()
         elif self.tunnel is not None:
             self.tunnel.resume_reading()
 
@@ -126,27 +144,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close without reusing (an unfinished or doubtful exchange)."""
-        self.exchange = None
+        self.carried = None
         if not self.closed:
             self.closed = True
             self.transport.abort()
-
-
-# Why a client connection stops reading (a bit mask; reading resumes at zero).
-PAUSE_CONNECTING = 1  # the upstream is being connected: keep the body unread
-PAUSE_PIPELINE = 2  # a pipelined request waits for the one before
-PAUSE_UPSTREAM_FULL = 4  # the upstream isn't taking bytes as fast as the client sends
-PAUSE_UPGRADE = 8  # waiting for the upstream's answer to a WebSocket upgrade
-PAUSE_REJECTED = 16  # a bad request was seen; nothing more is read
-
-
-class CoarseClock:
-    """``now`` as of the last tick: timeouts need seconds, not a syscall per read."""
-
-    __slots__ = ("now",)
-
-    def __init__(self, now: float = 0.0):
-        self.now = now
 
 
 class UpstreamPool:
@@ -184,12 +185,15 @@ class UpstreamPool:
         return None
 
     def put(self, conn: UpstreamConnection) -> None:
+        """Keep ``conn`` for the next request to this upstream (or close it when full)."""
         if conn.closed:
             return
         if len(self.idle) >= self.max_idle or self.closed:
             conn.close()
             return
-        conn.resume_reading()
+        conn.carried = None  # idle: it carries nothing (release(), inlined)
+        if conn.reading_paused:  # a client that was slow to read: read again while idle
+            conn.resume_reading()
         conn.idle_since = self.clock.now
         self.idle.append(conn)
 

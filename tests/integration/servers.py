@@ -462,6 +462,17 @@ def _recv(sock: Any) -> bytes:
     return data
 
 
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` (every 10 ms, the pace only) until it is true; AssertionError
+    naming ``what`` after ``timeout`` seconds. For state another thread or process
+    changes: the outcome is decided by the state, not by how long the wait took."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.01)
+
+
 def exchange_raw(port: int, data: bytes, timeout: float = 10) -> bytes:
     """Send exact bytes, return everything the server sends until it closes."""
     import socket

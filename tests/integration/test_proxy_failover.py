@@ -13,7 +13,7 @@ import pytest
 from certs.issue import issue_ca, issue_serving_cert
 from sidecar.proxy.breaker import BreakerSettings
 from sidecar.proxy.server import ProxySettings
-from tests.integration.servers import LoopThread, ProxyHarness, Upstream
+from tests.integration.servers import LoopThread, ProxyHarness, Upstream, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,9 @@ def test_the_breaker_probes_again_and_closes_when_the_remote_is_back(harnesses, 
         revived = Upstream("remote")
         lt.run(revived.start(port))
         h.remote = revived
-        time.sleep(0.3)
+        # The next request probes once the breaker's backoff is over, on the proxy's clock.
+        breaker = remote_breaker(h)
+        wait_until(lambda: lt.call(h.proxy.loop.time) >= breaker.retry_at, "the breaker's backoff is over")
         assert [c.get("/echo").headers["x-upstream"] for _ in range(5)] == ["remote"] * 5
     assert h.proxy.stats.breaker_state == "closed"
 
@@ -198,7 +200,8 @@ def test_while_shutting_down_a_dead_local_model_is_a_503_with_retry_after(harnes
     import asyncio
 
     future = asyncio.run_coroutine_threadsafe(h.proxy.shutdown(3.0), lt.loop)
-    time.sleep(0.1)  # within the grace: still accepting, no longer ready
+    wait_until(lambda: h.proxy.draining, "the shutdown began")  # within the grace: still accepting
+    assert not h.proxy.ready
     with httpx.Client(base_url=h.url, timeout=10) as c:
         r = c.get("/echo")
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
@@ -257,7 +260,7 @@ def test_an_https_remote_with_an_untrusted_certificate_is_not_used(harnesses, tl
 def test_old_remote_targets_are_forgotten_and_requests_follow_the_newest(harnesses, lt):
     """A token refresh or caBundle change makes a new RemoteTarget: old ones (and
     their tokens, pools, breakers) are dropped beyond a few, the newest serves."""
-    from sidecar.proxy.server import MAX_KEPT_ROUTES
+    from sidecar.proxy.remote import MAX_KEPT_ROUTES
     from sidecar.proxy.routing import RemoteTarget, RoutePlan
 
     h = harnesses(percentage=100)
@@ -277,12 +280,12 @@ def test_old_remote_targets_are_forgotten_and_requests_follow_the_newest(harness
             r = c.get("/echo")
             assert r.status_code == 200 and r.json()["server"] == "remote"
             assert {n.lower(): v for n, v in r.json()["headers"]}["authorization"] == f"Bearer token-{i}"
-            pools = lt.call(lambda: list(h.proxy._pools.values()))
-            assert len(h.proxy._routes) <= MAX_KEPT_ROUTES + 1
-            assert len(pools) <= MAX_KEPT_ROUTES + 1 and len(h.proxy._breakers) <= MAX_KEPT_ROUTES + 1
+            pools = lt.call(lambda: list(h.proxy.remotes.pools.values()))
+            assert len(h.proxy.remotes.routes) <= MAX_KEPT_ROUTES + 1
+            assert len(pools) <= MAX_KEPT_ROUTES + 1 and len(h.proxy.remotes.breakers) <= MAX_KEPT_ROUTES + 1
             if i == 0:
                 first_pool = pools[0]
-    kept_tokens = {dict(t.headers)["Authorization"] for t in h.proxy._routes}
+    kept_tokens = {dict(t.headers)["Authorization"] for t in h.proxy.remotes.routes}
     assert "Bearer token-99" in kept_tokens and "Bearer token-0" not in kept_tokens
     assert first_pool.closed and not first_pool.idle  # its connections were closed with it
     assert h.remote.count() == 100 and h.local.count() == 0
@@ -309,7 +312,7 @@ def test_a_remote_that_cannot_be_encoded_is_never_a_500_but_served_locally(harne
 
 
 def remote_breaker(h):
-    (breaker,) = h.proxy._breakers.values()
+    (breaker,) = h.proxy.remotes.breakers.values()
     return breaker
 
 

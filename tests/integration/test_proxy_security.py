@@ -168,5 +168,5 @@ def test_a_slow_endless_header_is_cut_at_the_limit(h):
 
 def test_the_proxy_never_connects_anywhere_but_its_two_upstreams(h):
     """Every request above went through the proxy's pools; only two pools exist."""
-    assert {(p.host, p.port) for p in h.proxy._pools.values()} <= {("127.0.0.1", h.remote.port)}
+    assert {(p.host, p.port) for p in h.proxy.remotes.pools.values()} <= {("127.0.0.1", h.remote.port)}
     assert (h.proxy.local_pool.host, h.proxy.local_pool.port) == ("127.0.0.1", h.local.port)

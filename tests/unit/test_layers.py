@@ -68,3 +68,68 @@ def test_the_checks_catch_a_forbidden_import(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("from webhook.cache import ClusterCache\nimport kubernetes\n")
     assert {"webhook.cache", "kubernetes"} <= imports(bad, "sidecar.x")
+
+
+# --- no import circle ---------------------------------------------------------------------
+# Imports under `if TYPE_CHECKING:` count: they record what a module knows of another,
+# which is the point, not the order modules happen to load in.
+
+
+def import_graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    """Each product module -> the product modules it imports (itself excluded)."""
+    found = {}
+    for package in packages:
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return {name: (imports(path, name) & found.keys()) - {name} for name, path in found.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as a path that ends where it starts, or None."""
+    done: set[str] = set()
+    path: list[str] = []
+    on_path: set[str] = set()
+
+    def visit(node: str) -> list[str] | None:
+        path.append(node)
+        on_path.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in on_path:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in done:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        path.pop()
+        on_path.discard(node)
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if start not in done:
+            cycle = visit(start)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_product_has_no_import_circle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle or ())
+
+
+def test_the_circle_check_catches_a_planted_circle(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "server.py").write_text("from pkg.client import Client\n")
+    (package / "client.py").write_text("from pkg.exchange import Exchange\n")
+    (package / "exchange.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.client import Client\n"
+    )
+    graph = import_graph(tmp_path, ("pkg",))
+    assert find_cycle(graph) == ["pkg.client", "pkg.exchange", "pkg.client"]
+    (package / "exchange.py").write_text("import pkg.types\n")
+    (package / "types.py").write_text("")
+    assert find_cycle(import_graph(tmp_path, ("pkg",))) is None
