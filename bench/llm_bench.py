@@ -64,6 +64,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from sidecar.demo.llm import get_json
 from sidecar.demo.llmsim import Capacity
 
 LOCAL = Capacity(slots=4, prefill=0.15, tokens=16, token_interval=0.025, cpu_per_token=0.001)
@@ -427,16 +428,6 @@ def goals(results: Sequence[tuple[Policy, Figures]]) -> list[str]:
 # --- the run ------------------------------------------------------------------------------------------
 
 
-async def admin_get(port: int, path: str) -> dict:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        raw = await reader.read()
-    finally:
-        writer.close()
-    return json.loads(raw.partition(b"\r\n\r\n")[2])
-
-
 async def run_policy(policy: Policy, times: Sequence[float], workdir: Path) -> tuple[list[Record], dict]:
     children: list[Child] = []
     try:
@@ -461,12 +452,12 @@ async def run_policy(policy: Policy, times: Sequence[float], workdir: Path) -> t
         await sidecar.ready()
         proxy_port, admin_port = sidecar.ports[0], sidecar.ports[1]
         deadline = time.monotonic() + 10
-        while (await admin_get(admin_port, "/status"))["configuration"] is None:
+        while (await get_json(admin_port, "/status"))["configuration"] is None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{policy.name}: the sidecar never loaded {config}")
             await asyncio.sleep(0.1)
         records = await drive(proxy_port, times, LOCAL.tokens)
-        status = await admin_get(admin_port, "/status")
+        status = await get_json(admin_port, "/status")
         return records, status
     finally:
         for child in reversed(children):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.demo.child import Child
+from sidecar.demo.cpu import http_get
 from sidecar.demo.llmsim import Capacity
 
 MODEL = Capacity(slots=4, prefill=0.15, tokens=16, token_interval=0.025, cpu_per_token=0.0003)
@@ -183,23 +184,16 @@ async def drive(lanes: list[Lane], plan: Plan, clock) -> None:
 
 
 async def get_json(port: int, path: str) -> dict:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        raw = await reader.read()
-    finally:
-        writer.close()
-    return json.loads(raw.partition(b"\r\n\r\n")[2])
+    """A JSON document from one of the demo's processes on 127.0.0.1."""
+    status, body = await http_get(port, path, timeout=5)
+    if status != 200:
+        raise ValueError(f"GET {path}: status {status}")
+    return json.loads(body)
 
 
 async def model_queue(port: int) -> float | None:
     """The model's own vllm:num_requests_waiting, read from its /metrics for the display."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        raw = await reader.read()
-    finally:
-        writer.close()
+    _, raw = await http_get(port, "/metrics", timeout=5)
     match = re.search(rb"^vllm:num_requests_waiting\{[^}]*\} ([\d.]+)$", raw, re.MULTILINE)
     return float(match.group(1)) if match else None
 
