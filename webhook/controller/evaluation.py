@@ -69,6 +69,7 @@ from crds.model import (
 from crds.observation import MetricObservation
 from crds.signals import local_metric_name
 from crds.status import PublishedDecision, format_time, observation_document, utilization
+from webhook.controller.conditions import OFFLOADING, Condition
 from webhook.controller.podsignals import LocalObservation, PodSignalsReader
 
 log = logging.getLogger("webhook.controller.evaluation")
@@ -531,8 +532,6 @@ class ControllerEvaluation:
         """(the status fields to write; the ``Offloading`` condition). ``workload``: the
         Deployment or StatefulSet from the controller's cache, for its label selector and
         status.replicas (read from the API when absent)."""
-        from webhook.controller.conditions import OFFLOADING, Condition
-
         now = self._clock()
         state = self._state(key, status, now)
         selector = replicas = None

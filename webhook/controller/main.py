@@ -12,9 +12,18 @@ from collections.abc import Callable
 from typing import Any
 
 from crds.validation import ValidationSettings
-from webhook.cache import CONTROLLER_RESOURCES, RESOURCES, ClusterCache
-from webhook.controller import standin
+from webhook.cache import (
+    CONTROLLER_RESOURCES,
+    ENDPOINTSLICES,
+    MODELDEPLOYMENTS,
+    RESOURCES,
+    ROLEBINDINGS,
+    SERVICES,
+    ClusterCache,
+)
+from webhook.controller import capture, rbac, standin
 from webhook.controller.leader import LeaderElector, Timing
+from webhook.controller.reconcile import FINALIZER
 from webhook.controller.runner import Controller, Evaluation, Options
 from webhook.controller.store import Fanout, Store
 from webhook.watches import CacheSync
@@ -259,10 +268,6 @@ def release_all(
 
 
 def _released(store: Store) -> bool:
-    from webhook.cache import ENDPOINTSLICES, MODELDEPLOYMENTS, ROLEBINDINGS, SERVICES
-    from webhook.controller import capture, rbac
-    from webhook.controller.reconcile import FINALIZER
-
     for namespace in store.namespaces(MODELDEPLOYMENTS):
         for md in store.list(MODELDEPLOYMENTS, namespace):
             if FINALIZER in ((md.get("metadata") or {}).get("finalizers") or []):
