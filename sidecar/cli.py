@@ -237,7 +237,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--client-idle-timeout",
         type=positive_duration,
         default=f"{defaults.client_idle_timeout:g}s",
-        help="a client keep-alive connection with no request",
+        help="a client keep-alive connection with no request; also the time a request head may take in all",
     )
     g.add_argument(
         "--ca-file",

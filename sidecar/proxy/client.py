@@ -48,6 +48,8 @@ class ClientConnection(asyncio.Protocol):
         "eof",
         "feed_completed",
         "feeding",
+        "head_began",
+        "head_started",
         "headers",
         "held",
         "held_size",
@@ -85,6 +87,8 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Exchange] | None = None  # pipelined requests waiting
         self.in_head = False
         self.raw_head_bytes = 0  # bytes of an unfinished head in earlier reads
+        self.head_began = False  # a request head began during the read being parsed
+        self.head_started = 0.0  # when the unfinished head's first byte was read
         self.read_size = 0  # bytes in the read being parsed
         self.max_header_count = server.settings.max_header_count
         self.max_header_bytes = server.settings.max_header_bytes
@@ -137,6 +141,7 @@ class ClientConnection(asyncio.Protocol):
     def feed(self, data: bytes) -> None:
         was_in_head = self.in_head
         self.feed_completed = False
+        self.head_began = False
         self.read_size = len(data)
         try:
             self.parser.feed_data(data)
@@ -164,7 +169,9 @@ class ClientConnection(asyncio.Protocol):
         if self.in_head:
             # A head still incomplete after a read: cap what httptools may buffer
             # unseen (a field value is handed over only once it's complete).
-            if was_in_head:
+            # Only the bytes of the unfinished head count, never whole requests or
+            # bodies that came before it in the same read.
+            if was_in_head and not self.head_began:  # the same head, still going
                 self.raw_head_bytes += len(data)
             elif not self.feed_completed:  # this read began with this head
                 self.raw_head_bytes = len(data)
@@ -214,6 +221,8 @@ class ClientConnection(asyncio.Protocol):
         if self.replaying:
             return
         self.in_head = True
+        self.head_began = True
+        self.head_started = self.clock.now
         self.raw_head_bytes = 0
         self.url = b""
         self.headers = []
@@ -436,7 +445,10 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None:
             exchange.check_read_timeout(now, self.last_activity, settings.read_timeout)
             return
-        if now - self.last_activity > settings.client_idle_timeout:
-            if self.in_head:
-                self.transport.write(render_error(408, "request head not received in time"))
+        # A head gets client_idle_timeout in all from its first byte, however slowly
+        # its bytes trickle in (slowloris); between requests the same time of silence.
+        if self.in_head and now - self.head_started > settings.client_idle_timeout:
+            self.transport.write(render_error(408, "request head not received in time"))
+            self.close()
+        elif now - self.last_activity > settings.client_idle_timeout:
             self.close()

@@ -14,7 +14,7 @@ class ProxySettings:
 
     connect_timeout: float = 2.0  # TCP connect + TLS handshake to an upstream
     read_timeout: float = 300.0  # a request in flight with neither side sending anything
-    client_idle_timeout: float = 60.0  # a client keep-alive connection between requests
+    client_idle_timeout: float = 60.0  # a keep-alive connection between requests; a head in all
     upstream_idle_timeout: float = 4.0  # pooled upstream connections (below uvicorn's 5 s)
     tunnel_idle_timeout: float = 3600.0  # a WebSocket tunnel with no bytes either way
     max_header_bytes: int = 32 * 1024  # request line + header fields, else 431

@@ -243,3 +243,39 @@ def test_a_client_paused_for_two_reasons_reads_again_only_when_both_are_gone(pro
     assert proxy.client_side.reading
     proxy.send(second)
     assert not proxy.client_side.reading  # pipelined behind the request in flight
+
+
+def test_only_the_unfinished_head_counts_toward_the_head_limit_not_what_came_before_it(proxy):
+    conn, upstream = proxy.upstream()
+    body = b"b" * 4000  # four times the head limit, in the same read as the next head's start
+    proxy.send(b"GET /a HTTP/1.1\r\nHo")
+    proxy.send(
+        b"st: model.example\r\n\r\n"
+        b"POST /b HTTP/1.1\r\nHost: model.example\r\nContent-Length: 4000\r\n\r\n" + body + b"GET /c HTTP/1.1\r\nHo"
+    )
+    proxy.send(b"st: model.example\r\n\r\n")
+    assert b" 431 " not in proxy.client_side.data
+
+    for path, answer in ((b"/a", b"a"), (b"/b", b"b"), (b"/c", b"c")):
+        assert upstream.taken().startswith(b"GET " + path if path != b"/b" else b"POST /b")
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n" + answer)
+    assert proxy.client_side.taken() == b"".join(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n" + a for a in (b"a", b"b", b"c")
+    )
+
+
+def test_a_head_trickled_in_byte_by_byte_gets_408_once_its_time_in_all_is_up(proxy):
+    settings = proxy.server.settings
+    clock = proxy.server.clock
+    _, upstream = proxy.upstream()
+    clock.now = started = 100.0
+    proxy.send(b"GET / HTTP/1.1\r\n")
+    while clock.now - started <= settings.client_idle_timeout:
+        proxy.client.check_timeouts(clock.now, settings)
+        assert proxy.client_side.taken() == b"" and not proxy.client_side.closed
+        clock.now += settings.client_idle_timeout / 8  # far less than the idle time: never silent
+        proxy.send(b"X")
+    proxy.client.check_timeouts(clock.now, settings)
+
+    assert proxy.client_side.taken().startswith(b"HTTP/1.1 408 ")
+    assert upstream.taken() == b""
