@@ -83,7 +83,7 @@ def decode_or_raise(cls: type[T], data: Any, path: str) -> T:
     return value
 
 
-_JSON_TYPE_NAMES = {str: "string", bool: "boolean", int: "integer", float: "number"}
+_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number"}
 
 
 def _type_name(data: Any) -> str:
@@ -140,7 +140,7 @@ def _decode_value(hint: Any, data: Any, path: str, errors: list[FieldError]) -> 
         return float(data)
     if hint in _JSON_TYPE_NAMES:
         if type(data) is not hint:
-            errors.append(FieldError(path, f"must be a {_JSON_TYPE_NAMES[hint]}, got {_type_name(data)}"))
+            errors.append(FieldError(path, f"must be {_JSON_TYPE_NAMES[hint]}, got {_type_name(data)}"))
             return None
         return data
     if hint is Any:

@@ -64,6 +64,21 @@ def test_imports_keep_the_stated_boundaries():
     assert problems == []
 
 
+def test_the_data_path_imports_nothing_of_the_sidecars_control_side():
+    """sidecar/proxy/ is the request path: it may use crds/ and itself, nothing else of the
+    product, so that what decides never runs on (or slows) a request."""
+    problems = [
+        f"{name} imports {imported}"
+        for name, path in modules().items()
+        if name.startswith("sidecar.proxy")
+        for imported in imports(path, name)
+        if top(imported) in PACKAGES
+        and top(imported) != "crds"
+        and not (imported == "sidecar.proxy" or imported.startswith("sidecar.proxy."))
+    ]
+    assert problems == []
+
+
 def test_the_checks_catch_a_forbidden_import(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("from webhook.cache import ClusterCache\nimport kubernetes\n")

@@ -212,7 +212,7 @@ def test_model_metrics_defaults_are_the_models_port_metrics_path_and_one_second(
             100_001,
             "spec.offloadingConfig.behavior.spilloverInFlight: must be between 1 and 100000, got 100001",
         ),
-        ("8", "spec.offloadingConfig.behavior.spilloverInFlight: must be a integer, got string"),
+        ("8", "spec.offloadingConfig.behavior.spilloverInFlight: must be an integer, got string"),
     ],
 )
 def test_spillover_must_be_a_positive_count(value, expected):
