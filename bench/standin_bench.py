@@ -48,6 +48,7 @@ from tests.e2e.standin_support import (
     tutorial_modeldeployment,
 )
 from tests.integration.servers import LoopThread, Upstream
+from webhook.controller.standin import HANDOVER_SECONDS
 
 NAMESPACE = "bench"
 INJECTOR = """\
@@ -177,7 +178,8 @@ def main() -> int:
                 print()
                 print(figures("last ready pod gone -> slice written", written))
                 print(figures("last ready pod gone -> remote served", served))
-                print(figures("a pod ready again -> slice deleted", stood_down))
+                handover = f"a pod ready again -> slice deleted (the handover is {HANDOVER_SECONDS:g}s by design)"
+                print(figures(handover, stood_down))
                 print("goal: remote served within 2 s of the slice (kube-proxy's sync comes on top)")
             finally:
                 gateway.stop()

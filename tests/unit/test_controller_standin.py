@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jsonpatch
@@ -181,6 +182,36 @@ def test_one_ready_pod_removes_the_slice_and_says_so():
     assert (plan.condition.status, plan.condition.reason) == (False, "LocalReplicasReady")
     assert plan.event[:2] == ("Normal", "RemoteStoodDown")
     assert "1 ready of 2 pods" in plan.event[2]
+
+
+def ready_for(name: str, seconds: float, now: datetime) -> dict[str, Any]:
+    """A pod whose Ready condition turned True ``seconds`` before ``now``."""
+    ready = pod(name)
+    ready["status"]["conditions"][0]["lastTransitionTime"] = (now - timedelta(seconds=seconds)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+    return ready
+
+
+def test_the_slice_stays_beside_a_pod_ready_for_less_than_the_handover_then_goes():
+    now = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
+    existing = stored(made_slice(world()))
+
+    settling = standin.plan(world(pods=(ready_for("vllm-1", 2, now),), slices=[existing], now=now), GATEWAY)
+    assert settling.actions == () and settling.active  # make before break: both serve meanwhile
+    assert (settling.condition.status, settling.condition.reason) == (True, "HandingOver")
+    assert settling.recheck_after == standin.HANDOVER_SECONDS - 2 and settling.event is None
+
+    later = now + timedelta(seconds=settling.recheck_after)
+    done = standin.plan(world(pods=(ready_for("vllm-1", 2, now),), slices=[existing], now=later), GATEWAY)
+    assert [(a.verb, a.name) for a in done.actions] == [("delete", "vllm-offload-standin")]
+    assert (done.condition.reason, done.recheck_after) == ("LocalReplicasReady", None)
+
+
+def test_with_no_slice_a_newly_ready_pod_needs_no_handover():
+    now = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
+    plan = standin.plan(world(pods=(ready_for("vllm-1", 0, now),), now=now), GATEWAY)
+    assert plan.actions == () and not plan.active and plan.condition.reason == "LocalReplicasReady"
 
 
 def test_a_ready_pod_selected_by_the_service_but_not_the_workloads_counts_too():

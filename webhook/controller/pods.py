@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
+from crds.status import parse_time
 from webhook.injector_config import PROXY_PORT_NAME
 
 
@@ -29,6 +31,17 @@ def is_ready(pod: Mapping[str, Any]) -> bool:
         if isinstance(cond, Mapping) and cond.get("type") == "Ready":
             return cond.get("status") == "True"
     return False
+
+
+def ready_since(pod: Mapping[str, Any]) -> datetime | None:
+    """When a ready pod's Ready condition last turned True (``lastTransitionTime``, to the
+    second); None when it is not ready or the time is missing."""
+    if not is_ready(pod):
+        return None
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if isinstance(cond, Mapping) and cond.get("type") == "Ready":
+            return parse_time(cond.get("lastTransitionTime"))
+    return None
 
 
 def has_sidecar(pod: Mapping[str, Any]) -> bool:

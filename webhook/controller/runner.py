@@ -348,7 +348,9 @@ class Controller:
         if self.options.gateway is not None or "standIn" in status:
             decided = {**decided, "standIn": stand_in.status}
         self._write_status(md, plan, decided)
-        return period if not self.options.release else None
+        if self.options.release:
+            return None
+        return min(period, stand_in.recheck_after) if stand_in.recheck_after else period
 
     # -- standing in (webhook.controller.standin) --
 
@@ -379,6 +381,7 @@ class Controller:
                 slices=self.store.list(ENDPOINTSLICES, key[0]),
                 port=port,
                 releasing=releasing,
+                now=self._wall(),
             ),
             gateway,
         )

@@ -6,7 +6,11 @@ installation's default), the controller adds an EndpointSlice to the Service tha
 at the ready pods of the gateway (``offload-sidecar --mode gateway``) on this
 ModelDeployment's own gateway port; kube-proxy then sends the Service's ClusterIP there,
 and the gateway sends every request on to the remote. The slice goes as soon as one pod
-behind the Service is ready. The Service itself is never changed for this.
+behind the Service is ready *and has been for* :data:`HANDOVER_SECONDS`: the pod's
+readiness reaches the EndpointSlice controller's slice and then kube-proxy's rules a moment
+later, and until it has, removing the stand-in would leave the ClusterIP with no endpoint
+(connection refused). Meanwhile both serve: make before break. The Service itself is never
+changed for this.
 
 The slice is labelled ``kubernetes.io/service-name: <service>`` (kube-proxy groups a
 Service's slices by it) and ``endpointslice.kubernetes.io/managed-by:
@@ -31,6 +35,7 @@ import ipaddress
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from crds.model import ModelDeployment, expand_path_prefix
@@ -44,6 +49,9 @@ MANAGED_BY = "controller.offload.beamlit.com"  # a label value: no "/"
 MODELDEPLOYMENT_LABEL = "offload.beamlit.com/modeldeployment"
 SUFFIX = "-offload-standin"
 DEFAULT_PORTS = (20000, 29999)
+# How long a pod must have been Ready before the stand-in slice goes: the EndpointSlice
+# controller and kube-proxy (its default minSyncPeriod is 1 s) must have it by then.
+HANDOVER_SECONDS = 5.0
 # Condition reasons worth a Warning Event: requests to the Service fail and nothing here helps.
 WARNING_REASONS = frozenset({"NoRemote", "NoGatewayReady", "StandInConflict"})
 
@@ -151,6 +159,7 @@ class StandInWorld:
     slices: Sequence[Mapping[str, Any]] = ()  # our EndpointSlices in the namespace
     port: int | None = None  # from assign_port
     releasing: bool = False  # deleted, disabled controller, namespace terminating
+    now: datetime | None = None  # the wall clock, for the handover; None: no handover
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,7 @@ class StandInPlan:
     actions: tuple[SliceAction, ...] = ()
     active: bool = False  # the slice exists once the actions are done
     event: tuple[str, str, str] | None = None  # (type, reason, message) once the actions are done
+    recheck_after: float | None = None  # seconds: look again then (a handover in progress)
 
 
 def _name(obj: Mapping[str, Any] | None) -> str:
@@ -349,6 +359,21 @@ def _service_port(service: Mapping[str, Any] | None, model: ModelDeployment) -> 
     return None if isinstance(chosen, capture.Uncapturable) else chosen.port
 
 
+def _handover_left(world: StandInWorld, ready_pods: set[str]) -> float:
+    """Seconds until the longest-ready pod has been Ready for HANDOVER_SECONDS (0: done, or
+    no clock or no time to go by)."""
+    if world.now is None:
+        return 0.0
+    since = [
+        t
+        for p in (*world.workload_pods, *world.service_pods)
+        if podq.name_of(p) in ready_pods and (t := podq.ready_since(p)) is not None
+    ]
+    if not since:
+        return 0.0
+    return max(0.0, HANDOVER_SECONDS - (world.now - min(since)).total_seconds())
+
+
 def plan(world: StandInWorld, gateway: GatewaySettings | None) -> StandInPlan:
     """What to do for one ModelDeployment. ``gateway`` None: the installation has no gateway
     (no condition, no port, and any slice of ours goes)."""
@@ -410,6 +435,20 @@ def plan(world: StandInWorld, gateway: GatewaySettings | None) -> StandInPlan:
         low, high = gateway.ports
         return off("NoGatewayPort", f"every gateway port from {low} to {high} is taken", port=False)
     if ready:
+        settling = _handover_left(world, ready_pods)
+        if mine and settling > 0:
+            message = (
+                f"{workload}: Service {sref.name} is taken over by its own pods; the remote keeps "
+                f"standing in beside them for {settling:.0f}s more, until kube-proxy has them"
+            )
+            return StandInPlan(
+                Condition(REMOTE_STANDING_IN, True, "HandingOver", message),
+                status_of(True),
+                (),
+                True,
+                None,
+                settling,
+            )
         return off("LocalReplicasReady", f"{workload}: Service {sref.name} is served by its own pods")
 
     service = world.service
