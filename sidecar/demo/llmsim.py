@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
+
+from sidecar.demo.cpu import burn
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,6 @@ class Capacity:
         """The most it can serve with no queue growing."""
         return self.slots / self.service_time
 
-
-def burn(seconds: float) -> None:
-    """Hash until this thread has used ``seconds`` of CPU time."""
-    end = time.thread_time() + seconds
-    digest = b"token"
-    while time.thread_time() < end:
-        for _ in range(50):
-            digest = hashlib.sha256(digest).digest()
 
 
 class LlmServer:
