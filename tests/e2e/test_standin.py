@@ -129,12 +129,15 @@ def env(kube, namespace, modeldeployment_crd, run_webhook, tmp_path) -> Iterator
 
 def tutorial(e: Env, **behavior: Any) -> dict[str, Any]:
     """The ModelDeployment first (so the tutorial's pods are injected), then the tutorial's
-    Deployment and Service; returns the ModelDeployment as applied."""
+    Deployment and Service, until the first pod serves and the remote no longer stands in for
+    it (the handover after its start is over); returns the ModelDeployment as applied."""
     doc = tutorial_modeldeployment(e.c.namespace, e.remote.port, **behavior)
     apply(e.c.kube, [doc], e.c.namespace)
     apply(e.c.kube, list(yaml.safe_load_all(TUTORIAL_CLUSTER_A.read_text())), e.c.namespace)
     e.c.wait("a ready php-apache pod", lambda: len(e.c.ready_pods("run=php-apache")) == 1, 60)
     e.c.wait("a gateway port", lambda: isinstance(e.standin().get("port"), int))
+    e.c.wait("LocalReplicasReady", lambda: e.condition().get("reason") == "LocalReplicasReady", 30)
+    e.c.wait("no stand-in slice", lambda: e.slice() is None, 15)
     return doc
 
 
@@ -237,7 +240,7 @@ def test_a_workload_with_no_ready_pod_is_stood_in_for_like_one_scaled_to_zero(en
         )
     c.wait("the stand-in slice", lambda: e.slice() is not None, 15)
     c.wait("RemoteStandingIn True", lambda: e.condition().get("status") == "True")
-    assert e.condition()["reason"] == "NoReadyReplica"
+    assert e.condition()["reason"] == "NoReadyReplica", e.condition()
     assert "has 0 ready of 2 pods" in e.condition()["message"]
     assert {a for ep in e.slice().endpoints for a in ep.addresses} == e.gateway_pod_ips()
 
