@@ -390,7 +390,8 @@ class Exchange:
     def response_data(self, data: bytes) -> None:
         """Bytes from the upstream carrying this request: parsed, relayed to the client."""
         conn = self.upstream
-        if not self.final:  # (part of) a response head: kept for its fields
+        head_due = not self.final
+        if head_due:  # (part of) a response head: kept for its fields
             buf = self.head_buf
             self.head_buf = buf + data if buf else data
         try:
@@ -402,6 +403,11 @@ class Exchange:
             if (
                 conn is not None and not conn.closed
             ):  # closed: the request went to the other backend (Retried)
+                if head_due and self.final and not self.done:
+                    # The head and a broken body came in one read: none of it has reached the
+                    # client, which can still get a clear 502 instead of a cut connection.
+                    self.out.clear()
+                    self.final = False
                 self.upstream_broken(f"invalid response from upstream: {exc}")
             return
         if self.out:

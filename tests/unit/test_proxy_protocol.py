@@ -196,6 +196,33 @@ def test_a_response_head_over_the_limit_is_answered_502(proxy):
     assert proxy.client_side.closed  # the client's request was complete: a plain close
 
 
+def test_a_broken_body_in_the_same_read_as_its_head_is_answered_502_not_cut(proxy):
+    conn, upstream = proxy.upstream()
+    proxy.send(GET)
+    upstream.taken()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n")
+
+    answer = proxy.client_side.taken()
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"invalid response" in answer
+    assert b"200 OK" not in answer and upstream.aborted
+    stats = proxy.server.stats
+    assert stats.upstream_failures_total == {("local", "protocol"): 1}
+    assert stats.in_flight == stats.local_in_flight == 0
+    assert proxy.client_side.closed and not proxy.client_side.aborted
+
+
+def test_a_broken_body_after_the_head_went_out_cuts_the_client(proxy):
+    conn, upstream = proxy.upstream()
+    proxy.send(GET)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    assert proxy.client_side.taken().startswith(b"HTTP/1.1 200 OK\r\n")
+    conn.data_received(b"zz\r\n")
+
+    # The client has a 200 under way: it must see it cut, never a clean end.
+    assert proxy.client_side.taken() == b"" and proxy.client_side.aborted
+    assert proxy.server.stats.in_flight == 0
+
+
 def test_a_full_upstream_pauses_reading_the_client_until_it_drains(proxy):
     conn, upstream = proxy.upstream()
     proxy.send(b"POST /v1/completions HTTP/1.1\r\nHost: model.example\r\nContent-Length: 10\r\n\r\n01234")
