@@ -333,11 +333,11 @@ def _check_remote_backend(
         model = spec.model if spec is not None else "model"
         yield from _check_path_prefix(f"{path}.pathPrefix", backend.path_prefix, model)
     for name, value in backend.headers_to_add.items():
-        yield from _check_header(f"{path}.headersToAdd[{name}]", name, value)
+        yield from check_header(f"{path}.headersToAdd[{name}]", name, value)
     seen = {name.lower() for name in backend.headers_to_add}
     for i, header in enumerate(backend.headers_from_secrets):
         sub = f"{path}.headersFromSecrets[{i}]"
-        yield from _check_header(f"{sub}.name", header.name, "")
+        yield from check_header(f"{sub}.name", header.name, "")
         if header.name.lower() in seen:
             yield FieldError(f"{sub}.name", f"{header.name} is already set by another header of this backend")
         seen.add(header.name.lower())
@@ -453,7 +453,9 @@ def _check_path_prefix(path: str, written: str, model: str) -> Iterator[Finding]
         yield FieldError(path, f"must not contain '.' or '..' segments or backslashes, got {got}")
 
 
-def _check_header(path: str, name: str, value: str) -> Iterator[Finding]:
+def check_header(path: str, name: str, value: str) -> Iterator[FieldError]:
+    """A header the proxy adds to remote requests: an RFC 9110 token for a name, not one the
+    proxy owns (:data:`FORBIDDEN_HEADERS`), and a value that cannot end the field or the head."""
     if not _FIELD_NAME.fullmatch(name):
         yield FieldError(path, f"{name!r} is not a valid HTTP header name")
     elif name.lower() in FORBIDDEN_HEADERS:

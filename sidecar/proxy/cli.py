@@ -13,19 +13,32 @@ import signal
 import ssl
 from urllib.parse import urlsplit
 
+from crds.validation import check_header
+from sidecar.options import HelpFormatter, address, duration, positive_duration
 from sidecar.proxy.routing import RemoteTarget, RoutePlan, RoutingTable
 from sidecar.proxy.server import ProxyServer
 from sidecar.proxy.settings import ProxySettings
 
 
-def host_port(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); an empty host is 127.0.0.1.
+def header(text: str) -> tuple[str, str]:
+    """``Name=Value`` -> (name, value), for ``--header``.
 
-    >>> host_port("[::1]:8080"), host_port(":9000")
-    (('::1', 8080), ('127.0.0.1', 9000))
+    >>> header("X-Api-Key=abc=")
+    ('X-Api-Key', 'abc=')
     """
-    host, _, port = text.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"not Name=Value: {text!r}")
+    problems = [finding.message for finding in check_header("--header", name, value)]
+    if problems:
+        raise argparse.ArgumentTypeError("; ".join(problems))
+    return name, value
+
+
+def percentage(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"not a whole number from 0 to 100: {text!r}")
+    return int(text)
 
 
 def remote_target_from_url(url: str, headers: tuple[tuple[str, str], ...] = ()) -> RemoteTarget:
@@ -46,22 +59,47 @@ def remote_target_from_url(url: str, headers: tuple[tuple[str, str], ...] = ()) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sidecar.proxy", description="The sidecar's data path alone."
+        prog="python -m sidecar.proxy",
+        description="The sidecar's data path alone. Durations are Go durations (500ms, 1m30s) "
+        "or seconds.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--listen", default="127.0.0.1:8080", help="host:port to serve on")
-    parser.add_argument("--local", required=True, help="host:port of the local model")
+    parser.add_argument(
+        "--listen", type=address("127.0.0.1"), default="127.0.0.1:8080", help="host:port to serve on"
+    )
+    parser.add_argument(
+        "--local", type=address("127.0.0.1"), required=True, help="host:port of the local model"
+    )
     parser.add_argument("--remote", help="http(s)://host[:port][/prefix] of the remote backend")
-    parser.add_argument("--percentage", type=int, default=0, help="share of requests offloaded to the remote")
-    parser.add_argument("--header", action="append", default=[], help="Name=Value added to remote requests")
+    parser.add_argument(
+        "--percentage", type=percentage, default=0, help="share of requests offloaded to the remote"
+    )
+    parser.add_argument(
+        "--header", type=header, action="append", default=[], help="Name=Value added to remote requests"
+    )
     parser.add_argument("--ca-file", help="CA bundle for an https remote (default: the system's)")
-    parser.add_argument("--connect-timeout", type=float, default=ProxySettings.connect_timeout)
-    parser.add_argument("--read-timeout", type=float, default=ProxySettings.read_timeout)
-    parser.add_argument("--shutdown-deadline", type=float, default=30.0)
-    parser.add_argument("--shutdown-grace", type=float, default=ProxySettings.shutdown_grace)
+    parser.add_argument(
+        "--connect-timeout", type=positive_duration, default=ProxySettings.connect_timeout,
+        help="time to open a connection to a backend",
+    )
+    parser.add_argument(
+        "--read-timeout", type=positive_duration, default=ProxySettings.read_timeout,
+        help="time a backend may go silent while answering",
+    )
+    parser.add_argument(
+        "--shutdown-deadline", type=duration, default=30.0,
+        help="time in-flight requests get to finish on SIGTERM",
+    )
+    parser.add_argument(
+        "--shutdown-grace", type=duration, default=ProxySettings.shutdown_grace,
+        help="time new connections are still accepted after SIGTERM",
+    )
     args = parser.parse_args(argv)
 
-    headers = tuple(tuple(h.split("=", 1)) for h in args.header)  # type: ignore[misc]
-    remote = remote_target_from_url(args.remote, headers) if args.remote else None  # type: ignore[arg-type]
+    try:
+        remote = remote_target_from_url(args.remote, tuple(args.header)) if args.remote else None
+    except ValueError as exc:
+        parser.error(f"--remote: {exc}")
     context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
     settings = ProxySettings(
         connect_timeout=args.connect_timeout,
@@ -74,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     async def serve() -> None:
-        server = ProxyServer(routing, host_port(args.local), settings)
-        host, port = host_port(args.listen)
+        server = ProxyServer(routing, args.local, settings)
+        host, port = args.listen
         port = await server.start(host, port)
         print(f"listening on {host}:{port}", flush=True)
         stop = asyncio.Event()
