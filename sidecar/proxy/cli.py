@@ -60,8 +60,7 @@ def remote_target_from_url(url: str, headers: tuple[tuple[str, str], ...] = ()) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sidecar.proxy",
-        description="The sidecar's data path alone. Durations are Go durations (500ms, 1m30s) "
-        "or seconds.",
+        description="The sidecar's data path alone. Durations are Go durations (500ms, 1m30s) or seconds.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
@@ -79,19 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ca-file", help="CA bundle for an https remote (default: the system's)")
     parser.add_argument(
-        "--connect-timeout", type=positive_duration, default=ProxySettings.connect_timeout,
+        "--connect-timeout",
+        type=positive_duration,
+        default=ProxySettings.connect_timeout,
         help="time to open a connection to a backend",
     )
     parser.add_argument(
-        "--read-timeout", type=positive_duration, default=ProxySettings.read_timeout,
+        "--read-timeout",
+        type=positive_duration,
+        default=ProxySettings.read_timeout,
         help="time a backend may go silent while answering",
     )
     parser.add_argument(
-        "--shutdown-deadline", type=duration, default=30.0,
+        "--shutdown-deadline",
+        type=duration,
+        default=30.0,
         help="time in-flight requests get to finish on SIGTERM",
     )
     parser.add_argument(
-        "--shutdown-grace", type=duration, default=ProxySettings.shutdown_grace,
+        "--shutdown-grace",
+        type=duration,
+        default=ProxySettings.shutdown_grace,
         help="time new connections are still accepted after SIGTERM",
     )
     args = parser.parse_args(argv)

@@ -462,7 +462,7 @@ def _recv(sock: Any) -> bytes:
     return data
 
 
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+def wait_until(what: str, condition: Callable[[], object], timeout: float = 10.0) -> None:
     """Poll ``condition`` (every 10 ms, the pace only) until it is true; AssertionError
     naming ``what`` after ``timeout`` seconds. For state another thread or process
     changes: the outcome is decided by the state, not by how long the wait took."""

@@ -21,7 +21,7 @@ from sidecar.gateway.process import Gateway, GatewaySettings
 from sidecar.proxy.server import ProxySettings
 from tests.e2e.controlplane.net import free_port
 from tests.integration.fake_apiserver import LoopbackPKI
-from tests.integration.servers import LoopThread, Upstream
+from tests.integration.servers import LoopThread, Upstream, wait_until
 from tests.integration.test_oauth import CLIENT_ID, SECRET, TokenEndpoint
 from tests.modeldeployments import oauth_remote
 
@@ -119,13 +119,6 @@ def gateway(loop) -> Iterator[Running]:
 
 def get(port: int, path: str = "/v1/completions", **kwargs: Any) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10, **kwargs)
-
-
-def wait_for(what: str, condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 # --- which ModelDeployment a connection is for ------------------------------------------------
@@ -248,7 +241,7 @@ def test_an_oauth_remote_gets_a_token_and_a_private_ca_remote_is_verified(loop, 
             ),
             md("untrusted", port_untrusted, {"host": f"localhost:{tls_remote.port}", "scheme": "https"}),
         )
-        wait_for(
+        wait_until(
             "the token",
             lambda: running.status()["modelDeployments"]["models/oauth"]["routing"]["remote"] is not None,
         )
@@ -364,7 +357,7 @@ def test_a_held_request_goes_to_the_first_local_pod_ready_else_to_the_remote_aft
         thread = threading.Thread(target=lambda: result.update(answer=get(port, "/held")))
         started = time.monotonic()
         thread.start()
-        wait_for(
+        wait_until(
             "the request to be held",
             lambda: gateway.status()["modelDeployments"]["models/alpha"]["localPods"]["held"] == 1,
         )
@@ -399,12 +392,12 @@ def test_a_port_given_up_drains_its_streams_and_then_refuses(gateway, remotes):
 
     thread = threading.Thread(target=stream)
     thread.start()
-    wait_for("the stream to start", lambda: a.count() == 1)
+    wait_until("the stream to start", lambda: a.count() == 1)
     gateway.update(md("alpha", new_port, remote_of(a)))  # the controller moved it
     assert get(new_port).status_code == 200  # the new port serves at once
     thread.join(10)
     assert len(events) == 10  # the stream in flight on the old port finished
-    wait_for("the old port closed", lambda: _refused(port))
+    wait_until("the old port closed", lambda: _refused(port))
 
 
 def test_shutdown_fails_readiness_at_once_and_finishes_what_is_in_flight(gateway, remotes):
@@ -421,11 +414,11 @@ def test_shutdown_fails_readiness_at_once_and_finishes_what_is_in_flight(gateway
 
     thread = threading.Thread(target=stream)
     thread.start()
-    wait_for("the stream to start", lambda: a.count() == 1)
+    wait_until("the stream to start", lambda: a.count() == 1)
     import asyncio
 
     future = asyncio.run_coroutine_threadsafe(gateway.gateway.shutdown(), gateway.lt.loop)
-    wait_for("readiness to fail", lambda: gateway.get("/readyz").status_code == 503, timeout=1)
+    wait_until("readiness to fail", lambda: gateway.get("/readyz").status_code == 503, timeout=1)
     future.result(10)
     thread.join(10)
     assert len(events) == 8

@@ -7,14 +7,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
 
 from sidecar.proxy.breaker import BreakerSettings
 from sidecar.proxy.server import ProxySettings
-from tests.integration.servers import LoopThread, ProxyHarness
+from tests.integration.servers import LoopThread, ProxyHarness, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +36,6 @@ def harnesses(lt):
         h.close()
 
 
-def until(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.01)
-
-
 def counters(h: ProxyHarness) -> tuple[int, int, int]:
     stats = h.proxy.stats
     return stats.local_in_flight, stats.local_waiting, stats.in_flight
@@ -60,10 +51,10 @@ def test_a_streamed_request_is_waiting_until_its_first_event_and_in_flight_until
             chunks = response.iter_raw()
             first = next(chunks)
             assert b'"i": 0' in first
-            until("no longer waiting once the first event is relayed", lambda: counters(h) == (1, 0, 1))
+            wait_until("no longer waiting once the first event is relayed", lambda: counters(h) == (1, 0, 1))
             rest = b"".join(chunks)
             assert b'"i": 1' in rest
-    until("nothing in flight once the stream ended", lambda: counters(h) == (0, 0, 0))
+    wait_until("nothing in flight once the stream ended", lambda: counters(h) == (0, 0, 0))
 
 
 def test_a_request_served_by_the_remote_is_never_counted_at_the_local_model(harnesses):
@@ -73,7 +64,7 @@ def test_a_request_served_by_the_remote_is_never_counted_at_the_local_model(harn
             assert response.headers["x-upstream"] == "remote"
             assert counters(h) == (0, 0, 1)
             response.read()
-    until("the request ended", lambda: counters(h) == (0, 0, 0))
+    wait_until("the request ended", lambda: counters(h) == (0, 0, 0))
 
 
 def _abort_mid_stream(port: int) -> None:
@@ -97,7 +88,7 @@ def test_the_counters_come_back_to_zero_whatever_way_requests_end(harnesses, lt)
         assert client.get("/echo").headers["x-upstream"] == "remote"
         h.local.answer = None
     _abort_mid_stream(h.port)
-    until("the aborted stream is no longer counted", lambda: counters(h) == (0, 0, 0))
+    wait_until("the aborted stream is no longer counted", lambda: counters(h) == (0, 0, 0))
 
     # The local model killed in the middle of a stream: the client sees it cut.
     got_first = threading.Event()
@@ -118,7 +109,7 @@ def test_the_counters_come_back_to_zero_whatever_way_requests_end(harnesses, lt)
     assert counters(h) == (1, 0, 1)
     lt.run(h.local.kill())
     thread.join(10)
-    until("the cut stream is no longer counted", lambda: counters(h) == (0, 0, 0))
+    wait_until("the cut stream is no longer counted", lambda: counters(h) == (0, 0, 0))
 
     # Local model down (its listener closed): the request goes to the remote.
     with httpx.Client(base_url=h.url, timeout=10) as client:
@@ -154,7 +145,7 @@ def _slow_requests(url: str, n: int, delay_ms: int) -> tuple[list[threading.Thre
 def test_requests_beyond_the_spillover_limit_go_to_the_remote_at_once_without_offloading(harnesses):
     h = harnesses(percentage=0, spillover=2)
     threads, served = _slow_requests(h.url, 2, 1500)
-    until("two requests in flight at the local model", lambda: counters(h)[0] == 2)
+    wait_until("two requests in flight at the local model", lambda: counters(h)[0] == 2)
     started = time.monotonic()
     with httpx.Client(base_url=h.url, timeout=10) as client:
         third = client.get("/echo")
@@ -173,7 +164,7 @@ def test_requests_beyond_the_spillover_limit_go_to_the_remote_at_once_without_of
 def test_without_spillover_every_request_waits_for_the_local_model(harnesses):
     h = harnesses(percentage=0)
     threads, _ = _slow_requests(h.url, 3, 500)
-    until("three requests in flight at the local model", lambda: counters(h)[0] == 3)
+    wait_until("three requests in flight at the local model", lambda: counters(h)[0] == 3)
     for t in threads:
         t.join(10)
     assert h.remote.count() == 0 and h.routing.spillovers == 0
@@ -183,7 +174,7 @@ def test_a_spilled_request_whose_remote_is_down_is_served_locally(harnesses, lt)
     h = harnesses(percentage=0, spillover=1)
     lt.run(h.remote.kill())
     threads, served = _slow_requests(h.url, 1, 800)
-    until("one request in flight at the local model", lambda: counters(h)[0] == 1)
+    wait_until("one request in flight at the local model", lambda: counters(h)[0] == 1)
     with httpx.Client(base_url=h.url, timeout=10) as client:
         response = client.get("/echo")
     assert response.status_code == 200 and response.headers["x-upstream"] == "local"

@@ -132,7 +132,7 @@ def test_the_breaker_probes_again_and_closes_when_the_remote_is_back(harnesses, 
         h.remote = revived
         # The next request probes once the breaker's backoff is over, on the proxy's clock.
         breaker = remote_breaker(h)
-        wait_until(lambda: lt.call(h.proxy.loop.time) >= breaker.retry_at, "the breaker's backoff is over")
+        wait_until("the breaker's backoff is over", lambda: lt.call(h.proxy.loop.time) >= breaker.retry_at)
         assert [c.get("/echo").headers["x-upstream"] for _ in range(5)] == ["remote"] * 5
     assert h.proxy.stats.breaker_state == "closed"
 
@@ -200,7 +200,7 @@ def test_while_shutting_down_a_dead_local_model_is_a_503_with_retry_after(harnes
     import asyncio
 
     future = asyncio.run_coroutine_threadsafe(h.proxy.shutdown(3.0), lt.loop)
-    wait_until(lambda: h.proxy.draining, "the shutdown began")  # within the grace: still accepting
+    wait_until("the shutdown began", lambda: h.proxy.draining)  # within the grace: still accepting
     assert not h.proxy.ready
     with httpx.Client(base_url=h.url, timeout=10) as c:
         r = c.get("/echo")

@@ -137,7 +137,7 @@ def test_sigterm_during_load_and_open_streams_loses_nothing(local):
         for t in threads:
             t.start()
         started.wait(10)
-        wait_until(lambda: len(results["statuses"]) >= 8, "the load is being answered")
+        wait_until("the load is being answered", lambda: len(results["statuses"]) >= 8)
         sent_at = time.monotonic()
         proxy.terminate()
         prober = threading.Thread(target=probe_refusal, args=(proxy.port,))
@@ -170,12 +170,12 @@ def test_shutdown_turns_readiness_off_at_once_drains_in_flight_and_cuts_at_the_d
         endless = socket.create_connection(("127.0.0.1", h.port), timeout=10)
         endless.sendall(b"GET /sse?n=1000&interval_ms=20 HTTP/1.1\r\nHost: svc\r\n\r\n")
         endless.recv(65536)
-        wait_until(lambda: h.proxy.stats.in_flight == 2, "the slow request and the stream are in flight")
+        wait_until("the slow request and the stream are in flight", lambda: h.proxy.stats.in_flight == 2)
         assert h.proxy.ready and h.ready_changes == [True]
 
         began = time.monotonic()
         future = asyncio.run_coroutine_threadsafe(h.proxy.shutdown(1.5), lt.loop)
-        wait_until(lambda: not h.proxy.ready, "readiness turned off")
+        wait_until("readiness turned off", lambda: not h.proxy.ready)
         assert not h.proxy.ready and h.ready_changes == [True, False]
 
         assert idle.recv(10) == b""  # closed once the grace is over

@@ -13,7 +13,6 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from certs.issue import KeyPair, issue_ca, issue_serving_cert
 from tests.e2e.controlplane.net import free_port
 from tests.e2e.controlplane.process import ManagedProcess
 from tests.e2e.controlplane.webhook_process import REPO_ROOT, _console_script
+from tests.integration.servers import wait_until
 from webhook import metrics
 from webhook.app import build_app
 from webhook.cli import tls_server
@@ -196,13 +196,6 @@ def test_a_certificate_that_cannot_be_loaded_at_start_names_the_file(ca, tmp_pat
 # --- the process ----------------------------------------------------------------------------------
 
 
-def until(what: str, condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def metric_value(text: str, name: str) -> float | None:
     for line in text.splitlines():
         if line.startswith((name + " ", name + "{")):
@@ -244,7 +237,7 @@ def test_the_webhook_process_picks_up_a_rotated_secret_volume_without_a_restart(
             conn.close()
 
     try:
-        until("the webhook to listen", lambda: serving_now() is not None)
+        wait_until("the webhook to listen", lambda: serving_now() is not None, 15)
         before = connect(port, context)
         assert presented(before) == der(first) and get(before, "/healthz")[0] == 200
         status, body = get(before, "/metrics")
@@ -253,7 +246,7 @@ def test_the_webhook_process_picks_up_a_rotated_secret_volume_without_a_restart(
         assert expiry == not_after(first)
 
         volume.publish(second.cert_pem, second.key_pem)
-        until("the rotated certificate to be served", lambda: serving_now() == der(second))
+        wait_until("the rotated certificate to be served", lambda: serving_now() == der(second), 15)
         assert process.exit_code() is None  # the same process: no restart
         status, body = get(before, "/metrics")  # over the connection opened before the rotation
         assert status == 200 and presented(before) == der(first)

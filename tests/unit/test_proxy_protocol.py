@@ -278,7 +278,9 @@ def test_only_the_unfinished_head_counts_toward_the_head_limit_not_what_came_bef
     proxy.send(b"GET /a HTTP/1.1\r\nHo")
     proxy.send(
         b"st: model.example\r\n\r\n"
-        b"POST /b HTTP/1.1\r\nHost: model.example\r\nContent-Length: 4000\r\n\r\n" + body + b"GET /c HTTP/1.1\r\nHo"
+        b"POST /b HTTP/1.1\r\nHost: model.example\r\nContent-Length: 4000\r\n\r\n"
+        + body
+        + b"GET /c HTTP/1.1\r\nHo"
     )
     proxy.send(b"st: model.example\r\n\r\n")
     assert b" 431 " not in proxy.client_side.data
