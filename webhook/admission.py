@@ -22,11 +22,18 @@ class Reviewed:
     ``result`` and ``reason`` are stable codes (label values of
     ``offload_webhook_admission_reviews_total``): result is one of allowed, denied,
     injected, skipped; reason a CamelCase code such as ``Invalid`` or ``WindowsPod``.
+    The rest is for the one log line of the review: what was reviewed (``pod ns/name``),
+    more ``key=value`` codes (`` modeldeployment=llm``), what was decided in words, and
+    whether it is routine (logged at DEBUG: a pod no ModelDeployment selects).
     """
 
     review: dict[str, Any]
     result: str
     reason: str
+    subject: str = ""
+    fields: str = ""
+    detail: str = ""
+    routine: bool = False
 
 
 class BadReview(ValueError):

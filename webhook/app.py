@@ -121,15 +121,17 @@ def review_endpoint(
         answer = _answer(handler, admission, webhook)
         metrics.ADMISSION_REVIEWS.labels(webhook, answer.result, answer.reason).inc()
         metrics.ADMISSION_DURATION.labels(webhook).observe(clock() - started)
-        log.info(
-            "admission uid=%s %s %s/%s allowed=%s result=%s reason=%s",
+        log.log(
+            logging.DEBUG if answer.routine else logging.INFO,
+            "admission uid=%s %s %s allowed=%s result=%s reason=%s%s%s",
             admission.uid,
             admission.operation,
-            admission.namespace,
-            admission.name,
+            answer.subject or f"{admission.namespace}/{admission.name}",
             answer.review["response"]["allowed"],
             answer.result,
             answer.reason,
+            answer.fields,
+            f": {answer.detail}" if answer.detail else "",
         )
         return JSONResponse(answer.review)
 

@@ -99,8 +99,8 @@ def review_pod(request: AdmissionRequest, *, view: ClusterView, config: Injector
 
 
 def answer_pod(request: AdmissionRequest, *, view: ClusterView, config: InjectorConfig) -> Reviewed:
-    """``review_pod`` with its result (injected or skipped) and reason code; logs the
-    decision and counts a pod left without the sidecar."""
+    """``review_pod`` with its result (injected or skipped), reason code and the decision
+    in words for the log; counts a pod left without the sidecar."""
     try:
         outcome = decide(request, view, config)
     except Exception:  # a bug must never block a pod, nor go unanswered
@@ -108,24 +108,15 @@ def answer_pod(request: AdmissionRequest, *, view: ClusterView, config: Injector
             "pod review uid=%s: injection failed; admitting the pod without the sidecar", request.uid
         )
         outcome = not_injected(Reason.INTERNAL_ERROR, "the webhook failed on this pod (see its log)")
-    where = pod_label(request.object, request.namespace)
-    level = (
-        logging.INFO
-        if outcome.reason not in (Reason.NO_MATCHING_MODELDEPLOYMENT, Reason.NOT_A_POD_CREATE)
-        else logging.DEBUG
-    )
-    log.log(
-        level,
-        "pod %s reason=%s modeldeployment=%s uid=%s: %s",
-        where,
+    said = Reviewed(
+        allow(request.uid, warnings=outcome.warnings, patch=outcome.patch),
+        metrics.INJECTED if outcome.injected else metrics.SKIPPED,
         outcome.reason.value,
-        outcome.modeldeployment or "-",
-        request.uid,
-        outcome.message,
+        subject=f"pod {pod_label(request.object, request.namespace)}",
+        detail=outcome.message,
+        fields=f" modeldeployment={outcome.modeldeployment}" if outcome.modeldeployment else "",
+        routine=outcome.reason in (Reason.NO_MATCHING_MODELDEPLOYMENT, Reason.NOT_A_POD_CREATE),
     )
-    review = allow(request.uid, warnings=outcome.warnings, patch=outcome.patch)
-    if outcome.injected:
-        return Reviewed(review, metrics.INJECTED, outcome.reason.value)
-    if outcome.reason is not Reason.NOT_A_POD_CREATE:
+    if not outcome.injected and outcome.reason is not Reason.NOT_A_POD_CREATE:
         metrics.INJECTIONS_SKIPPED.labels(outcome.reason.value).inc()
-    return Reviewed(review, metrics.SKIPPED, outcome.reason.value)
+    return said

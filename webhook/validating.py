@@ -42,6 +42,7 @@ def answer_modeldeployment(request: AdmissionRequest, settings: ValidationSettin
         # On CREATE the object may not carry its namespace yet; the request does.
         obj = {**obj, "metadata": {**meta, "namespace": request.namespace}}
     result = validate_object(obj, settings)
+    subject = f"{PLURAL} {request.namespace}/{request.name or '<new>'}"
     if not result.ok:
         name = request.name or "<new>"
         review = deny(
@@ -49,5 +50,5 @@ def answer_modeldeployment(request: AdmissionRequest, settings: ValidationSettin
             f'{KIND}.{GROUP} "{name}" is invalid: {result.message()}',
             warnings=result.warnings,
         )
-        return Reviewed(review, "denied", "Invalid")
-    return Reviewed(allow(request.uid, warnings=result.warnings), "allowed", "Valid")
+        return Reviewed(review, "denied", "Invalid", subject=subject, detail=result.message())
+    return Reviewed(allow(request.uid, warnings=result.warnings), "allowed", "Valid", subject=subject)

@@ -1,0 +1,103 @@
+"""One log line per admission review: what was reviewed, the verdict and its reason codes,
+and the decision in words. A pod no ModelDeployment selects (most pods of a cluster) is
+logged at DEBUG only."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+
+import httpx
+import pytest
+
+from crds.validation import ValidationSettings
+from tests.unit.test_golden import CONFIG, cluster, load_case, review_for
+from tests.modeldeployments import variant
+from webhook.app import build_app
+from webhook.mutating import answer_pod
+from webhook.validating import answer_modeldeployment
+
+
+class Client:
+    """The webhook's app over ASGI, in process: the log line is the endpoint's own."""
+
+    def __init__(self) -> None:
+        self.app = build_app(
+            {
+                "/mutate-pods": partial(answer_pod, view=cluster(), config=CONFIG),
+                "/validate-modeldeployments": partial(answer_modeldeployment, settings=ValidationSettings()),
+            }
+        )
+
+    def post(self, path: str, json: dict) -> httpx.Response:
+        async def send() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://webhook") as client:
+                return await client.post(path, json=json)
+
+        response = asyncio.run(send())
+        assert response.status_code == 200, response.text
+        return response
+
+
+@pytest.fixture
+def client() -> Client:
+    return Client()
+
+
+def said(caplog, uid: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("webhook") and uid in r.getMessage()]
+
+
+def modeldeployment_review(uid: str, obj: dict) -> dict:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "deployment.beamlit.com", "version": "v1alpha1", "kind": "ModelDeployment"},
+            "resource": {
+                "group": "deployment.beamlit.com",
+                "version": "v1alpha1",
+                "resource": "modeldeployments",
+            },
+            "operation": "CREATE",
+            "namespace": "default",
+            "name": "my-model",
+            "object": obj,
+        },
+    }
+
+
+def test_an_injected_pod_gets_one_line_naming_the_pod_its_modeldeployment_and_the_decision(client, caplog):
+    caplog.set_level(logging.DEBUG, logger="webhook")
+    namespace, pod = load_case("one-container")
+    client.post("/mutate-pods", json=review_for("injected", namespace, pod))
+    (line,) = said(caplog, "uid-injected")
+    assert line.levelno == logging.INFO
+    message = line.getMessage()
+    assert message.startswith("admission uid=uid-injected CREATE pod models/llm-7c9f8d6b5-* allowed=True")
+    assert "result=injected reason=Injected modeldeployment=llm: " in message
+    assert "injected for ModelDeployment" in message
+
+
+def test_a_pod_no_modeldeployment_selects_is_logged_at_debug_only(client, caplog):
+    caplog.set_level(logging.DEBUG, logger="webhook")
+    namespace, pod = load_case("one-container")
+    pod = {**pod, "metadata": {**pod["metadata"], "labels": {"app": "something-else"}}}
+    client.post("/mutate-pods", json=review_for("unselected", namespace, pod))
+    (line,) = said(caplog, "uid-unselected")
+    assert line.levelno == logging.DEBUG
+    assert "result=skipped reason=NoMatchingModelDeployment" in line.getMessage()
+
+
+def test_a_denied_modeldeployment_gets_one_line_with_every_error(client, caplog):
+    caplog.set_level(logging.DEBUG, logger="webhook")
+    bad = variant("my-model", {"spec.offloadingConfig.behavior.percentage": 150, "spec.model": ""})
+    client.post("/validate-modeldeployments", json=modeldeployment_review("denied-md", bad))
+    (line,) = said(caplog, "denied-md")
+    assert line.levelno == logging.INFO
+    message = line.getMessage()
+    assert "modeldeployments default/my-model allowed=False result=denied reason=Invalid: " in message
+    assert "spec.offloadingConfig.behavior.percentage" in message and "spec.model" in message
