@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from crds.validation import ValidationSettings
-from tests.unit.test_golden import CONFIG, cluster, load_case, review_for
 from tests.modeldeployments import variant
+from tests.unit.test_golden import CONFIG, cluster, load_case, review_for
 from webhook.app import build_app
 from webhook.mutating import answer_pod
 from webhook.validating import answer_modeldeployment
