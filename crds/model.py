@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from crds.decode import FieldError, decode
+from crds.decode import FieldError, decode, decode_partial
 
 GROUP = "deployment.beamlit.com"
 VERSION = "v1alpha1"
@@ -338,8 +338,16 @@ def parse_spec(data: Any) -> tuple[ModelDeploymentSpec | None, list[FieldError]]
 
 def parse_object(obj: Any) -> tuple[ModelDeployment | None, list[FieldError]]:
     """Decode a whole ModelDeployment object (as the API server or a file gives it)."""
+    model, errors, _ = parse_object_partial(obj)
+    return (None, errors) if errors else (model, [])
+
+
+def parse_object_partial(obj: Any) -> tuple[ModelDeployment | None, list[FieldError], list[str]]:
+    """:func:`parse_object` as far as the object decodes: (model, errors, replaced paths),
+    the model's spec as :func:`crds.decode.decode_partial` gives it. None when the spec
+    cannot be built, or the namespace the rules compare against is unknown."""
     if not isinstance(obj, dict):
-        return None, [FieldError("<root>", "must be an object")]
+        return None, [FieldError("<root>", "must be an object")], []
     errors: list[FieldError] = []
     if obj.get("apiVersion") not in (None, API_VERSION):
         errors.append(FieldError("apiVersion", f"must be {API_VERSION}, got {obj.get('apiVersion')!r}"))
@@ -352,23 +360,24 @@ def parse_object(obj: Any) -> tuple[ModelDeployment | None, list[FieldError]]:
     name = meta.get("name") or meta.get("generateName") or ""
     if not isinstance(name, str) or not name:
         errors.append(FieldError("metadata.name", "required field is missing"))
+        name = ""
     namespace = meta.get("namespace") or "default"
+    known_namespace = isinstance(namespace, str) and isinstance(obj.get("metadata", {}), dict)
     if not isinstance(namespace, str):
         errors.append(FieldError("metadata.namespace", "must be a string"))
     generation = meta.get("generation") or 0
     if not isinstance(generation, int) or isinstance(generation, bool):
         errors.append(FieldError("metadata.generation", "must be an integer"))
-    spec, spec_errors = parse_spec(obj.get("spec"))
+        generation = 0
+    spec, spec_errors, replaced = decode_partial(ModelDeploymentSpec, obj.get("spec"), "spec")
     errors.extend(spec_errors)
-    if errors or spec is None:
-        return None, errors
-    return (
-        ModelDeployment(
-            name=name,
-            namespace=str(namespace),
-            spec=spec,
-            generation=generation,
-            resource_version=str(meta.get("resourceVersion") or ""),
-        ),
-        [],
+    if spec is None or not known_namespace:
+        return None, errors, replaced
+    model = ModelDeployment(
+        name=name,
+        namespace=str(namespace),
+        spec=spec,
+        generation=generation,
+        resource_version=str(meta.get("resourceVersion") or ""),
     )
+    return model, errors, replaced

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from crds.decode import FieldError, decode
+from crds.decode import FieldError, decode, touches
 from crds.model import (
     MAX_COLD_START_HOLD_SECONDS,
     AuthConfig,
@@ -32,7 +32,7 @@ from crds.model import (
     OffloadingConfig,
     RemoteBackend,
     expand_path_prefix,
-    parse_object,
+    parse_object_partial,
 )
 from crds.quantity import parse_quantity
 from crds.signals import (
@@ -70,16 +70,38 @@ class ValidationResult:
 
 def validate_object(obj: Any, settings: ValidationSettings = ValidationSettings()) -> ValidationResult:
     """Every error and warning of one object. The model returned is the one in force:
-    without its own remoteBackend it carries the installation's default (when there is one)."""
-    model, errors = parse_object(obj)
-    if model is None:
-        return ValidationResult(None, tuple(errors), ())
+    without its own remoteBackend it carries the installation's default (when there is one).
+
+    An object with fields of the wrong type still gets the rules' errors for the rest of it
+    (the whole list at once, as ``kubectl apply`` shows it): the rules run on the object as
+    if those fields were absent, and what they find in the object holding such a field (a
+    rule may compare it with its siblings: caBundle with scheme) or above it is left out,
+    being about the stand-in default, not the data."""
+    model, decode_errors, replaced = parse_object_partial(obj)
+    if decode_errors:
+        if model is None:
+            return ValidationResult(None, tuple(decode_errors), ())
+        unsure = [_holder(path) for path in replaced]
+        rules = [
+            f
+            for f in _check_spec(model.spec, model.namespace, settings)
+            if isinstance(f, FieldError) and not any(touches(f.path, path) for path in unsure)
+        ]
+        return ValidationResult(None, tuple(decode_errors + rules), ())
+    assert model is not None
     found = list(_check_spec(model.spec, model.namespace, settings))
     errors = [f for f in found if isinstance(f, FieldError)]
     warnings = [f for f in found if isinstance(f, str)]
     if errors:
         return ValidationResult(None, tuple(errors), tuple(warnings))
     return ValidationResult(with_default_backend(model, settings.default_remote_backend), (), tuple(warnings))
+
+
+def _holder(field_path: str) -> str:
+    """The object a field is in (``spec.a.b`` -> ``spec.a``); a field of spec itself stands
+    for itself, so that one broken top-level field does not hide the rules' whole list."""
+    holder = field_path.rsplit(".", 1)[0]
+    return field_path if holder == "spec" else holder
 
 
 def with_default_backend(model: ModelDeployment, default: RemoteBackend | None) -> ModelDeployment:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from certs.issue import issue_ca
+from crds.decode import touches
 from crds.validation import ValidationSettings, check_host, parse_remote_backend, validate_object
 from tests import modeldeployments as md
 
@@ -452,6 +454,76 @@ def test_a_valid_modeldeployment_is_allowed(edits):
     result = validate_object(edited(**edits))
     assert result.ok, result.message()
     assert result.model is not None
+
+
+def json_paths(data: Any) -> Iterator[tuple[str | int, ...]]:
+    """The keys leading to every value inside ``data``, depth first."""
+    if isinstance(data, dict):
+        items: Iterable[tuple[str | int, Any]] = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    else:
+        return
+    for key, value in items:
+        yield (key,)
+        for rest in json_paths(value):
+            yield (key, *rest)
+
+
+def dotted(path: str) -> str:
+    """An error's path with map keys and indices as plain steps: ``a[b][0]`` -> ``a.b.0``."""
+    return path.replace("[", ".").replace("]", "")
+
+
+def test_a_field_of_the_wrong_type_is_the_only_error_of_an_otherwise_valid_object():
+    """Every field of every valid example, in turn, given a value no field accepts: the rules
+    still run on the rest, and none of them may report anything about the rest (it is
+    valid), whatever default stood in for the broken field."""
+    checked = 0
+    for _, edits in VALID:
+        valid = edited(**edits)
+        for keys in json_paths(valid["spec"]):
+            broken = copy.deepcopy(valid)
+            parent = broken["spec"]
+            for key in keys[:-1]:
+                parent = parent[key]
+            parent[keys[-1]] = [[]]  # an array of an array: no field of the API takes it
+            where = ".".join(["spec", *map(str, keys)])
+            result = validate_object(broken)
+            strays = [str(e) for e in result.errors if not touches(dotted(e.path), where)]
+            assert strays == [], f"{where}: {result.message()}"
+            checked += 1
+    assert checked > 300
+
+
+def test_the_rules_errors_come_with_the_type_errors_all_at_once():
+    result = validate_object(
+        edited(
+            **{
+                f"{SPEC}__enabled": "yes",  # a type error
+                f"{OC}__behavior__percentage": 150,  # the rules' errors, elsewhere
+                f"{RBK}__host": "bad host:99999",
+            }
+        )
+    )
+    assert [e.path for e in result.errors] == [
+        "spec.enabled",  # the types first, then the rules
+        "spec.offloadingConfig.behavior.percentage",
+        "spec.offloadingConfig.remoteBackend.host",
+    ], result.message()
+    assert result.model is None
+
+
+def test_a_rule_about_a_field_that_did_not_decode_is_left_out():
+    # metrics[0] is broken: the metrics stand in as none, and the rules about metrics or
+    # about what needs them (a remote, staticSplit) say nothing; spec.model still counts.
+    result = validate_object(
+        edited(**{f"{OC}__metrics": [{"type": "Resource", "resource": "cpu"}], f"{SPEC}__model": " "})
+    )
+    assert sorted(str(e) for e in result.errors) == [
+        "spec.model: must not be empty",
+        "spec.offloadingConfig.metrics[0].resource: must be an object, got string",
+    ]
 
 
 def test_the_tutorial_is_allowed_unchanged_with_the_crd_defaults_applied():
