@@ -23,6 +23,7 @@ __all__ = [
     "STANDALONE",
     "TUTORIAL_FILE",
     "VERSION",
+    "admission_review",
     "as_yaml",
     "oauth_remote",
     "published",
@@ -110,6 +111,33 @@ def standalone(
     if metrics:
         changes["spec.offloadingConfig.metrics"] = [CPU_AT_50_PERCENT]
     return variant(changes=changes, base=STANDALONE)
+
+
+def admission_review(
+    obj: Any,
+    *,
+    uid: str = "uid-1",
+    operation: str = "CREATE",
+    old: Any = None,
+    sub_resource: str | None = None,
+    namespace: str = "default",
+    name: str = "my-model",
+) -> dict[str, Any]:
+    """The AdmissionReview the API server sends /validate-modeldeployments for `obj`."""
+    request: dict[str, Any] = {
+        "uid": uid,
+        "kind": {"group": GROUP, "version": VERSION, "kind": KIND},
+        "resource": {"group": GROUP, "version": VERSION, "resource": PLURAL},
+        "operation": operation,
+        "namespace": namespace,
+        "name": name,
+        "object": obj,
+    }
+    if old is not None:
+        request["oldObject"] = old
+    if sub_resource:
+        request["subResource"] = sub_resource
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
 
 
 def as_yaml(doc: Mapping[str, Any]) -> str:

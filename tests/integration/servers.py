@@ -568,8 +568,8 @@ class ProxyHarness:
         remote_ssl: ssl.SSLContext | None = None,
         spillover: int | None = None,
     ):
-        from sidecar.proxy.server import ProxyServer, ProxySettings
         from sidecar.proxy.routing import RoutePlan, RoutingTable
+        from sidecar.proxy.server import ProxyServer, ProxySettings
 
         self.lt = lt
         self.local = lt.run(Upstream.started("local"))

@@ -12,8 +12,8 @@ import socket
 
 import pytest
 
-from sidecar.proxy.server import ProxyServer
 from sidecar.proxy.routing import RoutingTable
+from sidecar.proxy.server import ProxyServer
 from tests.integration.servers import REPO
 
 spec = importlib.util.spec_from_file_location("proxy_bench", REPO / "bench" / "proxy_bench.py")

@@ -13,10 +13,10 @@ from pathlib import Path
 import kubernetes
 import pytest
 
+from crds.backoff import Backoff
 from tests.e2e.controlplane.process import wait_until
 from tests.integration.fake_apiserver import FakeApiServer, LoopbackPKI
 from tests.integration.servers import LoopThread
-from crds.backoff import Backoff
 from webhook.cache import DEPLOYMENTS, MODELDEPLOYMENTS, SERVICES, STATEFULSETS, ClusterCache
 from webhook.watches import CacheSync
 

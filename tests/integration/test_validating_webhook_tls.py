@@ -15,31 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.e2e.controlplane.webhook_process import start_webhook
+from tests.modeldeployments import admission_review
 
 TUTORIAL = yaml.safe_load(
     (Path(__file__).parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml").read_text()
 )
 PATH = "/validate-modeldeployments"
-
-
-def review_body(obj, uid="uid-1"):
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "deployment.beamlit.com", "version": "v1alpha1", "kind": "ModelDeployment"},
-            "resource": {
-                "group": "deployment.beamlit.com",
-                "version": "v1alpha1",
-                "resource": "modeldeployments",
-            },
-            "operation": "CREATE",
-            "namespace": "default",
-            "name": "my-model",
-            "object": obj,
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +54,14 @@ def test_the_server_certificate_verifies_against_the_generated_ca_and_nothing_el
 
 
 def test_the_tutorial_is_allowed(client):
-    answer = client.post(PATH, json=review_body(TUTORIAL, uid="abc")).json()
+    answer = client.post(PATH, json=admission_review(TUTORIAL, uid="abc")).json()
     assert answer["response"] == {"uid": "abc", "allowed": True}
 
 
 def test_a_bad_object_is_denied_with_the_field_path(client):
     bad = copy.deepcopy(TUTORIAL)
     bad["spec"]["offloadingConfig"]["remoteBackend"]["host"] = "http://remote/v1"
-    answer = client.post(PATH, json=review_body(bad)).json()["response"]
+    answer = client.post(PATH, json=admission_review(bad)).json()["response"]
     assert answer["allowed"] is False
     assert (
         "spec.offloadingConfig.remoteBackend.host: must be host[:port] without a scheme"
@@ -146,7 +127,7 @@ def test_the_server_survives_a_client_that_hangs_up_mid_body(webhook, client):
                 b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b'Content-Length: 1000\r\n\r\n{"apiVersion"'
             )
-    assert client.post(PATH, json=review_body(TUTORIAL)).json()["response"]["allowed"] is True
+    assert client.post(PATH, json=admission_review(TUTORIAL)).json()["response"]["allowed"] is True
 
 
 json_values = st.recursive(
@@ -181,7 +162,7 @@ def _mutations():
 @given(mutation=_mutations(), operation=st.sampled_from(["CREATE", "UPDATE"]))
 def test_mutated_admission_reviews_never_get_a_5xx(client, mutation, operation):
     path, value = mutation
-    body = review_body(copy.deepcopy(TUTORIAL))
+    body = admission_review(copy.deepcopy(TUTORIAL))
     body["request"]["operation"] = operation
     node = body
     for key in path[:-1]:
@@ -208,7 +189,7 @@ def test_the_beamlit_sample_is_allowed_where_the_installation_has_a_default_remo
     sample = yaml.safe_load(
         (Path(__file__).parents[1] / "testdata" / "modeldeployments" / "beamlit-sample.yaml").read_text()
     )
-    denied = client.post(PATH, json=review_body(sample)).json()["response"]
+    denied = client.post(PATH, json=admission_review(sample)).json()["response"]
     assert denied["allowed"] is False
     assert "spec.offloadingConfig.remoteBackend: required when metrics are set" in denied["status"]["message"]
     server = start_webhook(
@@ -217,7 +198,7 @@ def test_the_beamlit_sample_is_allowed_where_the_installation_has_a_default_remo
     try:
         ctx = ssl.create_default_context(cafile=str(server.cert_dir / "ca.crt"))
         with httpx.Client(base_url=server.url(""), verify=ctx, timeout=10) as c:
-            answer = c.post(PATH, json=review_body(sample, uid="b")).json()["response"]
+            answer = c.post(PATH, json=admission_review(sample, uid="b")).json()["response"]
     finally:
         server.stop()
     assert answer["uid"] == "b" and answer["allowed"] is True

@@ -20,11 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from certs.issue import issue_ca, issue_serving_cert
 from crds.validation import ValidationSettings
+from tests.modeldeployments import admission_review
 from tests.unit.test_golden import CONFIG, cluster, load_case, review_for
 from webhook.app import build_app
 from webhook.cli import tls_server
-from webhook.reasons import Reason
 from webhook.mutating import answer_pod
+from webhook.reasons import Reason
 from webhook.tls import ReloadingCertificate
 from webhook.validating import answer_modeldeployment
 
@@ -136,30 +137,7 @@ def test_reviews_are_counted_by_webhook_result_and_reason(webhook):
     bad = copy.deepcopy(TUTORIAL)
     bad["spec"]["offloadingConfig"]["behavior"]["percentage"] = 150
     for obj in (TUTORIAL, bad):
-        client.post(
-            "/validate-modeldeployments",
-            json={
-                "apiVersion": "admission.k8s.io/v1",
-                "kind": "AdmissionReview",
-                "request": {
-                    "uid": "v",
-                    "kind": {
-                        "group": "deployment.beamlit.com",
-                        "version": "v1alpha1",
-                        "kind": "ModelDeployment",
-                    },
-                    "resource": {
-                        "group": "deployment.beamlit.com",
-                        "version": "v1alpha1",
-                        "resource": "modeldeployments",
-                    },
-                    "operation": "CREATE",
-                    "namespace": "default",
-                    "name": "my-model",
-                    "object": obj,
-                },
-            },
-        )
+        client.post("/validate-modeldeployments", json=admission_review(obj, uid="v"))
     after = scrape(client)
 
     def delta(name, **labels):

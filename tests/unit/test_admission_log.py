@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from crds.validation import ValidationSettings
-from tests.modeldeployments import variant
+from tests.modeldeployments import admission_review, variant
 from tests.unit.test_golden import CONFIG, cluster, load_case, review_for
 from webhook.app import build_app
 from webhook.mutating import answer_pod
@@ -50,26 +50,6 @@ def said(caplog, uid: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name.startswith("webhook") and uid in r.getMessage()]
 
 
-def modeldeployment_review(uid: str, obj: dict) -> dict:
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "deployment.beamlit.com", "version": "v1alpha1", "kind": "ModelDeployment"},
-            "resource": {
-                "group": "deployment.beamlit.com",
-                "version": "v1alpha1",
-                "resource": "modeldeployments",
-            },
-            "operation": "CREATE",
-            "namespace": "default",
-            "name": "my-model",
-            "object": obj,
-        },
-    }
-
-
 def test_an_injected_pod_gets_one_line_naming_the_pod_its_modeldeployment_and_the_decision(client, caplog):
     caplog.set_level(logging.DEBUG, logger="webhook")
     namespace, pod = load_case("one-container")
@@ -95,7 +75,7 @@ def test_a_pod_no_modeldeployment_selects_is_logged_at_debug_only(client, caplog
 def test_a_denied_modeldeployment_gets_one_line_with_every_error(client, caplog):
     caplog.set_level(logging.DEBUG, logger="webhook")
     bad = variant("my-model", {"spec.offloadingConfig.behavior.percentage": 150, "spec.model": ""})
-    client.post("/validate-modeldeployments", json=modeldeployment_review("denied-md", bad))
+    client.post("/validate-modeldeployments", json=admission_review(bad, uid="denied-md"))
     (line,) = said(caplog, "denied-md")
     assert line.levelno == logging.INFO
     message = line.getMessage()

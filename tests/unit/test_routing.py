@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from crds.model import RemoteBackend
 from crds.validation import validate_object
 from sidecar.control.plan import passthrough_reason, plan_for
-from sidecar.standalone.config import parse_document
 from sidecar.proxy.routing import CaBundleContexts, PercentageSpread, RemoteTarget, RoutePlan, RoutingTable
+from sidecar.standalone.config import parse_document
 
 TUTORIAL = (
     Path(__file__).resolve().parents[1] / "testdata" / "modeldeployments" / "tutorial.yaml"

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from crds.validation import ValidationSettings
+from tests.modeldeployments import admission_review
 from webhook.admission import parse_review
 from webhook.validating import review_modeldeployment
 
@@ -18,23 +19,8 @@ SETTINGS = ValidationSettings()
 
 
 def review(obj, *, operation="CREATE", old=None, sub_resource=None, uid="7f0e-uid"):
-    request = {
-        "uid": uid,
-        "kind": {"group": "deployment.beamlit.com", "version": "v1alpha1", "kind": "ModelDeployment"},
-        "resource": {
-            "group": "deployment.beamlit.com",
-            "version": "v1alpha1",
-            "resource": "modeldeployments",
-        },
-        "operation": operation,
-        "namespace": "default",
-        "name": "my-model",
-        "object": obj,
-        "oldObject": old,
-    }
-    if sub_resource:
-        request["subResource"] = sub_resource
-    return parse_review({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request})
+    body = admission_review(obj, uid=uid, operation=operation, old=old, sub_resource=sub_resource)
+    return parse_review(body)
 
 
 def test_the_tutorial_is_allowed_and_the_uid_echoed():
