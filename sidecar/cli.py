@@ -146,7 +146,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "(see --mode gateway --help)",
     )
     p.add_argument(
-        "--config", type=Path, help="standalone: the ModelDeployment YAML file (reloaded on change)"
+        "--config",
+        type=Path,
+        help="standalone (required there): the ModelDeployment YAML file (reloaded on change)",
     )
     p.add_argument(
         "--secrets-dir",
@@ -173,7 +175,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--admin-listen",
         type=address("0.0.0.0"),
         default=_fmt(defaults.admin_listen),
-        help="the admin port: /healthz /readyz /metrics /status (env OFFLOAD_ADMIN_PORT)",
+        help="the admin port: /healthz /readyz /metrics /status /signals (env OFFLOAD_ADMIN_PORT)",
     )
     p.add_argument(
         "--poll-interval",

@@ -57,9 +57,10 @@ def address(default_host: str) -> Callable[[str], tuple[str, int]]:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the absent ones."""
+    """Shows defaults, except the absent ones (None, empty) and those the help says itself."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
+        absent = action.default is None or (isinstance(action.default, (str, list)) and not action.default)
+        if absent or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)

@@ -4,4 +4,4 @@ import sys
 
 from sidecar.gateway.cli import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m sidecar.gateway"))

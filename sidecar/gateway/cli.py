@@ -24,11 +24,13 @@ log = logging.getLogger("sidecar.gateway")
 DEFAULT_REMOTE_BACKEND_ENV = "OFFLOAD_DEFAULT_REMOTE_BACKEND"
 
 
-def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    env: Mapping[str, str] | None = None, prog: str = "offload-sidecar --mode gateway"
+) -> argparse.ArgumentParser:
     env = os.environ if env is None else env
     defaults = ProxySettings()
     p = argparse.ArgumentParser(
-        prog="offload-sidecar --mode gateway",
+        prog=prog,
         description="Serve the remote of each ModelDeployment whose status carries a gateway port "
         "(status.standIn.port, chosen by the controller), on that port: the controller points a "
         "Service at it while its workload has no ready pod.",
@@ -70,10 +72,23 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="how often each Secret a remote's authentication references is read again",
     )
     g = p.add_argument_group("data path")
-    g.add_argument("--connect-timeout", type=positive_duration, default=f"{defaults.connect_timeout:g}s")
-    g.add_argument("--read-timeout", type=positive_duration, default=f"{defaults.read_timeout:g}s")
     g.add_argument(
-        "--client-idle-timeout", type=positive_duration, default=f"{defaults.client_idle_timeout:g}s"
+        "--connect-timeout",
+        type=positive_duration,
+        default=f"{defaults.connect_timeout:g}s",
+        help="TCP connect and TLS handshake to a remote",
+    )
+    g.add_argument(
+        "--read-timeout",
+        type=positive_duration,
+        default=f"{defaults.read_timeout:g}s",
+        help="a request in flight with neither side sending anything",
+    )
+    g.add_argument(
+        "--client-idle-timeout",
+        type=positive_duration,
+        default=f"{defaults.client_idle_timeout:g}s",
+        help="a keep-alive connection with no request; also the time a request head may take in all",
     )
     g.add_argument("--ca-file", type=Path, help="CA bundle for https remotes (default: the system's)")
     g.add_argument(
@@ -89,7 +104,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="on SIGTERM, new connections are still accepted this long (readiness fails at once and "
         "the controller takes this pod out of every EndpointSlice meanwhile)",
     )
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log level"
+    )
     return p
 
 
@@ -123,9 +140,9 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "offload-sidecar --mode gateway") -> int:
     env = dict(os.environ)
-    parser = build_parser(env)
+    parser = build_parser(env, prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = settings_from(args, parser)
@@ -133,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         credentials = load_kubeconfig(args.kubeconfig) if args.kubeconfig else in_cluster_config(env)
     except CredentialsError as exc:
         # Unlike the sidecar, nothing depends on this process being up: say why and stop.
-        print(f"offload-sidecar --mode gateway: no cluster credentials: {exc}", file=sys.stderr)
+        print(f"{prog}: no cluster credentials: {exc}", file=sys.stderr)
         return 2
 
     async def serve() -> int:
