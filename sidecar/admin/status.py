@@ -50,15 +50,27 @@ def configuration_document(model: ModelDeployment | None) -> dict[str, Any] | No
     }
     config = spec.offloading_config
     if config is not None:
+        behavior = config.behavior
         offloading: dict[str, Any] = {
             "behavior": {
-                "percentage": config.behavior.percentage,
-                "sustainSeconds": config.behavior.sustain_seconds,
-                "cooldownSeconds": config.behavior.cooldown_seconds,
-                "tolerance": config.behavior.tolerance,
+                "percentage": behavior.percentage,
+                "sustainSeconds": behavior.sustain_seconds,
+                "cooldownSeconds": behavior.cooldown_seconds,
+                "tolerance": behavior.tolerance,
+                "staticSplit": behavior.static_split,
+                "spilloverInFlight": behavior.spillover_in_flight,
+                "coldStartHoldSeconds": behavior.cold_start_hold_seconds,
             },
             "metrics": [_metric_dict(m) for m in config.metrics],
         }
+        gauges = config.model_metrics
+        if gauges is not None:
+            offloading["modelMetrics"] = {
+                "port": gauges.port,
+                "path": gauges.path,
+                "intervalSeconds": gauges.interval_seconds,
+                "gauges": list(gauges.gauges),
+            }
         backend = config.remote_backend
         if backend is not None:
             remote: dict[str, Any] = {"scheme": backend.scheme, "host": backend.host}
