@@ -114,14 +114,15 @@ class RemoteRoute:
             return
         breaker = self.breaker
         before = breaker.state
-        breaker.hold(self.time(), retry_after)
+        now = self.time()
+        breaker.hold(now, retry_after)
         if breaker.state != before:
             log.warning(
-                "remote %s:%s asked for %.0f s without requests; circuit breaker %s",
+                "remote %s:%s asked for a pause (Retry-After); circuit breaker %s for %.0f s",
                 self.target.host,
                 self.target.port,
-                retry_after,
                 breaker.state,
+                max(0.0, breaker.retry_at - now),  # capped: not what a hostile header says
             )
         self.stats.breaker_state = breaker.state
 
