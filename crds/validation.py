@@ -395,9 +395,8 @@ def check_host(host: str) -> Iterator[str]:
     if name is None:
         yield f"IPv6 addresses must be in brackets, as [addr]:port, got {host!r}"
         return
-    if port is not None:
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            yield f"port must be a number between 1 and 65535, got {port!r}"
+    if port is not None and parse_port(port) is None:
+        yield f"port must be a number between 1 and 65535, got {port!r}"
     if name.startswith("["):
         try:
             if not name.endswith("]"):
@@ -413,6 +412,20 @@ def check_host(host: str) -> Iterator[str]:
     labels = lowered.split(".")
     if len(lowered) > 253 or not all(len(label) <= 63 and _DNS_LABEL.fullmatch(label) for label in labels):
         yield f"{name!r} is not a valid DNS name or IP address"
+
+
+_PORT_DIGITS = re.compile(r"[0-9]{1,5}")
+
+
+def parse_port(text: str) -> int | None:
+    """``text`` as a TCP port (1 to 65535), written in 1 to 5 ASCII digits; None otherwise.
+
+    Not ``str.isdigit``: it accepts '²' (which ``int`` refuses) and other scripts' digits
+    ('١٨٠٠٢', which ``int`` reads as 18002 but a URL or a socket address cannot carry)."""
+    if not _PORT_DIGITS.fullmatch(text):
+        return None
+    port = int(text)
+    return port if 1 <= port <= 65535 else None
 
 
 def _split_host_port(host: str) -> tuple[str | None, str | None]:
@@ -505,6 +518,9 @@ def _check_ca_bundle(path: str, pem: str, scheme: str) -> Iterator[Finding]:
         yield FieldError(path, "applies only to an https remote backend (scheme is http)")
     if "-----BEGIN CERTIFICATE-----" not in pem:
         yield FieldError(path, "must hold PEM-encoded certificates (-----BEGIN CERTIFICATE-----)")
+        return
+    if not pem.isascii():  # ssl raises TypeError on it
+        yield FieldError(path, "must hold PEM-encoded certificates, which are ASCII")
         return
     try:
         ssl.create_default_context(cadata=pem)
