@@ -31,6 +31,13 @@ OAUTH_OK = {
     },
 }
 
+TOKEN_URL = f"{RB}.authConfig.oauthConfig.tokenUrl"
+
+
+def oauth(**config: Any) -> dict[str, Any]:
+    """OAUTH_OK with oauthConfig's fields changed."""
+    return {**OAUTH_OK, "oauthConfig": {**OAUTH_OK["oauthConfig"], **config}}
+
 
 def edited(**changes: Any) -> dict[str, Any]:
     """The tutorial's ModelDeployment in namespace default with edits: ``spec__model="x"``
@@ -151,6 +158,20 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("pathPrefix not ASCII", {f"{RBK}__pathPrefix": "/模型"}, f"{RB}.pathPrefix"),
     ("pathPrefix with dot segment", {f"{RBK}__pathPrefix": "/v1/../admin"}, f"{RB}.pathPrefix"),
     ("pathPrefix with backslash", {f"{RBK}__pathPrefix": "/v1\\admin"}, f"{RB}.pathPrefix"),
+    # //x reads as an authority (a network-path reference) to some servers.
+    ("pathPrefix network path", {f"{RBK}__pathPrefix": "//evil/x"}, f"{RB}.pathPrefix"),
+    (
+        "pathPrefix network path via model",
+        {f"{RBK}__pathPrefix": "/$model/x", f"{SPEC}__model": "/evil"},
+        f"{RB}.pathPrefix",
+    ),
+    (
+        "modelMetrics path network path",
+        {f"{OC}__modelMetrics": {"path": "//evil/x"}},
+        f"{OC.replace('__', '.')}.modelMetrics.path",
+    ),
+    ("metadata name a number", {"metadata__name": 12}, "metadata.name"),
+    ("metadata namespace an object", {"metadata__namespace": {"a": 1}}, "metadata.namespace"),
     ("header Host", {f"{RBK}__headersToAdd": {"Host": "evil"}}, f"{RB}.headersToAdd[Host]"),
     (
         "header Content-Length",
@@ -179,6 +200,32 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
             }
         },
         f"{RB}.authConfig.oauthConfig.tokenUrl",
+    ),
+    (
+        "oauth tokenUrl with CR LF",
+        {f"{RBK}__authConfig": oauth(tokenUrl="https://auth/t\r\nX: y")},
+        TOKEN_URL,
+    ),
+    ("oauth tokenUrl with a space", {f"{RBK}__authConfig": oauth(tokenUrl="https://auth/t x")}, TOKEN_URL),
+    ("oauth tokenUrl with a tab", {f"{RBK}__authConfig": oauth(tokenUrl="https://auth/\tt")}, TOKEN_URL),
+    ("oauth tokenUrl with NUL", {f"{RBK}__authConfig": oauth(tokenUrl="https://auth/t\x00")}, TOKEN_URL),
+    ("oauth tokenUrl not ASCII", {f"{RBK}__authConfig": oauth(tokenUrl="https://auth/t\u00e9")}, TOKEN_URL),
+    ("oauth tokenUrl bad port", {f"{RBK}__authConfig": oauth(tokenUrl="https://auth:99999/t")}, TOKEN_URL),
+    ("oauth tokenUrl open bracket", {f"{RBK}__authConfig": oauth(tokenUrl="https://[::1/t")}, TOKEN_URL),
+    (
+        "oauth tokenUrl network path",
+        {f"{RBK}__authConfig": oauth(tokenUrl="https://auth//evil/t")},
+        TOKEN_URL,
+    ),
+    (
+        "oauth clientSecretRef key climbing",
+        {f"{RBK}__authConfig": oauth(clientSecretRef={"name": "s", "key": "../../etc/shadow"})},
+        f"{RB}.authConfig.oauthConfig.clientSecretRef.key",
+    ),
+    (
+        "oauth clientSecretRef key a path",
+        {f"{RBK}__authConfig": oauth(clientSecretRef={"name": "s", "key": "/etc/shadow"})},
+        f"{RB}.authConfig.oauthConfig.clientSecretRef.key",
     ),
     (
         "oauth no clientId",
@@ -562,6 +609,28 @@ def test_no_string_field_makes_validation_raise_whatever_it_holds():
     assert checked > 2000
 
 
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"name": ["x"]}, "metadata.name: must be a string, got array"),
+        ({"name": 12}, "metadata.name: must be a string, got integer"),
+        ({"generateName": True}, "metadata.generateName: must be a string, got boolean"),
+        ({"name": "x", "namespace": {"a": 1}}, "metadata.namespace: must be a string, got object"),
+        ({"name": "x", "generation": "2"}, "metadata.generation: must be an integer, got string"),
+        ({"name": ""}, "metadata.name: required field is missing"),
+        ({}, "metadata.name: required field is missing"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_named_as_such_not_as_missing(metadata, message):
+    result = validate_object({**TUTORIAL, "metadata": metadata})
+    assert [str(e) for e in result.errors] == [message]
+
+
+def test_metadata_that_is_not_an_object_says_what_it_is():
+    result = validate_object({**TUTORIAL, "metadata": ["x"]})
+    assert "metadata: must be an object, got array" in [str(e) for e in result.errors]
+
+
 def test_the_rules_errors_come_with_the_type_errors_all_at_once():
     result = validate_object(
         edited(
@@ -666,6 +735,8 @@ def test_default_remote_backend_json_keeps_every_remote_backend_field():
         ("", "flag: must not be empty"),
         ("remote.example:80", "flag: must be a URL such as http://host:port/prefix or a JSON RemoteBackend"),
         ("ftp://remote.example", "flag: must be a URL"),
+        ("http://[::1", "flag: must be a URL"),  # urlsplit raises on the open bracket
+        ("http://remote.example//evil", "flag.pathPrefix: must not start with '//'"),
         ("http://remote.example/a?b=c", "flag: must not have a query or fragment"),
         ("http://user@remote.example", "flag.host: must be host[:port] without userinfo"),
         ("http://remote.example:99999", "flag.host: port must be a number between 1 and 65535"),
