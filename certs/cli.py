@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import ipaddress
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from certs.issue import issue_ca, issue_serving_cert, service_dns_names
+from certs.issue import dns_name_problem, issue_ca, issue_serving_cert, service_dns_names
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -49,13 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _name_problems(args: argparse.Namespace) -> Iterator[str]:
+    """Each name or address on the command line that a certificate cannot carry, with its flag."""
+    for name in args.dns_name:
+        if problem := dns_name_problem(name):
+            yield f"--dns-name: {problem}"
+    for address in args.ip_address:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            yield f"--ip-address: {address!r} is not an IPv4 or IPv6 address"
+    if args.service:
+        for flag, value in (("--service", args.service), ("--namespace", args.namespace)):
+            if "." in value or "*" in value or dns_name_problem(value):
+                yield f"{flag}: {value!r} is not a valid name (lowercase letters, digits, inner '-'; 63 at most)"
+        if "*" in args.cluster_domain or dns_name_problem(args.cluster_domain):
+            yield f"--cluster-domain: {args.cluster_domain!r} is not a valid DNS name"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     dns_names = list(args.dns_name)
+    if args.service and not args.namespace:
+        parser.error("--service needs --namespace")
+    for problem in _name_problems(args):
+        parser.error(problem)  # exits
     if args.service:
-        if not args.namespace:
-            parser.error("--service needs --namespace")
         dns_names += service_dns_names(args.service, args.namespace, args.cluster_domain)
     if not dns_names and not args.ip_address:
         parser.error("give at least one --dns-name, --ip-address or --service")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -22,6 +23,22 @@ class KeyPair:
     @property
     def certificate(self) -> x509.Certificate:
         return x509.load_pem_x509_certificate(self.cert_pem)
+
+
+# An RFC 1123 subdomain as Kubernetes spells it (lowercase labels of letters, digits and inner
+# '-', at most 253 characters), or a wildcard over one: *.example.com.
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+
+
+def dns_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a certificate's DNS name; None when it can."""
+    if len(name) > 253 or not _DNS_NAME.fullmatch(name):
+        return (
+            f"{name!r} is not a valid DNS name (an RFC 1123 subdomain: lowercase letters, digits, "
+            "'-' and '.', labels of at most 63; optionally *. first)"
+        )
+    return None
 
 
 def service_dns_names(service: str, namespace: str, cluster_domain: str = "cluster.local") -> list[str]:
@@ -81,9 +98,14 @@ def issue_ca(common_name: str, *, now: dt.datetime, days: int) -> KeyPair:
 def issue_serving_cert(
     ca: KeyPair, *, dns_names: list[str], ip_addresses: list[str], now: dt.datetime, days: int
 ) -> KeyPair:
-    """A TLS server certificate for the given names, signed by ``ca``."""
+    """A TLS server certificate for the given names, signed by ``ca``. ValueError when a name
+    is not a valid DNS name or IP address, or there is none."""
     if not dns_names and not ip_addresses:
         raise ValueError("a serving certificate needs at least one DNS name or IP address")
+    for name in dns_names:
+        problem = dns_name_problem(name)
+        if problem:
+            raise ValueError(problem)
     ca_cert = ca.certificate
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     key = new_key()

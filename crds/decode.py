@@ -125,7 +125,8 @@ def decode_or_raise(cls: type[T], data: Any, path: str) -> T:
 _JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number"}
 
 
-def _type_name(data: Any) -> str:
+def type_name(data: Any) -> str:
+    """The JSON type of decoded data, for messages: "string", "integer", "object", ..."""
     if data is None:
         return "null"
     if isinstance(data, bool):
@@ -143,9 +144,7 @@ def _type_name(data: Any) -> str:
     return type(data).__name__
 
 
-def _decode_value(
-    hint: Any, data: Any, path: str, errors: list[FieldError], replaced: list[str]
-) -> Any:
+def _decode_value(hint: Any, data: Any, path: str, errors: list[FieldError], replaced: list[str]) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         members = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -153,7 +152,7 @@ def _decode_value(
             return None
         if members == [int, str]:  # IntOrString, used by quantities
             if isinstance(data, bool) or not isinstance(data, (int, str)):
-                errors.append(FieldError(path, f"must be an integer or a string, got {_type_name(data)}"))
+                errors.append(FieldError(path, f"must be an integer or a string, got {type_name(data)}"))
                 return BROKEN
             return str(data)
         (member,) = members
@@ -161,14 +160,14 @@ def _decode_value(
     if origin is tuple:  # tuple[X, ...]: a JSON array
         item = typing.get_args(hint)[0]
         if not isinstance(data, list):
-            errors.append(FieldError(path, f"must be an array, got {_type_name(data)}"))
+            errors.append(FieldError(path, f"must be an array, got {type_name(data)}"))
             return BROKEN
         items = tuple(_decode_value(item, v, f"{path}[{i}]", errors, replaced) for i, v in enumerate(data))
         return BROKEN if BROKEN in items else items
     if origin is dict:
         _, item = typing.get_args(hint)
         if not isinstance(data, dict):
-            errors.append(FieldError(path, f"must be an object, got {_type_name(data)}"))
+            errors.append(FieldError(path, f"must be an object, got {type_name(data)}"))
             return BROKEN
         if item is Any:
             return dict(data)
@@ -178,12 +177,12 @@ def _decode_value(
         return _decode_dataclass(hint, data, path, errors, replaced)
     if hint is float:
         if isinstance(data, bool) or not isinstance(data, (int, float)):
-            errors.append(FieldError(path, f"must be a number, got {_type_name(data)}"))
+            errors.append(FieldError(path, f"must be a number, got {type_name(data)}"))
             return BROKEN
         return float(data)
     if hint in _JSON_TYPE_NAMES:
         if type(data) is not hint:
-            errors.append(FieldError(path, f"must be {_JSON_TYPE_NAMES[hint]}, got {_type_name(data)}"))
+            errors.append(FieldError(path, f"must be {_JSON_TYPE_NAMES[hint]}, got {type_name(data)}"))
             return BROKEN
         return data
     if hint is Any:
@@ -191,11 +190,9 @@ def _decode_value(
     raise TypeError(f"unsupported type in API definition: {hint!r}")  # a bug, not bad input
 
 
-def _decode_dataclass(
-    cls: type, data: Any, path: str, errors: list[FieldError], replaced: list[str]
-) -> Any:
+def _decode_dataclass(cls: type, data: Any, path: str, errors: list[FieldError], replaced: list[str]) -> Any:
     if not isinstance(data, dict):
-        errors.append(FieldError(path, f"must be an object, got {_type_name(data)}"))
+        errors.append(FieldError(path, f"must be an object, got {type_name(data)}"))
         return BROKEN
     known = set()
     kwargs: dict[str, Any] = {}

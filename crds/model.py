@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from crds.decode import FieldError, decode, decode_partial
+from crds.decode import FieldError, decode, decode_partial, type_name
 
 GROUP = "deployment.beamlit.com"
 VERSION = "v1alpha1"
@@ -355,19 +355,20 @@ def parse_object_partial(obj: Any) -> tuple[ModelDeployment | None, list[FieldEr
         errors.append(FieldError("kind", f"must be {KIND}, got {obj.get('kind')!r}"))
     meta = obj.get("metadata", {})
     if not isinstance(meta, dict):
-        errors.append(FieldError("metadata", "must be an object"))
+        errors.append(FieldError("metadata", f"must be an object, got {type_name(meta)}"))
         meta = {}
-    name = meta.get("name") or meta.get("generateName") or ""
-    if not isinstance(name, str) or not name:
+    # A field of the wrong type is named as such, not as missing.
+    wrong = [k for k in ("name", "generateName", "namespace") if not isinstance(meta.get(k) or "", str)]
+    for key in wrong:
+        errors.append(FieldError(f"metadata.{key}", f"must be a string, got {type_name(meta[key])}"))
+    name = next((meta[k] for k in ("name", "generateName") if k not in wrong and meta.get(k)), "")
+    if not name and "name" not in wrong and "generateName" not in wrong:
         errors.append(FieldError("metadata.name", "required field is missing"))
-        name = ""
     namespace = meta.get("namespace") or "default"
     known_namespace = isinstance(namespace, str) and isinstance(obj.get("metadata", {}), dict)
-    if not isinstance(namespace, str):
-        errors.append(FieldError("metadata.namespace", "must be a string"))
     generation = meta.get("generation") or 0
     if not isinstance(generation, int) or isinstance(generation, bool):
-        errors.append(FieldError("metadata.generation", "must be an integer"))
+        errors.append(FieldError("metadata.generation", f"must be an integer, got {type_name(generation)}"))
         generation = 0
     spec, spec_errors, replaced = decode_partial(ModelDeploymentSpec, obj.get("spec"), "spec")
     errors.extend(spec_errors)

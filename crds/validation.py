@@ -133,7 +133,10 @@ def parse_remote_backend(text: str, path: str = "defaultRemoteBackend") -> Remot
         if backend is None or errors:
             raise ValueError("; ".join(str(e) for e in errors))
     else:
-        url = urlsplit(text)
+        try:
+            url = urlsplit(text)
+        except ValueError:  # an unclosed IPv6 bracket
+            url = urlsplit("")
         if url.scheme not in ("http", "https") or not url.netloc:
             raise ValueError(
                 f"{path}: must be a URL such as http://host:port/prefix or a JSON RemoteBackend, got {text!r}"
@@ -278,6 +281,9 @@ MAX_MODEL_GAUGES = 32
 MODEL_METRICS_INTERVAL = (0.1, 60.0)  # seconds between scrapes, lowest and highest
 # What a path may hold: visible ASCII, no space (it is sent as the request target).
 _REQUEST_PATH = re.compile(r"/[!-~]*")
+# A target starting with // reads as //authority/path (a network-path reference, RFC 3986
+# 4.2) to some servers and frameworks: another host than the one connected to.
+_NETWORK_PATH = "must not start with '//' (some servers read what follows as a host)"
 
 
 def _check_model_metrics(path: str, config: ModelMetrics) -> Iterator[Finding]:
@@ -288,6 +294,8 @@ def _check_model_metrics(path: str, config: ModelMetrics) -> Iterator[Finding]:
             f"{path}.path",
             f"must start with / and hold visible ASCII only, without # (at most 1024), got {config.path!r}",
         )
+    elif config.path.startswith("//"):
+        yield FieldError(f"{path}.path", f"{_NETWORK_PATH}, got {config.path!r}")
     low, high = MODEL_METRICS_INTERVAL
     if not low <= config.interval_seconds <= high:
         yield FieldError(
@@ -395,9 +403,8 @@ def check_host(host: str) -> Iterator[str]:
     if name is None:
         yield f"IPv6 addresses must be in brackets, as [addr]:port, got {host!r}"
         return
-    if port is not None:
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            yield f"port must be a number between 1 and 65535, got {port!r}"
+    if port is not None and parse_port(port) is None:
+        yield f"port must be a number between 1 and 65535, got {port!r}"
     if name.startswith("["):
         try:
             if not name.endswith("]"):
@@ -413,6 +420,20 @@ def check_host(host: str) -> Iterator[str]:
     labels = lowered.split(".")
     if len(lowered) > 253 or not all(len(label) <= 63 and _DNS_LABEL.fullmatch(label) for label in labels):
         yield f"{name!r} is not a valid DNS name or IP address"
+
+
+_PORT_DIGITS = re.compile(r"[0-9]{1,5}")
+
+
+def parse_port(text: str) -> int | None:
+    """``text`` as a TCP port (1 to 65535), written in 1 to 5 ASCII digits; None otherwise.
+
+    Not ``str.isdigit``: it accepts '²' (which ``int`` refuses) and other scripts' digits
+    ('١٨٠٠٢', which ``int`` reads as 18002 but a URL or a socket address cannot carry)."""
+    if not _PORT_DIGITS.fullmatch(text):
+        return None
+    port = int(text)
+    return port if 1 <= port <= 65535 else None
 
 
 def _split_host_port(host: str) -> tuple[str | None, str | None]:
@@ -465,6 +486,8 @@ def _check_path_prefix(path: str, written: str, model: str) -> Iterator[Finding]
     got = f"{prefix!r} ($model replaced by spec.model)" if prefix != written else repr(prefix)
     if not prefix.startswith("/"):
         yield FieldError(path, f"must start with '/', got {got}")
+    elif prefix.startswith("//"):
+        yield FieldError(path, f"{_NETWORK_PATH}, got {got}")
     if "?" in prefix or "#" in prefix:
         yield FieldError(path, f"must not contain a query or fragment, got {got}")
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
@@ -506,6 +529,9 @@ def _check_ca_bundle(path: str, pem: str, scheme: str) -> Iterator[Finding]:
     if "-----BEGIN CERTIFICATE-----" not in pem:
         yield FieldError(path, "must hold PEM-encoded certificates (-----BEGIN CERTIFICATE-----)")
         return
+    if not pem.isascii():  # ssl raises TypeError on it
+        yield FieldError(path, "must hold PEM-encoded certificates, which are ASCII")
+        return
     try:
         ssl.create_default_context(cadata=pem)
     except (ssl.SSLError, ValueError) as exc:
@@ -526,9 +552,7 @@ def _check_auth(path: str, auth: AuthConfig, scheme: str) -> Iterator[Finding]:
     if not oauth.token_url:
         yield FieldError(f"{base}.tokenUrl", "required field is missing")
     else:
-        url = urlsplit(oauth.token_url)
-        if url.scheme != "https" or not url.hostname:
-            yield FieldError(f"{base}.tokenUrl", f"must be an https URL, got {oauth.token_url!r}")
+        yield from _check_token_url(f"{base}.tokenUrl", oauth.token_url)
     if oauth.client_secret_ref is None and not oauth.client_secret:
         yield FieldError(f"{base}.clientSecretRef", "required field is missing")
     elif oauth.client_secret_ref is not None and oauth.client_secret:
@@ -537,8 +561,36 @@ def _check_auth(path: str, auth: AuthConfig, scheme: str) -> Iterator[Finding]:
         yield f"{base}.clientSecret stores a secret in clear in the ModelDeployment; use clientSecretRef"
     if oauth.client_secret_ref is not None:
         yield from _check_name(f"{base}.clientSecretRef.name", oauth.client_secret_ref.name)
+        yield from _check_secret_key(f"{base}.clientSecretRef.key", oauth.client_secret_ref.key)
     if scheme == "http":
         yield f"{path}: the access token is sent to the remote backend over plain http"
+
+
+def _check_token_url(path: str, text: str) -> Iterator[Finding]:
+    """An https URL the sidecar can POST to: its target goes into a request line, where
+    whitespace or a control character would split or mangle it (urlsplit drops CR and LF
+    silently), and its authority must be a host[:port] (urlsplit raises on a bad port)."""
+    if not _VISIBLE_ASCII.fullmatch(text):
+        yield FieldError(
+            path,
+            "must hold visible ASCII only, without whitespace or control characters "
+            f"(percent-encode others), got {text!r}",
+        )
+        return
+    try:
+        url = urlsplit(text)
+    except ValueError:  # an unclosed IPv6 bracket
+        url = None
+    if url is None or url.scheme != "https" or not url.netloc:
+        yield FieldError(path, f"must be an https URL, got {text!r}")
+        return
+    for message in check_host(url.netloc):
+        yield FieldError(path, f"its authority: {message}")
+    if url.path.startswith("//"):
+        yield FieldError(path, f"its path must not start with '//', got {text!r}")
+
+
+_VISIBLE_ASCII = re.compile(r"[!-~]+")
 
 
 # --- metrics ----------------------------------------------------------------------

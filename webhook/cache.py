@@ -15,6 +15,7 @@ leaves the Service's endpoints rather than answering from an old picture forever
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -52,10 +53,21 @@ def meta_of(obj: Any) -> dict[str, Any]:
 
 
 def modeldeployment_from(obj: Any, settings: ValidationSettings) -> CachedModelDeployment | None:
-    """The cached form of a ModelDeployment; None when invalid (treated as absent)."""
-    result = validate_object(obj, settings)
+    """The cached form of a ModelDeployment; None when invalid (treated as absent).
+
+    Never raises: a stored object may predate the validating webhook, and a validator bug it
+    trips must cost that one object, not the list it came in (the cache would stop syncing)."""
+    meta = meta_of(obj)
+    try:
+        result = validate_object(obj, settings)
+    except Exception:
+        log.exception(
+            "ModelDeployment %r/%r could not be validated (a bug), ignored as invalid",
+            meta.get("namespace"),
+            meta.get("name"),
+        )
+        return None
     if result.model is None:
-        meta = meta_of(obj)
         log.warning(
             "ModelDeployment %s/%s is invalid, ignored: %s",
             meta.get("namespace"),
@@ -63,7 +75,7 @@ def modeldeployment_from(obj: Any, settings: ValidationSettings) -> CachedModelD
             result.message(),
         )
         return None
-    return CachedModelDeployment(result.model, str(meta_of(obj).get("creationTimestamp") or ""))
+    return CachedModelDeployment(result.model, str(meta.get("creationTimestamp") or ""))
 
 
 def workload_from(kind: str, obj: Any) -> Workload:
@@ -80,11 +92,17 @@ def workload_from(kind: str, obj: Any) -> Workload:
 
 
 def _port_value(value: Any) -> int | str | None:
+    """A targetPort (or the original-target-port annotation): a number, a port name, or None.
+    Only ASCII digits make a number ('²'.isdigit() is true, and int() refuses it); more than
+    five of them are no port, and are kept as a name no container port has."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value:
-        return int(value) if value.isdigit() else value
+        return int(value) if _PORT_DIGITS.fullmatch(value) else value
     return None
+
+
+_PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 
 
 def service_from(obj: Any) -> ServiceInfo:

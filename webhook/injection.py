@@ -39,6 +39,7 @@ types where injection reads it is ``MalformedPod``, the message naming the field
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -385,17 +386,21 @@ def apply_overrides(config: InjectorConfig, annotations: Mapping[str, str]) -> S
     model_port: int | str | None = None
     if OVERRIDE_MODEL_PORT in annotations:
         raw = annotations[OVERRIDE_MODEL_PORT]
-        model_port = check_port(raw, OVERRIDE_MODEL_PORT) if raw.isdigit() else _port_name(raw)
+        model_port = check_port(raw, OVERRIDE_MODEL_PORT) if _ASCII_DIGITS.fullmatch(raw) else _port_name(raw)
     merged = replace(config, **changes)
     if merged.proxy_port == merged.admin_port:
         raise ConfigError(f"{OVERRIDE_ADMIN_PORT}: must differ from the proxy port {merged.proxy_port}")
     return Settings(merged, model_port)
 
 
+# ASCII only: str.isdigit and str.isalnum accept other scripts' digits and letters.
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+# IANA_SVC_NAME: 1-15 lowercase ASCII letters, digits and inner '-', at least one letter.
+_PORT_NAME = re.compile(r"(?=[a-z0-9-]*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?")
+
+
 def _port_name(value: str) -> str:
-    # IANA_SVC_NAME: 1-15 lowercase alphanumerics and '-', at least one letter.
-    ok = 1 <= len(value) <= 15 and value.replace("-", "").isalnum() and value == value.lower()
-    if not ok or not any(ch.isalpha() for ch in value) or value.startswith("-") or value.endswith("-"):
+    if not _PORT_NAME.fullmatch(value):
         raise ConfigError(
             f"{OVERRIDE_MODEL_PORT}: must be a port number or a container port name, got {value!r}"
         )

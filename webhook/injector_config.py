@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from crds.quantity import parse_quantity
+from crds.validation import parse_port
 
 CONTAINER_NAME = "offload-proxy"
 PROXY_PORT_NAME = "offload-proxy"
@@ -77,11 +78,17 @@ def check_image(value: Any, key: str) -> str:
 
 
 def check_port(value: Any, key: str) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-        raise ConfigError(f"{key}: must be a port number between 1 and 65535, got {value!r}")
-    return value
+    """A port number (1 to 65535) given as an integer or in ASCII digits (an annotation's
+    string); ConfigError naming ``key`` otherwise."""
+    if isinstance(value, str):
+        port = parse_port(value)
+        if port is not None:
+            return port
+    elif isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    if isinstance(value, str) and len(value) > 64:
+        value = f"{value[:64]}..."  # a 5000-digit annotation need not be echoed whole
+    raise ConfigError(f"{key}: must be a port number between 1 and 65535, got {value!r}")
 
 
 def check_quantity(value: Any, key: str) -> str:

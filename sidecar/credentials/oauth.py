@@ -42,6 +42,9 @@ log = logging.getLogger("sidecar.credentials.oauth")
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024  # a token response is a few hundred bytes; JWTs a few KiB
 # RFC 6750 2.1 b64token: what can follow "Bearer " in a header as it is.
 ACCESS_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# expires_in as a string: ASCII digits only (str.isdigit accepts '²', which int() refuses),
+# and few enough that int() stays cheap (it refuses more than 4300 digits).
+_SECONDS = re.compile(r"[0-9]{1,15}")
 DEFAULT_EXPIRES_IN = 300.0  # when the endpoint does not say (RFC 6749 makes expires_in optional)
 
 
@@ -85,7 +88,7 @@ def parse_token_response(status: int, body: bytes, now: float) -> AccessToken:
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise TokenError(f"token_type must be Bearer, got {str(token_type)[:20]!r}")
     expires_in = doc.get("expires_in", DEFAULT_EXPIRES_IN)
-    if isinstance(expires_in, str) and expires_in.isdigit():
+    if isinstance(expires_in, str) and _SECONDS.fullmatch(expires_in):
         expires_in = int(expires_in)
     if not isinstance(expires_in, int | float) or isinstance(expires_in, bool) or expires_in <= 0:
         raise TokenError("expires_in must be a positive number of seconds")

@@ -78,3 +78,40 @@ def test_bad_command_lines_exit_with_a_usage_error(argv, capsys):
         main(argv)
     assert exc.value.code == 2
     assert "offload-certs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--dns-name", "bad name!"],
+            "--dns-name: 'bad name!' is not a valid DNS name (an RFC 1123 subdomain",
+        ),
+        (["--dns-name", "ok", "--dns-name", "a..b"], "--dns-name: 'a..b' is not a valid DNS name"),
+        (["--dns-name=-a.example"], "--dns-name: '-a.example' is not a valid DNS name"),
+        (["--dns-name", "a" * 64 + ".example"], "is not a valid DNS name"),
+        (["--dns-name", "x.*.example"], "--dns-name: 'x.*.example' is not a valid DNS name"),
+        (["--dns-name", "h\u00f4te.example"], "--dns-name: 'h\u00f4te.example' is not a valid DNS name"),
+        (["--ip-address", "1.2.3"], "--ip-address: '1.2.3' is not an IPv4 or IPv6 address"),
+        (["--service", "wh!", "--namespace", "ns"], "--service: 'wh!' is not a valid name"),
+        (["--service", "wh", "--namespace", "a.b"], "--namespace: 'a.b' is not a valid name"),
+        (["--service", "wh", "--namespace", "ns", "--cluster-domain", "x y"], "--cluster-domain: 'x y'"),
+    ],
+)
+def test_a_name_a_certificate_cannot_carry_is_refused_naming_its_flag(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out-dir", str(tmp_path / "tls"), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "tls").exists()
+
+
+def test_wildcard_names_are_issued_and_bad_names_refused_by_the_issuer_too():
+    ca = issue_ca("test-ca", now=NOW, days=5)
+    serving = issue_serving_cert(
+        ca, dns_names=["*.models.example", "localhost"], ip_addresses=[], now=NOW, days=1
+    )
+    sans = serving.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["*.models.example", "localhost"]
+    with pytest.raises(ValueError, match="'bad name!' is not a valid DNS name"):
+        issue_serving_cert(ca, dns_names=["bad name!"], ip_addresses=[], now=NOW, days=1)

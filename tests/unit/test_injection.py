@@ -420,6 +420,31 @@ def test_overrides_apply_and_keep_what_they_do_not_name():
         ("proxy-port", "65536", "offload.beamlit.com/proxy-port: must be a port number"),
         ("proxy-port", "15090", "offload.beamlit.com/admin-port: must differ from the proxy port 15090"),
         ("admin-port", "x", "offload.beamlit.com/admin-port: must be a port number"),
+        # Digits of other scripts: '²'.isdigit() is true but int() refuses it; int() reads
+        # Arabic-Indic digits; int() refuses more than 4300 digits.
+        ("admin-port", "\u00b2", "offload.beamlit.com/admin-port: must be a port number"),
+        (
+            "proxy-port",
+            "\u0661\u0668\u0660\u0668\u0660",
+            "offload.beamlit.com/proxy-port: must be a port number",
+        ),
+        ("proxy-port", "9" * 5000, "offload.beamlit.com/proxy-port: must be a port number"),
+        ("model-port", "\u00b2", "offload.beamlit.com/model-port: must be a port number or a container port"),
+        (
+            "model-port",
+            "\u0668\u0660",
+            "offload.beamlit.com/model-port: must be a port number or a container port",
+        ),
+        (
+            "model-port",
+            "9" * 5000,
+            "offload.beamlit.com/model-port: must be a port number between 1 and 65535",
+        ),
+        (
+            "model-port",
+            "h\u00e9",
+            "offload.beamlit.com/model-port: must be a port number or a container port",
+        ),
         ("native-sidecar", "yes", 'offload.beamlit.com/native-sidecar: must be "true" or "false"'),
         (
             "model-port",

@@ -56,6 +56,10 @@ def test_a_token_response_gives_the_token_and_its_expiry() -> None:
         (200, body(access_token="abc", token_type="mac"), "token_type must be Bearer"),
         (200, body(access_token="abc", expires_in=0), "expires_in must be a positive number"),
         (200, body(access_token="abc", expires_in=True), "expires_in must be a positive number"),
+        # Only ASCII digits, and not thousands of them: int() refuses '²' and > 4300 digits.
+        (200, body(access_token="abc", expires_in="\u00b2"), "expires_in must be a positive number"),
+        (200, body(access_token="abc", expires_in="9" * 5000), "expires_in must be a positive number"),
+        (200, body(access_token="abc", expires_in="\u0663\u0660"), "expires_in must be a positive number"),
     ],
 )
 def test_bad_token_responses_say_what_is_wrong_without_echoing_the_body(

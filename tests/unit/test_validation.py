@@ -31,6 +31,13 @@ OAUTH_OK = {
     },
 }
 
+TOKEN_URL = f"{RB}.authConfig.oauthConfig.tokenUrl"
+
+
+def oauth(**config: Any) -> dict[str, Any]:
+    """OAUTH_OK with oauthConfig's fields changed."""
+    return {**OAUTH_OK, "oauthConfig": {**OAUTH_OK["oauthConfig"], **config}}
+
 
 def edited(**changes: Any) -> dict[str, Any]:
     """The tutorial's ModelDeployment in namespace default with edits: ``spec__model="x"``
@@ -111,6 +118,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("host port 0", {f"{RBK}__host": "remote:0"}, f"{RB}.host"),
     ("host port 65536", {f"{RBK}__host": "remote:65536"}, f"{RB}.host"),
     ("host port not a number", {f"{RBK}__host": "remote:http"}, f"{RB}.host"),
+    # Only ASCII digits: '²'.isdigit() is true (int() refuses it), int() reads Arabic-Indic
+    # digits as a port a URL cannot carry, and refuses more than 4300 digits.
+    ("host port superscript", {f"{RBK}__host": "remote:\u00b2"}, f"{RB}.host"),
+    ("host IPv6 port superscript", {f"{RBK}__host": "[fd00::1]:\u00b9"}, f"{RB}.host"),
+    (
+        "host port Arabic-Indic digits",
+        {f"{RBK}__host": "127.0.0.1:\u0661\u0668\u0660\u0660\u0662"},
+        f"{RB}.host",
+    ),
+    ("host port 5000 digits", {f"{RBK}__host": "remote:" + "9" * 5000}, f"{RB}.host"),
     ("host bare IPv6", {f"{RBK}__host": "fd00::1:8080"}, f"{RB}.host"),
     ("host bad IPv6", {f"{RBK}__host": "[fd00::zz]:80"}, f"{RB}.host"),
     ("host bad name", {f"{RBK}__host": "-remote-.example"}, f"{RB}.host"),
@@ -141,6 +158,20 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("pathPrefix not ASCII", {f"{RBK}__pathPrefix": "/模型"}, f"{RB}.pathPrefix"),
     ("pathPrefix with dot segment", {f"{RBK}__pathPrefix": "/v1/../admin"}, f"{RB}.pathPrefix"),
     ("pathPrefix with backslash", {f"{RBK}__pathPrefix": "/v1\\admin"}, f"{RB}.pathPrefix"),
+    # //x reads as an authority (a network-path reference) to some servers.
+    ("pathPrefix network path", {f"{RBK}__pathPrefix": "//evil/x"}, f"{RB}.pathPrefix"),
+    (
+        "pathPrefix network path via model",
+        {f"{RBK}__pathPrefix": "/$model/x", f"{SPEC}__model": "/evil"},
+        f"{RB}.pathPrefix",
+    ),
+    (
+        "modelMetrics path network path",
+        {f"{OC}__modelMetrics": {"path": "//evil/x"}},
+        f"{OC.replace('__', '.')}.modelMetrics.path",
+    ),
+    ("metadata name a number", {"metadata__name": 12}, "metadata.name"),
+    ("metadata namespace an object", {"metadata__namespace": {"a": 1}}, "metadata.namespace"),
     ("header Host", {f"{RBK}__headersToAdd": {"Host": "evil"}}, f"{RB}.headersToAdd[Host]"),
     (
         "header Content-Length",
@@ -169,6 +200,32 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
             }
         },
         f"{RB}.authConfig.oauthConfig.tokenUrl",
+    ),
+    (
+        "oauth tokenUrl with CR LF",
+        {f"{RBK}__authConfig": oauth(tokenUrl="https://auth/t\r\nX: y")},
+        TOKEN_URL,
+    ),
+    ("oauth tokenUrl with a space", {f"{RBK}__authConfig": oauth(tokenUrl="https://auth/t x")}, TOKEN_URL),
+    ("oauth tokenUrl with a tab", {f"{RBK}__authConfig": oauth(tokenUrl="https://auth/\tt")}, TOKEN_URL),
+    ("oauth tokenUrl with NUL", {f"{RBK}__authConfig": oauth(tokenUrl="https://auth/t\x00")}, TOKEN_URL),
+    ("oauth tokenUrl not ASCII", {f"{RBK}__authConfig": oauth(tokenUrl="https://auth/t\u00e9")}, TOKEN_URL),
+    ("oauth tokenUrl bad port", {f"{RBK}__authConfig": oauth(tokenUrl="https://auth:99999/t")}, TOKEN_URL),
+    ("oauth tokenUrl open bracket", {f"{RBK}__authConfig": oauth(tokenUrl="https://[::1/t")}, TOKEN_URL),
+    (
+        "oauth tokenUrl network path",
+        {f"{RBK}__authConfig": oauth(tokenUrl="https://auth//evil/t")},
+        TOKEN_URL,
+    ),
+    (
+        "oauth clientSecretRef key climbing",
+        {f"{RBK}__authConfig": oauth(clientSecretRef={"name": "s", "key": "../../etc/shadow"})},
+        f"{RB}.authConfig.oauthConfig.clientSecretRef.key",
+    ),
+    (
+        "oauth clientSecretRef key a path",
+        {f"{RBK}__authConfig": oauth(clientSecretRef={"name": "s", "key": "/etc/shadow"})},
+        f"{RB}.authConfig.oauthConfig.clientSecretRef.key",
     ),
     (
         "oauth no clientId",
@@ -238,6 +295,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         f"{RB}.caBundle",
     ),
     ("caBundle for http", {f"{RBK}__caBundle": CA_PEM}, f"{RB}.caBundle"),
+    (
+        "caBundle not ASCII",
+        {f"{RBK}__scheme": "https", f"{RBK}__caBundle": CA_PEM.replace("\n-----END", "\u00e9\n-----END")},
+        f"{RB}.caBundle",
+    ),
     ("metrics without remote", {f"{RBK}": None}, "spec.offloadingConfig.remoteBackend"),
     ("metric type unknown", {f"{OC}__metrics": [{"type": "Queue", "resource": CPU_50}]}, f"{MET}.type"),
     ("metric type mismatch", {f"{OC}__metrics": metric("resource", CPU_50, "External")}, f"{MET}.external"),
@@ -496,6 +558,79 @@ def test_a_field_of_the_wrong_type_is_the_only_error_of_an_otherwise_valid_objec
     assert checked > 300
 
 
+# Strings no field should take, each of which once crashed a check or slipped through one:
+# digits int() refuses ('²') or reads from another script, a NUL, more digits than int()
+# accepts, a lone surrogate (not encodable as UTF-8), and right-to-left marks.
+HOSTILE_STRINGS = (
+    "\u00b2",
+    "\u0661\u0668\u0660\u0660\u0662",
+    "\x00",
+    "9" * 5000,
+    "\ud800",
+    "\u200f\u202e",
+)
+
+
+def hostile_variants(value: str) -> Iterator[str]:
+    """Hostile strings alone and after ``value`` (so that a host keeps its name before a
+    bad port, a path its leading '/')."""
+    for bad in HOSTILE_STRINGS:
+        yield bad
+        yield f"{value}:{bad}"
+        yield f"{value}/{bad}"
+
+
+def test_no_string_field_makes_validation_raise_whatever_it_holds():
+    """Every string field and map key of every valid example, in turn, given each hostile
+    string: validation answers (a denial naming fields is fine) and never raises."""
+    checked = 0
+    for _, edits in VALID:
+        valid = edited(**edits)
+        for keys in json_paths(valid):
+            parent = valid
+            for key in keys[:-1]:
+                parent = parent[key]
+            value = parent[keys[-1]]
+            for bad in hostile_variants(value if isinstance(value, str) else ""):
+                broken = copy.deepcopy(valid)
+                holder = broken
+                for key in keys[:-1]:
+                    holder = holder[key]
+                if isinstance(value, str):
+                    holder[keys[-1]] = bad
+                elif isinstance(holder, dict):  # the key of a map (or of an object: unknown field)
+                    holder[bad] = holder.pop(keys[-1])
+                else:
+                    continue
+                result = validate_object(broken)
+                assert result.ok or all(e.path for e in result.errors), result.message()
+                result.message()
+                checked += 1
+    assert checked > 2000
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"name": ["x"]}, "metadata.name: must be a string, got array"),
+        ({"name": 12}, "metadata.name: must be a string, got integer"),
+        ({"generateName": True}, "metadata.generateName: must be a string, got boolean"),
+        ({"name": "x", "namespace": {"a": 1}}, "metadata.namespace: must be a string, got object"),
+        ({"name": "x", "generation": "2"}, "metadata.generation: must be an integer, got string"),
+        ({"name": ""}, "metadata.name: required field is missing"),
+        ({}, "metadata.name: required field is missing"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_named_as_such_not_as_missing(metadata, message):
+    result = validate_object({**TUTORIAL, "metadata": metadata})
+    assert [str(e) for e in result.errors] == [message]
+
+
+def test_metadata_that_is_not_an_object_says_what_it_is():
+    result = validate_object({**TUTORIAL, "metadata": ["x"]})
+    assert "metadata: must be an object, got array" in [str(e) for e in result.errors]
+
+
 def test_the_rules_errors_come_with_the_type_errors_all_at_once():
     result = validate_object(
         edited(
@@ -600,9 +735,13 @@ def test_default_remote_backend_json_keeps_every_remote_backend_field():
         ("", "flag: must not be empty"),
         ("remote.example:80", "flag: must be a URL such as http://host:port/prefix or a JSON RemoteBackend"),
         ("ftp://remote.example", "flag: must be a URL"),
+        ("http://[::1", "flag: must be a URL"),  # urlsplit raises on the open bracket
+        ("http://remote.example//evil", "flag.pathPrefix: must not start with '//'"),
         ("http://remote.example/a?b=c", "flag: must not have a query or fragment"),
         ("http://user@remote.example", "flag.host: must be host[:port] without userinfo"),
         ("http://remote.example:99999", "flag.host: port must be a number between 1 and 65535"),
+        ("http://remote.example:\u00b2", "flag.host: port must be a number between 1 and 65535"),
+        ("http://remote.example:\u0668\u0660", "flag.host: port must be a number between 1 and 65535"),
         ("http://remote.example/a/../b", "flag.pathPrefix: must not contain '.' or '..' segments"),
         ("{not json", "flag: not valid JSON"),
         ('{"scheme": "https"}', "flag.host: required field is missing"),
