@@ -228,7 +228,7 @@ class Connection:
             if not message.head_complete and received > max_head:
                 raise ResponseTooLarge(f"the response head is larger than {max_head} bytes")
         length = message.headers.get("content-length", "")
-        if max_body is not None and length.isdigit() and int(length) > max_body:
+        if max_body is not None and length.isascii() and length.isdigit() and int(length) > max_body:
             raise ResponseTooLarge(f"the response body is larger than {max_body} bytes")
         self._last = ResponseStream(self._reader, message, max_body)
         return self._last

@@ -49,7 +49,7 @@ def address(default_host: str) -> Callable[[str], tuple[str, int]]:
         if not sep:
             host, port = default_host, text
         host = host.strip("[]") or default_host
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 <= int(port) <= 65535:
             raise argparse.ArgumentTypeError(f"not host:port: {text!r}")
         return host, int(port)
 

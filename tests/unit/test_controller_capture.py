@@ -109,3 +109,10 @@ def test_opt_out_annotation():
     svc = service([{"port": 80}])
     svc["metadata"]["annotations"] = {"offload.beamlit.com/capture": "false"}
     assert capture.opted_out(svc)
+
+
+def test_a_recorded_target_port_that_is_no_ascii_number_stays_a_name():
+    # The annotation is on a user's object: '²' passes str.isdigit() but not int().
+    for text, expected in (("8080", 8080), ("http", "http"), ("²", "²"), ("9" * 5000, "9" * 5000)):
+        service = {"metadata": {"annotations": {capture.ORIGINAL_TARGET_PORT_ANNOTATION: text}}}
+        assert capture.original_target(service) == expected

@@ -12,6 +12,7 @@ from sidecar.proxy.cli import main
     [
         (["--percentage", "101"], "argument --percentage: not a whole number from 0 to 100: '101'"),
         (["--local", "x:y"], "argument --local: not host:port: 'x:y'"),
+        (["--listen", "127.0.0.1:²"], "argument --listen: not host:port: '127.0.0.1:²'"),
         (["--header", "abc"], "argument --header: not Name=Value: 'abc'"),
         (["--header", "X Y=1"], "argument --header: 'X Y' is not a valid HTTP header name"),
         (["--header", "Host=evil"], "argument --header: Host is managed by the proxy and cannot be set"),

@@ -106,7 +106,7 @@ def original_target(service: Mapping[str, Any]) -> int | str | None:
     if not isinstance(value, str) or not value:
         return None
     # Port names must contain a letter (IANA_SVC_NAME), so digits are a number.
-    return int(value) if value.isdigit() else value
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 5 else value
 
 
 def _escape(key: str) -> str:

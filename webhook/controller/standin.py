@@ -93,7 +93,7 @@ def parse_selector(text: str) -> dict[str, str]:
 def parse_ports(text: str) -> tuple[int, int]:
     """``20000-29999`` -> (20000, 29999); ValueError naming what is wrong."""
     low, sep, high = text.partition("-")
-    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+    if not sep or not all(part.strip().isascii() and part.strip().isdigit() for part in (low, high)):
         raise ValueError(f"not a port range LOW-HIGH: {text!r}")
     ports = (int(low), int(high))
     if not 1 <= ports[0] <= ports[1] <= 65535:
