@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import signal
 import ssl
 from urllib.parse import urlsplit
@@ -77,31 +78,41 @@ def main(argv: list[str] | None = None) -> int:
         "--header", type=header, action="append", default=[], help="Name=Value added to remote requests"
     )
     parser.add_argument("--ca-file", help="CA bundle for an https remote (default: the system's)")
+    # Defaults as offload-sidecar shows them: Go durations (argparse parses string defaults).
+    defaults = ProxySettings()
     parser.add_argument(
         "--connect-timeout",
         type=positive_duration,
-        default=ProxySettings.connect_timeout,
-        help="time to open a connection to a backend",
+        default=f"{defaults.connect_timeout:g}s",
+        help="TCP connect and TLS handshake to a backend",
     )
     parser.add_argument(
         "--read-timeout",
         type=positive_duration,
-        default=ProxySettings.read_timeout,
-        help="time a backend may go silent while answering",
+        default=f"{defaults.read_timeout:g}s",
+        help="a request in flight with neither side sending anything",
+    )
+    parser.add_argument(
+        "--client-idle-timeout",
+        type=positive_duration,
+        default=f"{defaults.client_idle_timeout:g}s",
+        help="a client keep-alive connection with no request; also the time a request head may take in all",
     )
     parser.add_argument(
         "--shutdown-deadline",
         type=duration,
-        default=30.0,
-        help="time in-flight requests get to finish on SIGTERM",
+        default="30s",
+        help="on SIGTERM, in-flight requests and streams get this long to finish",
     )
     parser.add_argument(
         "--shutdown-grace",
         type=duration,
-        default=ProxySettings.shutdown_grace,
-        help="time new connections are still accepted after SIGTERM",
+        default=f"{defaults.shutdown_grace:g}s",
+        help="on SIGTERM, new connections are still accepted this long",
     )
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     try:
         remote = remote_target_from_url(args.remote, tuple(args.header)) if args.remote else None
@@ -111,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = ProxySettings(
         connect_timeout=args.connect_timeout,
         read_timeout=args.read_timeout,
+        client_idle_timeout=args.client_idle_timeout,
         shutdown_grace=args.shutdown_grace,
         remote_ssl_context=context,
     )

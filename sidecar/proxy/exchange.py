@@ -36,6 +36,7 @@ from sidecar.proxy.flow import PAUSE_CONNECTING, PAUSE_UPSTREAM_FULL
 from sidecar.proxy.http1 import (
     BODY_CHUNKED,
     FRAME_CHUNKED,
+    InvalidResponse,
     Rejection,
     RequestHead,
     render_error,
@@ -59,8 +60,9 @@ MAX_ATTEMPTS = 4  # per request: stale keep-alive retry + fallback to the other 
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024  # an upstream's status line and fields, else 502
 
 
-class BadUpstream(Exception):
-    """Raised inside a response parser callback for a response we can't relay."""
+class BadUpstream(InvalidResponse):
+    """Raised inside a response parser callback for a response we can't relay;
+    the message says why (it goes to the log and the client's 502)."""
 
 
 class Retried(Exception):
@@ -408,7 +410,10 @@ class Exchange:
                     # client, which can still get a clear 502 instead of a cut connection.
                     self.out.clear()
                     self.final = False
-                self.upstream_broken(f"invalid response from upstream: {exc}")
+                # A callback's InvalidResponse arrives as httptools' "User callback error",
+                # with the real reason as its context.
+                cause = exc.__context__
+                self.upstream_broken(str(cause) if isinstance(cause, InvalidResponse) else str(exc))
             return
         if self.out:
             self.flush()
@@ -440,10 +445,16 @@ class Exchange:
         if end < 0:
             raise BadUpstream("response head not found where the parser ended it")
         self.head_pos = end + 4
+        # Checked here, once per head, where its length is known: response_data
+        # checks only heads still incomplete after a read, not one read whole.
+        if end + 4 - start > MAX_RESPONSE_HEAD_BYTES:
+            raise BadUpstream(f"response head larger than {MAX_RESPONSE_HEAD_BYTES} bytes")
         status_text, block = split_response_head(buf[start:end])
         status = self.parser.get_status_code()
         head = self.head
         if status < 200:
+            if status < 100:  # RFC 9110 15: three digits, 100-599; llhttp takes any three
+                raise BadUpstream(f"status {status:03d} outside 100-599")
             if status == 101:
                 if not head.websocket:
                     raise BadUpstream("101 Switching Protocols to a request that asked for no upgrade")
@@ -469,6 +480,8 @@ class Exchange:
         if status >= 429 and (status == 503 or status == 429):
             if self.busy_elsewhere(status, block):
                 raise Retried
+        elif status > 599:
+            raise BadUpstream(f"status {status} outside 100-599")
         elif self.route is not None:
             self.route.succeeded()
         self.status = status
@@ -528,7 +541,7 @@ class Exchange:
         if self.final:
             self.abort_client()
         else:
-            self.respond_error(502, f"{self.backend} model sent an invalid response")
+            self.respond_error(502, f"{self.backend} model sent an invalid response: {reason}")
 
     def upstream_upgraded(self, rest: bytes) -> None:
         """A WebSocket 101 arrived: from now on both connections are one byte tunnel."""
@@ -573,7 +586,8 @@ class Exchange:
 
     def check_read_timeout(self, now: float, client_activity: float, timeout: float) -> None:
         """The client's timer: with neither side sending anything for ``timeout``
-        seconds (a connect has its own timeout), the request times out."""
+        seconds (the read timeout; a connect has its own timeout), the request
+        times out, and :meth:`timed_out` decides whose fault that is."""
         if self.connect_task is not None or self.done:
             return
         up = self.upstream
@@ -645,7 +659,19 @@ class Exchange:
         self.client.exchange_finished(self)
 
     def timed_out(self) -> None:
-        if self.final:
+        """Neither side sent anything for the read timeout: blame who owes the next byte.
+
+        The timer is the read timeout for both (once a request is in flight the
+        client idle timeout no longer runs: it covers only the time between
+        requests and a request head). While the client has not sent its whole
+        request, and is being read (not held back by a full upstream buffer, which
+        is the upstream's doing), the client owes the next byte: the timeout is the
+        client's (:meth:`client_stalled`). Otherwise the upstream owes the answer:
+        a failure of that backend (fallback, breaker), or a cut response.
+        """
+        if not self.request_complete and not self.client.reading.reasons & PAUSE_UPSTREAM_FULL:
+            self.client_stalled()
+        elif self.final:
             self.server.stats.count_failure(self.backend, "timeout")
             conn = self.upstream
             if conn is not None:
@@ -654,6 +680,18 @@ class Exchange:
             self.abort_client()
         else:
             self.failed("timeout")
+
+    def client_stalled(self) -> None:
+        """The client stopped sending its request body: a 408 while no final response
+        has begun (after an interim 1xx too), else the client is cut. No backend is
+        blamed: no upstream failure is counted, nothing falls back and the breaker
+        is not told. The upstream connection holds half a request: it is closed."""
+        self.drop_upstream()
+        log.debug("client %s stopped sending its request body", self.client.ip.decode("ascii"))
+        if self.final:
+            self.abort_client()
+        else:
+            self.respond_error(408, "request body not received in time (the client stopped sending it)")
 
     def respond_error(self, status: int, reason: str, retry_after: int | None = None) -> None:
         self.done = True

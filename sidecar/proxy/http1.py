@@ -8,7 +8,8 @@ through but a reverse proxy must not forward anywhere is refused here:
 - request targets other than origin-form (``/path?query``) and ``*``: absolute-form
   would make an open proxy, authority-form is CONNECT;
 - a missing (HTTP/1.1), repeated or malformed Host;
-- Transfer-Encoding other than exactly ``chunked``;
+- Transfer-Encoding other than exactly ``chunked``, and any Transfer-Encoding in an
+  HTTP/1.0 request (RFC 9112 6.1: its framing is faulty);
 - CONNECT.
 
 A request the model itself would accept is refused nowhere else: what is only
@@ -85,6 +86,11 @@ REASONS = {
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
+
+
+class InvalidResponse(ValueError):
+    """An upstream response head the proxy cannot relay (a 502); the message names
+    the field at fault."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +252,12 @@ def inspect_request(
     elif not _HOST.fullmatch(head.host):
         return Rejection(400, "malformed Host header")
     if transfer_encoding is not None:
+        if not http11:
+            # RFC 9112 6.1: such framing is faulty and the connection must close after
+            # this message; refusing it outright (400, then close) is the simplest safe way.
+            return Rejection(
+                400, "Transfer-Encoding is not allowed in an HTTP/1.0 request; use HTTP/1.1 or Content-Length"
+            )
         if transfer_encoding.strip().lower() != b"chunked":
             return Rejection(501, "Transfer-Encoding other than chunked is not supported")
         head.body = BODY_CHUNKED
@@ -394,6 +406,11 @@ def render_response_head(
     Hop-by-hop fields are dropped (the Connection-named ones too); Set-Cookie and
     every other repeated field is kept, in order, byte for byte. A WebSocket 101
     keeps Connection: Upgrade and Upgrade.
+
+    Raises :class:`InvalidResponse` for a body with a transfer coding other than
+    ``chunked`` alone (``gzip, chunked``, ``gzip``): llhttp undoes only the chunking,
+    and the proxy decodes no other coding, so the body would reach the client
+    still encoded and unlabelled.
     """
     content_length: bytes | None = None
     chunked = False
@@ -414,7 +431,15 @@ def render_response_head(
             if not _CONNECTION_PLAIN.issuperset(tokens):
                 named = (named or []) + tokens
         elif name == b"transfer-encoding":
-            chunked = match[2].rsplit(b",", 1)[-1].strip() == b"chunked"  # llhttp decodes it
+            # Exactly one field, exactly "chunked" (llhttp decodes it). Without a body
+            # (HEAD, 304) it only says what a GET would have got: dropped, as it is.
+            if has_body and (chunked or match[2].rstrip(b" \t") != b"chunked"):
+                value = block[match.start(2) : match.end(2)].rstrip(b" \t")[:100].decode("latin-1")
+                raise InvalidResponse(
+                    f"Transfer-Encoding {value!r}: only chunked alone is relayed "
+                    "(the proxy does not decode other transfer codings)"
+                )
+            chunked = True
         elif name == b"upgrade":
             upgrade = block[match.start(2) : match.end(2)].rstrip(b" \t")
         cuts.append(match.span())

@@ -13,6 +13,7 @@ from sidecar.proxy.http1 import (
     FRAME_NONE,
     LIMIT_PREFIX,
     LIMIT_TRACE,
+    InvalidResponse,
     Rejection,
     RequestHead,
     has_ambiguous_separator,
@@ -62,6 +63,8 @@ def ok(headers, **kw) -> RequestHead:
             "WebSocket",
         ),
         ([("Host", "a")], {"version": "0.9"}, 505, "HTTP/0.9"),
+        # RFC 9112 6.1: faulty framing in HTTP/1.0, refused outright (the connection then closes).
+        ([("Transfer-Encoding", "chunked")], {"version": "1.0"}, 400, "Transfer-Encoding"),
     ],
 )
 def test_refused_heads(headers, kw, status, fragment):
@@ -318,6 +321,49 @@ def test_response_without_length_is_rechunked_for_http11_and_closes_for_http10()
         200, b"200 OK", b"", has_body=True, client_http11=False, keep_alive=True
     )
     assert (frame, keep, until_close) == (FRAME_CLOSE, False, True) and b"Connection: close" in data
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [("Transfer-Encoding", "gzip, chunked")],
+        [("Transfer-Encoding", "gzip")],
+        [("Transfer-Encoding", "chunked;x=1")],
+        [("Transfer-Encoding", "gzip"), ("Transfer-Encoding", "chunked")],
+        [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
+    ],
+)
+def test_a_response_body_with_a_transfer_coding_other_than_chunked_alone_is_refused(fields):
+    with pytest.raises(InvalidResponse, match="^Transfer-Encoding '.*': only chunked alone is relayed"):
+        render_response_head(
+            200, b"200 OK", hdrs(*fields), has_body=True, client_http11=True, keep_alive=True
+        )
+
+
+def test_a_transfer_coding_on_a_response_without_a_body_is_dropped_not_refused():
+    # A HEAD or 304 answer may say what a GET would have got (RFC 9112 6.1).
+    data, frame, _, _ = render_response_head(
+        200,
+        b"200 OK",
+        hdrs(("Transfer-Encoding", "gzip, chunked"), ("ETag", '"a"')),
+        has_body=False,
+        client_http11=True,
+        keep_alive=True,
+    )
+    assert data == b'HTTP/1.1 200 OK\r\nETag: "a"\r\n\r\n' and frame == FRAME_NONE
+
+
+def test_chunked_in_any_case_is_the_one_transfer_coding_relayed():
+    data, frame, _, until_close = render_response_head(
+        200,
+        b"200 OK",
+        hdrs(("Transfer-Encoding", "Chunked ")),
+        has_body=True,
+        client_http11=True,
+        keep_alive=True,
+    )
+    assert (frame, until_close) == (FRAME_CHUNKED, False)
+    assert data == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 def test_bodiless_responses_get_no_framing_added():

@@ -17,9 +17,9 @@ import pytest
 
 from sidecar.proxy.client import ClientConnection
 from sidecar.proxy.exchange import MAX_RESPONSE_HEAD_BYTES
-from sidecar.proxy.routing import RoutePlan, RoutingTable
+from sidecar.proxy.routing import RemoteTarget, RoutePlan, RoutingTable
 from sidecar.proxy.server import ProxyServer, ProxySettings
-from sidecar.proxy.upstream import UpstreamConnection
+from sidecar.proxy.upstream import UpstreamConnection, UpstreamPool
 
 
 class FakeTransport(asyncio.Transport):
@@ -84,15 +84,18 @@ class FakeTransport(asyncio.Transport):
 class Proxy:
     """A ProxyServer driven by hand: one client connection, local model connections on demand."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, settings: ProxySettings):
-        self.server = ProxyServer(RoutingTable(RoutePlan()), ("127.0.0.1", 8000), settings, loop=loop)
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, settings: ProxySettings, plan: RoutePlan | None = None
+    ):
+        self.server = ProxyServer(RoutingTable(plan or RoutePlan()), ("127.0.0.1", 8000), settings, loop=loop)
         self.client = ClientConnection(self.server)
         self.client_side = FakeTransport(self.client, peer=("10.1.2.3", 51000))
         self.client.connection_made(self.client_side)
 
-    def upstream(self) -> tuple[UpstreamConnection, FakeTransport]:
-        """A connection to the local model, idle in its pool (as after an earlier request)."""
-        pool = self.server.local_pool
+    def upstream(self, pool: UpstreamPool | None = None) -> tuple[UpstreamConnection, FakeTransport]:
+        """A connection to the local model (or to ``pool``'s upstream), idle in its
+        pool (as after an earlier request)."""
+        pool = pool or self.server.local_pool
         conn = UpstreamConnection(pool)
         transport = FakeTransport(conn)
         conn.connection_made(transport)
@@ -308,3 +311,144 @@ def test_a_head_trickled_in_byte_by_byte_gets_408_once_its_time_in_all_is_up(pro
 
     assert proxy.client_side.taken().startswith(b"HTTP/1.1 408 ")
     assert upstream.taken() == b""
+
+
+def test_a_response_head_over_the_limit_in_one_read_is_answered_502(proxy):
+    conn, upstream = proxy.upstream()
+    proxy.send(GET)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * MAX_RESPONSE_HEAD_BYTES + b"\r\n\r\n")
+
+    answer = proxy.client_side.taken()
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"response head larger than 65536 bytes" in answer and b"X-Big" not in answer
+    assert upstream.aborted and proxy.server.stats.upstream_failures_total == {("local", "protocol"): 1}
+
+
+def test_a_response_head_just_under_the_limit_in_one_read_is_relayed(proxy):
+    conn, _ = proxy.upstream()
+    proxy.send(GET)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Big: "
+    head += b"b" * (MAX_RESPONSE_HEAD_BYTES - len(head) - 4) + b"\r\n\r\n"
+    assert len(head) == MAX_RESPONSE_HEAD_BYTES
+    conn.data_received(head + b"ok")
+
+    assert proxy.client_side.taken().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert proxy.server.stats.requests_total == {("local", "2xx"): 1}
+
+
+@pytest.mark.parametrize("status", [b"099", b"000", b"600", b"999"])
+def test_a_status_outside_100_to_599_is_answered_502_and_its_body_never_relayed(proxy, status):
+    conn, upstream = proxy.upstream()
+    proxy.send(GET)
+    conn.data_received(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 2\r\n\r\nhi")
+
+    answer = proxy.client_side.taken()
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), answer
+    assert b"status " + status + b" outside 100-599" in answer and b"hi" not in answer.split(b"\r\n\r\n")[1]
+    assert upstream.aborted and proxy.server.stats.upstream_failures_total == {("local", "protocol"): 1}
+    assert proxy.server.stats.in_flight == proxy.server.stats.local_in_flight == 0
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"gzip", b"chunked, chunked"])
+def test_a_response_body_in_a_transfer_coding_other_than_chunked_is_answered_502(proxy, coding):
+    conn, upstream = proxy.upstream()
+    proxy.send(GET)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+
+    answer = proxy.client_side.taken()
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), answer
+    assert b"Transfer-Encoding" in answer and b"abc" not in answer
+    assert upstream.aborted and proxy.server.stats.upstream_failures_total == {("local", "protocol"): 1}
+
+
+def test_an_http10_request_with_transfer_encoding_is_refused_400_and_the_connection_closed(proxy):
+    _, upstream = proxy.upstream()
+    proxy.send(
+        b"POST /a HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\nGET /second HTTP/1.0\r\n\r\n"
+    )
+
+    answer = proxy.client_side.taken()
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Connection: close\r\n" in answer
+    assert b"Transfer-Encoding is not allowed in an HTTP/1.0 request" in answer
+    assert upstream.taken() == b""  # neither request reached the model
+    assert proxy.client_side.eof_written  # a lingering close
+
+
+POST_STALLED = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"
+
+
+def read_timeout_passes(proxy: Proxy) -> None:
+    """Move the clock past the read timeout with neither side sending, and tick."""
+    settings = proxy.server.settings
+    proxy.server.clock.now += settings.read_timeout + 1
+    proxy.client.check_timeouts(proxy.server.clock.now, settings)
+
+
+def test_a_client_that_stalls_its_body_gets_408_and_no_backend_is_blamed(proxy):
+    _, upstream = proxy.upstream()
+    proxy.send(POST_STALLED)  # 3 of its 10 body bytes, then nothing
+    assert upstream.taken().endswith(b"\r\n\r\nabc")
+    read_timeout_passes(proxy)
+
+    answer = proxy.client_side.taken()
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"Connection: close\r\n" in answer
+    assert b"request body not received in time" in answer
+    assert upstream.aborted and proxy.server.local_pool.idle == []  # it holds half a request
+    stats = proxy.server.stats
+    assert stats.upstream_failures_total == {} and stats.fallbacks_total == {}
+    assert stats.rejected_total == {408: 1}
+    assert stats.in_flight == stats.local_in_flight == stats.local_waiting == 0
+    assert proxy.client_side.eof_written  # unread body bytes: a lingering close
+
+
+def test_a_client_that_stalls_its_body_after_a_100_continue_still_gets_408(proxy):
+    conn, upstream = proxy.upstream()
+    proxy.send(POST_STALLED.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"))
+    conn.data_received(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert proxy.client_side.taken() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    read_timeout_passes(proxy)
+
+    assert proxy.client_side.taken().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert proxy.server.stats.upstream_failures_total == {} and upstream.aborted
+
+
+def test_a_client_that_stalls_its_body_while_its_response_is_under_way_is_cut(proxy):
+    conn, upstream = proxy.upstream()
+    proxy.send(POST_STALLED)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")  # answers early
+    assert proxy.client_side.taken().startswith(b"HTTP/1.1 200 OK\r\n")
+    read_timeout_passes(proxy)
+
+    assert proxy.client_side.aborted and proxy.client_side.taken() == b""
+    assert upstream.aborted
+    stats = proxy.server.stats
+    assert stats.upstream_failures_total == {} and stats.in_flight == stats.local_in_flight == 0
+
+
+def test_a_body_held_back_by_a_full_upstream_times_out_as_the_upstreams_fault(proxy):
+    _, upstream = proxy.upstream()
+    proxy.send(POST_STALLED)
+    upstream.send_buffer_full()  # the model is not reading: the client is not read either
+    read_timeout_passes(proxy)
+
+    assert proxy.client_side.taken().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
+    assert proxy.server.stats.upstream_failures_total == {("local", "timeout"): 1}
+
+
+def test_a_client_that_stalls_its_body_on_the_remote_leaves_its_breaker_and_the_local_model_alone(loop):
+    remote = RemoteTarget(scheme="http", host="127.0.0.1", port=9, authority="remote.example")
+    proxy = Proxy(loop, ProxySettings(), RoutePlan(remote=remote, percentage=100, offloading=True))
+    route = proxy.server.remotes.route(remote)
+    assert route is not None
+    _, upstream = proxy.upstream(route.pool)
+    proxy.send(POST_STALLED)
+    assert upstream.taken().startswith(b"POST /a HTTP/1.1\r\nHost: remote.example\r\n")
+    read_timeout_passes(proxy)
+
+    assert proxy.client_side.taken().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert upstream.aborted and proxy.client.current is None
+    stats = proxy.server.stats
+    assert stats.upstream_failures_total == {} and stats.fallbacks_total == {}
+    assert route.breaker.state == "closed" and route.breaker.failures == 0
+    assert stats.local_in_flight == 0 and proxy.server.local_pool.idle == []  # never tried locally
