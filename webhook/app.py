@@ -56,8 +56,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class AsciiJSONResponse(JSONResponse):
+    """Compact JSON with every non-ASCII character escaped (``\\uXXXX``).
+
+    A request may carry a lone surrogate as a JSON escape (``"\\ud800"``); echoed in an
+    answer (the uid, a message), it cannot be encoded as UTF-8, which starlette's
+    ``JSONResponse`` does, but escaped it renders, and reads back as the same string."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _problem(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return AsciiJSONResponse({"error": message}, status_code=status)
 
 
 def classify(answer: dict[str, Any] | Reviewed) -> Reviewed:
@@ -133,7 +144,7 @@ def review_endpoint(
             answer.fields,
             f": {answer.detail}" if answer.detail else "",
         )
-        return JSONResponse(answer.review)
+        return AsciiJSONResponse(answer.review)
 
     return endpoint
 

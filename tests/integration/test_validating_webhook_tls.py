@@ -108,6 +108,33 @@ def test_malformed_requests_get_a_4xx_with_a_reason(client, content, headers, st
     assert fragment in response.json()["error"]
 
 
+@pytest.mark.parametrize("operation", ["DELETE", "CREATE"])
+def test_a_lone_surrogate_is_echoed_escaped_never_a_500(client, operation):
+    """A lone surrogate (valid as a JSON escape, not encodable as UTF-8) in the uid and in a
+    field the denial quotes: the answer is ASCII JSON that reads back as the same strings."""
+    bad = copy.deepcopy(TUTORIAL)
+    bad["spec"]["offloadingConfig"]["remoteBackend"]["host"] = "\ud800:80"
+    review = admission_review(bad, uid="\ud800")
+    review["request"]["operation"] = operation
+    response = client.post(PATH, content=json.dumps(review), headers={"content-type": "application/json"})
+    assert response.status_code == 200
+    assert response.content.isascii()
+    answer = response.json()["response"]
+    assert answer["uid"] == "\ud800"
+    if operation == "CREATE":
+        assert answer["allowed"] is False
+        assert "spec.offloadingConfig.remoteBackend.host" in answer["status"]["message"]
+    else:
+        assert answer["allowed"] is True
+
+
+def test_a_problem_with_a_lone_surrogate_renders():
+    from webhook.app import _problem
+
+    response = _problem(400, "request.uid: \ud800")
+    assert json.loads(response.body) == {"error": "request.uid: \ud800"}
+
+
 def test_an_oversized_body_is_refused_without_reading_it_all(client):
     response = client.post(
         PATH, content=b" " * (9 * 1024 * 1024), headers={"content-type": "application/json"}
