@@ -13,7 +13,7 @@ import uvicorn
 
 from crds.validation import ValidationSettings, parse_remote_backend
 from webhook import apicalls, metrics
-from webhook.app import build_app
+from webhook.app import BODY_TIMEOUT, build_app
 from webhook.cache import ClusterCache
 from webhook.controller import main as controller_main
 from webhook.controller.evaluation import ControllerEvaluation, MetricsReader
@@ -26,6 +26,13 @@ from webhook.validating import answer_modeldeployment
 from webhook.watches import CacheSync
 
 log = logging.getLogger("webhook")
+
+# uvicorn answers 503 to a request arriving while this many connections (or requests in
+# flight) are open: a flood is refused instead of exhausting the process's memory and
+# files. The API servers' keep-alive pools and the probes need far fewer.
+MAX_CONNECTIONS = 256
+# Seconds an idle keep-alive connection is kept after a response (uvicorn's default, pinned).
+KEEP_ALIVE_TIMEOUT = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="report not ready once a watch has been failing this long (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections (or requests in flight) beyond which requests get 503 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=controller_main.positive_seconds,
+        default=BODY_TIMEOUT,
+        metavar="SECONDS",
+        help="a review's body must arrive within this time after its head, else 408 (default: %(default)s)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     controller_main.add_arguments(parser)
@@ -156,8 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         reviews["/mutate-pods"] = partial(answer_pod, view=cache, config=config)
         ready = cache.synced  # admission readiness: the controller's resources do not gate it
         log.info("serving /mutate-pods (injector config version %r)", config.config_version)
-    app = build_app(reviews, ready=ready)
-    serve_tls(app, certificate, host=args.host, port=args.port, log_level=args.log_level)
+    app = build_app(reviews, ready=ready, body_timeout=args.body_timeout)
+    serve_tls(
+        app,
+        certificate,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        max_connections=args.max_connections,
+    )
     if sync is not None:
         sync.stop()
     if controller is not None:
@@ -166,12 +194,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tls_server(
-    app: Any, certificate: ReloadingCertificate, *, host: str, port: int, log_level: str = "info"
+    app: Any,
+    certificate: ReloadingCertificate,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    max_connections: int = MAX_CONNECTIONS,
 ) -> uvicorn.Server:
     """uvicorn serving ``app`` with the reloading certificate's context.
 
     uvicorn builds its SSLContext from files once; the loaded config's context is replaced
-    by ours (whose SNI callback serves the current certificate) before the server starts."""
+    by ours (whose SNI callback serves the current certificate) before the server starts.
+    uvicorn (0.54) has no deadline for a request head: a connection that completes the TLS
+    handshake and sends nothing, or half a head, stays open (and counts towards
+    ``max_connections``) until the client leaves; asyncio bounds the handshake to 60 s."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -181,20 +218,42 @@ def tls_server(
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=10,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
     )
     config.load()
     config.ssl = certificate.context
     return uvicorn.Server(config)
 
 
-def serve_tls(app: Any, certificate: ReloadingCertificate, *, host: str, port: int, log_level: str) -> None:
+def serve_tls(
+    app: Any,
+    certificate: ReloadingCertificate,
+    *,
+    host: str,
+    port: int,
+    log_level: str,
+    max_connections: int = MAX_CONNECTIONS,
+) -> None:
     """Serve until SIGTERM, polling the certificate's files meanwhile."""
-    server = tls_server(app, certificate, host=host, port=port, log_level=log_level)
+    server = tls_server(
+        app, certificate, host=host, port=port, log_level=log_level, max_connections=max_connections
+    )
     certificate.start()
     try:
         server.run()
     finally:
         certificate.stop()
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def _always_ready() -> bool:

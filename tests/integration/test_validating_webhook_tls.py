@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.e2e.controlplane.webhook_process import start_webhook
+from tests.integration.servers import wait_until
 from tests.modeldeployments import admission_review
 
 TUTORIAL = yaml.safe_load(
@@ -229,3 +230,52 @@ def test_the_beamlit_sample_is_allowed_where_the_installation_has_a_default_remo
     finally:
         server.stop()
     assert answer["uid"] == "b" and answer["allowed"] is True
+
+
+# --- connection limits and deadlines (a process with small ones) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def tight_webhook(tmp_path_factory):
+    server = start_webhook(
+        tmp_path_factory.mktemp("tight"),
+        "--validation-only",
+        "--max-connections",
+        "4",
+        "--body-timeout",
+        "0.5",
+    )
+    yield server
+    server.stop()
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_closed(tight_webhook):
+    with socket.create_connection(address(tight_webhook), timeout=10) as raw:
+        with tls_context(tight_webhook).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(
+                b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
+            received = b""
+            while chunk := tls.recv(65536):  # until the server closes
+                received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body) == {"error": "body: not received within 0.5 s"}
+
+
+def test_connections_beyond_the_limit_get_503_and_service_resumes_when_they_leave(tight_webhook):
+    def status() -> int:
+        with httpx.Client(verify=tls_context(tight_webhook), timeout=10) as c:
+            return c.get(tight_webhook.url("/healthz")).status_code
+
+    idle = []
+    try:
+        for _ in range(4):  # TLS handshake done, nothing sent
+            raw = socket.create_connection(address(tight_webhook), timeout=10)
+            idle.append(tls_context(tight_webhook).wrap_socket(raw, server_hostname="127.0.0.1"))
+        wait_until("a request refused with 503 while 4 connections are open", lambda: status() == 503)
+    finally:
+        for tls in idle:
+            tls.close()
+    wait_until("requests served again once the idle connections closed", lambda: status() == 200)
