@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from dataclasses import replace
@@ -10,6 +11,7 @@ from functools import partial
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from crds.validation import ValidationSettings, parse_remote_backend
 from webhook import apicalls, metrics
@@ -27,12 +29,16 @@ from webhook.watches import CacheSync
 
 log = logging.getLogger("webhook")
 
-# uvicorn answers 503 to a request arriving while this many connections (or requests in
-# flight) are open: a flood is refused instead of exhausting the process's memory and
-# files. The API servers' keep-alive pools and the probes need far fewer.
+# uvicorn answers 503 to a request arriving while this many connections (its own included)
+# are open or this many requests are in flight: a flood is refused instead of exhausting the
+# process's memory and files. The API servers' keep-alive pools and the probes need far fewer.
 MAX_CONNECTIONS = 256
 # Seconds an idle keep-alive connection is kept after a response (uvicorn's default, pinned).
 KEEP_ALIVE_TIMEOUT = 5
+# Seconds a request head may take to arrive after the TLS handshake or the previous
+# response; the API server sends it at once. Without it, idle connections would hold
+# MAX_CONNECTIONS slots for as long as they like and every request would get 503.
+HEAD_TIMEOUT = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=MAX_CONNECTIONS,
         metavar="N",
-        help="open connections (or requests in flight) beyond which requests get 503 (default: %(default)s)",
+        help="a request gets 503 while this many connections (its own included) are open or this many "
+        "requests are in flight (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--head-timeout",
+        type=controller_main.positive_seconds,
+        default=HEAD_TIMEOUT,
+        metavar="SECONDS",
+        help="a connection whose request head has not arrived this long after the TLS handshake or "
+        "the previous response is closed (default: %(default)s)",
     )
     parser.add_argument(
         "--body-timeout",
@@ -185,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         log_level=args.log_level,
         max_connections=args.max_connections,
+        head_timeout=args.head_timeout,
     )
     if sync is not None:
         sync.stop()
@@ -201,16 +217,17 @@ def tls_server(
     port: int,
     log_level: str = "info",
     max_connections: int = MAX_CONNECTIONS,
+    head_timeout: float = HEAD_TIMEOUT,
 ) -> uvicorn.Server:
     """uvicorn serving ``app`` with the reloading certificate's context.
 
     uvicorn builds its SSLContext from files once; the loaded config's context is replaced
     by ours (whose SNI callback serves the current certificate) before the server starts.
-    uvicorn (0.54) has no deadline for a request head: a connection that completes the TLS
-    handshake and sends nothing, or half a head, stays open (and counts towards
-    ``max_connections``) until the client leaves; asyncio bounds the handshake to 60 s."""
+    The TLS handshake is bounded by asyncio's default (60 s), which uvicorn does not expose;
+    such connections do not count towards ``max_connections``."""
     config = uvicorn.Config(
         app,
+        http=head_deadline_protocol(head_timeout),
         host=host,
         port=port,
         ssl_certfile=str(certificate.cert_file),
@@ -234,16 +251,68 @@ def serve_tls(
     port: int,
     log_level: str,
     max_connections: int = MAX_CONNECTIONS,
+    head_timeout: float = HEAD_TIMEOUT,
 ) -> None:
     """Serve until SIGTERM, polling the certificate's files meanwhile."""
     server = tls_server(
-        app, certificate, host=host, port=port, log_level=log_level, max_connections=max_connections
+        app,
+        certificate,
+        host=host,
+        port=port,
+        log_level=log_level,
+        max_connections=max_connections,
+        head_timeout=head_timeout,
     )
     certificate.start()
     try:
         server.run()
     finally:
         certificate.stop()
+
+
+def head_deadline_protocol(seconds: float) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, aborting a connection whose request head is not complete
+    ``seconds`` after the TLS handshake or the previous response.
+
+    uvicorn has no such deadline: its keep-alive timer starts only after a response and any
+    byte received cancels it, so a silent client or half a head would hold the connection
+    (and a ``max_connections`` slot) forever. Only arms and cancels a timer around uvicorn's
+    callbacks; a pipelined head that arrives during a response is not timed."""
+
+    class HeadDeadlineProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._head_timer = self.loop.call_later(seconds, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            self.transport.abort()  # not close(): a TLS close waits up to 30 s for the peer
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # Idle again unless a pipelined request has just started.
+            if self.cycle.response_complete and not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeadDeadlineProtocol
 
 
 def _positive_int(value: str) -> int:

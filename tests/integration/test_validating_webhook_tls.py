@@ -244,9 +244,21 @@ def tight_webhook(tmp_path_factory):
         "4",
         "--body-timeout",
         "0.5",
+        "--head-timeout",
+        "3",
     )
     yield server
     server.stop()
+
+
+def read_until_closed(tls: ssl.SSLSocket) -> bytes:
+    received = b""
+    try:
+        while chunk := tls.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
 
 
 def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_closed(tight_webhook):
@@ -256,15 +268,32 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_clos
                 b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100\r\n\r\n{"
             )
-            received = b""
-            while chunk := tls.recv(65536):  # until the server closes
-                received += chunk
+            received = read_until_closed(tls)
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ")
     assert json.loads(body) == {"error": "body: not received within 0.5 s"}
 
 
-def test_connections_beyond_the_limit_get_503_and_service_resumes_when_they_leave(tight_webhook):
+def test_a_keep_alive_connection_serves_requests_then_is_closed_at_the_head_deadline(tight_webhook):
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(address(tight_webhook), timeout=10) as raw:
+        with tls_context(tight_webhook).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(request)
+            first = tls.recv(65536)
+            tls.sendall(request)  # the deadline re-armed by the first response is for this head
+            received = first + read_until_closed(tls)
+    assert received.count(b"HTTP/1.1 200 OK") == 2
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /validate-modeldeployments HTTP/1.1\r\nX-Slow: "])
+def test_a_connection_without_a_whole_head_is_closed_at_the_head_deadline(tight_webhook, sent):
+    with socket.create_connection(address(tight_webhook), timeout=10) as raw:
+        with tls_context(tight_webhook).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(sent)
+            assert read_until_closed(tls) == b""  # closed (3 s), before the 10 s read timeout
+
+
+def test_idle_connections_at_the_limit_get_requests_503_until_the_head_deadline_closes_them(tight_webhook):
     def status() -> int:
         with httpx.Client(verify=tls_context(tight_webhook), timeout=10) as c:
             return c.get(tight_webhook.url("/healthz")).status_code
@@ -274,8 +303,11 @@ def test_connections_beyond_the_limit_get_503_and_service_resumes_when_they_leav
         for _ in range(4):  # TLS handshake done, nothing sent
             raw = socket.create_connection(address(tight_webhook), timeout=10)
             idle.append(tls_context(tight_webhook).wrap_socket(raw, server_hostname="127.0.0.1"))
-        wait_until("a request refused with 503 while 4 connections are open", lambda: status() == 503)
+        wait_until("a request refused with 503 while 4 connections are open", lambda: status() == 503, 2)
+        wait_until(
+            "requests served again once the head deadline closed the idle ones", lambda: status() == 200
+        )
+        assert all(read_until_closed(tls) == b"" for tls in idle)
     finally:
         for tls in idle:
             tls.close()
-    wait_until("requests served again once the idle connections closed", lambda: status() == 200)
