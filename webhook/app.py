@@ -1,8 +1,8 @@
 """The webhook's HTTP layer: a starlette app that decodes AdmissionReviews.
 
 Every malformed or hostile request gets a 4xx with a reason: wrong method,
-wrong content type, oversized or non-JSON body, a body that is not an
-AdmissionReview. Handlers receive a parsed ``AdmissionRequest`` and return the
+wrong content type, oversized, late (``BODY_TIMEOUT``) or non-JSON body, a body that
+is not an AdmissionReview. Handlers receive a parsed ``AdmissionRequest`` and return the
 AdmissionReview to send back (a dict, or a ``Reviewed`` carrying its result and
 reason codes for the metrics); they are pure and tested without sockets. A handler
 that raises (a bug) still gets the client an answer: a denial with code 500 in the
@@ -15,6 +15,7 @@ catches its own bugs first and allows the pod, as its failurePolicy Ignore would
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -36,6 +37,10 @@ ReviewHandler = Callable[[AdmissionRequest], "dict[str, Any] | Reviewed"]
 # The API server sends at most a few MiB (an object and its old version, each
 # at most 1.5 MiB in etcd); anything far larger is not from the API server.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# Seconds from the request head to the end of its body. The API server sends a review at
+# once and gives up after the webhook's timeoutSeconds (5 in the chart), so a body still
+# arriving later only holds a connection and its buffers.
+BODY_TIMEOUT = 5.0
 
 
 class _BodyTooLarge(Exception):
@@ -56,8 +61,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class AsciiJSONResponse(JSONResponse):
+    """Compact JSON with every non-ASCII character escaped (``\\uXXXX``).
+
+    A request may carry a lone surrogate as a JSON escape (``"\\ud800"``); echoed in an
+    answer (the uid, a message), it cannot be encoded as UTF-8, which starlette's
+    ``JSONResponse`` does, but escaped it renders, and reads back as the same string."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _problem(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return AsciiJSONResponse({"error": message}, status_code=status)
 
 
 def classify(answer: dict[str, Any] | Reviewed) -> Reviewed:
@@ -88,9 +104,12 @@ def review_endpoint(
     *,
     webhook: str = "",
     max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Callable[..., Any]:
-    """The endpoint of one webhook; ``webhook`` labels its metrics."""
+    """The endpoint of one webhook; ``webhook`` labels its metrics. A body larger than
+    ``max_body_bytes`` gets a 413, one not received within ``body_timeout`` seconds a 408
+    (and the connection is closed)."""
 
     def problem(status: int, message: str, started: float) -> JSONResponse:
         metrics.ADMISSION_REVIEWS.labels(webhook, metrics.ERROR, str(status)).inc()
@@ -105,9 +124,14 @@ def review_endpoint(
                 415, f"Content-Type: must be application/json, got {media_type or 'none'!r}", started
             )
         try:
-            body = await _read_body(request, max_body_bytes)
+            async with asyncio.timeout(body_timeout):
+                body = await _read_body(request, max_body_bytes)
         except _BodyTooLarge:
             return problem(413, f"body: larger than {max_body_bytes} bytes", started)
+        except TimeoutError:
+            response = problem(408, f"body: not received within {body_timeout:g} s", started)
+            response.headers["Connection"] = "close"  # the rest of the body must not be read as a request
+            return response
         except ClientDisconnect:
             return problem(400, "body: client disconnected", started)
         try:
@@ -133,13 +157,19 @@ def review_endpoint(
             answer.fields,
             f": {answer.detail}" if answer.detail else "",
         )
-        return JSONResponse(answer.review)
+        return AsciiJSONResponse(answer.review)
 
     return endpoint
 
 
-def build_app(reviews: Mapping[str, ReviewHandler], *, ready: Callable[[], bool] = lambda: True) -> Starlette:
-    """An app serving each review handler at its path, plus /healthz, /readyz and /metrics."""
+def build_app(
+    reviews: Mapping[str, ReviewHandler],
+    *,
+    ready: Callable[[], bool] = lambda: True,
+    body_timeout: float = BODY_TIMEOUT,
+) -> Starlette:
+    """An app serving each review handler at its path, plus /healthz, /readyz and /metrics;
+    ``body_timeout`` as in :func:`review_endpoint`."""
     metrics.READY.set_function(lambda: 1 if ready() else 0)
 
     async def healthz(_: Request) -> Response:
@@ -155,7 +185,11 @@ def build_app(reviews: Mapping[str, ReviewHandler], *, ready: Callable[[], bool]
         return Response(body, headers={"content-type": content_type})
 
     routes = [
-        Route(path, review_endpoint(handler, webhook=path.strip("/")), methods=["POST"])
+        Route(
+            path,
+            review_endpoint(handler, webhook=path.strip("/"), body_timeout=body_timeout),
+            methods=["POST"],
+        )
         for path, handler in reviews.items()
     ]
     routes += [

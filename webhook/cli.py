@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from dataclasses import replace
@@ -10,10 +11,11 @@ from functools import partial
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from crds.validation import ValidationSettings, parse_remote_backend
 from webhook import apicalls, metrics
-from webhook.app import build_app
+from webhook.app import BODY_TIMEOUT, build_app
 from webhook.cache import ClusterCache
 from webhook.controller import main as controller_main
 from webhook.controller.evaluation import ControllerEvaluation, MetricsReader
@@ -26,6 +28,17 @@ from webhook.validating import answer_modeldeployment
 from webhook.watches import CacheSync
 
 log = logging.getLogger("webhook")
+
+# uvicorn answers 503 to a request arriving while this many connections (its own included)
+# are open or this many requests are in flight: a flood is refused instead of exhausting the
+# process's memory and files. The API servers' keep-alive pools and the probes need far fewer.
+MAX_CONNECTIONS = 256
+# Seconds an idle keep-alive connection is kept after a response (uvicorn's default, pinned).
+KEEP_ALIVE_TIMEOUT = 5
+# Seconds a request head may take to arrive after the TLS handshake or the previous
+# response; the API server sends it at once. Without it, idle connections would hold
+# MAX_CONNECTIONS slots for as long as they like and every request would get 503.
+HEAD_TIMEOUT = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="report not ready once a watch has been failing this long (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help="a request gets 503 while this many connections (its own included) are open or this many "
+        "requests are in flight (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--head-timeout",
+        type=controller_main.positive_seconds,
+        default=HEAD_TIMEOUT,
+        metavar="SECONDS",
+        help="a connection whose request head has not arrived this long after the TLS handshake or "
+        "the previous response is closed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=controller_main.positive_seconds,
+        default=BODY_TIMEOUT,
+        metavar="SECONDS",
+        help="a review's body must arrive within this time after its head, else 408 (default: %(default)s)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     controller_main.add_arguments(parser)
@@ -156,8 +192,16 @@ def main(argv: list[str] | None = None) -> int:
         reviews["/mutate-pods"] = partial(answer_pod, view=cache, config=config)
         ready = cache.synced  # admission readiness: the controller's resources do not gate it
         log.info("serving /mutate-pods (injector config version %r)", config.config_version)
-    app = build_app(reviews, ready=ready)
-    serve_tls(app, certificate, host=args.host, port=args.port, log_level=args.log_level)
+    app = build_app(reviews, ready=ready, body_timeout=args.body_timeout)
+    serve_tls(
+        app,
+        certificate,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        max_connections=args.max_connections,
+        head_timeout=args.head_timeout,
+    )
     if sync is not None:
         sync.stop()
     if controller is not None:
@@ -166,14 +210,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tls_server(
-    app: Any, certificate: ReloadingCertificate, *, host: str, port: int, log_level: str = "info"
+    app: Any,
+    certificate: ReloadingCertificate,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    max_connections: int = MAX_CONNECTIONS,
+    head_timeout: float = HEAD_TIMEOUT,
 ) -> uvicorn.Server:
     """uvicorn serving ``app`` with the reloading certificate's context.
 
     uvicorn builds its SSLContext from files once; the loaded config's context is replaced
-    by ours (whose SNI callback serves the current certificate) before the server starts."""
+    by ours (whose SNI callback serves the current certificate) before the server starts.
+    The TLS handshake is bounded by asyncio's default (60 s), which uvicorn does not expose;
+    such connections do not count towards ``max_connections``."""
     config = uvicorn.Config(
         app,
+        http=head_deadline_protocol(head_timeout),
         host=host,
         port=port,
         ssl_certfile=str(certificate.cert_file),
@@ -181,20 +235,94 @@ def tls_server(
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=10,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
     )
     config.load()
     config.ssl = certificate.context
     return uvicorn.Server(config)
 
 
-def serve_tls(app: Any, certificate: ReloadingCertificate, *, host: str, port: int, log_level: str) -> None:
+def serve_tls(
+    app: Any,
+    certificate: ReloadingCertificate,
+    *,
+    host: str,
+    port: int,
+    log_level: str,
+    max_connections: int = MAX_CONNECTIONS,
+    head_timeout: float = HEAD_TIMEOUT,
+) -> None:
     """Serve until SIGTERM, polling the certificate's files meanwhile."""
-    server = tls_server(app, certificate, host=host, port=port, log_level=log_level)
+    server = tls_server(
+        app,
+        certificate,
+        host=host,
+        port=port,
+        log_level=log_level,
+        max_connections=max_connections,
+        head_timeout=head_timeout,
+    )
     certificate.start()
     try:
         server.run()
     finally:
         certificate.stop()
+
+
+def head_deadline_protocol(seconds: float) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, aborting a connection whose request head is not complete
+    ``seconds`` after the TLS handshake or the previous response.
+
+    uvicorn has no such deadline: its keep-alive timer starts only after a response and any
+    byte received cancels it, so a silent client or half a head would hold the connection
+    (and a ``max_connections`` slot) forever. Only arms and cancels a timer around uvicorn's
+    callbacks; a pipelined head that arrives during a response is not timed."""
+
+    class HeadDeadlineProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._head_timer = self.loop.call_later(seconds, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            self.transport.abort()  # not close(): a TLS close waits up to 30 s for the peer
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # Idle again unless a pipelined request has just started.
+            if self.cycle.response_complete and not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeadDeadlineProtocol
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def _always_ready() -> bool:

@@ -9,7 +9,12 @@ uvicorn: four GET endpoints need no framework, it saves ~6 MiB of RSS in a
 process injected into every model pod, and uvicorn would install signal
 handlers of its own where the sidecar's SIGTERM must drain the proxy.
 Each connection carries one request (``Connection: close``); heads are
-bounded in size and time, and connections in number. What it serves is rendered
+bounded in size and time, and connections in number. Anonymous connections must
+never starve the kubelet's probes (/healthz is the liveness probe, /readyz the
+readiness one): when every slot is taken, the oldest connection still waiting for
+its request head (idle or slow) is closed to make room, and a newcomer is refused
+only while every slot is busy answering a request, which takes at most
+``SEND_TIMEOUT``. What it serves is rendered
 by :mod:`sidecar.admin.metrics` and :mod:`sidecar.admin.status`.
 """
 
@@ -29,7 +34,11 @@ from sidecar.proxy.stats import ProxyStats
 log = logging.getLogger("sidecar.admin")
 
 MAX_HEAD_BYTES = 8 * 1024
-HEAD_TIMEOUT = 5.0
+# Seconds a connection may take to send its request head. A probe or scraper sends it at
+# once; anything slower is idle or a slowloris, and is also the first evicted when full.
+HEAD_TIMEOUT = 2.0
+# Seconds to hand a response to the kernel and close: bounds a client that stops reading.
+SEND_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
 
 
@@ -50,7 +59,10 @@ def text(status: int, reason: str, message: str, head_only: bool = False) -> byt
 
 
 class AdminServer:
-    """Serves the four endpoints from the given callables."""
+    """Serves the endpoints from the given callables.
+
+    ``max_connections``, ``head_timeout`` and ``send_timeout`` (seconds) default to the
+    module's constants; tests shrink them."""
 
     def __init__(
         self,
@@ -58,14 +70,22 @@ class AdminServer:
         stats: ProxyStats,
         ready: Callable[[], bool],
         signals: Callable[[], dict[str, Any]] | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        head_timeout: float = HEAD_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
     ):
         self.view = view
         self.stats = stats
         self.ready = ready
         self.signals = signals
+        self.max_connections = max_connections
+        self.head_timeout = head_timeout
+        self.send_timeout = send_timeout
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
-        self._connections = 0
+        # Open connections in arrival order -> True while still waiting for the request head.
+        self._open: dict[asyncio.StreamWriter, bool] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD_BYTES)
@@ -107,14 +127,26 @@ class AdminServer:
             head_only,
         )
 
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Takes a slot for a new connection, closing the oldest one still waiting for its
+        head if every slot is taken; False (refuse it) only if every slot is busy answering."""
+        if len(self._open) >= self.max_connections:
+            victim = next((w for w, waiting in self._open.items() if waiting), None)
+            if victim is None:
+                return False
+            del self._open[victim]
+            victim.transport.abort()  # its reader sees EOF; its task ends quietly
+        self._open[writer] = True
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections += 1
+        if not self._admit(writer):
+            writer.write(text(503, "Service Unavailable", "too many admin connections"))
+            await self._finish(writer)
+            return
         try:
-            if self._connections > MAX_CONNECTIONS:
-                writer.write(text(503, "Service Unavailable", "too many admin connections"))
-                return
             try:
-                async with asyncio.timeout(HEAD_TIMEOUT):
+                async with asyncio.timeout(self.head_timeout):
                     head = await reader.readuntil(b"\r\n\r\n")
             except (asyncio.LimitOverrunError, ValueError):
                 writer.write(text(431, "Request Header Fields Too Large", "request head over 8 KiB"))
@@ -122,8 +154,11 @@ class AdminServer:
             except TimeoutError:
                 writer.write(text(408, "Request Timeout", "request head not received in time"))
                 return
-            except asyncio.IncompleteReadError:
+            except (asyncio.IncompleteReadError, ConnectionError):
                 return
+            if writer not in self._open:  # evicted just as its head arrived
+                return
+            self._open[writer] = False
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = line.split(" ")
             if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
@@ -135,10 +170,17 @@ class AdminServer:
                 log.exception("admin endpoint %s failed", parts[1])
                 writer.write(text(500, "Internal Server Error", "internal error; see the sidecar's log"))
         finally:
-            self._connections -= 1
-            try:
+            await self._finish(writer)
+            self._open.pop(writer, None)
+
+    async def _finish(self, writer: asyncio.StreamWriter) -> None:
+        """Sends what was written and closes, within ``send_timeout``; then aborts."""
+        try:
+            async with asyncio.timeout(self.send_timeout):
                 await writer.drain()
                 writer.close()
                 await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
+        except TimeoutError:
+            writer.transport.abort()
+        except (ConnectionError, OSError):
+            pass

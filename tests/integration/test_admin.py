@@ -337,3 +337,93 @@ def test_head_gets_the_head_without_a_body():
         assert status == 200 and int(headers["content-length"]) > 100 and body == b""
 
     serve(test)
+
+
+# --- connection flood: probes are never starved ------------------------------------------------
+
+
+async def eventually(what: str, attempt, timeout: float = 10.0):
+    """Awaits ``attempt()`` until it returns a truthy value; fails naming ``what``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = await attempt()
+        if result:
+            return result
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /healthz HTTP/1.1\r\nX-Slow: "], ids=["idle", "slowloris"])
+def test_a_flood_of_idle_or_slow_connections_never_fails_a_probe(sent):
+    async def test(port, state):
+        state["ready"] = True
+        flood = []
+        for _ in range(100):  # more than MAX_CONNECTIONS (64)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(sent)
+            flood.append((reader, writer))
+        try:
+            loop = asyncio.get_running_loop()
+            for path in ("/healthz", "/readyz"):
+                started = loop.time()
+                status, _, body = await exchange(port, get(path))
+                assert status == 200, body
+                assert loop.time() - started < 1.0  # answered at once, not after a head timeout
+            # The oldest connections were closed without an answer to make room.
+            oldest = flood[0][0]
+            assert await asyncio.wait_for(oldest.read(), 1.0) == b""
+        finally:
+            for _, writer in flood:
+                writer.close()
+
+    serve(test)
+
+
+def test_a_head_that_does_not_arrive_in_time_gets_408():
+    async def test(port, state):
+        status, _, body = await exchange(port, b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        assert (status, body) == (408, b"request head not received in time\n")
+
+    async def main():
+        server = AdminServer(offloading_view, busy_stats(), lambda: True, head_timeout=0.2)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            await test(port, {})
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_only_busy_connections_refuse_a_newcomer_and_a_client_that_stops_reading_is_cut():
+    """Two slots, both answering /signals (16 MB) to clients that never read: a probe is
+    refused with 503 until the send timeout cuts them, then answered."""
+    huge = {"x": "a" * 16_000_000}
+
+    async def main():
+        server = AdminServer(
+            offloading_view, busy_stats(), lambda: True, lambda: huge, max_connections=2, send_timeout=0.5
+        )
+        port = await server.start("127.0.0.1", 0)
+        stalled = []
+        try:
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(get("/signals"))
+                stalled.append(writer)
+
+            async def probe(expected: int) -> bool:
+                try:
+                    return (await exchange(port, get("/healthz")))[0] == expected
+                except ConnectionResetError:  # the 503 of a refusal may be lost to the unread head
+                    return expected == 503
+
+            await eventually("a probe refused while both slots are busy", lambda: probe(503))
+            await eventually("a probe answered once the stalled clients are cut", lambda: probe(200))
+        finally:
+            for writer in stalled:
+                writer.close()
+            await server.close()
+
+    asyncio.run(main())

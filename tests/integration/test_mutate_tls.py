@@ -173,6 +173,21 @@ def test_bad_requests_get_a_4xx_naming_the_fault(client, content_type, body, sta
     assert message in response.json()["error"]
 
 
+def test_a_lone_surrogate_in_the_pod_is_echoed_escaped_never_a_500(client):
+    """The owner's kind, quoted in the warning, is a lone surrogate (valid as a JSON escape,
+    not encodable as UTF-8): the pod is allowed in ASCII JSON reading back the same string."""
+    namespace, pod = load_case("one-container")
+    body = json.dumps(review_for("one-container", namespace, pod))
+    assert '"kind": "ReplicaSet"' in body
+    body = body.replace('"kind": "ReplicaSet"', '"kind": "\\u202e\\ud800"')
+    response = client.post("/mutate-pods", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200
+    assert response.content.isascii()
+    answer = response.json()["response"]
+    assert answer["allowed"] is True
+    assert any("\u202e\ud800" in warning for warning in answer["warnings"])
+
+
 def test_an_oversized_body_is_refused_before_it_is_read(webhook):
     with socket.create_connection(("127.0.0.1", webhook.port)) as raw:
         ctx = ssl.create_default_context(cafile=str(webhook.cert_dir / "ca.crt"))

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.e2e.controlplane.webhook_process import start_webhook
+from tests.integration.servers import wait_until
 from tests.modeldeployments import admission_review
 
 TUTORIAL = yaml.safe_load(
@@ -106,6 +107,33 @@ def test_malformed_requests_get_a_4xx_with_a_reason(client, content, headers, st
     response = client.post(PATH, content=content, headers=headers)
     assert response.status_code == status
     assert fragment in response.json()["error"]
+
+
+@pytest.mark.parametrize("operation", ["DELETE", "CREATE"])
+def test_a_lone_surrogate_is_echoed_escaped_never_a_500(client, operation):
+    """A lone surrogate (valid as a JSON escape, not encodable as UTF-8) in the uid and in a
+    field the denial quotes: the answer is ASCII JSON that reads back as the same strings."""
+    bad = copy.deepcopy(TUTORIAL)
+    bad["spec"]["offloadingConfig"]["remoteBackend"]["host"] = "\ud800:80"
+    review = admission_review(bad, uid="\ud800")
+    review["request"]["operation"] = operation
+    response = client.post(PATH, content=json.dumps(review), headers={"content-type": "application/json"})
+    assert response.status_code == 200
+    assert response.content.isascii()
+    answer = response.json()["response"]
+    assert answer["uid"] == "\ud800"
+    if operation == "CREATE":
+        assert answer["allowed"] is False
+        assert "spec.offloadingConfig.remoteBackend.host" in answer["status"]["message"]
+    else:
+        assert answer["allowed"] is True
+
+
+def test_a_problem_with_a_lone_surrogate_renders():
+    from webhook.app import _problem
+
+    response = _problem(400, "request.uid: \ud800")
+    assert json.loads(response.body) == {"error": "request.uid: \ud800"}
 
 
 def test_an_oversized_body_is_refused_without_reading_it_all(client):
@@ -202,3 +230,84 @@ def test_the_beamlit_sample_is_allowed_where_the_installation_has_a_default_remo
     finally:
         server.stop()
     assert answer["uid"] == "b" and answer["allowed"] is True
+
+
+# --- connection limits and deadlines (a process with small ones) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def tight_webhook(tmp_path_factory):
+    server = start_webhook(
+        tmp_path_factory.mktemp("tight"),
+        "--validation-only",
+        "--max-connections",
+        "4",
+        "--body-timeout",
+        "0.5",
+        "--head-timeout",
+        "3",
+    )
+    yield server
+    server.stop()
+
+
+def read_until_closed(tls: ssl.SSLSocket) -> bytes:
+    received = b""
+    try:
+        while chunk := tls.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_closed(tight_webhook):
+    with socket.create_connection(address(tight_webhook), timeout=10) as raw:
+        with tls_context(tight_webhook).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(
+                b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
+            received = read_until_closed(tls)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body) == {"error": "body: not received within 0.5 s"}
+
+
+def test_a_keep_alive_connection_serves_requests_then_is_closed_at_the_head_deadline(tight_webhook):
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(address(tight_webhook), timeout=10) as raw:
+        with tls_context(tight_webhook).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(request)
+            first = tls.recv(65536)
+            tls.sendall(request)  # the deadline re-armed by the first response is for this head
+            received = first + read_until_closed(tls)
+    assert received.count(b"HTTP/1.1 200 OK") == 2
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /validate-modeldeployments HTTP/1.1\r\nX-Slow: "])
+def test_a_connection_without_a_whole_head_is_closed_at_the_head_deadline(tight_webhook, sent):
+    with socket.create_connection(address(tight_webhook), timeout=10) as raw:
+        with tls_context(tight_webhook).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(sent)
+            assert read_until_closed(tls) == b""  # closed (3 s), before the 10 s read timeout
+
+
+def test_idle_connections_at_the_limit_get_requests_503_until_the_head_deadline_closes_them(tight_webhook):
+    def status() -> int:
+        with httpx.Client(verify=tls_context(tight_webhook), timeout=10) as c:
+            return c.get(tight_webhook.url("/healthz")).status_code
+
+    idle = []
+    try:
+        for _ in range(4):  # TLS handshake done, nothing sent
+            raw = socket.create_connection(address(tight_webhook), timeout=10)
+            idle.append(tls_context(tight_webhook).wrap_socket(raw, server_hostname="127.0.0.1"))
+        wait_until("a request refused with 503 while 4 connections are open", lambda: status() == 503, 2)
+        wait_until(
+            "requests served again once the head deadline closed the idle ones", lambda: status() == 200
+        )
+        assert all(read_until_closed(tls) == b"" for tls in idle)
+    finally:
+        for tls in idle:
+            tls.close()
