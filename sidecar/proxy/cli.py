@@ -37,7 +37,7 @@ def header(text: str) -> tuple[str, str]:
 
 
 def percentage(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 100:
+    if not (text.isascii() and text.isdigit() and len(text) <= 3) or not 0 <= int(text) <= 100:
         raise argparse.ArgumentTypeError(f"not a whole number from 0 to 100: {text!r}")
     return int(text)
 

@@ -666,13 +666,16 @@ class Exchange:
         requests and a request head). While the client has not sent its whole
         request, and is being read (not held back by a full upstream buffer, which
         is the upstream's doing), the client owes the next byte: the timeout is the
-        client's (:meth:`client_stalled`). Otherwise the upstream owes the answer:
-        a failure of that backend (fallback, breaker), or a cut response.
+        client's (:meth:`client_stalled`). So it is while the client does not read
+        the response (its send buffer full: the upstream is not read meanwhile).
+        Otherwise the upstream owes the answer: a failure of that backend
+        (fallback, breaker), or a cut response.
         """
         if not self.request_complete and not self.client.reading.reasons & PAUSE_UPSTREAM_FULL:
             self.client_stalled()
         elif self.final:
-            self.server.stats.count_failure(self.backend, "timeout")
+            if not self.client.write_paused:
+                self.server.stats.count_failure(self.backend, "timeout")
             conn = self.upstream
             if conn is not None:
                 self.upstream = None

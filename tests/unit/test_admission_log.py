@@ -81,3 +81,32 @@ def test_a_denied_modeldeployment_gets_one_line_with_every_error(client, caplog)
     message = line.getMessage()
     assert "modeldeployments default/my-model allowed=False result=denied reason=Invalid: " in message
     assert "spec.offloadingConfig.behavior.percentage" in message and "spec.model" in message
+
+
+def test_a_content_length_of_no_ascii_digits_is_no_500(client):
+    """'²' passes str.isdigit() but not int(): the declared length is ignored, the body read."""
+    sent: list[dict] = []
+    body = b'{"apiVersion": "admission.k8s.io/v1"}'
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "https",
+        "path": "/mutate-pods",
+        "raw_path": b"/mutate-pods",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", "²".encode("latin-1"))],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 9443),
+    }
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(client.app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400

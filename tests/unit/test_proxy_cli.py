@@ -11,6 +11,7 @@ from sidecar.proxy.cli import main
     ("flags", "expected"),
     [
         (["--percentage", "101"], "argument --percentage: not a whole number from 0 to 100: '101'"),
+        (["--percentage", "²"], "argument --percentage: not a whole number from 0 to 100: '²'"),
         (["--local", "x:y"], "argument --local: not host:port: 'x:y'"),
         (["--listen", "127.0.0.1:²"], "argument --listen: not host:port: '127.0.0.1:²'"),
         (["--header", "abc"], "argument --header: not Name=Value: 'abc'"),

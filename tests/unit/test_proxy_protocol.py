@@ -402,6 +402,28 @@ def test_a_client_that_stalls_its_body_gets_408_and_no_backend_is_blamed(proxy):
     assert proxy.client_side.eof_written  # unread body bytes: a lingering close
 
 
+def test_a_client_that_stops_reading_its_response_is_cut_and_no_backend_is_blamed(proxy):
+    conn, upstream = proxy.upstream()
+    proxy.send(GET)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    proxy.client_side.send_buffer_full()  # the client reads nothing more: the upstream is not read
+    read_timeout_passes(proxy)
+
+    assert proxy.client_side.aborted and upstream.aborted
+    stats = proxy.server.stats
+    assert stats.upstream_failures_total == {} and stats.in_flight == stats.local_in_flight == 0
+
+
+def test_a_model_that_stops_sending_its_response_is_blamed(proxy):
+    conn, upstream = proxy.upstream()
+    proxy.send(GET)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    read_timeout_passes(proxy)  # the client reads: the model owes the next byte
+
+    assert proxy.client_side.aborted
+    assert proxy.server.stats.upstream_failures_total == {("local", "timeout"): 1}
+
+
 def test_a_client_that_stalls_its_body_after_a_100_continue_still_gets_408(proxy):
     conn, upstream = proxy.upstream()
     proxy.send(POST_STALLED.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"))
