@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from crds.addresses import host_refusal
 from crds.decode import FieldError, decode, touches
 from crds.model import (
     MAX_COLD_START_HOLD_SECONDS,
@@ -412,6 +413,8 @@ def check_host(host: str) -> Iterator[str]:
             ipaddress.IPv6Address(name[1:-1])
         except ValueError:
             yield f"{name!r} is not a valid IPv6 address"
+            return
+        yield from _check_not_metadata(name)
         return
     if not name:
         yield f"must name a host, got {host!r}"
@@ -420,6 +423,16 @@ def check_host(host: str) -> Iterator[str]:
     labels = lowered.split(".")
     if len(lowered) > 253 or not all(len(label) <= 63 and _DNS_LABEL.fullmatch(label) for label in labels):
         yield f"{name!r} is not a valid DNS name or IP address"
+        return
+    yield from _check_not_metadata(name)
+
+
+def _check_not_metadata(name: str) -> Iterator[str]:
+    """A link-local or cloud metadata address is refused (crds.addresses): the shared
+    stand-in gateway would call it with the installation's network identity."""
+    reason = host_refusal(name)
+    if reason is not None:
+        yield f"{reason}: a remote may not be a link-local or cloud metadata address"
 
 
 _PORT_DIGITS = re.compile(r"[0-9]{1,5}")

@@ -403,6 +403,29 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         f"{MET}.resource.target.type",
     ),
     ("metrics not a list", {f"{OC}__metrics": {"type": "Resource"}}, "spec.offloadingConfig.metrics"),
+    ("remote on the metadata IP", {f"{RBK}__host": "169.254.169.254"}, f"{RB}.host"),
+    ("remote on a link-local IPv4", {f"{RBK}__host": "169.254.10.1:8080"}, f"{RB}.host"),
+    ("remote on the metadata IP as a number", {f"{RBK}__host": "2852039166"}, f"{RB}.host"),
+    ("remote on IPv4-mapped metadata", {f"{RBK}__host": "[::ffff:169.254.169.254]:80"}, f"{RB}.host"),
+    ("remote on AWS IPv6 metadata", {f"{RBK}__host": "[fd00:ec2::254]"}, f"{RB}.host"),
+    ("remote on IPv6 link-local", {f"{RBK}__host": "[fe80::1]:443"}, f"{RB}.host"),
+    ("remote on GCP metadata name", {f"{RBK}__host": "metadata.google.internal"}, f"{RB}.host"),
+    ("remote on metadata short name", {f"{RBK}__host": "Metadata:80"}, f"{RB}.host"),
+    (
+        "oauth tokenUrl on the metadata IP",
+        {f"{RBK}__authConfig": oauth(tokenUrl="https://169.254.169.254/latest/api/token")},
+        TOKEN_URL,
+    ),
+    (
+        "oauth tokenUrl on GCP metadata name",
+        {f"{RBK}__authConfig": oauth(tokenUrl="https://metadata.google.internal./token")},
+        TOKEN_URL,
+    ),
+    (
+        "oauth tokenUrl on AWS IPv6 metadata",
+        {f"{RBK}__authConfig": oauth(tokenUrl="https://[fd00:ec2::254]:443/t")},
+        TOKEN_URL,
+    ),
 ]
 
 
@@ -747,6 +770,13 @@ def test_default_remote_backend_json_keeps_every_remote_backend_field():
         ('{"scheme": "https"}', "flag.host: required field is missing"),
         ('{"host": "r", "scheme": "ftp"}', "flag.scheme: must be http or https, got 'ftp'"),
         ('{"host": "r", "colour": "red"}', "flag.colour: unknown field"),
+        (
+            "http://169.254.169.254/latest",
+            "flag.host: 169.254.169.254 is a link-local address (169.254.0.0/16), where cloud metadata"
+            " services listen: a remote may not be a link-local or cloud metadata address",
+        ),
+        ("https://metadata.google.internal", "flag.host: metadata.google.internal is the cloud metadata"),
+        ('{"host": "[fd00:ec2::254]"}', "flag.host: fd00:ec2::254 is the AWS instance metadata service"),
     ],
 )
 def test_a_bad_default_remote_backend_is_refused_naming_the_field(text, message):
@@ -877,6 +907,11 @@ def test_objects_of_the_wrong_shape_are_refused_not_crashed_on(obj):
         ("[::1]x", False),
         ("a" * 64 + ".com", False),
         ("remote:99999", False),
+        ("169.254.169.254:80", False),
+        ("[fe80::1]", False),
+        ("metadata.google.internal.", False),
+        ("127.0.0.1:8000", True),
+        ("metadata.example.com", True),
     ],
 )
 def test_host_forms(host, ok):
