@@ -236,6 +236,8 @@ class RemoteRoutes:
                     ssl_context=context,
                     server_hostname=target.host,
                     max_idle=self.settings.max_idle_per_upstream,
+                    refuse_link_local=self.settings.refuse_link_local_remotes,
+                    resolve=self.settings.remote_resolver,
                 )
             breaker = self.breakers.get(key)
             if breaker is None:

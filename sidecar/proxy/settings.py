@@ -6,6 +6,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from sidecar.proxy.breaker import BreakerSettings
+from sidecar.proxy.upstream import Resolver
 
 
 @dataclass(frozen=True)
@@ -25,3 +26,9 @@ class ProxySettings:
     shutdown_grace: float = 1.0  # after readiness goes false, keep accepting this long
     remote_ssl_context: ssl.SSLContext | None = field(default=None, compare=False)  # None: system CAs
     tick: float = 0.5  # resolution of timeouts and idle sweeps
+    # Never connect to a remote on a link-local or cloud metadata address (crds.addresses),
+    # whatever its name resolves to: the shared gateway would be an SSRF to the node's
+    # credentials. The local model (127.0.0.1, a pod's address) is not screened.
+    refuse_link_local_remotes: bool = True
+    # How remote host names are resolved (loop.getaddrinfo's shape); None: the loop's getaddrinfo.
+    remote_resolver: Resolver | None = field(default=None, compare=False)

@@ -12,10 +12,19 @@ a connection the upstream is closing).
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from crds.addresses import ForbiddenAddressError, host_refusal, parse_ip, screen_addresses
 from sidecar.proxy.flow import CoarseClock, set_nodelay
+
+log = logging.getLogger("sidecar.proxy")
+
+# loop.getaddrinfo's shape: (host, port, *, type=...) -> [(family, type, proto, canonname, sockaddr)]
+Resolver = Callable[..., Awaitable[list[tuple[Any, ...]]]]
 
 
 class Carried(Protocol):
@@ -153,7 +162,21 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections to one upstream address."""
 
-    __slots__ = ("clock", "closed", "host", "idle", "label", "max_idle", "port", "server_hostname", "ssl")
+    __slots__ = (
+        "clock",
+        "closed",
+        "host",
+        "idle",
+        "label",
+        "logged",
+        "max_idle",
+        "port",
+        "refused",
+        "resolve",
+        "screen",
+        "server_hostname",
+        "ssl",
+    )
 
     def __init__(
         self,
@@ -165,7 +188,13 @@ class UpstreamPool:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         max_idle: int = 128,
+        refuse_link_local: bool = False,
+        resolve: Resolver | None = None,
     ):
+        """``refuse_link_local``: never connect to a link-local or cloud metadata address
+        (crds.addresses), for a remote: ``host`` is resolved with ``resolve`` (None: the
+        loop's getaddrinfo), the forbidden addresses are dropped and the rest tried in
+        order. An IP literal is judged once, here, and not resolved."""
         self.host = host
         self.port = port
         self.ssl = ssl_context
@@ -175,6 +204,16 @@ class UpstreamPool:
         self.clock = clock
         self.label = label  # "local" or "remote"
         self.closed = False  # dropped (its remote target is gone): nothing is kept any more
+        self.resolve = resolve
+        self.refused: str | None = None  # why every connect fails at once (a forbidden host)
+        self.screen = False  # resolve, then connect only to the allowed addresses
+        self.logged: str | None = None  # the last screening outcome logged (logged once per change)
+        if refuse_link_local:
+            reason = host_refusal(host)
+            if reason is not None:
+                self.refused = f"{label} {host} is refused: {reason}"
+            else:
+                self.screen = parse_ip(host) is None  # a name: what it resolves to is judged
 
     def take(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -198,17 +237,75 @@ class UpstreamPool:
         self.idle.append(conn)
 
     async def connect(self, timeout: float) -> UpstreamConnection:
+        """A new connection; ``timeout`` seconds cover resolution, TCP connect and TLS.
+
+        Raises OSError (ssl.SSLError for TLS, TimeoutError); ForbiddenAddressError when
+        the host is, or resolves only to, link-local or cloud metadata addresses."""
+        if self.refused is not None:
+            self._log_screening(self.refused)
+            raise ForbiddenAddressError(self.refused)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
-            _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(self),
-                self.host,
-                self.port,
-                ssl=self.ssl,
-                server_hostname=self.server_hostname if self.ssl is not None else None,
-            )
+            if self.screen:
+                conn = await self._connect_screened(loop)
+            else:
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.server_hostname if self.ssl is not None else None,
+                )
         conn.last_activity = self.clock.now
         return conn
+
+    async def _connect_screened(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+        """Resolve the host, drop the forbidden addresses, try the others in order (as
+        create_connection does); TLS names the host, whatever address it reached."""
+        resolve = self.resolve or loop.getaddrinfo
+        infos = await resolve(self.host, self.port, type=socket.SOCK_STREAM)
+        try:
+            allowed = screen_addresses(self.host, infos)
+        except ForbiddenAddressError as exc:
+            self._log_screening(str(exc))
+            raise
+        if len(allowed) < len(infos):
+            dropped = ", ".join(str(i[4][0]) for i in infos if i not in allowed)
+            self._log_screening(
+                f"{self.label} {self.host} resolves to link-local/cloud metadata addresses too ({dropped});"
+                " connecting only to the others"
+            )
+        else:
+            self.logged = None
+        errors: list[OSError] = []
+        for family, _, proto, _, address in allowed:
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    address[0],
+                    self.port,
+                    family=family,
+                    proto=proto,
+                    ssl=self.ssl,
+                    server_hostname=self.server_hostname if self.ssl is not None else None,
+                )
+            except ssl.SSLError:  # the address answered: TLS failing is not the address's fault
+                raise
+            except OSError as exc:
+                errors.append(exc)
+            else:
+                return conn
+        if not errors:  # a resolver that answered nothing (getaddrinfo raises instead)
+            raise OSError(f"{self.label} {self.host} resolved to no address")
+        if len(errors) == 1:
+            raise errors[0]
+        raise OSError(f"Multiple exceptions: {', '.join(str(e) for e in errors)}")
+
+    def _log_screening(self, message: str) -> None:
+        """Warn when what screening found changes: not once per connect attempt."""
+        if message != self.logged:
+            self.logged = message
+            log.warning("%s", message)
 
     def sweep(self, now: float, idle_timeout: float) -> None:
         """Close connections idle too long (the oldest sit at the bottom)."""
