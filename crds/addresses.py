@@ -138,17 +138,18 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return None
 
 
-def screen_addresses(host: str, infos: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The entries of ``infos`` (``socket.getaddrinfo`` results for ``host``: (family,
-    type, proto, canonname, sockaddr)) a remote may be connected to, in their order.
-    Raises ForbiddenAddressError when there were some and none is left.
+def screen_addresses(what: str, infos: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The entries of ``infos`` (``socket.getaddrinfo`` results: (family, type, proto,
+    canonname, sockaddr)) a remote may be connected to, in their order. Raises
+    ForbiddenAddressError when there were some and none is left; its message starts
+    with ``what`` (the host and what it is for, e.g. ``"remote r.example"``).
 
     >>> import socket as s
     >>> ok = (s.AF_INET, s.SOCK_STREAM, 6, "", ("10.1.2.3", 443))
     >>> bad = (s.AF_INET, s.SOCK_STREAM, 6, "", ("169.254.169.254", 443))
-    >>> screen_addresses("r.example", [bad, ok]) == [ok]
+    >>> screen_addresses("remote r.example", [bad, ok]) == [ok]
     True
-    >>> screen_addresses("r.example", [bad])
+    >>> screen_addresses("remote r.example", [bad])
     Traceback (most recent call last):
     ...
     crds.addresses.ForbiddenAddressError: remote r.example resolves only to link-local/cloud metadata addresses: \
@@ -158,6 +159,6 @@ def screen_addresses(host: str, infos: Sequence[tuple[Any, ...]]) -> list[tuple[
     if infos and not allowed:
         reasons = dict.fromkeys(str(address_refusal(info[4][0])) for info in infos)
         raise ForbiddenAddressError(
-            f"remote {host} resolves only to link-local/cloud metadata addresses: {'; '.join(reasons)}"
+            f"{what} resolves only to link-local/cloud metadata addresses: {'; '.join(reasons)}"
         )
     return allowed

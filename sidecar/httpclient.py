@@ -23,15 +23,22 @@ answer may hold a secret.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
 
+from crds.addresses import ForbiddenAddressError, host_refusal, parse_ip, screen_addresses
+
 MAX_HEAD_BYTES = 64 * 1024  # status line and header fields
 READ_SIZE = 64 * 1024
+
+# loop.getaddrinfo's shape: (host, port, *, type=...) -> [(family, type, proto, canonname, sockaddr)]
+Resolver = Callable[..., Awaitable[list[tuple[Any, ...]]]]
 
 
 class HttpError(Exception):
@@ -240,14 +247,64 @@ class Connection:
 
 
 async def open_connection(
-    host: str, port: int, *, ssl_context: ssl.SSLContext | None = None, limit: int = READ_SIZE
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    limit: int = READ_SIZE,
+    refuse_link_local: str | None = None,
+    resolve: Resolver | None = None,
 ) -> Connection:
     """A connection to ``host:port``, TLS when ``ssl_context`` is given (the server's name
-    checked against ``host``). Wrap in a timeout: connecting has none of its own."""
+    checked against ``host``). Wrap in a timeout: connecting has none of its own.
+
+    ``refuse_link_local``: what the host is for (e.g. ``"tokenUrl"``), to never connect to
+    a link-local or cloud metadata address (crds.addresses): a host that is such an
+    address or name raises ForbiddenAddressError (an OSError) saying why; a DNS name is
+    resolved (``resolve``, None: the loop's getaddrinfo), its forbidden addresses dropped
+    and the others tried in order, ForbiddenAddressError when none is left."""
+    tls_name = host if ssl_context is not None else None
+    if refuse_link_local is not None:
+        reason = host_refusal(host)
+        if reason is not None:
+            raise ForbiddenAddressError(f"{refuse_link_local} host {host} is refused: {reason}")
+        if parse_ip(host) is None:  # a name: what it resolves to is judged
+            return await _open_screened(
+                host, port, ssl_context, limit, f"{refuse_link_local} host {host}", resolve
+            )
     reader, writer = await asyncio.open_connection(
-        host, port, ssl=ssl_context, server_hostname=host if ssl_context is not None else None, limit=limit
+        host, port, ssl=ssl_context, server_hostname=tls_name, limit=limit
     )
     return Connection(reader, writer)
+
+
+async def _open_screened(
+    host: str, port: int, ssl_context: ssl.SSLContext | None, limit: int, what: str, resolve: Resolver | None
+) -> Connection:
+    """Resolve ``host``, drop the link-local and metadata addresses, try the others in order
+    (as asyncio.open_connection does); TLS names the host, whatever address it reached."""
+    infos = await (resolve or asyncio.get_running_loop().getaddrinfo)(host, port, type=socket.SOCK_STREAM)
+    errors: list[OSError] = []
+    for family, _, proto, _, address in screen_addresses(what, infos):
+        try:
+            reader, writer = await asyncio.open_connection(
+                address[0],
+                port,
+                family=family,
+                proto=proto,
+                ssl=ssl_context,
+                server_hostname=host if ssl_context is not None else None,
+                limit=limit,
+            )
+        except ssl.SSLError:  # the address answered: TLS failing is not the address's fault
+            raise
+        except OSError as exc:
+            errors.append(exc)
+        else:
+            return Connection(reader, writer)
+    if len(errors) == 1:
+        raise errors[0]
+    raise OSError(f"cannot connect to {host}: {'; '.join(str(e) for e in errors) or 'no address'}")
 
 
 async def fetch(
@@ -259,12 +316,15 @@ async def fetch(
     ssl_context: ssl.SSLContext | None = None,
     timeout: float,
     max_body: int,
+    refuse_link_local: str | None = None,
+    resolve: Resolver | None = None,
 ) -> Response:
     """One request on a fresh connection, closed after it; the whole response.
 
     ``url`` is ``http://`` or ``https://`` (TLS with ``ssl_context``, else the system's
     CAs). ``Host`` and ``Connection: close`` are added. TimeoutError after ``timeout``
-    seconds in all; ValueError for a URL of another scheme.
+    seconds in all (resolution included); ValueError for a URL of another scheme.
+    ``refuse_link_local`` and ``resolve``: see :func:`open_connection`.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -274,7 +334,9 @@ async def fetch(
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     authority = parts.netloc.rpartition("@")[2]
     async with asyncio.timeout(timeout):
-        connection = await open_connection(parts.hostname, port, ssl_context=tls)
+        connection = await open_connection(
+            parts.hostname, port, ssl_context=tls, refuse_link_local=refuse_link_local, resolve=resolve
+        )
         try:
             head = [("Host", authority), *headers, ("Connection", "close")]
             stream = await connection.send(method, target, head, body, max_body=max_body)

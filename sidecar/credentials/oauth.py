@@ -151,6 +151,9 @@ async def post_token_request(
             ssl_context=ssl_context,
             timeout=timeout,
             max_body=MAX_TOKEN_RESPONSE_BYTES,
+            # Never a link-local or cloud metadata address: the shared gateway would post the
+            # client credentials there from the installation's network identity.
+            refuse_link_local="tokenUrl",
         )
     except ResponseTooLarge:
         raise TokenError("the token endpoint's answer is too large") from None

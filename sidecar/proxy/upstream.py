@@ -265,7 +265,7 @@ class UpstreamPool:
         resolve = self.resolve or loop.getaddrinfo
         infos = await resolve(self.host, self.port, type=socket.SOCK_STREAM)
         try:
-            allowed = screen_addresses(self.host, infos)
+            allowed = screen_addresses(f"{self.label} {self.host}", infos)
         except ForbiddenAddressError as exc:
             self._log_screening(str(exc))
             raise

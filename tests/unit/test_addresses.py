@@ -88,12 +88,12 @@ def info(address: str, port: int = 443) -> tuple:
 
 def test_screening_keeps_the_allowed_addresses_in_order():
     infos = [info("fe80::1"), info("10.0.0.2"), info("169.254.169.254"), info("2001:db8::5")]
-    assert screen_addresses("r.example", infos) == [infos[1], infos[3]]
+    assert screen_addresses("remote r.example", infos) == [infos[1], infos[3]]
 
 
 def test_screening_refuses_a_name_that_resolves_only_to_forbidden_addresses():
     with pytest.raises(ForbiddenAddressError) as caught:
-        screen_addresses("evil.example", [info("169.254.169.254"), info("fd00:ec2::254")])
+        screen_addresses("remote evil.example", [info("169.254.169.254"), info("fd00:ec2::254")])
     assert isinstance(caught.value, OSError)  # callers' connect-failure path
     assert str(caught.value) == (
         "remote evil.example resolves only to link-local/cloud metadata addresses: "
