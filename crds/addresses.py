@@ -111,7 +111,7 @@ def host_refusal(host: str) -> str | None:
     (True, True)
     """
     name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    ip = parse_ip(name)
+    ip = parse_ip(name.rstrip("."))  # "169.254.169.254." too: a resolver may take it as the address
     if ip is not None:
         return _ip_refusal(ip)
     lowered = name.lower().rstrip(".")

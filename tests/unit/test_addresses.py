@@ -66,6 +66,7 @@ def test_allowed_addresses(address):
         ("metadata", True),
         ("[169.254.169.254]", True),
         ("169.254.169.254", True),
+        ("169.254.169.254.", True),
         ("0xa9.0xfe.0xa9.0xfe", True),
         ("0251.0376.0251.0376", True),
         ("169.254.43518", True),
