@@ -270,7 +270,9 @@ class UpstreamPool:
             self._log_screening(str(exc))
             raise
         if len(allowed) < len(infos):
-            dropped = ", ".join(str(i[4][0]) for i in infos if i not in allowed)
+            dropped = ", ".join(
+                sorted({str(i[4][0]) for i in infos if i not in allowed})
+            )  # stable: logged once
             self._log_screening(
                 f"{self.label} {self.host} resolves to link-local/cloud metadata addresses too ({dropped});"
                 " connecting only to the others"
