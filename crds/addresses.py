@@ -11,11 +11,18 @@ to), by the same rules:
   Azure, OpenStack and others listen on ``169.254.169.254`` (AWS ECS task metadata on
   ``169.254.170.2``); nothing a remote backend is served from lives there.
 - IPv6 link-local ``fe80::/10`` (RFC 4291 2.5.6): never routed beyond the node's link.
-- ``fd00:ec2::254``: the IPv6 address of the AWS EC2 instance metadata service (AWS
-  EC2 User Guide, "Instance metadata service endpoints"); a unique local address,
-  not link-local.
+- Cloud metadata and credential services outside those ranges, each a single address:
+  ``fd00:ec2::254`` (AWS EC2 instance metadata over IPv6, AWS EC2 User Guide, "Instance
+  metadata service endpoints"), ``fd00:ec2::23`` (the EKS Pod Identity Agent over IPv6,
+  Amazon EKS User Guide; ``169.254.170.23`` over IPv4 is link-local already),
+  ``fd00:c1::a9fe:a9fe`` (Oracle Cloud instance metadata over IPv6, OCI documentation,
+  "Getting Instance Metadata"), ``100.100.100.200`` (Alibaba Cloud ECS metadata, "Instance
+  metadata" in its ECS documentation) and ``168.63.129.16`` (Azure's WireServer, which
+  hands VM agents their configuration, "What is IP address 168.63.129.16?").
 - An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``, RFC 4291 2.5.5.2) is judged as the
-  IPv4 address it maps: a dual-stack socket connects to that address.
+  IPv4 address it maps: a dual-stack socket connects to that address. So is an address
+  in the NAT64 well-known prefix ``64:ff9b::/96`` (RFC 6052): a translator on the path
+  delivers it to the IPv4 address it embeds.
 - The host names ``metadata.google.internal`` and ``metadata`` (Google Compute
   Engine, "About VM metadata": both name the metadata server), in any case, with or
   without a trailing dot.
@@ -34,7 +41,14 @@ from typing import Any
 
 _LINK_LOCAL_V4 = ipaddress.IPv4Network("169.254.0.0/16")
 _LINK_LOCAL_V6 = ipaddress.IPv6Network("fe80::/10")
-_AWS_METADATA_V6 = ipaddress.IPv6Address("fd00:ec2::254")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+METADATA_ADDRESSES: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {
+    ipaddress.IPv6Address("fd00:ec2::254"): "the AWS instance metadata service",
+    ipaddress.IPv6Address("fd00:ec2::23"): "the EKS Pod Identity Agent",
+    ipaddress.IPv6Address("fd00:c1::a9fe:a9fe"): "the Oracle Cloud instance metadata service",
+    ipaddress.IPv4Address("100.100.100.200"): "the Alibaba Cloud instance metadata service",
+    ipaddress.IPv4Address("168.63.129.16"): "Azure's WireServer (VM agent configuration)",
+}
 METADATA_HOST_NAMES = frozenset({"metadata.google.internal", "metadata"})
 
 # What inet_aton (and so getaddrinfo) reads as IPv4 besides dotted quads: "2852039166",
@@ -65,6 +79,10 @@ def address_refusal(address: str) -> str | None:
     '::ffff:a9fe:a9fe is a link-local address (169.254.0.0/16), where cloud metadata services listen'
     >>> address_refusal("fd00:ec2::254")
     'fd00:ec2::254 is the AWS instance metadata service'
+    >>> address_refusal("64:ff9b::a9fe:a9fe")
+    '64:ff9b::a9fe:a9fe is a link-local address (169.254.0.0/16), where cloud metadata services listen'
+    >>> address_refusal("168.63.129.16")
+    "168.63.129.16 is Azure's WireServer (VM agent configuration)"
     >>> address_refusal("fe80::1%eth0")
     'fe80::1%eth0 is an IPv6 link-local address (fe80::/10)'
     >>> address_refusal("127.0.0.1") is None, address_refusal("10.0.0.7") is None
@@ -80,16 +98,20 @@ def address_refusal(address: str) -> str | None:
 
 
 def _ip_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    unscoped = ipaddress.ip_address(str(ip).partition("%")[0])  # fd00:ec2::254%eth0 is it too
+    service = METADATA_ADDRESSES.get(unscoped)
     if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped
-        if mapped is not None:
-            reason = _ip_refusal(mapped)
-            return None if reason is None else f"{ip}{reason.removeprefix(str(mapped))}"
-        if ip == _AWS_METADATA_V6:
-            return f"{ip} is the AWS instance metadata service"
+        embedded = ip.ipv4_mapped or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None)
+        if embedded is not None:
+            reason = _ip_refusal(embedded)
+            return None if reason is None else f"{ip}{reason.removeprefix(str(embedded))}"
+        if service is not None:
+            return f"{ip} is {service}"
         if ip in _LINK_LOCAL_V6:
             return f"{ip} is an IPv6 link-local address (fe80::/10)"
         return None
+    if service is not None:
+        return f"{ip} is {service}"
     if ip in _LINK_LOCAL_V4:
         return f"{ip} is a link-local address (169.254.0.0/16), where cloud metadata services listen"
     return None

@@ -169,6 +169,11 @@ def _decode_value(hint: Any, data: Any, path: str, errors: list[FieldError], rep
         if not isinstance(data, dict):
             errors.append(FieldError(path, f"must be an object, got {type_name(data)}"))
             return BROKEN
+        keys = [k for k in data if not isinstance(k, str)]  # YAML allows `{1: x}`; JSON cannot
+        for key in keys:
+            errors.append(FieldError(f"{path}[{key!r}]", f"keys must be strings, got {type_name(key)}"))
+        if keys:
+            return BROKEN
         if item is Any:
             return dict(data)
         entries = {k: _decode_value(item, v, f"{path}[{k}]", errors, replaced) for k, v in data.items()}

@@ -419,6 +419,9 @@ def check_host(host: str) -> Iterator[str]:
     if not name:
         yield f"must name a host, got {host!r}"
         return
+    if not name.isascii():  # before lower(): the Kelvin sign lowers to 'k'
+        yield f"{name!r} is not ASCII (write an internationalised name in its xn-- form)"
+        return
     lowered = name.lower().rstrip(".")
     labels = lowered.split(".")
     if len(lowered) > 253 or not all(len(label) <= 63 and _DNS_LABEL.fullmatch(label) for label in labels):
@@ -538,7 +541,7 @@ def _check_secret_key(path: str, key: str) -> Iterator[Finding]:
 
 def _check_ca_bundle(path: str, pem: str, scheme: str) -> Iterator[Finding]:
     if scheme != "https":
-        yield FieldError(path, "applies only to an https remote backend (scheme is http)")
+        yield FieldError(path, f"applies only to an https remote backend (scheme is {scheme})")
     if "-----BEGIN CERTIFICATE-----" not in pem:
         yield FieldError(path, "must hold PEM-encoded certificates (-----BEGIN CERTIFICATE-----)")
         return

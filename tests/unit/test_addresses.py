@@ -30,6 +30,14 @@ def test_the_doctests_hold():
         ("fe80::1", "IPv6 link-local address (fe80::/10)"),
         ("febf:ffff::1", "IPv6 link-local"),
         ("fe80::a9fe:a9fe%eth0", "IPv6 link-local"),
+        ("fd00:ec2::254%eth0", "AWS instance metadata service"),
+        ("fd00:ec2::23", "EKS Pod Identity Agent"),
+        ("fd00:c1::a9fe:a9fe", "Oracle Cloud instance metadata"),
+        ("100.100.100.200", "Alibaba Cloud instance metadata"),
+        ("168.63.129.16", "Azure's WireServer"),
+        ("::ffff:168.63.129.16", "Azure's WireServer"),
+        ("64:ff9b::a9fe:a9fe", "link-local address (169.254.0.0/16)"),
+        ("64:ff9b::169.254.169.254", "link-local address (169.254.0.0/16)"),
         ("not-an-ip", "is not an IP address"),
     ],
 )
@@ -51,7 +59,7 @@ def test_forbidden_addresses(address, fragment):
         "fec0::1",  # just past fe80::/10
         "::ffff:10.0.0.1",
         "2001:db8::1",
-        "100.100.100.200",  # Alibaba's metadata: shared address space, also used for real services
+        "100.64.0.1",  # shared address space (RFC 6598): pod networks use it; only 100.100.100.200 is refused
     ],
 )
 def test_allowed_addresses(address):
@@ -72,6 +80,9 @@ def test_allowed_addresses(address):
         ("169.254.43518", True),
         ("[::ffff:169.254.169.254]", True),
         ("fd00:ec2::254", True),
+        ("[64:ff9b::a9fe:a9fe]", True),
+        ("100.100.100.200", True),
+        ("[64:ff9b::a00:7]", False),  # NAT64 of 10.0.0.7: a normal remote
         ("metadata.google.internal.example.com", False),
         ("my-metadata", False),
         ("localhost", False),

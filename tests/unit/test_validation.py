@@ -66,6 +66,9 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("model missing", {f"{SPEC}__model": None}, "spec.model"),
     ("model empty", {f"{SPEC}__model": " "}, "spec.model"),
     ("model not a string", {f"{SPEC}__model": 12}, "spec.model"),
+    # A YAML file (standalone --config) may have keys of other types; JSON cannot.
+    ("header name not a string", {f"{RBK}__headersToAdd": {1: "x"}}, f"{RB}.headersToAdd[1]"),
+    ("host with a Kelvin sign", {f"{RBK}__host": "\u212aube.example:80"}, f"{RB}.host"),
     ("enabled not a boolean", {f"{SPEC}__enabled": "yes"}, "spec.enabled"),
     ("unknown spec field", {f"{SPEC}__replicas": 3}, "spec.replicas"),
     ("modelSourceRef missing", {f"{SPEC}__modelSourceRef": None}, "spec.modelSourceRef"),
@@ -929,3 +932,8 @@ def test_model_in_the_default_remote_backends_prefix_is_each_modeldeployments_sp
     assert "in the default remote backend's pathPrefix: must not contain '.' or '..'" in refused.message()
     with pytest.raises(ValueError, match="defaultRemoteBackend.pathPrefix: .workspace"):
         parse_remote_backend("https://models.example/v1/$workspace/x")
+
+
+def test_the_cabundle_rule_names_the_scheme_it_got():
+    result = validate_object(edited(**{f"{RBK}__scheme": "ftp", f"{RBK}__caBundle": CA_PEM}))
+    assert "caBundle: applies only to an https remote backend (scheme is ftp)" in result.message()
