@@ -227,7 +227,7 @@ def tls_server(
     such connections do not count towards ``max_connections``."""
     config = uvicorn.Config(
         app,
-        http=head_deadline_protocol(head_timeout),
+        http=head_deadline_protocol(head_timeout, max_connections),
         host=host,
         port=port,
         ssl_certfile=str(certificate.cert_file),
@@ -270,19 +270,26 @@ def serve_tls(
         certificate.stop()
 
 
-def head_deadline_protocol(seconds: float) -> type[HttpToolsProtocol]:
+def head_deadline_protocol(seconds: float, max_connections: int | None = None) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol, aborting a connection whose request head is not complete
-    ``seconds`` after the TLS handshake or the previous response.
+    ``seconds`` after the TLS handshake or the previous response; and, when a new connection
+    makes ``max_connections``, the one that has waited longest for its head makes room.
 
     uvicorn has no such deadline: its keep-alive timer starts only after a response and any
     byte received cancels it, so a silent client or half a head would hold the connection
-    (and a ``max_connections`` slot) forever. Only arms and cancels a timer around uvicorn's
-    callbacks; a pipelined head that arrives during a response is not timed."""
+    (and a ``max_connections`` slot) forever. With the deadline alone, idle connections
+    opened faster than they expire would still keep every slot and get the API server's
+    reviews (and the kubelet's probes) a 503; so, as the sidecar's admin port does, a
+    newcomer evicts an idle one, and uvicorn's 503 is left for when every connection is
+    busy. Only arms and cancels a timer around uvicorn's callbacks; a pipelined head that
+    arrives during a response is not timed."""
 
     class HeadDeadlineProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _waiting_since = 0.0
 
         def _arm(self) -> None:
+            self._waiting_since = self.loop.time()
             self._head_timer = self.loop.call_later(seconds, self._head_late)
 
         def _disarm(self) -> None:
@@ -294,9 +301,23 @@ def head_deadline_protocol(seconds: float) -> type[HttpToolsProtocol]:
             self._head_timer = None
             self.transport.abort()  # not close(): a TLS close waits up to 30 s for the peer
 
+        def _make_room(self) -> None:
+            waiting = [
+                c
+                for c in self.connections
+                if c is not self and isinstance(c, HeadDeadlineProtocol) and c._head_timer is not None
+            ]
+            if waiting:
+                oldest = min(waiting, key=lambda c: c._waiting_since)
+                oldest._disarm()
+                self.connections.discard(oldest)  # the slot is free now, not at connection_lost
+                oldest.transport.abort()
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
+            if max_connections is not None and len(self.connections) >= max_connections:
+                self._make_room()
 
         def on_headers_complete(self) -> None:
             self._disarm()
