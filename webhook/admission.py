@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
+MAX_UID_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,11 @@ def parse_review(review: Any) -> AdmissionRequest:
     if not isinstance(request, dict):
         raise BadReview("request: required field is missing")
     uid = request.get("uid")
-    if not isinstance(uid, str) or not uid:
+    if uid is None or uid == "":
         raise BadReview("request.uid: required field is missing")
+    if not isinstance(uid, str) or len(uid) > MAX_UID_CHARS:
+        # The API server's uids are UUIDs (36 characters).
+        raise BadReview(f"request.uid: must be a string of at most {MAX_UID_CHARS} characters")
     for field in ("kind", "resource"):
         if not isinstance(request.get(field), dict):
             raise BadReview(f"request.{field}: required field is missing")

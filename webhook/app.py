@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -34,9 +36,15 @@ log = logging.getLogger("webhook")
 
 ReviewHandler = Callable[[AdmissionRequest], "dict[str, Any] | Reviewed"]
 
-# The API server sends at most a few MiB (an object and its old version, each
-# at most 1.5 MiB in etcd); anything far larger is not from the API server.
-MAX_BODY_BYTES = 8 * 1024 * 1024
+# The API server sends at most a few MiB (an object and its old version, each at most
+# 1.5 MiB in etcd, a little more as JSON); anything larger is not from the API server.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+# Reviews decoded and answered at once, each in a worker thread: the event loop keeps
+# answering probes and other reviews meanwhile, and a few huge bodies cannot together hold
+# more than this many decoded copies in memory (about 60 MB each at worst).
+MAX_REVIEWS_AT_ONCE = 2
+# What a log line quotes of a reviewed object's text (a uid, a denial): enough to act on.
+MAX_LOGGED_CHARS = 2000
 # Seconds from the request head to the end of its body. The API server sends a review at
 # once and gives up after the webhook's timeoutSeconds (5 in the chart), so a body still
 # arriving later only holds a connection and its buffers.
@@ -88,6 +96,23 @@ def classify(answer: dict[str, Any] | Reviewed) -> Reviewed:
     return Reviewed(answer, metrics.DENIED, reason)
 
 
+def _review(handler: ReviewHandler, body: bytes, webhook: str) -> tuple[AdmissionRequest, Reviewed] | str:
+    """A body decoded and answered (run in a worker thread), or why it is no review (a 400)."""
+    try:
+        review = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        return f"body: not valid JSON ({type(exc).__name__})"
+    try:
+        admission = parse_review(review)
+    except BadReview as exc:
+        return str(exc)
+    return admission, _answer(handler, admission, webhook)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_LOGGED_CHARS else f"{text[:MAX_LOGGED_CHARS]}… ({len(text)} characters)"
+
+
 def _answer(handler: ReviewHandler, admission: AdmissionRequest, webhook: str) -> Reviewed:
     try:
         return classify(handler(admission))
@@ -110,6 +135,8 @@ def review_endpoint(
     """The endpoint of one webhook; ``webhook`` labels its metrics. A body larger than
     ``max_body_bytes`` gets a 413, one not received within ``body_timeout`` seconds a 408
     (and the connection is closed)."""
+
+    limiter: anyio.CapacityLimiter | None = None
 
     def problem(status: int, message: str, started: float) -> JSONResponse:
         metrics.ADMISSION_REVIEWS.labels(webhook, metrics.ERROR, str(status)).inc()
@@ -134,15 +161,13 @@ def review_endpoint(
             return response
         except ClientDisconnect:
             return problem(400, "body: client disconnected", started)
-        try:
-            review = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            return problem(400, f"body: not valid JSON ({type(exc).__name__})", started)
-        try:
-            admission = parse_review(review)
-        except BadReview as exc:
-            return problem(400, str(exc), started)
-        answer = _answer(handler, admission, webhook)
+        nonlocal limiter
+        if limiter is None:  # made in the loop that serves: anyio binds it there
+            limiter = anyio.CapacityLimiter(MAX_REVIEWS_AT_ONCE)
+        outcome = await anyio.to_thread.run_sync(_review, handler, body, webhook, limiter=limiter)
+        if isinstance(outcome, str):
+            return problem(400, outcome, started)
+        admission, answer = outcome
         metrics.ADMISSION_REVIEWS.labels(webhook, answer.result, answer.reason).inc()
         metrics.ADMISSION_DURATION.labels(webhook).observe(clock() - started)
         log.log(
@@ -150,12 +175,12 @@ def review_endpoint(
             "admission uid=%s %s %s allowed=%s result=%s reason=%s%s%s",
             admission.uid,
             admission.operation,
-            answer.subject or f"{admission.namespace}/{admission.name}",
+            _clip(answer.subject or f"{admission.namespace}/{admission.name}"),
             answer.review["response"]["allowed"],
             answer.result,
             answer.reason,
             answer.fields,
-            f": {answer.detail}" if answer.detail else "",
+            f": {_clip(answer.detail)}" if answer.detail else "",
         )
         return AsciiJSONResponse(answer.review)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from functools import partial
 
 import httpx
@@ -110,3 +111,53 @@ def test_a_content_length_of_no_ascii_digits_is_no_500(client):
 
     asyncio.run(client.app(scope, receive, send))
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+
+
+def test_a_long_uid_is_refused_naming_it_and_a_long_denial_is_clipped_in_the_log(client, caplog):
+    caplog.set_level(logging.INFO, logger="webhook")
+    response = asyncio.run(_post(client, admission_review(variant("my-model"), uid="u" * 300)))
+    assert response.status_code == 400 and "request.uid: must be a string of at most 256" in response.text
+
+    many = [
+        {"type": "Resource", "resource": {"name": f"x{i}", "target": {"type": "Value"}}} for i in range(300)
+    ]
+    bad = variant("my-model", {"spec.offloadingConfig.metrics": many})
+    client.post("/validate-modeldeployments", json=admission_review(bad, uid="long-denial"))
+    (line,) = said(caplog, "long-denial")
+    assert len(line.getMessage()) < 2300 and line.getMessage().endswith(" characters)")
+
+
+async def _post(client: Client, body: dict) -> httpx.Response:
+    transport = httpx.ASGITransport(app=client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://webhook") as http:
+        return await http.post("/validate-modeldeployments", json=body)
+
+
+def test_a_review_being_answered_does_not_hold_up_the_probes():
+    """The handler runs in a worker thread: /healthz answers while it works."""
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def slow(request):
+        started.set()
+        release.wait(5)
+        order.append("review answered")
+        return answer_modeldeployment(request, ValidationSettings())
+
+    app = build_app({"/validate-modeldeployments": slow})
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://webhook") as http:
+            review = asyncio.create_task(
+                http.post("/validate-modeldeployments", json=admission_review(variant("my-model")))
+            )
+            while not started.is_set():  # the handler is at work (in the loop, were it not offloaded)
+                await asyncio.sleep(0.001)
+            probe = await http.get("/healthz")
+            order.append(f"healthz {probe.status_code}")
+            release.set()
+            assert (await review).status_code == 200
+
+    asyncio.run(run())
+    assert order == ["healthz 200", "review answered"]
