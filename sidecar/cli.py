@@ -37,7 +37,7 @@ from crds.quantity import parse_quantity
 from sidecar.app import Sidecar, SidecarSettings
 from sidecar.cluster.credentials import SERVICE_ACCOUNT_DIR_ENV
 from sidecar.control.interfaces import NoMetrics, PassThroughSource
-from sidecar.options import HelpFormatter, address, duration, positive_duration
+from sidecar.options import HelpFormatter, add_data_path_timeouts, address, duration, positive_duration
 from sidecar.proxy.server import ProxySettings
 from sidecar.signals import DEFAULT_WINDOW as SIGNAL_WINDOW
 from sidecar.standalone.config import FileConfigSource
@@ -222,25 +222,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "averaged over this much recent history",
     )
     g = p.add_argument_group("data path")
-    defaults = ProxySettings()
-    g.add_argument(
-        "--connect-timeout",
-        type=positive_duration,
-        default=f"{defaults.connect_timeout:g}s",
-        help="TCP connect and TLS handshake to an upstream; a remote that misses it is replaced by the local model",
-    )
-    g.add_argument(
-        "--read-timeout",
-        type=positive_duration,
-        default=f"{defaults.read_timeout:g}s",
-        help="a request in flight with neither side sending anything",
-    )
-    g.add_argument(
-        "--client-idle-timeout",
-        type=positive_duration,
-        default=f"{defaults.client_idle_timeout:g}s",
-        help="a client keep-alive connection with no request; also the time a request head may take in all",
-    )
+    add_data_path_timeouts(g, connect="an upstream; a remote that misses it is replaced by the local model")
     g.add_argument(
         "--ca-file",
         type=Path,
@@ -255,7 +237,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     g.add_argument(
         "--shutdown-grace",
         type=duration,
-        default=f"{defaults.shutdown_grace:g}s",
+        default=f"{ProxySettings.shutdown_grace:g}s",
         help="on SIGTERM, new connections are still accepted this long (readiness fails at once)",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

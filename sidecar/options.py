@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 
 from crds.hpa import parse_go_duration
+from sidecar.proxy.settings import ProxySettings
 
 _SECONDS = re.compile(r"\d+(?:\.\d+)?")  # a bare number of seconds
 
@@ -64,3 +65,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if absent or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def add_data_path_timeouts(group: argparse._ArgumentGroup | argparse.ArgumentParser, connect: str) -> None:
+    """``--connect-timeout``, ``--read-timeout`` and ``--client-idle-timeout``, with the
+    data path's defaults shown as Go durations; ``connect`` says what a missed connect does."""
+    defaults = ProxySettings()
+    group.add_argument(
+        "--connect-timeout",
+        type=positive_duration,
+        default=f"{defaults.connect_timeout:g}s",
+        help=f"TCP connect and TLS handshake to {connect}",
+    )
+    group.add_argument(
+        "--read-timeout",
+        type=positive_duration,
+        default=f"{defaults.read_timeout:g}s",
+        help="a request in flight with neither side sending anything",
+    )
+    group.add_argument(
+        "--client-idle-timeout",
+        type=positive_duration,
+        default=f"{defaults.client_idle_timeout:g}s",
+        help="a client keep-alive connection with no request; also the time a request head may take in all",
+    )

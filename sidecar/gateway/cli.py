@@ -16,7 +16,7 @@ from crds.validation import parse_remote_backend
 from sidecar.cluster.client import KubeClient
 from sidecar.cluster.credentials import CredentialsError, in_cluster_config, load_kubeconfig
 from sidecar.gateway.process import Gateway, GatewaySettings
-from sidecar.options import HelpFormatter, address, duration, positive_duration
+from sidecar.options import HelpFormatter, add_data_path_timeouts, address, duration, positive_duration
 from sidecar.proxy.server import ProxySettings
 
 log = logging.getLogger("sidecar.gateway")
@@ -28,7 +28,6 @@ def build_parser(
     env: Mapping[str, str] | None = None, prog: str = "offload-sidecar --mode gateway"
 ) -> argparse.ArgumentParser:
     env = os.environ if env is None else env
-    defaults = ProxySettings()
     p = argparse.ArgumentParser(
         prog=prog,
         description="Serve the remote of each ModelDeployment whose status carries a gateway port "
@@ -72,24 +71,7 @@ def build_parser(
         help="how often each Secret a remote's authentication references is read again",
     )
     g = p.add_argument_group("data path")
-    g.add_argument(
-        "--connect-timeout",
-        type=positive_duration,
-        default=f"{defaults.connect_timeout:g}s",
-        help="TCP connect and TLS handshake to a remote",
-    )
-    g.add_argument(
-        "--read-timeout",
-        type=positive_duration,
-        default=f"{defaults.read_timeout:g}s",
-        help="a request in flight with neither side sending anything",
-    )
-    g.add_argument(
-        "--client-idle-timeout",
-        type=positive_duration,
-        default=f"{defaults.client_idle_timeout:g}s",
-        help="a keep-alive connection with no request; also the time a request head may take in all",
-    )
+    add_data_path_timeouts(g, connect="a remote")
     g.add_argument("--ca-file", type=Path, help="CA bundle for https remotes (default: the system's)")
     g.add_argument(
         "--shutdown-deadline",

@@ -15,7 +15,7 @@ import ssl
 from urllib.parse import urlsplit
 
 from crds.validation import check_header
-from sidecar.options import HelpFormatter, address, duration, positive_duration
+from sidecar.options import HelpFormatter, add_data_path_timeouts, address, duration
 from sidecar.proxy.routing import RemoteTarget, RoutePlan, RoutingTable
 from sidecar.proxy.server import ProxyServer
 from sidecar.proxy.settings import ProxySettings
@@ -78,26 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "--header", type=header, action="append", default=[], help="Name=Value added to remote requests"
     )
     parser.add_argument("--ca-file", help="CA bundle for an https remote (default: the system's)")
-    # Defaults as offload-sidecar shows them: Go durations (argparse parses string defaults).
-    defaults = ProxySettings()
-    parser.add_argument(
-        "--connect-timeout",
-        type=positive_duration,
-        default=f"{defaults.connect_timeout:g}s",
-        help="TCP connect and TLS handshake to a backend",
-    )
-    parser.add_argument(
-        "--read-timeout",
-        type=positive_duration,
-        default=f"{defaults.read_timeout:g}s",
-        help="a request in flight with neither side sending anything",
-    )
-    parser.add_argument(
-        "--client-idle-timeout",
-        type=positive_duration,
-        default=f"{defaults.client_idle_timeout:g}s",
-        help="a client keep-alive connection with no request; also the time a request head may take in all",
-    )
+    add_data_path_timeouts(parser, connect="a backend")
     parser.add_argument(
         "--shutdown-deadline",
         type=duration,
@@ -107,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shutdown-grace",
         type=duration,
-        default=f"{defaults.shutdown_grace:g}s",
+        default=f"{ProxySettings.shutdown_grace:g}s",
         help="on SIGTERM, new connections are still accepted this long",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
