@@ -37,7 +37,14 @@ from crds.quantity import parse_quantity
 from sidecar.app import Sidecar, SidecarSettings
 from sidecar.cluster.credentials import SERVICE_ACCOUNT_DIR_ENV
 from sidecar.control.interfaces import NoMetrics, PassThroughSource
-from sidecar.options import HelpFormatter, add_data_path_timeouts, address, duration, positive_duration
+from sidecar.options import (
+    HelpFormatter,
+    add_data_path_timeouts,
+    address,
+    data_path_settings,
+    duration,
+    positive_duration,
+)
 from sidecar.proxy.server import ProxySettings
 from sidecar.signals import DEFAULT_WINDOW as SIGNAL_WINDOW
 from sidecar.standalone.config import FileConfigSource
@@ -248,13 +255,7 @@ def settings_from(args: argparse.Namespace) -> SidecarSettings:
     context = None
     if args.ca_file is not None:
         context = ssl.create_default_context(cafile=str(args.ca_file))
-    proxy = ProxySettings(
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.read_timeout,
-        client_idle_timeout=args.client_idle_timeout,
-        shutdown_grace=args.shutdown_grace,
-        remote_ssl_context=context,
-    )
+    proxy = data_path_settings(args, context)
     return SidecarSettings(
         upstream=args.upstream,
         listen=args.listen,

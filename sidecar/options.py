@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import ssl
 from collections.abc import Callable
 
 from crds.hpa import parse_go_duration
@@ -65,6 +66,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if absent or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def data_path_settings(args: argparse.Namespace, remote_ssl_context: ssl.SSLContext | None) -> ProxySettings:
+    """The data path's settings from the flags of :func:`add_data_path_timeouts` and
+    ``--shutdown-grace``, which every command defines with its own help."""
+    return ProxySettings(
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        client_idle_timeout=args.client_idle_timeout,
+        shutdown_grace=args.shutdown_grace,
+        remote_ssl_context=remote_ssl_context,
+    )
 
 
 def add_data_path_timeouts(group: argparse._ArgumentGroup | argparse.ArgumentParser, connect: str) -> None:

@@ -16,8 +16,14 @@ from crds.validation import parse_remote_backend
 from sidecar.cluster.client import KubeClient
 from sidecar.cluster.credentials import CredentialsError, in_cluster_config, load_kubeconfig
 from sidecar.gateway.process import Gateway, GatewaySettings
-from sidecar.options import HelpFormatter, add_data_path_timeouts, address, duration, positive_duration
-from sidecar.proxy.server import ProxySettings
+from sidecar.options import (
+    HelpFormatter,
+    add_data_path_timeouts,
+    address,
+    data_path_settings,
+    duration,
+    positive_duration,
+)
 
 log = logging.getLogger("sidecar.gateway")
 
@@ -112,13 +118,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         default_backend=default,
         secret_refresh=args.secret_refresh,
         shutdown_deadline=args.shutdown_deadline,
-        proxy=ProxySettings(
-            connect_timeout=args.connect_timeout,
-            read_timeout=args.read_timeout,
-            client_idle_timeout=args.client_idle_timeout,
-            shutdown_grace=args.shutdown_grace,
-            remote_ssl_context=context,
-        ),
+        proxy=data_path_settings(args, context),
     )
 
 

@@ -15,7 +15,7 @@ import ssl
 from urllib.parse import urlsplit
 
 from crds.validation import check_header
-from sidecar.options import HelpFormatter, add_data_path_timeouts, address, duration
+from sidecar.options import HelpFormatter, add_data_path_timeouts, address, data_path_settings, duration
 from sidecar.proxy.routing import RemoteTarget, RoutePlan, RoutingTable
 from sidecar.proxy.server import ProxyServer
 from sidecar.proxy.settings import ProxySettings
@@ -100,13 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"--remote: {exc}")
     context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
-    settings = ProxySettings(
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.read_timeout,
-        client_idle_timeout=args.client_idle_timeout,
-        shutdown_grace=args.shutdown_grace,
-        remote_ssl_context=context,
-    )
+    settings = data_path_settings(args, context)
     routing = RoutingTable(
         RoutePlan(remote=remote, percentage=args.percentage, offloading=remote is not None)
     )

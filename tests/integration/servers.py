@@ -41,6 +41,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -473,19 +474,22 @@ def wait_until(what: str, condition: Callable[[], object], timeout: float = 10.0
         time.sleep(0.01)
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (or resets) the connection."""
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
 def exchange_raw(port: int, data: bytes, timeout: float = 10) -> bytes:
     """Send exact bytes, return everything the server sends until it closes."""
-    import socket
-
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
-        out = b""
-        try:
-            while chunk := sock.recv(65536):
-                out += chunk
-        except ConnectionResetError:
-            pass
-        return out
+        return read_until_closed(sock)
 
 
 # --- the proxy as a subprocess -------------------------------------------------------

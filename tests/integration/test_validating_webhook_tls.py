@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.e2e.controlplane.webhook_process import start_webhook
-from tests.integration.servers import wait_until
+from tests.integration.servers import read_until_closed
 from tests.modeldeployments import admission_review
 
 TUTORIAL = yaml.safe_load(
@@ -249,16 +249,6 @@ def tight_webhook(tmp_path_factory):
     )
     yield server
     server.stop()
-
-
-def read_until_closed(tls: ssl.SSLSocket) -> bytes:
-    received = b""
-    try:
-        while chunk := tls.recv(65536):
-            received += chunk
-    except ConnectionResetError:
-        pass
-    return received
 
 
 def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_closed(tight_webhook):
